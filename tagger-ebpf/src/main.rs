@@ -1,0 +1,267 @@
+//! tagger's datapath: cgroup socket-address programs that steer each new connection (or UDP
+//! datagram) from a pod to a Service frontend toward a backend of the pod's lane, and translate
+//! the backend's address back to the Service's for `getpeername` and `recvmsg`.
+//!
+//! Every program is a thin entry calling a `try_*` function. Socket hooks never block traffic on
+//! an internal miss: they return "proceed" (1) and count why. The only deliberate refusal is a
+//! strict lane or Service without a backend, which returns 0 and the application sees `EPERM`.
+#![no_std]
+#![no_main]
+
+mod maps;
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::bpf_sock_addr,
+    helpers::generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_prandom_u32, bpf_get_socket_cookie},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use tagger_common::{
+    BASE_LANE, Backend, FAMILY_V6, FrontendKey, LaneTables, Outcome, Resolution, RevNatKey, RevNatValue,
+    SlotKey, is_v4_mapped, resolve_lane, v4_mapped,
+};
+
+use crate::maps::{
+    BACKEND_SLOTS, CONFIG, FRONTENDS, PODS, REVNAT, Tables, count, count_service, insert_revnat,
+};
+
+/// Return value that lets the syscall proceed.
+const PROCEED: i32 = 1;
+/// Return value that fails the syscall with `EPERM`.
+const REFUSE: i32 = 0;
+
+/// Which syscall the program is attached to, to decide what it may do.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hook {
+    /// `connect()`: remembers the socket for `getpeername`.
+    Connect,
+    /// `sendmsg()` on an unconnected UDP socket: remembers the backend for replies.
+    Sendmsg,
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    try_steer(&ctx, false, Hook::Connect)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    try_steer(&ctx, true, Hook::Connect)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    try_steer(&ctx, false, Hook::Sendmsg)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+    try_steer(&ctx, true, Hook::Sendmsg)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
+    try_reverse(&ctx, false)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn recvmsg6(ctx: SockAddrContext) -> i32 {
+    try_reverse(&ctx, true)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+    try_reverse(&ctx, false)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn getpeername6(ctx: SockAddrContext) -> i32 {
+    try_reverse(&ctx, true)
+}
+
+/// Reads the user address of the context as four network-order words (IPv4 mapped).
+#[inline(always)]
+fn user_addr(sa: *mut bpf_sock_addr, v6: bool) -> [u32; 4] {
+    // SAFETY: `sa` is the program's context pointer, valid for the whole invocation. The
+    // verifier allows 4-byte loads of `user_ip4` and of each `user_ip6[i]`; each read below is
+    // exactly one such load.
+    unsafe {
+        if v6 {
+            [
+                core::ptr::read_volatile(&raw const (*sa).user_ip6[0]),
+                core::ptr::read_volatile(&raw const (*sa).user_ip6[1]),
+                core::ptr::read_volatile(&raw const (*sa).user_ip6[2]),
+                core::ptr::read_volatile(&raw const (*sa).user_ip6[3]),
+            ]
+        } else {
+            v4_mapped(core::ptr::read_volatile(&raw const (*sa).user_ip4))
+        }
+    }
+}
+
+/// Writes an address (IPv4 mapped or IPv6) and port into the context.
+#[inline(always)]
+fn set_user_addr(sa: *mut bpf_sock_addr, v6: bool, addr: &[u32; 4], port: u16) {
+    // SAFETY: context pointer as in `user_addr`; the verifier allows 4-byte stores to
+    // `user_ip4`, `user_ip6[i]` and `user_port` in these program types.
+    unsafe {
+        if v6 {
+            core::ptr::write_volatile(&raw mut (*sa).user_ip6[0], addr[0]);
+            core::ptr::write_volatile(&raw mut (*sa).user_ip6[1], addr[1]);
+            core::ptr::write_volatile(&raw mut (*sa).user_ip6[2], addr[2]);
+            core::ptr::write_volatile(&raw mut (*sa).user_ip6[3], addr[3]);
+        } else {
+            core::ptr::write_volatile(&raw mut (*sa).user_ip4, addr[3]);
+        }
+        core::ptr::write_volatile(&raw mut (*sa).user_port, u32::from(port));
+    }
+}
+
+#[inline(always)]
+fn user_port(sa: *mut bpf_sock_addr) -> u16 {
+    // SAFETY: context pointer as in `user_addr`; a 4-byte load of `user_port`, whose low 16
+    // bits hold the port in network byte order.
+    #[expect(clippy::cast_possible_truncation, reason = "the port is the low 16 bits")]
+    unsafe {
+        core::ptr::read_volatile(&raw const (*sa).user_port) as u16
+    }
+}
+
+/// The lane of the calling task: the deepest registered pod cgroup among its ancestors.
+#[inline(always)]
+fn caller_lane() -> u32 {
+    let Some(cfg) = CONFIG.get(0) else {
+        return BASE_LANE;
+    };
+    let min = cfg.pod_level_min;
+    let mut level = cfg.pod_level_max;
+    // Verifier: the loop runs at most MAX_CGROUP_LEVEL + 1 times whatever the map holds.
+    let mut budget = tagger_common::MAX_CGROUP_LEVEL + 1;
+    while budget > 0 && level >= min && level > 0 {
+        budget -= 1;
+        #[expect(clippy::cast_possible_wrap, reason = "level <= MAX_CGROUP_LEVEL")]
+        // SAFETY: the helper only reads the current task's cgroup; it returns 0 for a level
+        // deeper than the task's own.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if id != 0 {
+            // SAFETY: PODS is a BPF_F_NO_PREALLOC hash map, so a found element is not reused
+            // while we read it; PodEntry is Copy.
+            if let Some(pod) = unsafe { PODS.get(&id) } {
+                return pod.lane;
+            }
+        }
+        level -= 1;
+    }
+    count(Outcome::UnknownPod);
+    BASE_LANE
+}
+
+/// Picks a backend from a set, at random. A slot that vanished under a concurrent replacement is
+/// retried once against the set's current generation.
+#[inline(always)]
+fn pick(tables: &Tables, svc_id: u32, lane: u32, count_in_set: u32, generation: u32) -> Option<Backend> {
+    // SAFETY: the helper has no preconditions.
+    let r = unsafe { bpf_get_prandom_u32() };
+    let key = SlotKey { svc_id, lane, generation, slot: r % count_in_set };
+    // SAFETY: BACKEND_SLOTS is BPF_F_NO_PREALLOC; Backend is Copy.
+    if let Some(b) = unsafe { BACKEND_SLOTS.get(&key) } {
+        return Some(*b);
+    }
+    let set = tables.backend_set(svc_id, lane)?;
+    if set.count == 0 {
+        return None;
+    }
+    let key = SlotKey { svc_id, lane, generation: set.generation, slot: r % set.count };
+    // SAFETY: as above.
+    unsafe { BACKEND_SLOTS.get(&key) }.copied()
+}
+
+#[inline(always)]
+fn try_steer(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
+    let sa = ctx.sock_addr;
+    let addr = user_addr(sa, v6);
+    let port = user_port(sa);
+    // SAFETY: context pointer; a 4-byte load of `protocol`, readable in these program types.
+    #[expect(clippy::cast_possible_truncation, reason = "IPPROTO_* fit in u8")]
+    let proto = unsafe { core::ptr::read_volatile(&raw const (*sa).protocol) } as u8;
+    let key = FrontendKey { addr, port, proto, _pad: 0 };
+    // SAFETY: FRONTENDS is BPF_F_NO_PREALLOC; Service is Copy.
+    let Some(svc) = (unsafe { FRONTENDS.get(&key) }).copied() else {
+        count(Outcome::NotService);
+        return PROCEED;
+    };
+    let caller = caller_lane();
+    let tables = Tables;
+    let (set, lane, outcome) = match resolve_lane(&tables, &svc, caller) {
+        Resolution::Own { set } => (set, caller, Outcome::Steered),
+        Resolution::FellBack { lane, set, .. } => (set, lane, Outcome::FellBack),
+        Resolution::RefusedStrict => {
+            count(Outcome::RefusedStrict);
+            count_service(svc.svc_id, caller, BASE_LANE, Outcome::RefusedStrict);
+            return REFUSE;
+        }
+        Resolution::NoBackend => {
+            count(Outcome::NoBackend);
+            count_service(svc.svc_id, caller, BASE_LANE, Outcome::NoBackend);
+            return PROCEED;
+        }
+    };
+    let Some(backend) = pick(&tables, svc.svc_id, lane, set.count, set.generation) else {
+        count(Outcome::SlotMiss);
+        return PROCEED;
+    };
+    // An IPv4 socket cannot reach an IPv6 backend, nor can an IPv6 socket that addressed a
+    // mapped IPv4 Service reach one; the reverse cases are equally unreachable.
+    let backend_v6 = backend.family == FAMILY_V6;
+    if backend_v6 != (v6 && !is_v4_mapped(&addr)) {
+        count(Outcome::FamilyMismatch);
+        return PROCEED;
+    }
+    set_user_addr(sa, v6, &backend.addr, backend.port);
+    remember(ctx, hook, &backend, &addr, port, svc.svc_id);
+    count(outcome);
+    count_service(svc.svc_id, caller, lane, outcome);
+    PROCEED
+}
+
+/// Records what the socket must keep seeing: the Service address, keyed by the socket and the
+/// backend it now talks to.
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, _hook: Hook, backend: &Backend, vip: &[u32; 4], vport: u16, svc_id: u32) {
+    // SAFETY: `bpf_get_socket_cookie` accepts a sock_addr context and has no other precondition.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = RevNatKey { cookie, addr: backend.addr, port: backend.port, _pad: [0; 6] };
+    let value = RevNatValue { addr: *vip, port: vport, _pad: 0, svc_id };
+    if insert_revnat(&key, &value).is_err() {
+        count(Outcome::RevNatFull);
+    }
+}
+
+/// `getpeername` and `recvmsg`: show the Service address instead of the backend's.
+#[inline(always)]
+fn try_reverse(ctx: &SockAddrContext, v6: bool) -> i32 {
+    let sa = ctx.sock_addr;
+    let addr = user_addr(sa, v6);
+    let port = user_port(sa);
+    // SAFETY: as in `remember`.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = RevNatKey { cookie, addr, port, _pad: [0; 6] };
+    // SAFETY: REVNAT is an LRU hash; RevNatValue is Copy and read at once.
+    let Some(vip) = (unsafe { REVNAT.get(&key) }).copied() else {
+        return PROCEED;
+    };
+    set_user_addr(sa, v6, &vip.addr, vip.port);
+    count(Outcome::RevNatApplied);
+    PROCEED
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,90 @@
+//! The datapath's maps and the accounting helpers around them. Names and capacities come from
+//! `tagger-common`, so userspace opens exactly these pins.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray},
+};
+use tagger_common::{
+    BPF_F_NO_PREALLOC, Backend, BackendSet, DatapathConfig, FrontendKey, LanePolicy, LaneTables,
+    MAX_BACKEND_SETS, MAX_BACKEND_SLOTS, MAX_FRONTENDS, MAX_LANES, MAX_PODS, MAX_REVNAT, MAX_SVC_STATS,
+    OUTCOME_SLOTS, Outcome, PodEntry, RevNatKey, RevNatValue, Service, SetKey, SlotKey, StatKey,
+};
+
+#[map(name = "TAGGER_PODS_V1")]
+pub static PODS: HashMap<u64, PodEntry> = HashMap::with_max_entries(MAX_PODS, BPF_F_NO_PREALLOC);
+
+#[map(name = "TAGGER_SVC_V1")]
+pub static FRONTENDS: HashMap<FrontendKey, Service> =
+    HashMap::with_max_entries(MAX_FRONTENDS, BPF_F_NO_PREALLOC);
+
+#[map(name = "TAGGER_SETS_V1")]
+pub static BACKEND_SETS: HashMap<SetKey, BackendSet> =
+    HashMap::with_max_entries(MAX_BACKEND_SETS, BPF_F_NO_PREALLOC);
+
+#[map(name = "TAGGER_SLOTS_V1")]
+pub static BACKEND_SLOTS: HashMap<SlotKey, Backend> =
+    HashMap::with_max_entries(MAX_BACKEND_SLOTS, BPF_F_NO_PREALLOC);
+
+#[map(name = "TAGGER_LANES_V1")]
+pub static LANES: HashMap<u32, LanePolicy> = HashMap::with_max_entries(MAX_LANES, BPF_F_NO_PREALLOC);
+
+#[map(name = "TAGGER_RNAT_V1")]
+pub static REVNAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::with_max_entries(MAX_REVNAT, 0);
+
+#[map(name = "TAGGER_CNT_V1")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(OUTCOME_SLOTS, 0);
+
+#[map(name = "TAGGER_SSTAT_V1")]
+pub static SVC_STATS: LruPerCpuHashMap<StatKey, u64> = LruPerCpuHashMap::with_max_entries(MAX_SVC_STATS, 0);
+
+#[map(name = "TAGGER_CFG_V1")]
+pub static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
+
+/// [`LaneTables`] over the live maps.
+pub struct Tables;
+
+impl LaneTables for Tables {
+    #[inline(always)]
+    fn backend_set(&self, svc_id: u32, lane: u32) -> Option<BackendSet> {
+        // SAFETY: BACKEND_SETS is BPF_F_NO_PREALLOC, so the element is not reused under us; the
+        // value is copied out at once.
+        unsafe { BACKEND_SETS.get(&SetKey { svc_id, lane }) }.copied()
+    }
+
+    #[inline(always)]
+    fn lane_policy(&self, lane: u32) -> Option<LanePolicy> {
+        // SAFETY: as above, LANES is BPF_F_NO_PREALLOC.
+        unsafe { LANES.get(&lane) }.copied()
+    }
+}
+
+/// Counts one outcome in the global per-CPU counters.
+#[inline(always)]
+pub fn count(outcome: Outcome) {
+    if let Some(c) = COUNTERS.get_ptr_mut(outcome as u32) {
+        // SAFETY: per-CPU slot of this CPU; programs do not migrate while running, so no other
+        // writer touches it concurrently.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Counts one decision for (Service, caller lane, backend lane, outcome).
+#[inline(always)]
+pub fn count_service(svc_id: u32, caller_lane: u32, backend_lane: u32, outcome: Outcome) {
+    let key = StatKey { svc_id, caller_lane, backend_lane, outcome: outcome as u32 };
+    if let Some(c) = SVC_STATS.get_ptr_mut(&key) {
+        // SAFETY: per-CPU value of this CPU, as in `count`.
+        unsafe { *c += 1 };
+    } else {
+        // BPF_NOEXIST: if another CPU inserted the row first, this CPU's first hit is lost;
+        // an acceptable undercount of one for a statistics row.
+        let _ = SVC_STATS.insert(&key, &1, 1);
+    }
+}
+
+/// Inserts a reverse translation entry.
+#[inline(always)]
+pub fn insert_revnat(key: &RevNatKey, value: &RevNatValue) -> Result<(), i32> {
+    REVNAT.insert(key, value, 0)
+}

@@ -1,0 +1,127 @@
+//! Cgroup v2 discovery: a cgroup's id (what the datapath sees) and depth, and the cgroup v2
+//! mount that contains a path.
+
+use std::{
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use crate::{Error, Result};
+
+/// `CGROUP2_SUPER_MAGIC` from `linux/magic.h`.
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// A cgroup v2 directory as the datapath identifies it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CgroupRef {
+    /// The directory.
+    pub path: PathBuf,
+    /// The cgroup id: the directory's inode number on cgroup2 (what
+    /// `bpf_get_current_cgroup_id` returns).
+    pub id: u64,
+    /// Depth below the cgroup v2 root (the root itself is 0).
+    pub level: u32,
+}
+
+impl CgroupRef {
+    /// Resolves a cgroup v2 directory.
+    pub fn open(path: &Path) -> Result<Self> {
+        let err = |reason: String| Error::Cgroup { path: path.to_owned(), reason };
+        let canonical = fs::canonicalize(path).map_err(|e| err(format!("cannot resolve: {e}")))?;
+        if !is_cgroup2(&canonical)? {
+            return Err(err("not in a cgroup v2 hierarchy (cgroup2 filesystem)".into()));
+        }
+        let meta = fs::metadata(&canonical).map_err(|e| err(e.to_string()))?;
+        if !meta.is_dir() {
+            return Err(err("not a directory".into()));
+        }
+        let root = cgroup2_root_of(&canonical)?;
+        let rel = canonical
+            .strip_prefix(&root)
+            .map_err(|_| err(format!("not below the cgroup2 mount {}", root.display())))?;
+        let level = u32::try_from(rel.components().count()).map_err(|_| err("too deep".into()))?;
+        Ok(Self { path: canonical, id: meta.ino(), level })
+    }
+}
+
+/// Whether `path` is on a cgroup2 filesystem.
+pub fn is_cgroup2(path: &Path) -> Result<bool> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::Invalid { what: "path", reason: "contains NUL".into() })?;
+    // SAFETY: `statfs` writes into the zeroed struct we own; `c` is a valid NUL-terminated path.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statfs(c.as_ptr(), &raw mut st) } != 0 {
+        return Err(Error::io(path, std::io::Error::last_os_error()));
+    }
+    #[expect(clippy::unnecessary_cast, reason = "f_type's width differs between libcs")]
+    Ok(st.f_type as i64 == CGROUP2_SUPER_MAGIC)
+}
+
+/// The mount point of the cgroup2 filesystem that contains `path` (longest matching mount).
+pub fn cgroup2_root_of(path: &Path) -> Result<PathBuf> {
+    let mountinfo =
+        fs::read_to_string("/proc/self/mountinfo").map_err(|e| Error::io("/proc/self/mountinfo", e))?;
+    mountinfo
+        .lines()
+        .filter_map(parse_cgroup2_mount)
+        .filter(|m| path.starts_with(m))
+        .max_by_key(|m| m.components().count())
+        .ok_or_else(|| Error::Cgroup { path: path.to_owned(), reason: "no cgroup2 mount contains it".into() })
+}
+
+/// The first cgroup2 mount point of this mount namespace (`/sys/fs/cgroup` on a pure v2 host,
+/// `/sys/fs/cgroup/unified` on a hybrid one).
+pub fn cgroup2_mount() -> Result<PathBuf> {
+    let mountinfo =
+        fs::read_to_string("/proc/self/mountinfo").map_err(|e| Error::io("/proc/self/mountinfo", e))?;
+    mountinfo.lines().find_map(parse_cgroup2_mount).ok_or_else(|| Error::Cgroup {
+        path: PathBuf::from("/sys/fs/cgroup"),
+        reason: "no cgroup2 filesystem is mounted (cgroup v1-only host?)".into(),
+    })
+}
+
+/// The mount point of a mountinfo line if its filesystem is cgroup2.
+fn parse_cgroup2_mount(line: &str) -> Option<PathBuf> {
+    // Fields: id parent major:minor root mountpoint options [optional...] - fstype source opts
+    let (pre, post) = line.split_once(" - ")?;
+    if post.split_whitespace().next()? != "cgroup2" {
+        return None;
+    }
+    let mount_point = pre.split_whitespace().nth(4)?;
+    Some(PathBuf::from(unescape_mountinfo(mount_point)))
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo` octal.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_cgroup2_mountinfo_lines() {
+        let line = "35 25 0:30 / /sys/fs/cgroup/unified rw,nosuid shared:9 - cgroup2 cgroup2 rw";
+        assert_eq!(parse_cgroup2_mount(line), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        let v1 = "36 25 0:31 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu";
+        assert_eq!(parse_cgroup2_mount(v1), None);
+        let esc = "35 25 0:30 / /mnt/a\\040b rw - cgroup2 cgroup2 rw";
+        assert_eq!(parse_cgroup2_mount(esc), Some(PathBuf::from("/mnt/a b")));
+    }
+}

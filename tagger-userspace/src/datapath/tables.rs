@@ -1,0 +1,398 @@
+//! Typed reads and writes of the pinned maps. Every write names the map and key on failure.
+
+use std::{collections::BTreeMap, fmt};
+
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap};
+use tagger_common::{
+    BASE_LANE, Backend, BackendSet, DatapathConfig, FrontendKey, LanePolicy, LaneTables, MAP_BACKEND_SETS,
+    MAP_BACKEND_SLOTS, MAP_CONFIG, MAP_COUNTERS, MAP_FRONTENDS, MAP_LANES, MAP_PODS, MAP_REVNAT,
+    MAP_SVC_STATS, MAX_BACKEND_SETS, MAX_BACKENDS, MAX_CGROUP_LEVEL, MAX_FRONTENDS, MAX_LANES, MAX_PODS,
+    Outcome, PodEntry, RevNatKey, RevNatValue, Service, SetKey, SlotKey, StatKey,
+};
+
+use super::PinLayout;
+use crate::{Error, Result, cgroup::CgroupRef};
+
+/// The datapath's maps, opened from their pins.
+pub struct Tables {
+    pods: HashMap<MapData, u64, PodEntry>,
+    frontends: HashMap<MapData, FrontendKey, Service>,
+    sets: HashMap<MapData, SetKey, BackendSet>,
+    slots: HashMap<MapData, SlotKey, Backend>,
+    lanes: HashMap<MapData, u32, LanePolicy>,
+    revnat: HashMap<MapData, RevNatKey, RevNatValue>,
+    counters: PerCpuArray<MapData, u64>,
+    svc_stats: PerCpuHashMap<MapData, StatKey, u64>,
+    config: Array<MapData, DatapathConfig>,
+}
+
+impl fmt::Debug for Tables {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tables").finish_non_exhaustive()
+    }
+}
+
+/// Totals of the global outcome counters, summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    /// Count per outcome.
+    pub by_outcome: BTreeMap<Outcome, u64>,
+}
+
+impl CounterSnapshot {
+    /// The count of one outcome.
+    #[must_use]
+    pub fn get(&self, outcome: Outcome) -> u64 {
+        self.by_outcome.get(&outcome).copied().unwrap_or(0)
+    }
+}
+
+/// One row of per-Service statistics, summed over CPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceStat {
+    /// The row's key.
+    pub key: StatKey,
+    /// Decisions counted.
+    pub count: u64,
+}
+
+fn open_map(layout: &PinLayout, name: &'static str) -> Result<Map> {
+    let path = layout.map(name);
+    let data = MapData::from_pin(&path).map_err(|source| Error::OpenMap { path: path.clone(), source })?;
+    Map::from_map_data(data).map_err(|source| Error::OpenMap { path, source })
+}
+
+macro_rules! open_typed {
+    ($layout:expr, $name:expr) => {{
+        let map = open_map($layout, $name)?;
+        map.try_into().map_err(|source| Error::OpenMap { path: $layout.map($name), source })?
+    }};
+}
+
+fn map_err(map: &'static str, op: &'static str, key: impl fmt::Debug) -> impl FnOnce(MapError) -> Error {
+    move |source| Error::Map { map, op, key: format!("{key:?}"), source }
+}
+
+/// Whether a map error is "not found" (a delete or lookup of an absent key).
+fn is_not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
+/// Whether a map error is "the map is full".
+fn is_full(e: &MapError) -> bool {
+    matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG))
+}
+
+fn ignore_not_found(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(e) if is_not_found(&e) => Ok(()),
+        other => other,
+    }
+}
+
+fn get_opt<V>(r: Result<V, MapError>) -> Result<Option<V>, MapError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+impl Tables {
+    /// Opens every map from its pin.
+    pub fn open(layout: &PinLayout) -> Result<Self> {
+        Ok(Self {
+            pods: open_typed!(layout, MAP_PODS),
+            frontends: open_typed!(layout, MAP_FRONTENDS),
+            sets: open_typed!(layout, MAP_BACKEND_SETS),
+            slots: open_typed!(layout, MAP_BACKEND_SLOTS),
+            lanes: open_typed!(layout, MAP_LANES),
+            revnat: open_typed!(layout, MAP_REVNAT),
+            counters: open_typed!(layout, MAP_COUNTERS),
+            svc_stats: open_typed!(layout, MAP_SVC_STATS),
+            config: open_typed!(layout, MAP_CONFIG),
+        })
+    }
+
+    // ---- pods -------------------------------------------------------------------------------
+
+    /// Registers a pod cgroup in a lane (or moves it to another lane).
+    pub fn register_pod(&mut self, cgroup: &CgroupRef, lane: u32) -> Result<()> {
+        if cgroup.level == 0 || cgroup.level > MAX_CGROUP_LEVEL {
+            return Err(Error::Invalid {
+                what: "pod cgroup",
+                reason: format!(
+                    "{} is at level {}; pod cgroups must be below the root and at most {MAX_CGROUP_LEVEL} deep",
+                    cgroup.path.display(),
+                    cgroup.level
+                ),
+            });
+        }
+        // Widen the search range first, so the datapath never misses a registered pod.
+        let mut cfg = self.config()?;
+        if cfg.pod_level_max == 0 {
+            cfg.pod_level_min = cgroup.level;
+            cfg.pod_level_max = cgroup.level;
+        } else {
+            cfg.pod_level_min = cfg.pod_level_min.min(cgroup.level);
+            cfg.pod_level_max = cfg.pod_level_max.max(cgroup.level);
+        }
+        self.set_config(cfg)?;
+        let entry = PodEntry { lane, level: cgroup.level };
+        self.pods.insert(cgroup.id, entry, 0).map_err(|e| {
+            if is_full(&e) {
+                Error::MapFull {
+                    map: MAP_PODS,
+                    wanted: u64::from(MAX_PODS) + 1,
+                    capacity: u64::from(MAX_PODS),
+                }
+            } else {
+                map_err(MAP_PODS, "insert", cgroup.id)(e)
+            }
+        })
+    }
+
+    /// Forgets a pod cgroup; its processes become base callers.
+    pub fn unregister_pod(&mut self, cgroup_id: u64) -> Result<()> {
+        ignore_not_found(self.pods.remove(&cgroup_id)).map_err(map_err(MAP_PODS, "remove", cgroup_id))?;
+        let pods = self.pods()?;
+        let mut cfg = self.config()?;
+        cfg.pod_level_min = pods.values().map(|p| p.level).min().unwrap_or(0);
+        cfg.pod_level_max = pods.values().map(|p| p.level).max().unwrap_or(0);
+        self.set_config(cfg)
+    }
+
+    /// Every registered pod cgroup.
+    pub fn pods(&self) -> Result<BTreeMap<u64, PodEntry>> {
+        self.pods.iter().map(|r| r.map_err(map_err(MAP_PODS, "iterate", ()))).collect()
+    }
+
+    /// The datapath configuration.
+    pub fn config(&self) -> Result<DatapathConfig> {
+        self.config.get(&0, 0).map_err(map_err(MAP_CONFIG, "get", 0))
+    }
+
+    fn set_config(&mut self, cfg: DatapathConfig) -> Result<()> {
+        self.config.set(0, cfg, 0).map_err(map_err(MAP_CONFIG, "set", 0))
+    }
+
+    // ---- frontends --------------------------------------------------------------------------
+
+    /// Adds or updates a Service frontend.
+    pub fn upsert_frontend(&mut self, key: &FrontendKey, svc: Service) -> Result<()> {
+        self.frontends.insert(key, svc, 0).map_err(|e| {
+            if is_full(&e) {
+                Error::MapFull {
+                    map: MAP_FRONTENDS,
+                    wanted: u64::from(MAX_FRONTENDS) + 1,
+                    capacity: u64::from(MAX_FRONTENDS),
+                }
+            } else {
+                map_err(MAP_FRONTENDS, "insert", key)(e)
+            }
+        })
+    }
+
+    /// Removes a Service frontend (its backend sets stay until removed).
+    pub fn remove_frontend(&mut self, key: &FrontendKey) -> Result<()> {
+        ignore_not_found(self.frontends.remove(key)).map_err(map_err(MAP_FRONTENDS, "remove", key))
+    }
+
+    /// One frontend.
+    pub fn frontend(&self, key: &FrontendKey) -> Result<Option<Service>> {
+        get_opt(self.frontends.get(key, 0)).map_err(map_err(MAP_FRONTENDS, "get", key))
+    }
+
+    /// Every frontend.
+    pub fn frontends(&self) -> Result<BTreeMap<FrontendKey, Service>> {
+        self.frontends.iter().map(|r| r.map_err(map_err(MAP_FRONTENDS, "iterate", ()))).collect()
+    }
+
+    // ---- backend sets -----------------------------------------------------------------------
+
+    /// Replaces the backend set of (Service, lane) atomically: the new generation's slots are
+    /// written first, then the set entry is switched to it in one update, then the old
+    /// generation's slots are removed. A concurrent connect sees the old set or the new one.
+    /// On error nothing visible changed: slots already written for the new generation are
+    /// removed again and the old set stays live.
+    pub fn replace_backends(&mut self, svc_id: u32, lane: u32, backends: &[Backend]) -> Result<()> {
+        let set_key = SetKey { svc_id, lane };
+        let count =
+            u32::try_from(backends.len()).ok().filter(|&n| n <= MAX_BACKENDS).ok_or(Error::MapFull {
+                map: MAP_BACKEND_SLOTS,
+                wanted: backends.len() as u64,
+                capacity: u64::from(MAX_BACKENDS),
+            })?;
+        let old = self.backend_set(svc_id, lane)?;
+        let generation = old.map_or(1, |s| s.generation.wrapping_add(1));
+        for (slot, backend) in (0..count).zip(backends) {
+            let key = SlotKey { svc_id, lane, generation, slot };
+            if let Err(e) = self.slots.insert(key, backend, 0) {
+                self.remove_slots(svc_id, lane, generation, slot);
+                return Err(if is_full(&e) {
+                    Error::MapFull {
+                        map: MAP_BACKEND_SLOTS,
+                        wanted: u64::from(count),
+                        capacity: u64::from(tagger_common::MAX_BACKEND_SLOTS),
+                    }
+                } else {
+                    map_err(MAP_BACKEND_SLOTS, "insert", key)(e)
+                });
+            }
+        }
+        let new = BackendSet { count, generation };
+        if let Err(e) = self.sets.insert(set_key, new, 0) {
+            self.remove_slots(svc_id, lane, generation, count);
+            return Err(if is_full(&e) {
+                Error::MapFull {
+                    map: MAP_BACKEND_SETS,
+                    wanted: u64::from(MAX_BACKEND_SETS) + 1,
+                    capacity: u64::from(MAX_BACKEND_SETS),
+                }
+            } else {
+                map_err(MAP_BACKEND_SETS, "insert", set_key)(e)
+            });
+        }
+        if let Some(old) = old {
+            self.remove_slots(svc_id, lane, old.generation, old.count);
+        }
+        Ok(())
+    }
+
+    /// Removes the backend set of (Service, lane) and its slots.
+    pub fn remove_backend_set(&mut self, svc_id: u32, lane: u32) -> Result<()> {
+        let key = SetKey { svc_id, lane };
+        let Some(old) = self.backend_set(svc_id, lane)? else {
+            return Ok(());
+        };
+        ignore_not_found(self.sets.remove(&key)).map_err(map_err(MAP_BACKEND_SETS, "remove", key))?;
+        self.remove_slots(svc_id, lane, old.generation, old.count);
+        Ok(())
+    }
+
+    /// Best-effort removal of slots `0..count` of a generation (absent slots are fine).
+    fn remove_slots(&mut self, svc_id: u32, lane: u32, generation: u32, count: u32) {
+        for slot in 0..count {
+            let key = SlotKey { svc_id, lane, generation, slot };
+            if let Err(e) = ignore_not_found(self.slots.remove(&key)) {
+                log::warn!("map {MAP_BACKEND_SLOTS}: removing {key:?}: {e}");
+            }
+        }
+    }
+
+    /// The live set of (Service, lane).
+    pub fn backend_set(&self, svc_id: u32, lane: u32) -> Result<Option<BackendSet>> {
+        let key = SetKey { svc_id, lane };
+        get_opt(self.sets.get(&key, 0)).map_err(map_err(MAP_BACKEND_SETS, "get", key))
+    }
+
+    /// Every live set.
+    pub fn backend_sets(&self) -> Result<BTreeMap<SetKey, BackendSet>> {
+        self.sets.iter().map(|r| r.map_err(map_err(MAP_BACKEND_SETS, "iterate", ()))).collect()
+    }
+
+    /// The members of the live set of (Service, lane), in slot order.
+    pub fn backends(&self, svc_id: u32, lane: u32) -> Result<Vec<Backend>> {
+        let Some(set) = self.backend_set(svc_id, lane)? else {
+            return Ok(Vec::new());
+        };
+        (0..set.count)
+            .map(|slot| {
+                let key = SlotKey { svc_id, lane, generation: set.generation, slot };
+                self.slots.get(&key, 0).map_err(map_err(MAP_BACKEND_SLOTS, "get", key))
+            })
+            .collect()
+    }
+
+    /// Number of slot entries in the map (all generations).
+    pub fn slot_entries(&self) -> usize {
+        self.slots.keys().count()
+    }
+
+    // ---- lanes ------------------------------------------------------------------------------
+
+    /// Sets a lane's policy.
+    pub fn set_lane_policy(&mut self, lane: u32, policy: &LanePolicy) -> Result<()> {
+        if lane == BASE_LANE {
+            return Err(Error::Invalid {
+                what: "lane policy",
+                reason: "the base lane has no fallback policy".into(),
+            });
+        }
+        if policy.chain_len as usize > tagger_common::MAX_CHAIN {
+            return Err(Error::Invalid {
+                what: "lane policy",
+                reason: format!("chain of {} lanes; at most {}", policy.chain_len, tagger_common::MAX_CHAIN),
+            });
+        }
+        self.lanes.insert(lane, policy, 0).map_err(|e| {
+            if is_full(&e) {
+                Error::MapFull {
+                    map: MAP_LANES,
+                    wanted: u64::from(MAX_LANES) + 1,
+                    capacity: u64::from(MAX_LANES),
+                }
+            } else {
+                map_err(MAP_LANES, "insert", lane)(e)
+            }
+        })
+    }
+
+    /// Removes a lane's policy (it falls back to base again).
+    pub fn remove_lane_policy(&mut self, lane: u32) -> Result<()> {
+        ignore_not_found(self.lanes.remove(&lane)).map_err(map_err(MAP_LANES, "remove", lane))
+    }
+
+    /// Every lane policy.
+    pub fn lane_policies(&self) -> Result<BTreeMap<u32, LanePolicy>> {
+        self.lanes.iter().map(|r| r.map_err(map_err(MAP_LANES, "iterate", ()))).collect()
+    }
+
+    // ---- reverse translation and counters ---------------------------------------------------
+
+    /// Number of reverse-translation entries.
+    pub fn revnat_entries(&self) -> usize {
+        self.revnat.keys().count()
+    }
+
+    /// The global outcome counters.
+    pub fn counters(&self) -> Result<CounterSnapshot> {
+        let mut snap = CounterSnapshot::default();
+        for outcome in Outcome::ALL {
+            let values =
+                self.counters.get(&(outcome as u32), 0).map_err(map_err(MAP_COUNTERS, "get", outcome))?;
+            snap.by_outcome.insert(outcome, values.iter().sum());
+        }
+        Ok(snap)
+    }
+
+    /// Per-(Service, caller lane, backend lane, outcome) statistics.
+    pub fn service_stats(&self) -> Result<Vec<ServiceStat>> {
+        self.svc_stats
+            .iter()
+            .map(|r| {
+                r.map(|(key, values)| ServiceStat { key, count: values.iter().sum() }).map_err(map_err(
+                    MAP_SVC_STATS,
+                    "iterate",
+                    (),
+                ))
+            })
+            .collect()
+    }
+}
+
+/// Lane resolution over the pinned maps (the same code the kernel runs). Lookup errors read as
+/// "absent", as in the datapath.
+impl LaneTables for Tables {
+    fn backend_set(&self, svc_id: u32, lane: u32) -> Option<BackendSet> {
+        Tables::backend_set(self, svc_id, lane).ok().flatten()
+    }
+
+    fn lane_policy(&self, lane: u32) -> Option<LanePolicy> {
+        get_opt(self.lanes.get(&lane, 0)).ok().flatten()
+    }
+}

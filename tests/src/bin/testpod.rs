@@ -1,0 +1,128 @@
+//! `testpod`: a client process for the kernel tests. It joins a pod's cgroup (so the datapath
+//! sees it as that pod), then the pod's network namespace, then makes real connections and
+//! prints one line per attempt:
+//!
+//! ```text
+//! ok <TAB> <reply line> <TAB> <peer address seen by the application>
+//! err <TAB> <errno> <TAB> <message>
+//! ```
+//!
+//! Usage: `testpod --cgroup DIR --netns NAME (tcp|udp|udp-connected) ADDR COUNT`
+//!        `testpod --cgroup DIR --netns NAME tcp-loop ADDR` (until stdin closes; then a summary)
+//!        `testpod install BPFFS_DIR CGROUP_DIR` (installs or adopts the datapath, then exits)
+
+use std::{
+    io::{BufRead as _, Read as _},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("install") {
+        let (bpffs, cgroup) = (Path::new(&args[1]), Path::new(&args[2]));
+        match tagger::datapath::Datapath::install(bpffs, cgroup) {
+            Ok((_, installed)) => println!("{installed:?}"),
+            Err(e) => {
+                eprintln!("install: {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
+    let [flag_cg, cgroup, flag_ns, netns, mode, addr, rest @ ..] = args.as_slice() else {
+        eprintln!("usage: testpod --cgroup DIR --netns NAME MODE ADDR [COUNT]");
+        std::process::exit(2);
+    };
+    assert_eq!((flag_cg.as_str(), flag_ns.as_str()), ("--cgroup", "--netns"), "bad flags");
+    // Cgroup first: inside the new network namespace's private mount namespace
+    // (`ip netns exec`) the cgroup2 tree might not be visible; with setns it is, but the order
+    // keeps both ways right.
+    std::fs::write(Path::new(cgroup).join("cgroup.procs"), b"0").expect("join cgroup");
+    let ns = std::fs::File::open(Path::new("/var/run/netns").join(netns)).expect("open netns");
+    // SAFETY: setns with a valid netns fd; this process is single-threaded here.
+    assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+    let addr: SocketAddr = addr.parse().expect("ADDR");
+    let count: usize = rest.first().map_or(1, |c| c.parse().expect("COUNT"));
+    let mut out = std::io::stdout().lock();
+    match mode.as_str() {
+        "tcp" => (0..count).for_each(|_| report(&mut out, tcp_once(addr))),
+        "udp" => (0..count).for_each(|_| report(&mut out, udp_once(addr, false))),
+        "udp-connected" => (0..count).for_each(|_| report(&mut out, udp_once(addr, true))),
+        "tcp-loop" => tcp_loop(&mut out, addr),
+        other => panic!("unknown mode {other}"),
+    }
+}
+
+fn report(out: &mut impl std::io::Write, r: std::io::Result<(String, SocketAddr)>) {
+    match r {
+        Ok((reply, peer)) => writeln!(out, "ok\t{reply}\t{peer}").expect("stdout"),
+        Err(e) => writeln!(out, "err\t{}\t{e}", e.raw_os_error().unwrap_or(0)).expect("stdout"),
+    }
+}
+
+fn tcp_once(addr: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let peer = s.peer_addr()?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)?;
+    Ok((reply.trim_end().to_owned(), peer))
+}
+
+fn udp_once(addr: SocketAddr, connected: bool) -> std::io::Result<(String, SocketAddr)> {
+    let bind: SocketAddr =
+        if addr.is_ipv4() { "0.0.0.0:0".parse() } else { "[::]:0".parse() }.expect("bind addr");
+    let s = UdpSocket::bind(bind)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut buf = [0u8; 1500];
+    let (n, from) = if connected {
+        s.connect(addr)?;
+        let peer = s.peer_addr()?;
+        s.send(b"hi")?;
+        let (n, from) = s.recv_from(&mut buf)?;
+        if from != peer {
+            return Err(std::io::Error::other(format!("reply from {from} but getpeername says {peer}")));
+        }
+        (n, from)
+    } else {
+        s.send_to(b"hi", addr)?;
+        s.recv_from(&mut buf)?
+    };
+    Ok((String::from_utf8_lossy(&buf[..n]).trim_end().to_owned(), from))
+}
+
+/// Connects in a tight loop until stdin closes, then prints `done <ok> <failed>` and the
+/// distinct failures.
+fn tcp_loop(out: &mut impl std::io::Write, addr: SocketAddr) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = Arc::clone(&stop);
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::stdin().lock().read_line(&mut line);
+        stop2.store(true, Ordering::Relaxed);
+    });
+    writeln!(out, "started").expect("stdout");
+    out.flush().expect("stdout");
+    let (mut ok, mut failed) = (0u64, 0u64);
+    let mut errors = std::collections::BTreeMap::<String, u64>::new();
+    while !stop.load(Ordering::Relaxed) {
+        match tcp_once(addr) {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                failed += 1;
+                *errors.entry(e.to_string()).or_default() += 1;
+            }
+        }
+    }
+    writeln!(out, "done\t{ok}\t{failed}").expect("stdout");
+    for (e, n) in errors {
+        writeln!(out, "error\t{n}\t{e}").expect("stdout");
+    }
+}

@@ -1,0 +1,171 @@
+//! Runs `testpod` inside a pod's cgroup and network namespace and parses what it saw.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+};
+
+use crate::netns::Netns;
+
+/// The outcome of one connection attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Attempt {
+    /// Connected (or got a UDP reply): the backend's identity and the peer address the
+    /// application saw.
+    Ok { reply: String, peer: SocketAddr },
+    /// Failed with an errno.
+    Err { errno: i32, message: String },
+}
+
+impl Attempt {
+    /// The reply, or a panic naming the failure.
+    #[must_use]
+    pub fn reply(&self) -> &str {
+        match self {
+            Attempt::Ok { reply, .. } => reply,
+            Attempt::Err { errno, message } => panic!("expected a reply, got errno {errno}: {message}"),
+        }
+    }
+}
+
+/// Path of the `testpod` binary built with these tests: integration test executables live in
+/// `target/<profile>/deps`, the binary in `target/<profile>`.
+#[must_use]
+pub fn testpod_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let bin = profile_dir.join("testpod");
+    assert!(bin.exists(), "{} not built: run the tests through cargo", bin.display());
+    bin
+}
+
+/// How the client talks to the address.
+#[derive(Clone, Copy, Debug)]
+pub enum Mode {
+    /// TCP connect, read the reply, close.
+    Tcp,
+    /// Unconnected UDP: `sendto` then `recvfrom`.
+    Udp,
+    /// Connected UDP: `connect`, `send`, `recvfrom`.
+    UdpConnected,
+}
+
+/// Makes `count` attempts to `addr` from inside the pod.
+#[must_use]
+pub fn attempts(cgroup: &Path, netns: &Netns, mode: Mode, addr: SocketAddr, count: usize) -> Vec<Attempt> {
+    let mode = match mode {
+        Mode::Tcp => "tcp",
+        Mode::Udp => "udp",
+        Mode::UdpConnected => "udp-connected",
+    };
+    let out = Command::new(testpod_bin())
+        .args([
+            "--cgroup",
+            &cgroup.to_string_lossy(),
+            "--netns",
+            netns.name(),
+            mode,
+            &addr.to_string(),
+            &count.to_string(),
+        ])
+        .output()
+        .expect("run testpod");
+    assert!(out.status.success(), "testpod failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let attempts: Vec<Attempt> = text.lines().map(parse_line).collect();
+    assert_eq!(attempts.len(), count, "testpod printed {text}");
+    attempts
+}
+
+fn parse_line(line: &str) -> Attempt {
+    let f: Vec<&str> = line.split('\t').collect();
+    match f.as_slice() {
+        ["ok", reply, peer] => Attempt::Ok { reply: (*reply).to_owned(), peer: peer.parse().expect("peer") },
+        ["err", errno, message] => {
+            Attempt::Err { errno: errno.parse().expect("errno"), message: (*message).to_owned() }
+        }
+        _ => panic!("unexpected testpod line {line:?}"),
+    }
+}
+
+/// A client connecting in a tight loop until [`LoopClient::finish`].
+#[derive(Debug)]
+pub struct LoopClient {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+/// What a loop client counted.
+#[derive(Debug)]
+pub struct LoopSummary {
+    /// Successful connections.
+    pub ok: u64,
+    /// Failed connections.
+    pub failed: u64,
+    /// Distinct errors and their counts.
+    pub errors: Vec<String>,
+}
+
+impl LoopClient {
+    /// Starts the loop and waits until it runs.
+    #[must_use]
+    pub fn start(cgroup: &Path, netns: &Netns, addr: SocketAddr) -> Self {
+        let mut child = Command::new(testpod_bin())
+            .args([
+                "--cgroup",
+                &cgroup.to_string_lossy(),
+                "--netns",
+                netns.name(),
+                "tcp-loop",
+                &addr.to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn testpod");
+        let stdin = child.stdin.take();
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("read");
+        assert_eq!(line.trim(), "started", "testpod loop did not start");
+        Self { child, stdin, stdout }
+    }
+
+    /// Stops the loop and returns its counts.
+    #[must_use]
+    pub fn finish(mut self) -> LoopSummary {
+        if let Some(mut s) = self.stdin.take() {
+            let _ = s.write_all(b"\n");
+        }
+        let mut summary = LoopSummary { ok: 0, failed: 0, errors: Vec::new() };
+        let mut line = String::new();
+        while self.stdout.read_line(&mut line).expect("read") > 0 {
+            let f: Vec<&str> = line.trim_end().split('\t').collect();
+            match f.as_slice() {
+                ["done", ok, failed] => {
+                    summary.ok = ok.parse().expect("ok");
+                    summary.failed = failed.parse().expect("failed");
+                }
+                ["error", n, e] => summary.errors.push(format!("{n} x {e}")),
+                _ => panic!("unexpected testpod line {line:?}"),
+            }
+            line.clear();
+        }
+        let status = self.child.wait().expect("wait");
+        assert!(status.success(), "testpod loop exited with {status}");
+        summary
+    }
+}
+
+impl Drop for LoopClient {
+    fn drop(&mut self) {
+        // Only our own child, by its pid, and only if finish() did not reap it.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
