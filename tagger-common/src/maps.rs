@@ -377,6 +377,6 @@ mod tests {
         for (i, o) in Outcome::ALL.iter().enumerate() {
             assert_eq!(*o as usize, i);
         }
-        assert!(Outcome::ALL.len() as u32 <= OUTCOME_SLOTS);
+        assert!(Outcome::ALL.len() <= OUTCOME_SLOTS as usize);
     }
 }

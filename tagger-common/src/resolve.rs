@@ -84,15 +84,11 @@ pub fn resolve_lane<T: LaneTables>(tables: &T, svc: &Service, caller_lane: u32) 
         Some(policy) => {
             // Verifier: the loop bound is the constant MAX_CHAIN, and `chain[i]` is indexed with
             // i < MAX_CHAIN, so the access is provably in bounds.
-            let mut i = 0;
-            while i < MAX_CHAIN {
-                if i as u32 >= policy.chain_len {
-                    break;
-                }
-                let lane = policy.chain[i];
+            let mut i: u32 = 0;
+            while (i as usize) < MAX_CHAIN && i < policy.chain_len {
+                let lane = policy.chain[i as usize];
                 if let Some(set) = ready_set(tables, svc.svc_id, lane) {
-                    #[expect(clippy::cast_possible_truncation, reason = "i < MAX_CHAIN = 8")]
-                    return Resolution::FellBack { lane, chain_step: i as u32, set };
+                    return Resolution::FellBack { lane, chain_step: i, set };
                 }
                 i += 1;
             }
@@ -121,7 +117,8 @@ mod tests {
             self
         }
         fn with_chain(mut self, lane: &str, chain: &[&str], flags: u32) -> Self {
-            let mut p = LanePolicy { flags, chain_len: chain.len() as u32, ..LanePolicy::default() };
+            let mut p =
+                LanePolicy { flags, chain_len: u32::try_from(chain.len()).unwrap(), ..LanePolicy::default() };
             for (i, l) in chain.iter().enumerate() {
                 p.chain[i] = lane_id(l);
             }

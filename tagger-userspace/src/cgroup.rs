@@ -7,10 +7,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::{Error, Result};
-
-/// `CGROUP2_SUPER_MAGIC` from `linux/magic.h`.
-const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+use crate::{
+    Error, Result,
+    fs::{CGROUP2_SUPER_MAGIC, fs_type},
+};
 
 /// A cgroup v2 directory as the datapath identifies it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,16 +47,7 @@ impl CgroupRef {
 
 /// Whether `path` is on a cgroup2 filesystem.
 pub fn is_cgroup2(path: &Path) -> Result<bool> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| Error::Invalid { what: "path", reason: "contains NUL".into() })?;
-    // SAFETY: `statfs` writes into the zeroed struct we own; `c` is a valid NUL-terminated path.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { libc::statfs(c.as_ptr(), &raw mut st) } != 0 {
-        return Err(Error::io(path, std::io::Error::last_os_error()));
-    }
-    #[expect(clippy::unnecessary_cast, reason = "f_type's width differs between libcs")]
-    Ok(st.f_type as i64 == CGROUP2_SUPER_MAGIC)
+    Ok(fs_type(path)? == CGROUP2_SUPER_MAGIC)
 }
 
 /// The mount point of the cgroup2 filesystem that contains `path` (longest matching mount).

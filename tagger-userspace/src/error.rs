@@ -16,19 +16,19 @@ pub enum Error {
     Io { path: PathBuf, source: io::Error },
     /// The eBPF object could not be loaded (maps created or programs parsed).
     #[error("loading the datapath object: {0}")]
-    Load(#[from] aya::EbpfError),
+    Load(#[from] Box<aya::EbpfError>),
     /// A program failed to load (verifier) or attach.
     #[error("program {program}: {source}")]
-    Program { program: &'static str, source: aya::programs::ProgramError },
+    Program { program: &'static str, source: Box<aya::programs::ProgramError> },
     /// A link or map could not be pinned.
     #[error("pinning {path}: {reason}")]
     Pin { path: PathBuf, reason: String },
     /// A pinned map could not be opened or has an unexpected type.
     #[error("pinned map {path}: {source}")]
-    OpenMap { path: PathBuf, source: aya::maps::MapError },
+    OpenMap { path: PathBuf, source: Box<aya::maps::MapError> },
     /// A map operation failed.
     #[error("map {map}: {op} {key}: {source}")]
-    Map { map: &'static str, op: &'static str, key: String, source: aya::maps::MapError },
+    Map { map: &'static str, op: &'static str, key: String, source: Box<aya::maps::MapError> },
     /// A write would exceed a map's capacity; nothing was changed.
     #[error("map {map} is full: {wanted} entries wanted, capacity {capacity}")]
     MapFull { map: &'static str, wanted: u64, capacity: u64 },
@@ -37,7 +37,7 @@ pub enum Error {
     Invalid { what: &'static str, reason: String },
 }
 
-/// `Result` with [`Error`].
+/// `Result` with [`Error`]. (aya's errors are boxed: they are large, and results are everywhere.)
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {

@@ -4,6 +4,7 @@
 pub mod cgroup;
 pub mod datapath;
 pub mod error;
+pub mod fs;
 pub mod net;
 
 pub use error::{Error, Result};

@@ -1,1 +1,92 @@
-fn main() {}
+//! Developer tasks: `cargo xtask setup | test | demo`.
+//!
+//! Every task first runs the same idempotent bootstrap (toolchain components, Debian packages,
+//! bpf-linker), printing each step and skipping what is already present.
+
+mod bootstrap;
+mod cleanup;
+mod shell;
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "tagger developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (idempotent).
+    Setup,
+    /// Bootstrap, then run formatting and lint checks, unit tests and, as root, the kernel
+    /// integration tests.
+    Test {
+        /// Skip `cargo fmt --check` and clippy.
+        #[arg(long)]
+        no_lint: bool,
+        /// Only run tests whose name contains this string.
+        filter: Option<String>,
+    },
+    /// Remove namespaces, cgroups and pins left by an interrupted test run.
+    Clean,
+    /// The end-to-end demo on a sandboxed node.
+    Demo,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.task {
+        Task::Setup => bootstrap::run_all(),
+        Task::Clean => {
+            require_root("clean")?;
+            cleanup::leftovers();
+            Ok(())
+        }
+        Task::Test { no_lint, filter } => test(no_lint, filter.as_deref()),
+        Task::Demo => {
+            bail!(
+                "`cargo xtask demo` arrives with the CLI/demo issue (#4); until then run `cargo xtask test`"
+            )
+        }
+    }
+}
+
+fn require_root(what: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        bail!(
+            "`cargo xtask {what}` must run as root: the kernel tests create network namespaces, cgroups and \
+             BPF programs (try `sudo -E cargo xtask {what}`)"
+        );
+    }
+    Ok(())
+}
+
+fn test(no_lint: bool, filter: Option<&str>) -> Result<()> {
+    require_root("test")?;
+    bootstrap::run_all()?;
+    bootstrap::check_kernel()?;
+    shell::step("clean leftovers of earlier runs");
+    cleanup::leftovers();
+    shell::step("build the workspace (stable; the eBPF object is built by tagger-userspace's build.rs)");
+    shell::cargo(&["build", "--all-targets"])?;
+    if !no_lint {
+        shell::step("cargo fmt --check");
+        shell::cargo(&["fmt", "--all", "--", "--check"])?;
+        shell::step("cargo clippy -D warnings");
+        shell::cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    }
+    shell::step("unit and kernel integration tests");
+    let mut args = vec!["test", "--no-fail-fast"];
+    if let Some(f) = filter {
+        args.extend(["--", f]);
+    }
+    let result = shell::cargo(&args);
+    shell::step("clean up after the tests");
+    cleanup::leftovers();
+    result
+}

@@ -29,10 +29,14 @@ use aya::{
 pub use tables::{CounterSnapshot, ServiceStat, Tables};
 use tagger_common::ALL_MAPS;
 
-use crate::{Error, Result, cgroup::CgroupRef};
+use crate::{
+    Error, Result,
+    cgroup::CgroupRef,
+    fs::{BPF_FS_MAGIC, fs_type},
+};
 
 /// The datapath object, built by `build.rs` from tagger-ebpf.
-static DATAPATH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tagger"));
+static DATAPATH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tagger-ebpf"));
 
 /// The cgroup socket-address programs, by the name of their function in tagger-ebpf.
 pub const PROGRAMS: [&str; 8] =
@@ -189,7 +193,7 @@ fn attach(layout: &PinLayout, cgroup: &CgroupRef, programs: &[&'static str]) -> 
     for (name, path) in &map_paths {
         loader.map_pin_path(name, path.as_path());
     }
-    let mut ebpf = loader.load(DATAPATH_OBJECT)?;
+    let mut ebpf = loader.load(DATAPATH_OBJECT).map_err(Box::new)?;
     let cgroup_dir = fs::File::open(&cgroup.path).map_err(|e| Error::io(&cgroup.path, e))?;
     for &name in programs {
         let program: &mut CgroupSockAddr = ebpf
@@ -199,12 +203,14 @@ fn attach(layout: &PinLayout, cgroup: &CgroupRef, programs: &[&'static str]) -> 
                 reason: format!("program {name} missing"),
             })?
             .try_into()
-            .map_err(|source| Error::Program { program: name, source })?;
-        program.load().map_err(|source| Error::Program { program: name, source })?;
+            .map_err(|source| Error::Program { program: name, source: Box::new(source) })?;
+        program.load().map_err(|source| Error::Program { program: name, source: Box::new(source) })?;
         let link_id = program
             .attach(&cgroup_dir, CgroupAttachMode::Single)
-            .map_err(|source| Error::Program { program: name, source })?;
-        let link = program.take_link(link_id).map_err(|source| Error::Program { program: name, source })?;
+            .map_err(|source| Error::Program { program: name, source: Box::new(source) })?;
+        let link = program
+            .take_link(link_id)
+            .map_err(|source| Error::Program { program: name, source: Box::new(source) })?;
         let fd_link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| Error::Pin {
             path: layout.link(name),
             reason: e.to_string(),
@@ -217,19 +223,9 @@ fn attach(layout: &PinLayout, cgroup: &CgroupRef, programs: &[&'static str]) -> 
 
 /// Refuses a pin directory that is not on bpffs (pins elsewhere fail, or worse, vanish).
 pub fn check_bpffs(dir: &Path) -> Result<()> {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
     // The directory may not exist yet: check the nearest existing ancestor.
     let existing = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
-    let c = std::ffi::CString::new(existing.as_os_str().as_encoded_bytes())
-        .map_err(|_| Error::Invalid { what: "bpffs path", reason: "contains NUL".into() })?;
-    // SAFETY: `statfs` writes into the zeroed struct we own; `c` is NUL-terminated.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { libc::statfs(c.as_ptr(), &raw mut st) } != 0 {
-        return Err(Error::io(existing, io::Error::last_os_error()));
-    }
-    #[expect(clippy::unnecessary_cast, reason = "f_type's width differs between libcs")]
-    if st.f_type as i64 != BPF_FS_MAGIC {
+    if fs_type(existing)? != BPF_FS_MAGIC {
         return Err(Error::Bpffs {
             path: dir.to_owned(),
             reason: format!(

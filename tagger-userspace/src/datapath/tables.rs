@@ -58,19 +58,20 @@ pub struct ServiceStat {
 
 fn open_map(layout: &PinLayout, name: &'static str) -> Result<Map> {
     let path = layout.map(name);
-    let data = MapData::from_pin(&path).map_err(|source| Error::OpenMap { path: path.clone(), source })?;
-    Map::from_map_data(data).map_err(|source| Error::OpenMap { path, source })
+    let data =
+        MapData::from_pin(&path).map_err(|e| Error::OpenMap { path: path.clone(), source: Box::new(e) })?;
+    Map::from_map_data(data).map_err(|e| Error::OpenMap { path, source: Box::new(e) })
 }
 
 macro_rules! open_typed {
     ($layout:expr, $name:expr) => {{
         let map = open_map($layout, $name)?;
-        map.try_into().map_err(|source| Error::OpenMap { path: $layout.map($name), source })?
+        map.try_into().map_err(|e| Error::OpenMap { path: $layout.map($name), source: Box::new(e) })?
     }};
 }
 
 fn map_err(map: &'static str, op: &'static str, key: impl fmt::Debug) -> impl FnOnce(MapError) -> Error {
-    move |source| Error::Map { map, op, key: format!("{key:?}"), source }
+    move |source| Error::Map { map, op, key: format!("{key:?}"), source: Box::new(source) }
 }
 
 /// Whether a map error is "not found" (a delete or lookup of an absent key).
@@ -309,6 +310,7 @@ impl Tables {
     }
 
     /// Number of slot entries in the map (all generations).
+    #[must_use]
     pub fn slot_entries(&self) -> usize {
         self.slots.keys().count()
     }
@@ -355,6 +357,7 @@ impl Tables {
     // ---- reverse translation and counters ---------------------------------------------------
 
     /// Number of reverse-translation entries.
+    #[must_use]
     pub fn revnat_entries(&self) -> usize {
         self.revnat.keys().count()
     }

@@ -1,0 +1,114 @@
+//! Pinned links and maps: the datapath outlives the process that installed it, a later process
+//! adopts the pins without detaching anything, and uninstall really detaches.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use tagger::{
+    datapath::Datapath,
+    net::{Proto, backend, frontend_key},
+};
+use tagger_common::{Service, lane_id};
+use tagger_tests::{
+    backend::BackendServer,
+    cgroup::TestCgroup,
+    client::{Attempt, LoopClient, Mode, attempts, testpod_bin},
+    datapath::{BPFFS, ensure_bpffs},
+    require_root,
+    topology::Node,
+    unique_name,
+};
+
+/// Removes a pin directory on drop, whatever happened.
+struct PinDir(PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = Datapath::uninstall(&self.0);
+    }
+}
+
+/// Installs (or adopts) from a separate process that exits at once; returns what it printed.
+fn install_in_other_process(pins: &Path, cgroup: &Path) -> String {
+    let out = Command::new(testpod_bin()).arg("install").arg(pins).arg(cgroup).output().expect("run testpod");
+    assert!(out.status.success(), "install failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn pins_outlive_the_installer_and_a_restart_adopts_them_with_no_failed_connection() {
+    require_root();
+    ensure_bpffs();
+    let mut node = Node::new();
+    let backend_pod = node.add_pod("gray-backend");
+    let _server = BackendServer::start(&backend_pod, "gray-backend", 8080);
+    let caller_pod = node.add_pod("gray-caller");
+    let root = TestCgroup::new(&unique_name("root"));
+    let pod_cgroup = root.child("kubepods/burstable/podabc");
+    let pins = PinDir(Path::new(BPFFS).join(unique_name("pins")));
+
+    // 1. Another process installs and exits: nothing of ours holds a link or map fd.
+    let first = install_in_other_process(&pins.0, root.path());
+    assert!(first.starts_with("Attached"), "{first}");
+
+    // 2. Fill the maps through their pins only.
+    let vip: SocketAddr = "10.96.3.1:80".parse().unwrap();
+    let gray_backend = SocketAddr::new(backend_pod.ip4.into(), 8080);
+    {
+        let mut dp = Datapath::open(&pins.0).expect("open pins");
+        let t = dp.tables_mut();
+        t.register_pod(&TestCgroup::resolve(&pod_cgroup), lane_id("gray")).unwrap();
+        t.replace_backends(1, lane_id("gray"), &[backend(gray_backend)]).unwrap();
+        t.upsert_frontend(&frontend_key(vip, Proto::Tcp), Service { svc_id: 1, flags: 0 }).unwrap();
+    }
+    for a in attempts(&pod_cgroup, &caller_pod.ns, Mode::Tcp, vip, 10) {
+        assert_eq!(a.reply(), "gray-backend");
+    }
+
+    // 3. Restarts adopt the pins while a client connects in a tight loop.
+    let client = LoopClient::start(&pod_cgroup, &caller_pod.ns, vip);
+    for _ in 0..5 {
+        let again = install_in_other_process(&pins.0, root.path());
+        assert_eq!(again, "Adopted");
+    }
+    let summary = client.finish();
+    assert!(summary.ok > 0, "{summary:?}");
+    assert_eq!(summary.failed, 0, "{summary:?}");
+    let dp = Datapath::open(&pins.0).unwrap();
+    assert_eq!(dp.tables().pods().unwrap().len(), 1, "adoption must not flush the maps");
+
+    // 4. A lost link pin (interrupted install) is re-attached; the maps are reused, not emptied.
+    std::fs::remove_file(dp.layout().link("connect4")).unwrap();
+    let healed = install_in_other_process(&pins.0, root.path());
+    assert_eq!(healed, r#"Attached { programs: ["connect4"] }"#);
+    for a in attempts(&pod_cgroup, &caller_pod.ns, Mode::Tcp, vip, 10) {
+        assert_eq!(a.reply(), "gray-backend");
+    }
+
+    // 5. Uninstall detaches: the VIP is no longer rewritten (and is unroutable here).
+    drop(dp);
+    Datapath::uninstall(&pins.0).unwrap();
+    assert!(!pins.0.exists());
+    for a in attempts(&pod_cgroup, &caller_pod.ns, Mode::Tcp, vip, 3) {
+        assert!(matches!(a, Attempt::Err { errno: libc::ENETUNREACH, .. }), "{a:?}");
+    }
+}
+
+#[test]
+fn install_refuses_a_directory_outside_bpffs_and_a_missing_cgroup() {
+    require_root();
+    ensure_bpffs();
+    let root = TestCgroup::new(&unique_name("root"));
+    let not_bpffs = std::env::temp_dir().join(unique_name("pins"));
+    let err = Datapath::install(&not_bpffs, root.path()).unwrap_err();
+    assert!(err.to_string().contains("not on a bpf filesystem"), "{err}");
+    assert!(!not_bpffs.exists(), "nothing may be created on refusal");
+
+    let pins = PinDir(Path::new(BPFFS).join(unique_name("pins")));
+    let err = Datapath::install(&pins.0, Path::new("/sys/fs/cgroup/unified/tgt-does-not-exist")).unwrap_err();
+    assert!(err.to_string().contains("tgt-does-not-exist"), "{err}");
+    assert!(!pins.0.exists(), "nothing may be pinned when the cgroup is missing");
+}
