@@ -23,9 +23,16 @@ pub const MAP_COUNTERS: &str = "TAGGER_CNT_V1";
 pub const MAP_SVC_STATS: &str = "TAGGER_SSTAT_V1";
 /// Array of one [`DatapathConfig`].
 pub const MAP_CONFIG: &str = "TAGGER_CFG_V1";
+/// Pod cgroup id (`u64`) → [`PodMeta`]: names the agent publishes for operators (not read by
+/// the programs).
+pub const MAP_POD_META: &str = "TAGGER_PMETA_V1";
+/// [`Service::svc_id`] (`u32`) → [`ServiceMeta`] (not read by the programs).
+pub const MAP_SERVICE_META: &str = "TAGGER_SMETA_V1";
+/// Lane id (`u32`) → [`LaneName`] (not read by the programs).
+pub const MAP_LANE_NAMES: &str = "TAGGER_LNAME_V1";
 
 /// Every map the datapath pins, in a fixed order (used for pin management and `status`).
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 12] = [
     MAP_PODS,
     MAP_FRONTENDS,
     MAP_BACKEND_SETS,
@@ -35,6 +42,9 @@ pub const ALL_MAPS: [&str; 9] = [
     MAP_COUNTERS,
     MAP_SVC_STATS,
     MAP_CONFIG,
+    MAP_POD_META,
+    MAP_SERVICE_META,
+    MAP_LANE_NAMES,
 ];
 
 /// Pod cgroups registered on one node.
@@ -248,6 +258,61 @@ pub struct DatapathConfig {
     pub _pad: u32,
 }
 
+/// Length of the name fields of the metadata maps; longer names are truncated.
+pub const META_NAME_LEN: usize = 64;
+
+/// Names of a pod, for operators.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodMeta {
+    /// Namespace, UTF-8, NUL-padded.
+    pub namespace: [u8; META_NAME_LEN],
+    /// Pod name, UTF-8, NUL-padded (truncated past 64 bytes).
+    pub name: [u8; META_NAME_LEN],
+}
+
+/// Names of a Service frontend, for operators.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceMeta {
+    /// Namespace, UTF-8, NUL-padded.
+    pub namespace: [u8; META_NAME_LEN],
+    /// Service name, UTF-8, NUL-padded.
+    pub name: [u8; META_NAME_LEN],
+    /// Service port name (may be empty), UTF-8, NUL-padded.
+    pub port_name: [u8; META_NAME_LEN],
+}
+
+/// A lane's name (label values are at most 63 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaneName {
+    /// UTF-8, NUL-padded.
+    pub name: [u8; META_NAME_LEN],
+}
+
+/// Encodes a string into a NUL-padded field, truncating at a character boundary.
+#[must_use]
+pub fn name_field(s: &str) -> [u8; META_NAME_LEN] {
+    let mut out = [0u8; META_NAME_LEN];
+    let mut end = s.len().min(META_NAME_LEN);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    out[..end].copy_from_slice(&s.as_bytes()[..end]);
+    out
+}
+
+/// Decodes a NUL-padded field (invalid UTF-8 is cut at the first bad byte).
+#[must_use]
+pub fn field_str(field: &[u8; META_NAME_LEN]) -> &str {
+    let len = field.iter().position(|&b| b == 0).unwrap_or(META_NAME_LEN);
+    match core::str::from_utf8(&field[..len]) {
+        Ok(s) => s,
+        Err(e) => core::str::from_utf8(&field[..e.valid_up_to()]).unwrap_or(""),
+    }
+}
+
 /// Why a hook invocation ended as it did. Indexes [`MAP_COUNTERS`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -327,6 +392,9 @@ mod pod_impls {
     unsafe impl aya::Pod for super::RevNatValue {}
     unsafe impl aya::Pod for super::StatKey {}
     unsafe impl aya::Pod for super::DatapathConfig {}
+    unsafe impl aya::Pod for super::PodMeta {}
+    unsafe impl aya::Pod for super::ServiceMeta {}
+    unsafe impl aya::Pod for super::LaneName {}
 }
 
 #[cfg(test)]
@@ -349,6 +417,15 @@ mod tests {
         assert_eq!(size_of::<RevNatValue>(), 24);
         assert_eq!(size_of::<StatKey>(), 16);
         assert_eq!(size_of::<DatapathConfig>(), 16);
+    }
+
+    #[test]
+    fn name_fields_round_trip_and_truncate_on_char_boundaries() {
+        assert_eq!(field_str(&name_field("gray")), "gray");
+        assert_eq!(field_str(&name_field("")), "");
+        let long = "é".repeat(40); // 80 bytes
+        let f = name_field(&long);
+        assert_eq!(field_str(&f), "é".repeat(32));
     }
 
     #[test]

@@ -6,9 +6,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray},
 };
 use tagger_common::{
-    BPF_F_NO_PREALLOC, Backend, BackendSet, DatapathConfig, FrontendKey, LanePolicy, LaneTables,
+    BPF_F_NO_PREALLOC, Backend, BackendSet, DatapathConfig, FrontendKey, LaneName, LanePolicy, LaneTables,
     MAX_BACKEND_SETS, MAX_BACKEND_SLOTS, MAX_FRONTENDS, MAX_LANES, MAX_PODS, MAX_REVNAT, MAX_SVC_STATS,
-    OUTCOME_SLOTS, Outcome, PodEntry, RevNatKey, RevNatValue, Service, SetKey, SlotKey, StatKey,
+    OUTCOME_SLOTS, Outcome, PodEntry, PodMeta, RevNatKey, RevNatValue, Service, ServiceMeta, SetKey, SlotKey,
+    StatKey,
 };
 
 #[map(name = "TAGGER_PODS_V1")]
@@ -40,6 +41,18 @@ pub static SVC_STATS: LruPerCpuHashMap<StatKey, u64> = LruPerCpuHashMap::with_ma
 
 #[map(name = "TAGGER_CFG_V1")]
 pub static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
+
+// Metadata for operators: written by the agent, read by the CLI, never by the programs. They
+// live in the object so that they are created, pinned and versioned with the rest.
+#[map(name = "TAGGER_PMETA_V1")]
+pub static POD_META: HashMap<u64, PodMeta> = HashMap::with_max_entries(MAX_PODS, BPF_F_NO_PREALLOC);
+
+#[map(name = "TAGGER_SMETA_V1")]
+pub static SERVICE_META: HashMap<u32, ServiceMeta> =
+    HashMap::with_max_entries(MAX_FRONTENDS, BPF_F_NO_PREALLOC);
+
+#[map(name = "TAGGER_LNAME_V1")]
+pub static LANE_NAMES: HashMap<u32, LaneName> = HashMap::with_max_entries(MAX_LANES, BPF_F_NO_PREALLOC);
 
 /// [`LaneTables`] over the live maps.
 pub struct Tables;

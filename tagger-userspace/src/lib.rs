@@ -1,10 +1,16 @@
 //! tagger's userspace: the typed API over the pinned datapath (used by the agent and the CLI),
 //! cgroup discovery, and the pure parts of lane handling.
 
+pub mod agent;
 pub mod cgroup;
 pub mod datapath;
 pub mod error;
 pub mod fs;
+pub mod labels;
+pub mod lanes_config;
+pub mod model;
 pub mod net;
+pub mod reconcile;
+pub mod source;
 
 pub use error::{Error, Result};

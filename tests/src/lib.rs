@@ -5,9 +5,11 @@
 //! Everything a test creates carries the prefix [`PREFIX`], so `cargo xtask test` can remove
 //! leftovers of a crashed run before it starts.
 
+pub mod agent;
 pub mod backend;
 pub mod cgroup;
 pub mod client;
+pub mod cluster;
 pub mod datapath;
 pub mod netns;
 pub mod scenario;

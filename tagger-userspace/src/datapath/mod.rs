@@ -26,7 +26,7 @@ use aya::{
     EbpfLoader,
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
-pub use tables::{CounterSnapshot, ServiceStat, Tables};
+pub use tables::{Access, CounterSnapshot, ServiceStat, Tables};
 use tagger_common::ALL_MAPS;
 
 use crate::{
@@ -142,8 +142,18 @@ impl Datapath {
 
     /// Opens an installed datapath's pinned maps for reading and writing.
     pub fn open(bpffs_dir: &Path) -> Result<Self> {
+        Self::open_with(bpffs_dir, Access::ReadWrite)
+    }
+
+    /// Opens the pinned maps read-only (`BPF_F_RDONLY`): the kernel refuses any write through
+    /// them, so an inspecting tool can never change the datapath.
+    pub fn open_read_only(bpffs_dir: &Path) -> Result<Self> {
+        Self::open_with(bpffs_dir, Access::ReadOnly)
+    }
+
+    fn open_with(bpffs_dir: &Path, access: Access) -> Result<Self> {
         let layout = PinLayout::new(bpffs_dir);
-        let tables = Tables::open(&layout)?;
+        let tables = Tables::open(&layout, access)?;
         Ok(Self { layout, tables })
     }
 

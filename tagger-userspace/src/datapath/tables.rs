@@ -4,10 +4,11 @@ use std::{collections::BTreeMap, fmt};
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap};
 use tagger_common::{
-    BASE_LANE, Backend, BackendSet, DatapathConfig, FrontendKey, LanePolicy, LaneTables, MAP_BACKEND_SETS,
-    MAP_BACKEND_SLOTS, MAP_CONFIG, MAP_COUNTERS, MAP_FRONTENDS, MAP_LANES, MAP_PODS, MAP_REVNAT,
-    MAP_SVC_STATS, MAX_BACKEND_SETS, MAX_BACKENDS, MAX_CGROUP_LEVEL, MAX_FRONTENDS, MAX_LANES, MAX_PODS,
-    Outcome, PodEntry, RevNatKey, RevNatValue, Service, SetKey, SlotKey, StatKey,
+    BASE_LANE, Backend, BackendSet, DatapathConfig, FrontendKey, LaneName, LanePolicy, LaneTables,
+    MAP_BACKEND_SETS, MAP_BACKEND_SLOTS, MAP_CONFIG, MAP_COUNTERS, MAP_FRONTENDS, MAP_LANE_NAMES, MAP_LANES,
+    MAP_POD_META, MAP_PODS, MAP_REVNAT, MAP_SERVICE_META, MAP_SVC_STATS, MAX_BACKEND_SETS, MAX_BACKENDS,
+    MAX_CGROUP_LEVEL, MAX_FRONTENDS, MAX_LANES, MAX_PODS, Outcome, PodEntry, PodMeta, RevNatKey, RevNatValue,
+    Service, ServiceMeta, SetKey, SlotKey, StatKey, field_str, name_field,
 };
 
 use super::PinLayout;
@@ -24,6 +25,19 @@ pub struct Tables {
     counters: PerCpuArray<MapData, u64>,
     svc_stats: PerCpuHashMap<MapData, StatKey, u64>,
     config: Array<MapData, DatapathConfig>,
+    pod_meta: HashMap<MapData, u64, PodMeta>,
+    service_meta: HashMap<MapData, u32, ServiceMeta>,
+    lane_names: HashMap<MapData, u32, LaneName>,
+}
+
+/// How the maps are opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Read and write (the agent).
+    ReadWrite,
+    /// Read only: the file descriptors are opened with `BPF_F_RDONLY`, so the kernel refuses
+    /// every write through them (the CLI).
+    ReadOnly,
 }
 
 impl fmt::Debug for Tables {
@@ -56,16 +70,49 @@ pub struct ServiceStat {
     pub count: u64,
 }
 
-fn open_map(layout: &PinLayout, name: &'static str) -> Result<Map> {
+fn open_map(layout: &PinLayout, name: &'static str, access: Access) -> Result<Map> {
     let path = layout.map(name);
-    let data =
-        MapData::from_pin(&path).map_err(|e| Error::OpenMap { path: path.clone(), source: Box::new(e) })?;
+    let open_err = |e| Error::OpenMap { path: path.clone(), source: Box::new(e) };
+    let data = match access {
+        Access::ReadWrite => MapData::from_pin(&path).map_err(open_err)?,
+        Access::ReadOnly => MapData::from_fd(obj_get_read_only(&path)?).map_err(open_err)?,
+    };
     Map::from_map_data(data).map_err(|e| Error::OpenMap { path, source: Box::new(e) })
 }
 
+/// `BPF_OBJ_GET` with `BPF_F_RDONLY` (aya opens pins read-write only).
+fn obj_get_read_only(path: &std::path::Path) -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_F_RDONLY: u32 = 1 << 3;
+    #[repr(C)]
+    struct ObjGetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+    }
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| Error::Invalid {
+        what: "pin path",
+        reason: format!("{} contains NUL", path.display()),
+    })?;
+    let attr = ObjGetAttr { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: BPF_F_RDONLY, path_fd: 0 };
+    // SAFETY: the bpf syscall reads `attr` (valid for its size) and the NUL-terminated path it
+    // points to, both alive for the call.
+    let fd = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &raw const attr, std::mem::size_of::<ObjGetAttr>())
+    };
+    if fd < 0 {
+        return Err(Error::io(path, std::io::Error::last_os_error()));
+    }
+    let fd = i32::try_from(fd).map_err(|_| Error::io(path, std::io::Error::other("fd out of range")))?;
+    // SAFETY: the kernel just returned this new file descriptor; we own it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
 macro_rules! open_typed {
-    ($layout:expr, $name:expr) => {{
-        let map = open_map($layout, $name)?;
+    ($layout:expr, $name:expr, $access:expr) => {{
+        let map = open_map($layout, $name, $access)?;
         map.try_into().map_err(|e| Error::OpenMap { path: $layout.map($name), source: Box::new(e) })?
     }};
 }
@@ -105,18 +152,130 @@ fn get_opt<V>(r: Result<V, MapError>) -> Result<Option<V>, MapError> {
 
 impl Tables {
     /// Opens every map from its pin.
-    pub fn open(layout: &PinLayout) -> Result<Self> {
+    pub fn open(layout: &PinLayout, access: Access) -> Result<Self> {
         Ok(Self {
-            pods: open_typed!(layout, MAP_PODS),
-            frontends: open_typed!(layout, MAP_FRONTENDS),
-            sets: open_typed!(layout, MAP_BACKEND_SETS),
-            slots: open_typed!(layout, MAP_BACKEND_SLOTS),
-            lanes: open_typed!(layout, MAP_LANES),
-            revnat: open_typed!(layout, MAP_REVNAT),
-            counters: open_typed!(layout, MAP_COUNTERS),
-            svc_stats: open_typed!(layout, MAP_SVC_STATS),
-            config: open_typed!(layout, MAP_CONFIG),
+            pods: open_typed!(layout, MAP_PODS, access),
+            frontends: open_typed!(layout, MAP_FRONTENDS, access),
+            sets: open_typed!(layout, MAP_BACKEND_SETS, access),
+            slots: open_typed!(layout, MAP_BACKEND_SLOTS, access),
+            lanes: open_typed!(layout, MAP_LANES, access),
+            revnat: open_typed!(layout, MAP_REVNAT, access),
+            counters: open_typed!(layout, MAP_COUNTERS, access),
+            svc_stats: open_typed!(layout, MAP_SVC_STATS, access),
+            config: open_typed!(layout, MAP_CONFIG, access),
+            pod_meta: open_typed!(layout, MAP_POD_META, access),
+            service_meta: open_typed!(layout, MAP_SERVICE_META, access),
+            lane_names: open_typed!(layout, MAP_LANE_NAMES, access),
         })
+    }
+
+    // ---- metadata for operators ---------------------------------------------------------------
+
+    /// Publishes a pod's namespace and name.
+    pub fn set_pod_meta(&mut self, cgroup_id: u64, namespace: &str, name: &str) -> Result<()> {
+        let meta = PodMeta { namespace: name_field(namespace), name: name_field(name) };
+        self.pod_meta.insert(cgroup_id, meta, 0).map_err(map_err(MAP_POD_META, "insert", cgroup_id))
+    }
+
+    /// Removes a pod's names.
+    pub fn remove_pod_meta(&mut self, cgroup_id: u64) -> Result<()> {
+        ignore_not_found(self.pod_meta.remove(&cgroup_id)).map_err(map_err(MAP_POD_META, "remove", cgroup_id))
+    }
+
+    /// Published pod names: cgroup id → (namespace, name).
+    pub fn pod_meta(&self) -> Result<BTreeMap<u64, (String, String)>> {
+        self.pod_meta
+            .iter()
+            .map(|r| {
+                r.map(|(k, m)| (k, (field_str(&m.namespace).to_owned(), field_str(&m.name).to_owned())))
+                    .map_err(map_err(MAP_POD_META, "iterate", ()))
+            })
+            .collect()
+    }
+
+    /// Publishes a frontend's Service names.
+    pub fn set_service_meta(
+        &mut self,
+        svc_id: u32,
+        namespace: &str,
+        name: &str,
+        port_name: &str,
+    ) -> Result<()> {
+        let meta = ServiceMeta {
+            namespace: name_field(namespace),
+            name: name_field(name),
+            port_name: name_field(port_name),
+        };
+        self.service_meta.insert(svc_id, meta, 0).map_err(map_err(MAP_SERVICE_META, "insert", svc_id))
+    }
+
+    /// Removes a frontend's names.
+    pub fn remove_service_meta(&mut self, svc_id: u32) -> Result<()> {
+        ignore_not_found(self.service_meta.remove(&svc_id)).map_err(map_err(
+            MAP_SERVICE_META,
+            "remove",
+            svc_id,
+        ))
+    }
+
+    /// Published Service names: svc_id → (namespace, name, port name).
+    pub fn service_meta(&self) -> Result<BTreeMap<u32, (String, String, String)>> {
+        self.service_meta
+            .iter()
+            .map(|r| {
+                r.map(|(k, m)| {
+                    (
+                        k,
+                        (
+                            field_str(&m.namespace).to_owned(),
+                            field_str(&m.name).to_owned(),
+                            field_str(&m.port_name).to_owned(),
+                        ),
+                    )
+                })
+                .map_err(map_err(MAP_SERVICE_META, "iterate", ()))
+            })
+            .collect()
+    }
+
+    /// Publishes a lane's name.
+    pub fn set_lane_name(&mut self, lane: u32, name: &str) -> Result<()> {
+        self.lane_names.insert(lane, LaneName { name: name_field(name) }, 0).map_err(map_err(
+            MAP_LANE_NAMES,
+            "insert",
+            lane,
+        ))
+    }
+
+    /// Published lane names.
+    pub fn lane_names(&self) -> Result<BTreeMap<u32, String>> {
+        self.lane_names
+            .iter()
+            .map(|r| {
+                r.map(|(k, n)| (k, field_str(&n.name).to_owned())).map_err(map_err(
+                    MAP_LANE_NAMES,
+                    "iterate",
+                    (),
+                ))
+            })
+            .collect()
+    }
+
+    /// Entries and capacity of every map, for `tagger status` (per-CPU and array maps report
+    /// their fixed size).
+    pub fn fill(&self) -> Vec<(&'static str, usize, u32)> {
+        vec![
+            (MAP_PODS, self.pods.keys().count(), tagger_common::MAX_PODS),
+            (MAP_FRONTENDS, self.frontends.keys().count(), MAX_FRONTENDS),
+            (MAP_BACKEND_SETS, self.sets.keys().count(), MAX_BACKEND_SETS),
+            (MAP_BACKEND_SLOTS, self.slots.keys().count(), tagger_common::MAX_BACKEND_SLOTS),
+            (MAP_LANES, self.lanes.keys().count(), MAX_LANES),
+            (MAP_REVNAT, self.revnat.keys().count(), tagger_common::MAX_REVNAT),
+            (MAP_SVC_STATS, self.svc_stats.keys().count(), tagger_common::MAX_SVC_STATS),
+            (MAP_POD_META, self.pod_meta.keys().count(), tagger_common::MAX_PODS),
+            (MAP_SERVICE_META, self.service_meta.keys().count(), MAX_FRONTENDS),
+            (MAP_LANE_NAMES, self.lane_names.keys().count(), MAX_LANES),
+        ]
     }
 
     // ---- pods -------------------------------------------------------------------------------

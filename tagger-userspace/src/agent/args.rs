@@ -1,0 +1,160 @@
+//! The agent's command line (the user contract: keep these names).
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use anyhow::{Result, bail};
+
+use crate::labels::{DEFAULT_LANE_LABELS, validate_label_key};
+
+/// Where the agent learns about pods, Services and EndpointSlices.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The Kubernetes API: in-cluster config or `KUBECONFIG`.
+    Kubernetes,
+    /// A YAML file of Kubernetes objects, re-read when it changes.
+    File(PathBuf),
+}
+
+impl FromStr for Source {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "kubernetes" {
+            Ok(Source::Kubernetes)
+        } else if let Some(path) = s.strip_prefix("file:") {
+            if path.is_empty() {
+                Err("file: needs a path, e.g. file:/etc/tagger/cluster.yaml".into())
+            } else {
+                Ok(Source::File(PathBuf::from(path)))
+            }
+        } else {
+            Err(format!("unknown source {s:?}: expected `kubernetes` or `file:PATH`"))
+        }
+    }
+}
+
+/// `tagger-agent`: steer each pod's new connections to Services toward backends of its lane.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(name = "tagger-agent", version, about, long_about = None)]
+pub struct Args {
+    /// `kubernetes` (in-cluster config or KUBECONFIG) or `file:PATH` (a YAML file of Pods,
+    /// Services and EndpointSlices, as `kubectl get -o yaml` prints them; re-read on change).
+    #[arg(long, default_value = "kubernetes", value_parser = Source::from_str)]
+    pub source: Source,
+
+    /// This node's name: pods with `spec.nodeName` equal to it are the local pods.
+    #[arg(long, env = "NODE_NAME", required_unless_present = "uninstall")]
+    pub node_name: Option<String>,
+
+    /// The cgroup v2 directory where kubelet's pod cgroups live (kubepods.slice or kubepods
+    /// below it); the datapath attaches here.
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    pub cgroup_root: PathBuf,
+
+    /// bpffs directory for the pinned maps and links.
+    #[arg(long, default_value = "/sys/fs/bpf/tagger")]
+    pub bpffs: PathBuf,
+
+    /// Lanes config (fallback chains, strict lanes), YAML; reloaded when it changes.
+    #[arg(long)]
+    pub lanes_config: Option<PathBuf>,
+
+    /// Pod label keys holding the lane, first present wins (repeatable). Default:
+    /// tagger.io/lane, alicloud.service.tag, traffic.opensergo.io/label.
+    #[arg(long = "lane-label", value_name = "KEY")]
+    pub lane_labels: Vec<String>,
+
+    /// Address for /metrics, /healthz and /readyz (e.g. 0.0.0.0:9477).
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+
+    /// Detach the programs and remove every pin under --bpffs, then exit.
+    #[arg(long)]
+    pub uninstall: bool,
+}
+
+/// Validated settings the reconciler works with.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// This node.
+    pub node_name: String,
+    /// Where pod cgroups live.
+    pub cgroup_root: PathBuf,
+    /// Lane label keys, in priority order.
+    pub lane_keys: Vec<String>,
+}
+
+impl Args {
+    /// Checks what can be checked before touching anything.
+    pub fn validate(&self) -> Result<AgentConfig> {
+        let Some(node_name) = self.node_name.clone().filter(|n| !n.is_empty()) else {
+            bail!("--node-name (or NODE_NAME) is required");
+        };
+        let lane_keys: Vec<String> = if self.lane_labels.is_empty() {
+            DEFAULT_LANE_LABELS.iter().map(|k| (*k).to_owned()).collect()
+        } else {
+            self.lane_labels.clone()
+        };
+        for key in &lane_keys {
+            if let Err(e) = validate_label_key(key) {
+                bail!("--lane-label {key:?}: {e}");
+            }
+        }
+        if !Path::new(&self.cgroup_root).is_dir() {
+            bail!(
+                "--cgroup-root {}: no such directory (is cgroup v2 mounted there?)",
+                self.cgroup_root.display()
+            );
+        }
+        if let Source::File(path) = &self.source
+            && !path.exists()
+        {
+            bail!("--source file:{}: no such file", path.display());
+        }
+        Ok(AgentConfig { node_name, cgroup_root: self.cgroup_root.clone(), lane_keys })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[test]
+    fn parses_sources() {
+        assert_eq!("kubernetes".parse::<Source>(), Ok(Source::Kubernetes));
+        assert_eq!("file:/x.yaml".parse::<Source>(), Ok(Source::File("/x.yaml".into())));
+        assert!("file:".parse::<Source>().is_err());
+        assert!("k8s".parse::<Source>().unwrap_err().contains("kubernetes"));
+    }
+
+    #[test]
+    fn flags_and_validation() {
+        let a = Args::try_parse_from([
+            "tagger-agent",
+            "--node-name",
+            "n1",
+            "--lane-label",
+            "a/b",
+            "--lane-label",
+            "c",
+        ])
+        .unwrap();
+        assert_eq!(a.lane_labels, ["a/b", "c"]);
+        assert_eq!(a.source, Source::Kubernetes);
+        let bad =
+            Args::try_parse_from(["tagger-agent", "--node-name", "n1", "--lane-label", "no spaces allowed"])
+                .unwrap();
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("--lane-label"), "{e}");
+        let missing =
+            Args::try_parse_from(["tagger-agent", "--node-name", "n1", "--cgroup-root", "/nonexistent/x"])
+                .unwrap();
+        assert!(missing.validate().unwrap_err().to_string().contains("--cgroup-root"));
+        assert!(Args::try_parse_from(["tagger-agent", "--uninstall"]).is_ok());
+    }
+}

@@ -1,0 +1,158 @@
+//! `tagger-agent`, the node daemon: installs (or adopts) the pinned datapath on the cgroup root,
+//! watches its source (the Kubernetes API or a YAML file) and the lanes config, and keeps the
+//! maps equal to what they describe.
+//!
+//! Threads: a tokio runtime drives the sources (kube-rs watchers or file pollers); one reconciler
+//! thread owns the maps and applies the difference whenever a source signals a change. Stopping
+//! (SIGTERM, SIGINT) leaves the datapath attached and filled.
+
+mod args;
+mod inputs;
+mod kube_source;
+mod poll;
+mod publish;
+mod reconciler;
+mod status;
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::{Context as _, Result};
+pub use args::{Args, Source};
+pub use inputs::{Inputs, InputsHandle};
+pub use reconciler::{ReconcileReport, Reconciler};
+pub use status::AgentStatus;
+use tracing::{error, info, warn};
+
+use crate::{datapath::Datapath, lanes_config::LanesConfig};
+
+/// What wakes the reconciler.
+#[derive(Debug)]
+pub enum Wake {
+    /// A source or the lanes config changed.
+    Changed,
+    /// Stop: leave the datapath as it is.
+    Stop,
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub fn run(args: &Args) -> Result<()> {
+    if args.uninstall {
+        Datapath::uninstall(&args.bpffs).with_context(|| format!("uninstalling {}", args.bpffs.display()))?;
+        info!(bpffs = %args.bpffs.display(), "uninstalled: links detached, pins removed");
+        return Ok(());
+    }
+    let config = args.validate()?;
+    let lanes = match &args.lanes_config {
+        Some(path) => load_lanes(path)?,
+        None => LanesConfig::default(),
+    };
+    let (datapath, installed) = Datapath::install(&args.bpffs, &config.cgroup_root)
+        .with_context(|| format!("installing the datapath on {}", config.cgroup_root.display()))?;
+    info!(?installed, bpffs = %args.bpffs.display(), cgroup_root = %config.cgroup_root.display(), "datapath ready");
+
+    let status = Arc::new(AgentStatus::default());
+    let lanes = Arc::new(std::sync::Mutex::new(lanes));
+    let (wake_tx, wake_rx) = std::sync::mpsc::channel::<Wake>();
+    let mut reconciler = Reconciler::new(datapath, config.clone(), Arc::clone(&status))?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("tagger-io")
+        .build()
+        .context("starting the tokio runtime")?;
+    let mut reconciler_thread = None;
+    let result: Result<()> = runtime.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        let handle = match &args.source {
+            Source::File(path) => {
+                let shared = Arc::new(std::sync::Mutex::new(Inputs::default()));
+                tasks.spawn(poll::watch_source_file(
+                    path.clone(),
+                    config.node_name.clone(),
+                    Arc::clone(&shared),
+                    wake_tx.clone(),
+                    Arc::clone(&status),
+                ));
+                InputsHandle::Shared(shared)
+            }
+            Source::Kubernetes => {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+                InputsHandle::Kube(kube_source::spawn(
+                    &mut tasks,
+                    client,
+                    &config.node_name,
+                    &wake_tx,
+                    &status,
+                ))
+            }
+        };
+        let reconciler_lanes = Arc::clone(&lanes);
+        reconciler_thread = Some(
+            std::thread::Builder::new()
+                .name("reconciler".into())
+                .spawn(move || reconciler.run(&wake_rx, &handle, &reconciler_lanes))
+                .context("spawning the reconciler")?,
+        );
+        if let Some(path) = &args.lanes_config {
+            tasks.spawn(poll::watch_lanes_config(
+                path.clone(),
+                Arc::clone(&lanes),
+                wake_tx.clone(),
+                Arc::clone(&status),
+            ));
+        }
+        if let Some(addr) = args.metrics_addr {
+            tasks.spawn(status::serve(addr, Arc::clone(&status)));
+        }
+        shutdown_signal().await;
+        info!("stopping; the datapath stays attached with its last state");
+        tasks.abort_all();
+        Ok(())
+    });
+    let _ = wake_tx.send(Wake::Stop);
+    if let Some(t) = reconciler_thread
+        && t.join().is_err()
+    {
+        error!("the reconciler thread panicked");
+    }
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+fn load_lanes(path: &std::path::Path) -> Result<LanesConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading lanes config {}", path.display()))?;
+    LanesConfig::parse(&text).with_context(|| format!("lanes config {}", path.display()))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("cannot listen for SIGTERM: {e}");
+            std::future::pending::<()>().await;
+            unreachable!()
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Structured logs on stderr; `RUST_LOG` filters (default `info`), `TAGGER_LOG_FORMAT=json`
+/// switches to JSON lines.
+pub fn init_logging() {
+    use tracing_subscriber::{EnvFilter, fmt};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("TAGGER_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,95 @@
+//! The model: from Kubernetes objects to the datapath contents they call for, as pure
+//! functions — no kernel, no network, no API calls — so every rule is unit-tested and the
+//! reconciler ([`crate::reconcile`]) only has to diff.
+//!
+//! - [`services`]: Services and EndpointSlices (plus the lane labels of backend pods) → Service
+//!   frontends and per-lane backend sets.
+//! - [`pods`]: the pods of this node → their lanes, and where kubelet puts their cgroups.
+//! - [`ids`]: stable `svc_id`s for frontends.
+//! - [`warnings`]: what was skipped or corrected, counted by kind.
+//!
+//! The I/O around it (watching, reading files, finding which cgroup exists) belongs to the
+//! agent; its outputs are the inputs here.
+
+pub mod ids;
+pub mod pods;
+pub mod services;
+#[cfg(test)]
+pub(crate) mod testing;
+pub mod warnings;
+
+use std::{collections::BTreeMap, fmt};
+
+use k8s_openapi::{
+    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+
+pub use self::{
+    ids::FrontendIds,
+    pods::{DesiredPod, DesiredPods, LocalPod, QosClass, desired_pods, pod_cgroup_candidates, pod_entries},
+    services::{
+        DesiredServices, FrontendOrigin, Limits, MAX_SET_SIZE, desired_services, desired_services_within,
+    },
+    warnings::{WarningKind, Warnings},
+};
+
+/// A namespaced object's identity. Orders by namespace, then name, which is the order in
+/// which every deterministic choice of the model is made.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectRef {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl ObjectRef {
+    /// A reference from its parts.
+    #[must_use]
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self { namespace: namespace.into(), name: name.into() }
+    }
+
+    /// The reference of an object from its metadata; `None` without a name. A missing
+    /// namespace is `default`, as kubectl does for files that omit it.
+    #[must_use]
+    pub fn of(meta: &ObjectMeta) -> Option<Self> {
+        let name = meta.name.as_ref()?;
+        Some(Self::new(meta.namespace.as_deref().unwrap_or("default"), name.clone()))
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// What the agent knows of the cluster, as the watchers' stores hold it.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterState {
+    /// Every Service.
+    pub services: BTreeMap<ObjectRef, Service>,
+    /// Every EndpointSlice.
+    pub slices: BTreeMap<ObjectRef, EndpointSlice>,
+    /// Labels of backend pods cluster-wide (from a metadata-only watch): the lanes of
+    /// endpoints.
+    pub pod_labels: BTreeMap<ObjectRef, BTreeMap<String, String>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_ref_from_meta() {
+        let meta =
+            ObjectMeta { name: Some("web".into()), namespace: Some("shop".into()), ..ObjectMeta::default() };
+        assert_eq!(ObjectRef::of(&meta), Some(ObjectRef::new("shop", "web")));
+        let meta = ObjectMeta { name: Some("web".into()), ..ObjectMeta::default() };
+        assert_eq!(ObjectRef::of(&meta).unwrap().to_string(), "default/web");
+        assert_eq!(ObjectRef::of(&ObjectMeta::default()), None);
+        assert!(ObjectRef::new("a", "z") < ObjectRef::new("b", "a"));
+    }
+}

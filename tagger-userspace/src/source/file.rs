@@ -1,0 +1,233 @@
+//! The file source: a YAML file of ordinary Kubernetes objects (Pod, Service, EndpointSlice), as
+//! `kubectl get -o yaml` prints them (a `kind: List` with `items`) or as several `---`
+//! documents, or both. Standalone mode for demos, tests and nodes outside Kubernetes.
+//!
+//! A file that does not parse, or holds a Pod/Service/EndpointSlice that does not decode, is
+//! rejected whole with an error naming the document and object: the caller keeps its previous
+//! snapshot, so nothing already applied is lost to a half-written file. Other kinds are ignored
+//! and counted.
+
+use std::{collections::BTreeMap, fmt};
+
+use k8s_openapi::api::{core::v1::Pod, core::v1::Service, discovery::v1::EndpointSlice};
+use serde::Deserialize as _;
+
+/// The objects of one file.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// Every Pod (local ones are those with `spec.nodeName` equal to the node's name).
+    pub pods: Vec<Pod>,
+    /// Every Service.
+    pub services: Vec<Service>,
+    /// Every EndpointSlice.
+    pub slices: Vec<EndpointSlice>,
+    /// Objects of other kinds, by kind (ignored).
+    pub ignored_kinds: BTreeMap<String, u64>,
+}
+
+/// Why a file was rejected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseError {
+    /// 1-based document number in the file.
+    pub document: usize,
+    /// What went wrong, naming the object when known.
+    pub message: String,
+}
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "document {}: {}", self.document, self.message)
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+/// Files larger than this are refused (API input must not make memory unbounded).
+pub const MAX_FILE_BYTES: usize = 256 * 1024 * 1024;
+
+/// Parses a whole file.
+pub fn parse(text: &str) -> Result<Snapshot, ParseError> {
+    if text.len() > MAX_FILE_BYTES {
+        return Err(ParseError {
+            document: 0,
+            message: format!("file of {} bytes exceeds the {MAX_FILE_BYTES}-byte limit", text.len()),
+        });
+    }
+    let mut snap = Snapshot::default();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let document = i + 1;
+        let value = serde_json::Value::deserialize(doc)
+            .map_err(|e| ParseError { document, message: format!("not valid YAML: {e}") })?;
+        add_value(&mut snap, value, document)?;
+    }
+    Ok(snap)
+}
+
+fn add_value(snap: &mut Snapshot, value: serde_json::Value, document: usize) -> Result<(), ParseError> {
+    let err = |message: String| ParseError { document, message };
+    match value {
+        serde_json::Value::Null => Ok(()),
+        serde_json::Value::Object(ref map) => {
+            let kind = map.get("kind").and_then(serde_json::Value::as_str).unwrap_or("").to_owned();
+            let name = object_name(&value);
+            match kind.as_str() {
+                "List" | "PodList" | "ServiceList" | "EndpointSliceList" => {
+                    let serde_json::Value::Object(mut map) = value else { unreachable!() };
+                    match map.remove("items") {
+                        Some(serde_json::Value::Array(items)) => {
+                            for item in items {
+                                add_value(snap, item, document)?;
+                            }
+                            Ok(())
+                        }
+                        None | Some(serde_json::Value::Null) => Ok(()),
+                        Some(_) => Err(err(format!("{kind}: items is not a list"))),
+                    }
+                }
+                "Pod" => {
+                    snap.pods.push(decode(value, &kind, &name).map_err(err)?);
+                    Ok(())
+                }
+                "Service" => {
+                    snap.services.push(decode(value, &kind, &name).map_err(err)?);
+                    Ok(())
+                }
+                "EndpointSlice" => {
+                    snap.slices.push(decode(value, &kind, &name).map_err(err)?);
+                    Ok(())
+                }
+                "" => Err(err(format!("object {name} has no kind"))),
+                other => {
+                    *snap.ignored_kinds.entry(other.to_owned()).or_default() += 1;
+                    Ok(())
+                }
+            }
+        }
+        other => Err(err(format!("expected a Kubernetes object, found {}", json_type(&other)))),
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(
+    value: serde_json::Value,
+    kind: &str,
+    name: &str,
+) -> Result<T, String> {
+    serde_json::from_value(value).map_err(|e| format!("{kind} {name}: {e}"))
+}
+
+fn object_name(value: &serde_json::Value) -> String {
+    let meta = value.get("metadata");
+    let get = |k: &str| meta.and_then(|m| m.get(k)).and_then(serde_json::Value::as_str);
+    match (get("namespace"), get("name")) {
+        (Some(ns), Some(n)) => format!("{ns}/{n}"),
+        (None, Some(n)) => n.to_owned(),
+        _ => "(unnamed)".to_owned(),
+    }
+}
+
+fn json_type(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "a list",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KUBECTL_LIST: &str = r#"
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Pod
+  metadata:
+    name: gw-gray
+    namespace: demo
+    uid: 0b6f6a8e-1d2c-4c1e-9d5a-3f0e2b1c4d5e
+    labels:
+      tagger.io/lane: gray
+  spec:
+    nodeName: node-1
+    containers:
+    - name: gw
+      image: example
+  status:
+    qosClass: BestEffort
+- apiVersion: v1
+  kind: ConfigMap
+  metadata:
+    name: unrelated
+metadata:
+  resourceVersion: ""
+"#;
+
+    const DOCS: &str = r"
+apiVersion: v1
+kind: Service
+metadata: {name: a, namespace: demo}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, protocol: TCP, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: a-1
+  namespace: demo
+  labels: {kubernetes.io/service-name: a}
+addressType: IPv4
+endpoints:
+- addresses: [10.244.0.5]
+  conditions: {ready: true}
+  targetRef: {kind: Pod, name: a-gray, namespace: demo}
+ports: [{name: http, port: 8080, protocol: TCP}]
+---
+";
+
+    #[test]
+    fn reads_kubectl_lists_and_multi_document_files() {
+        let s = parse(KUBECTL_LIST).unwrap();
+        assert_eq!(s.pods.len(), 1);
+        assert_eq!(s.pods[0].metadata.labels.as_ref().unwrap()["tagger.io/lane"], "gray");
+        assert_eq!(s.ignored_kinds["ConfigMap"], 1);
+        let s = parse(DOCS).unwrap();
+        assert_eq!((s.services.len(), s.slices.len()), (1, 1));
+        assert_eq!(s.slices[0].endpoints[0].addresses, ["10.244.0.5"]);
+        let both = format!("{KUBECTL_LIST}\n---\n{DOCS}");
+        let s = parse(&both).unwrap();
+        assert_eq!((s.pods.len(), s.services.len(), s.slices.len()), (1, 1, 1));
+    }
+
+    #[test]
+    fn empty_files_are_empty_snapshots() {
+        for text in ["", "---\n", "# nothing\n", "---\n---\n"] {
+            let s = parse(text).unwrap();
+            assert!(s.pods.is_empty() && s.services.is_empty() && s.slices.is_empty());
+        }
+    }
+
+    #[test]
+    fn malformed_input_is_rejected_naming_the_document() {
+        let e = parse("kind: Service\nmetadata: {name: a\n").unwrap_err();
+        assert_eq!(e.document, 1);
+        assert!(e.message.contains("not valid YAML"), "{e}");
+
+        let e = parse(&format!(
+            "{DOCS}\n---\nkind: Service\nmetadata: {{name: b, namespace: x}}\nspec: {{ports: 3}}\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.document, 4, "{e}"); // DOCS ends with `---`: an empty third document
+        assert!(e.message.contains("Service x/b"), "{e}");
+
+        let e = parse("- 1\n- 2\n").unwrap_err();
+        assert!(e.message.contains("found a list"), "{e}");
+        let e = parse("metadata: {name: nokind}\n").unwrap_err();
+        assert!(e.message.contains("nokind has no kind"), "{e}");
+    }
+}

@@ -1,0 +1,2 @@
+//! Input sources other than the Kubernetes API.
+pub mod file;

@@ -1,0 +1,338 @@
+//! Agent tests' sandbox: the real `tagger-agent` binary as a child process, a node of netns
+//! pods with kubelet-style cgroups (systemd driver layout), backends, and the described cluster
+//! it is told about (through a YAML file or the fake API server).
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use tagger::datapath::{Datapath, Tables};
+
+use crate::{
+    backend::BackendServer,
+    cgroup::TestCgroup,
+    client::{Attempt, Mode, attempts},
+    cluster::{ClusterDesc, uid_for},
+    datapath::{BPFFS, ensure_bpffs},
+    topology::{Node, Pod},
+    unique_name,
+};
+
+/// The node name every local pod is scheduled on.
+pub const NODE: &str = "node-1";
+/// Port the backends listen on.
+pub const PORT: u16 = 8080;
+
+/// Path of a binary built next to the test executable.
+#[must_use]
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let bin = exe.parent().and_then(Path::parent).expect("target/<profile>").join(name);
+    assert!(
+        bin.exists(),
+        "{} is not built: run the tests with `cargo xtask test` (it builds every binary first)",
+        bin.display()
+    );
+    bin
+}
+
+/// A running `tagger-agent` (our child); SIGKILLed on drop if still running.
+#[derive(Debug)]
+pub struct AgentProcess {
+    child: Child,
+    log: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts the agent with `args`, logging to `log`.
+    #[must_use]
+    pub fn start(args: &[String], envs: &[(&str, String)], log: &Path) -> Self {
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("agent log");
+        let child = Command::new(workspace_bin("tagger-agent"))
+            .args(args)
+            .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("RUST_LOG", "info,tagger=debug")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("log"))
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn tagger-agent");
+        Self { child, log: log.to_owned() }
+    }
+
+    /// The agent's log so far.
+    #[must_use]
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGKILL, as an OOM kill or node pressure would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a graceful exit; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let pid = i32::try_from(self.child.id()).expect("pid");
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        None
+    }
+
+    /// Waits for the agent to exit by itself (e.g. on a startup error); its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Uninstalls a pin directory on drop.
+#[derive(Debug)]
+pub struct PinDir(pub PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = Datapath::uninstall(&self.0);
+    }
+}
+
+/// A temporary directory removed on drop.
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Creates a fresh one.
+    #[must_use]
+    pub fn new() -> Self {
+        let p = std::env::temp_dir().join(unique_name("tmp"));
+        std::fs::create_dir_all(&p).expect("tempdir");
+        Self(p)
+    }
+}
+
+impl Default for TempDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The sandbox. Fields drop in order: agent, backends, pins, cgroups, namespaces, files.
+#[derive(Debug)]
+pub struct AgentSandbox {
+    /// The agent, once started.
+    pub agent: Option<AgentProcess>,
+    servers: Vec<BackendServer>,
+    /// The agent's pin directory.
+    pub pins: PinDir,
+    /// The cgroup root (`--cgroup-root`).
+    pub root: TestCgroup,
+    /// Network namespaces of the pods, by name.
+    pub netns: BTreeMap<String, Pod>,
+    node: Node,
+    /// The described cluster.
+    pub cluster: ClusterDesc,
+    /// Scratch files (source file, lanes config, logs).
+    pub dir: TempDir,
+}
+
+impl Default for AgentSandbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AgentSandbox {
+    /// An empty node.
+    #[must_use]
+    pub fn new() -> Self {
+        crate::require_root();
+        ensure_bpffs();
+        Self {
+            agent: None,
+            servers: Vec::new(),
+            pins: PinDir(Path::new(BPFFS).join(unique_name("pins"))),
+            root: TestCgroup::new(&unique_name("root")),
+            netns: BTreeMap::new(),
+            node: Node::new(),
+            cluster: ClusterDesc::default(),
+            dir: TempDir::new(),
+        }
+    }
+
+    /// A backend pod (on this node) answering its name, in `lane`.
+    pub fn backend(&mut self, name: &str, lane: Option<&str>) {
+        let pod = self.node.add_pod(name);
+        self.servers.push(BackendServer::start(&pod, name, PORT));
+        self.cluster.pod(name, NODE, lane, &[IpAddr::V4(pod.ip4), IpAddr::V6(pod.ip6)]);
+        self.netns.insert(name.to_owned(), pod);
+    }
+
+    /// A caller pod on this node in `lane`, with its pod cgroup where kubelet's systemd driver
+    /// puts a Burstable pod.
+    pub fn caller(&mut self, name: &str, lane: Option<&str>) {
+        let pod = self.node.add_pod(name);
+        self.cluster.pod(name, NODE, lane, &[IpAddr::V4(pod.ip4), IpAddr::V6(pod.ip6)]);
+        let _ = self.root.child(&Self::pod_cgroup_rel(name));
+        self.netns.insert(name.to_owned(), pod);
+    }
+
+    fn pod_cgroup_rel(name: &str) -> String {
+        let uid = uid_for(name).replace('-', "_");
+        format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid}.slice")
+    }
+
+    /// The pod-level cgroup of a caller.
+    #[must_use]
+    pub fn pod_cgroup(&self, name: &str) -> PathBuf {
+        self.root.path().join(Self::pod_cgroup_rel(name))
+    }
+
+    /// A container cgroup below the caller's pod cgroup (created on first use).
+    #[must_use]
+    pub fn container_cgroup(&self, name: &str) -> PathBuf {
+        let p = self.pod_cgroup(name).join("cri-containerd-0123456789ab.scope");
+        std::fs::create_dir_all(&p).expect("container cgroup");
+        p
+    }
+
+    /// Writes the cluster to the source file (atomically, as `kubectl get -o yaml > f` would
+    /// not, so the agent never reads half a file in tests that do not test that).
+    pub fn write_source_file(&self) -> PathBuf {
+        let path = self.dir.0.join("cluster.yaml");
+        let tmp = self.dir.0.join("cluster.yaml.tmp");
+        std::fs::write(&tmp, self.cluster.to_yaml()).expect("write source");
+        std::fs::rename(&tmp, &path).expect("rename source");
+        path
+    }
+
+    /// Writes the lanes config file; returns its path.
+    pub fn write_lanes_config(&self, yaml: &str) -> PathBuf {
+        let path = self.dir.0.join("lanes.yaml");
+        let tmp = self.dir.0.join("lanes.yaml.tmp");
+        std::fs::write(&tmp, yaml).expect("write lanes");
+        std::fs::rename(&tmp, &path).expect("rename lanes");
+        path
+    }
+
+    /// The agent's standard arguments for this sandbox plus `extra`.
+    #[must_use]
+    pub fn agent_args(&self, source: &str, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "--source".into(),
+            source.into(),
+            "--node-name".into(),
+            NODE.into(),
+            "--cgroup-root".into(),
+            self.root.path().to_string_lossy().into_owned(),
+            "--bpffs".into(),
+            self.pins.0.to_string_lossy().into_owned(),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        args
+    }
+
+    /// Starts the agent on the file source (written first).
+    pub fn start_agent_on_file(&mut self, extra: &[&str]) {
+        let path = self.write_source_file();
+        let args = self.agent_args(&format!("file:{}", path.display()), extra);
+        self.start_agent(&args, &[]);
+    }
+
+    /// Starts the agent with explicit arguments and environment.
+    pub fn start_agent(&mut self, args: &[String], envs: &[(&str, String)]) {
+        self.agent = Some(AgentProcess::start(args, envs, &self.dir.0.join("agent.log")));
+    }
+
+    /// The agent's log.
+    #[must_use]
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.0.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Waits until `cond` holds on the pinned maps; panics with the agent's log otherwise.
+    pub fn wait_for(&self, what: &str, timeout: Duration, mut cond: impl FnMut(&Tables) -> bool) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(dp) = Datapath::open(&self.pins.0)
+                && cond(dp.tables())
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}\n--- agent log ---\n{}",
+                self.agent_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Makes `count` TCP attempts from a caller's pod cgroup.
+    #[must_use]
+    pub fn call(&self, caller: &str, addr: SocketAddr, count: usize) -> Vec<Attempt> {
+        attempts(&self.pod_cgroup(caller), &self.netns[caller].ns, Mode::Tcp, addr, count)
+    }
+
+    /// Makes `count` TCP attempts and returns the distinct replies (panics on a failure).
+    #[must_use]
+    pub fn reached(&self, caller: &str, addr: SocketAddr, count: usize) -> Vec<String> {
+        crate::scenario::replies(&self.call(caller, addr, count)).into_keys().collect()
+    }
+
+    /// The pod's IPv4 address.
+    #[must_use]
+    pub fn ip4(&self, name: &str) -> IpAddr {
+        IpAddr::V4(self.netns[name].ip4)
+    }
+}
+
+/// Whether the pinned maps register `cgroup` in `lane`.
+#[must_use]
+pub fn pod_in_lane(t: &Tables, cgroup: &Path, lane: &str) -> bool {
+    let id = TestCgroup::resolve(cgroup).id;
+    t.pods().is_ok_and(|p| p.get(&id).is_some_and(|e| e.lane == tagger_common::lane_id(lane)))
+}
+
+/// Whether (frontend `vip`, `lane`) has `n` backends.
+#[must_use]
+pub fn set_size(t: &Tables, vip: SocketAddr, lane: &str) -> Option<u32> {
+    let key = tagger::net::frontend_key(vip, tagger::net::Proto::Tcp);
+    let svc = t.frontend(&key).ok().flatten()?;
+    Some(t.backend_set(svc.svc_id, tagger_common::lane_id(lane)).ok().flatten().map_or(0, |s| s.count))
+}

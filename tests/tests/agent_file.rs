@@ -1,0 +1,254 @@
+//! The agent end to end on the file source: the real `tagger-agent` binary, the real kernel
+//! datapath, netns pods with kubelet-style cgroups, and the YAML file edited under it.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    path::Path,
+    time::Duration,
+};
+
+use tagger_tests::{
+    agent::{AgentSandbox, PORT, pod_in_lane, set_size},
+    client::{Attempt, LoopClient, Mode, attempts},
+};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn vip() -> SocketAddr {
+    "10.96.10.1:80".parse().unwrap()
+}
+
+/// A node with service `a` (base and gray backends) and a caller `gw` in `lane`.
+fn sandbox(gw_lane: Option<&str>) -> AgentSandbox {
+    let mut sb = AgentSandbox::new();
+    sb.backend("a-base", None);
+    sb.backend("a-gray", Some("gray"));
+    sb.caller("gw", gw_lane);
+    sb.cluster.service("a", &[vip().ip()], vip().port(), PORT, &["a-base", "a-gray"]);
+    sb
+}
+
+fn wait_ready(sb: &AgentSandbox, gw_lane: &str) {
+    let cg = sb.pod_cgroup("gw");
+    sb.wait_for("gw registered and service a's sets", WAIT, |t| {
+        pod_in_lane(t, &cg, gw_lane)
+            && set_size(t, vip(), "base") == Some(1)
+            && set_size(t, vip(), "gray") == Some(1)
+    });
+}
+
+/// A free port on 127.0.0.1 for the metrics endpoint.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect metrics");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, out)
+}
+
+#[test]
+fn relabel_fallback_and_return_through_the_file() {
+    let mut sb = sandbox(None);
+    sb.start_agent_on_file(&[]);
+    wait_ready(&sb, "base");
+    assert_eq!(sb.reached("gw", vip(), 30), ["a-base"], "unlabelled caller is base");
+
+    // The pod is relabelled gray: its new connections go to gray.
+    sb.cluster.set_lane("gw", Some("gray"));
+    sb.write_source_file();
+    let cg = sb.pod_cgroup("gw");
+    sb.wait_for("gw in gray", WAIT, |t| pod_in_lane(t, &cg, "gray"));
+    assert_eq!(sb.reached("gw", vip(), 30), ["a-gray"]);
+
+    // The last gray endpoint goes (not ready): gray callers fall back to base at once.
+    sb.cluster.pods.get_mut("a-gray").unwrap().ready = false;
+    sb.write_source_file();
+    sb.wait_for("gray set emptied", WAIT, |t| set_size(t, vip(), "gray") == Some(0));
+    assert_eq!(sb.reached("gw", vip(), 30), ["a-base"]);
+
+    // It comes back: gray again.
+    sb.cluster.pods.get_mut("a-gray").unwrap().ready = true;
+    sb.write_source_file();
+    sb.wait_for("gray set back", WAIT, |t| set_size(t, vip(), "gray") == Some(1));
+    assert_eq!(sb.reached("gw", vip(), 30), ["a-gray"]);
+
+    // A container of the pod (a child cgroup) is in the pod's lane.
+    let ctr = sb.container_cgroup("gw");
+    let got = attempts(&ctr, &sb.netns["gw"].ns, Mode::Tcp, vip(), 20);
+    assert!(got.iter().all(|a| a.reply() == "a-gray"), "{got:?}");
+}
+
+#[test]
+fn lanes_config_chain_strict_and_reload() {
+    let mut sb = sandbox(Some("feature-x"));
+    let lanes = sb.write_lanes_config("lanes:\n  feature-x:\n    fallback: [gray, base]\n");
+    sb.start_agent_on_file(&["--lanes-config", &lanes.to_string_lossy()]);
+    wait_ready(&sb, "feature-x");
+    assert_eq!(sb.reached("gw", vip(), 30), ["a-gray"], "feature-x falls back to gray first");
+
+    // Reload: feature-x becomes strict, so with no feature-x backend the connect is refused.
+    sb.write_lanes_config("lanes:\n  feature-x:\n    strict: true\n");
+    sb.wait_for("strict policy", WAIT, |t| {
+        t.lane_policies()
+            .is_ok_and(|p| p.get(&tagger_common::lane_id("feature-x")).is_some_and(|p| p.flags == 1))
+    });
+    for a in sb.call("gw", vip(), 5) {
+        assert!(matches!(a, Attempt::Err { errno: libc::EPERM, .. }), "{a:?}");
+    }
+
+    // An invalid config is rejected and the previous one stays in force.
+    sb.write_lanes_config("lanes:\n  feature-x:\n    strict: true\n    fallback: [base]\n");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(sb.agent_log().contains("lanes config rejected"), "{}", sb.agent_log());
+    for a in sb.call("gw", vip(), 3) {
+        assert!(matches!(a, Attempt::Err { errno: libc::EPERM, .. }), "{a:?}");
+    }
+}
+
+#[test]
+fn bad_input_is_counted_or_rejected_and_nothing_applied_is_lost() {
+    let mut sb = sandbox(Some("gray"));
+    let port = free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    sb.start_agent_on_file(&["--metrics-addr", &metrics]);
+    wait_ready(&sb, "gray");
+    assert_eq!(sb.reached("gw", vip(), 20), ["a-gray"]);
+
+    // A malformed file: rejected whole, the datapath keeps serving the previous state.
+    let path = sb.write_source_file();
+    std::fs::write(&path, "apiVersion: v1\nkind: Service\nmetadata: {name: broken\n").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(sb.agent_log().contains("source file rejected"), "{}", sb.agent_log());
+    assert_eq!(sb.reached("gw", vip(), 20), ["a-gray"]);
+
+    // Valid YAML with things to skip: an unknown kind, an invalid lane label, a Service without
+    // ports, a duplicate endpoint, an IPv6 endpoint (a family the IPv4 VIP cannot use).
+    sb.backend("b-bad-label", None);
+    sb.cluster
+        .pods
+        .get_mut("b-bad-label")
+        .unwrap()
+        .labels
+        .insert("tagger.io/lane".into(), "not a valid value!".into());
+    sb.cluster.service("b", &["10.96.10.2".parse().unwrap()], 80, PORT, &["b-bad-label", "b-bad-label"]);
+    sb.cluster.service("c", &["10.96.10.3".parse().unwrap()], 80, PORT, &[]);
+    let mut yaml = sb.cluster.to_yaml();
+    yaml.push_str(
+        "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: x, namespace: demo}\ndata: {a: b}\n",
+    );
+    yaml.push_str("---\napiVersion: v1\nkind: Service\nmetadata: {name: noports, namespace: demo}\nspec: {clusterIP: 10.96.10.4}\n");
+    std::fs::write(&path, yaml).unwrap();
+    let b_vip: SocketAddr = "10.96.10.2:80".parse().unwrap();
+    sb.wait_for("service b", WAIT, |t| set_size(t, b_vip, "base") == Some(1));
+    assert_eq!(sb.reached("gw", vip(), 20), ["a-gray"], "service a unaffected");
+    // The pod with the invalid label is a base backend; gray callers fall back to it.
+    assert_eq!(sb.reached("gw", b_vip, 10), ["b-bad-label"]);
+    let (code, body) = http_get(port, "/metrics");
+    assert_eq!(code, 200, "{body}");
+    for line in [
+        "tagger_agent_input_warnings{kind=\"invalid_lane_label\"}",
+        "tagger_agent_input_warnings{kind=\"service_without_ports\"}",
+        "tagger_agent_input_warnings{kind=\"duplicate_endpoint\"}",
+        "tagger_agent_ignored_objects_total{kind=\"ConfigMap\"} 1",
+        "tagger_agent_source_errors_total 1",
+        "tagger_agent_ready 1",
+    ] {
+        assert!(body.contains(line), "missing {line} in\n{body}");
+    }
+    assert_eq!(http_get(port, "/readyz").0, 200);
+    assert_eq!(http_get(port, "/healthz").0, 200);
+}
+
+#[test]
+fn sigkill_and_restart_under_load_fail_no_connection() {
+    let mut sb = sandbox(Some("gray"));
+    sb.start_agent_on_file(&[]);
+    wait_ready(&sb, "gray");
+    let client = LoopClient::start(&sb.pod_cgroup("gw"), &sb.netns["gw"].ns, vip());
+    let args = {
+        let path = sb.write_source_file();
+        sb.agent_args(&format!("file:{}", path.display()), &[])
+    };
+    for round in 0..3 {
+        std::thread::sleep(Duration::from_millis(300));
+        sb.agent.as_mut().unwrap().kill();
+        std::thread::sleep(Duration::from_millis(200));
+        sb.start_agent(&args, &[]);
+        sb.wait_for(&format!("restart {round} adopted"), WAIT, |_| {
+            sb.agent_log().matches("adopted datapath state").count() > round + 1
+        });
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let summary = client.finish();
+    assert!(summary.ok > 50, "{summary:?}");
+    assert_eq!(
+        summary.failed,
+        0,
+        "connections failed across agent restarts: {summary:?}\n{}",
+        sb.agent_log()
+    );
+    assert!(sb.agent_log().contains("Adopted"), "restarts must adopt the pins:\n{}", sb.agent_log());
+    assert_eq!(sb.reached("gw", vip(), 10), ["a-gray"]);
+}
+
+#[test]
+fn sigterm_leaves_the_datapath_and_uninstall_removes_it() {
+    let mut sb = sandbox(Some("gray"));
+    sb.start_agent_on_file(&[]);
+    wait_ready(&sb, "gray");
+    assert_eq!(sb.agent.as_mut().unwrap().terminate(), Some(0), "{}", sb.agent_log());
+    assert_eq!(sb.reached("gw", vip(), 20), ["a-gray"], "steering continues with the agent stopped");
+
+    let mut un = tagger_tests::agent::AgentProcess::start(
+        &["--uninstall".into(), "--bpffs".into(), sb.pins.0.to_string_lossy().into_owned()],
+        &[],
+        &sb.dir.0.join("uninstall.log"),
+    );
+    assert_eq!(un.wait_exit(WAIT), Some(0));
+    assert!(!sb.pins.0.exists());
+    for a in sb.call("gw", vip(), 3) {
+        assert!(matches!(a, Attempt::Err { errno: libc::ENETUNREACH, .. }), "{a:?}");
+    }
+}
+
+#[test]
+fn a_pod_whose_cgroup_appears_late_is_registered_when_it_does() {
+    let mut sb = sandbox(Some("gray"));
+    // The cgroup kubelet would create does not exist yet.
+    let cg = sb.pod_cgroup("gw");
+    std::fs::remove_dir(&cg).unwrap();
+    sb.start_agent_on_file(&[]);
+    sb.wait_for("service a", WAIT, |t| set_size(t, vip(), "gray") == Some(1));
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::create_dir_all(&cg).unwrap();
+    sb.wait_for("gw registered once its cgroup exists", WAIT, |t| pod_in_lane(t, &cg, "gray"));
+    assert_eq!(sb.reached("gw", vip(), 10), ["a-gray"]);
+}
+
+#[test]
+fn missing_cgroup_root_or_bpffs_is_a_clear_startup_error() {
+    let mut sb = sandbox(None);
+    let path = sb.write_source_file();
+    let source = format!("file:{}", path.display());
+    let mut args = sb.agent_args(&source, &[]);
+    let root_at = args.iter().position(|a| a == "--cgroup-root").unwrap() + 1;
+    args[root_at] = "/sys/fs/cgroup/unified/tgt-no-such-root".into();
+    sb.start_agent(&args, &[]);
+    assert_eq!(sb.agent.as_mut().unwrap().wait_exit(WAIT), Some(1));
+    assert!(sb.agent_log().contains("--cgroup-root"), "{}", sb.agent_log());
+
+    let mut args = sb.agent_args(&source, &[]);
+    let bpffs_at = args.iter().position(|a| a == "--bpffs").unwrap() + 1;
+    let not_bpffs = sb.dir.0.join("pins");
+    args[bpffs_at] = not_bpffs.to_string_lossy().into_owned();
+    sb.start_agent(&args, &[]);
+    assert_eq!(sb.agent.as_mut().unwrap().wait_exit(WAIT), Some(1));
+    assert!(sb.agent_log().contains("not on a bpf filesystem"), "{}", sb.agent_log());
+    assert!(!Path::new(&not_bpffs).exists());
+}
