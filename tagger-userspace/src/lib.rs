@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod cgroup;
+pub mod cli;
 pub mod datapath;
 pub mod error;
 pub mod fs;
