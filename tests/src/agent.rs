@@ -164,6 +164,7 @@ pub struct AgentSandbox {
     pub root: TestCgroup,
     /// Network namespaces of the pods, by name.
     pub netns: BTreeMap<String, Pod>,
+    callers: Vec<String>,
     node: Node,
     /// The described cluster.
     pub cluster: ClusterDesc,
@@ -189,6 +190,7 @@ impl AgentSandbox {
             pins: PinDir(Path::new(BPFFS).join(unique_name("pins"))),
             root: TestCgroup::new(&unique_name("root")),
             netns: BTreeMap::new(),
+            callers: Vec::new(),
             node: Node::new(),
             cluster: ClusterDesc::default(),
             dir: TempDir::new(),
@@ -208,19 +210,29 @@ impl AgentSandbox {
     pub fn caller(&mut self, name: &str, lane: Option<&str>) {
         let pod = self.node.add_pod(name);
         self.cluster.pod(name, NODE, lane, &[IpAddr::V4(pod.ip4), IpAddr::V6(pod.ip6)]);
-        let _ = self.root.child(&Self::pod_cgroup_rel(name));
+        self.callers.push(name.to_owned());
+        let _ = self.root.child(&Self::pod_cgroup_rel(&uid_for(name)));
         self.netns.insert(name.to_owned(), pod);
     }
 
-    fn pod_cgroup_rel(name: &str) -> String {
-        let uid = uid_for(name).replace('-', "_");
+    fn pod_cgroup_rel(uid: &str) -> String {
+        let uid = uid.replace('-', "_");
         format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid}.slice")
     }
 
-    /// The pod-level cgroup of a caller.
+    /// The pod-level cgroup of a caller (named after its current UID).
     #[must_use]
     pub fn pod_cgroup(&self, name: &str) -> PathBuf {
-        self.root.path().join(Self::pod_cgroup_rel(name))
+        self.root.path().join(Self::pod_cgroup_rel(&self.cluster.pods[name].uid))
+    }
+
+    /// Records the UID an API server gave a pod (the API server assigns UIDs on creation) and,
+    /// for a caller, creates its pod cgroup under that UID, as kubelet would.
+    pub fn set_uid(&mut self, name: &str, uid: &str) {
+        uid.clone_into(&mut self.cluster.pods.get_mut(name).expect("pod").uid);
+        if self.callers.iter().any(|c| c == name) {
+            let _ = self.root.child(&Self::pod_cgroup_rel(uid));
+        }
     }
 
     /// A container cgroup below the caller's pod cgroup (created on first use).

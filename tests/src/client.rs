@@ -107,6 +107,8 @@ pub struct LoopSummary {
     pub failed: u64,
     /// Distinct errors and their counts.
     pub errors: Vec<String>,
+    /// Replies (backend identities) and their counts.
+    pub replies: std::collections::BTreeMap<String, u64>,
 }
 
 impl LoopClient {
@@ -140,7 +142,8 @@ impl LoopClient {
         if let Some(mut s) = self.stdin.take() {
             let _ = s.write_all(b"\n");
         }
-        let mut summary = LoopSummary { ok: 0, failed: 0, errors: Vec::new() };
+        let mut summary =
+            LoopSummary { ok: 0, failed: 0, errors: Vec::new(), replies: std::collections::BTreeMap::new() };
         let mut line = String::new();
         while self.stdout.read_line(&mut line).expect("read") > 0 {
             let f: Vec<&str> = line.trim_end().split('\t').collect();
@@ -150,6 +153,9 @@ impl LoopClient {
                     summary.failed = failed.parse().expect("failed");
                 }
                 ["error", n, e] => summary.errors.push(format!("{n} x {e}")),
+                ["reply", n, r] => {
+                    summary.replies.insert((*r).to_owned(), n.parse().expect("count"));
+                }
                 _ => panic!("unexpected testpod line {line:?}"),
             }
             line.clear();

@@ -11,6 +11,7 @@ pub mod cgroup;
 pub mod client;
 pub mod cluster;
 pub mod datapath;
+pub mod fake_api;
 pub mod netns;
 pub mod scenario;
 pub mod topology;

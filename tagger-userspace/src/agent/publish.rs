@@ -62,7 +62,8 @@ impl Names {
         if !prune {
             return;
         }
-        let stale_pods: Vec<u64> = self.pods.keys().filter(|k| !desired.pods.contains_key(k)).copied().collect();
+        let stale_pods: Vec<u64> =
+            self.pods.keys().filter(|k| !desired.pods.contains_key(k)).copied().collect();
         for id in stale_pods {
             if tables.remove_pod_meta(id).is_ok() {
                 self.pods.remove(&id);

@@ -64,15 +64,7 @@ impl Reconciler {
             lanes = current.lanes.len(),
             "adopted datapath state"
         );
-        Ok(Self {
-            datapath,
-            config,
-            status,
-            current,
-            names,
-            ids,
-            last_warnings: BTreeMap::default(),
-        })
+        Ok(Self { datapath, config, status, current, names, ids, last_warnings: BTreeMap::default() })
     }
 
     /// One pass: desired state from `inputs` and `lanes`, difference applied.

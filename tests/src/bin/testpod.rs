@@ -98,8 +98,8 @@ fn udp_once(addr: SocketAddr, connected: bool) -> std::io::Result<(String, Socke
     Ok((String::from_utf8_lossy(&buf[..n]).trim_end().to_owned(), from))
 }
 
-/// Connects in a tight loop until stdin closes, then prints `done <ok> <failed>` and the
-/// distinct failures.
+/// Connects in a tight loop until stdin closes, then prints `done <ok> <failed>`, the distinct
+/// failures and the distinct replies with their counts.
 fn tcp_loop(out: &mut impl std::io::Write, addr: SocketAddr) {
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = Arc::clone(&stop);
@@ -112,9 +112,13 @@ fn tcp_loop(out: &mut impl std::io::Write, addr: SocketAddr) {
     out.flush().expect("stdout");
     let (mut ok, mut failed) = (0u64, 0u64);
     let mut errors = std::collections::BTreeMap::<String, u64>::new();
+    let mut replies = std::collections::BTreeMap::<String, u64>::new();
     while !stop.load(Ordering::Relaxed) {
         match tcp_once(addr) {
-            Ok(_) => ok += 1,
+            Ok((reply, _)) => {
+                ok += 1;
+                *replies.entry(reply).or_default() += 1;
+            }
             Err(e) => {
                 failed += 1;
                 *errors.entry(e.to_string()).or_default() += 1;
@@ -124,5 +128,8 @@ fn tcp_loop(out: &mut impl std::io::Write, addr: SocketAddr) {
     writeln!(out, "done\t{ok}\t{failed}").expect("stdout");
     for (e, n) in errors {
         writeln!(out, "error\t{n}\t{e}").expect("stdout");
+    }
+    for (r, n) in replies {
+        writeln!(out, "reply\t{n}\t{r}").expect("stdout");
     }
 }

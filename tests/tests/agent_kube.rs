@@ -1,0 +1,182 @@
+//! The agent end to end on the Kubernetes source: the real `tagger-agent` binary and kube-rs
+//! watchers against the fake API server (real HTTP and JSON, list/watch, 410, dropped watches,
+//! outages), the real kernel datapath, netns pods with kubelet-style cgroups.
+
+use std::{net::SocketAddr, time::Duration};
+
+use tagger_tests::{
+    agent::{AgentSandbox, PORT, pod_in_lane, set_size},
+    client::LoopClient,
+    cluster::NAMESPACE,
+    fake_api::FakeApiServer,
+};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn vip() -> SocketAddr {
+    "10.96.20.1:80".parse().unwrap()
+}
+
+fn stale_vip() -> SocketAddr {
+    "10.96.20.9:80".parse().unwrap()
+}
+
+/// Service `a` with a base and a gray backend, a `stale` Service, and a caller `gw`.
+fn sandbox(gw_lane: Option<&str>) -> AgentSandbox {
+    let mut sb = AgentSandbox::new();
+    sb.backend("a-base", None);
+    sb.backend("a-gray", Some("gray"));
+    sb.caller("gw", gw_lane);
+    sb.cluster.service("a", &[vip().ip()], vip().port(), PORT, &["a-base", "a-gray"]);
+    sb.cluster.service("stale", &[stale_vip().ip()], 80, PORT, &["a-base"]);
+    sb
+}
+
+/// Puts every object of the described cluster into the API server, and takes the UIDs it
+/// assigns to pods (creating callers' cgroups under them, as kubelet would).
+fn publish(sb: &mut AgentSandbox, api: &FakeApiServer) {
+    for object in sb.cluster.objects() {
+        let stored = api.apply(&object);
+        if stored["kind"] == "Pod" {
+            let name = stored["metadata"]["name"].as_str().unwrap().to_owned();
+            let uid = stored["metadata"]["uid"].as_str().unwrap().to_owned();
+            sb.set_uid(&name, &uid);
+        }
+    }
+    // EndpointSlices refer to pods by UID too: publish them again with the assigned ones.
+    for object in sb.cluster.objects() {
+        if object["kind"] == "EndpointSlice" {
+            api.apply(&object);
+        }
+    }
+}
+
+fn start(sb: &mut AgentSandbox, api: &FakeApiServer) {
+    let kubeconfig = sb.dir.0.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let args = sb.agent_args("kubernetes", &[]);
+    sb.start_agent(&args, &[("KUBECONFIG", kubeconfig.to_string_lossy().into_owned())]);
+}
+
+fn wait_synced(sb: &AgentSandbox, gw_lane: &str) {
+    let cg = sb.pod_cgroup("gw");
+    sb.wait_for("initial sync", WAIT, |t| {
+        pod_in_lane(t, &cg, gw_lane)
+            && set_size(t, vip(), "gray") == Some(1)
+            && set_size(t, vip(), "base") == Some(1)
+            && set_size(t, stale_vip(), "base") == Some(1)
+    });
+}
+
+#[test]
+fn relabel_and_last_gray_endpoint_through_the_api() {
+    let api = FakeApiServer::start();
+    let mut sb = sandbox(None);
+    publish(&mut sb, &api);
+    start(&mut sb, &api);
+    wait_synced(&sb, "base");
+    assert_eq!(sb.reached("gw", vip(), 30), ["a-base"]);
+
+    // Relabel the caller pod: its new connections go to gray.
+    sb.cluster.set_lane("gw", Some("gray"));
+    publish(&mut sb, &api);
+    let cg = sb.pod_cgroup("gw");
+    sb.wait_for("gw relabelled gray", WAIT, |t| pod_in_lane(t, &cg, "gray"));
+    assert_eq!(sb.reached("gw", vip(), 30), ["a-gray"]);
+
+    // The last gray endpoint is removed from the EndpointSlice: fallback to base at once.
+    sb.cluster.services.get_mut("a").unwrap().backends.retain(|b| b != "a-gray");
+    publish(&mut sb, &api);
+    sb.wait_for("gray set gone", WAIT, |t| set_size(t, vip(), "gray") == Some(0));
+    assert_eq!(sb.reached("gw", vip(), 30), ["a-base"]);
+}
+
+#[test]
+fn api_outage_keeps_the_datapath_and_it_converges_after() {
+    let api = FakeApiServer::start();
+    let mut sb = sandbox(Some("gray"));
+    publish(&mut sb, &api);
+    start(&mut sb, &api);
+    wait_synced(&sb, "gray");
+
+    // The API server goes away; while it is gone the stale Service is deleted and the gray
+    // endpoint stops being ready.
+    api.set_unreachable(true);
+    api.drop_watches();
+    sb.cluster.pods.get_mut("a-gray").unwrap().ready = false;
+    sb.cluster.services.remove("stale");
+    publish(&mut sb, &api);
+    api.delete("services", NAMESPACE, "stale");
+    api.delete("endpointslices", NAMESPACE, "stale-ipv4");
+    api.delete("endpointslices", NAMESPACE, "stale-ipv6");
+    std::thread::sleep(Duration::from_secs(2));
+    // Outage: the datapath keeps the last state it was given.
+    assert_eq!(sb.reached("gw", vip(), 20), ["a-gray"], "the datapath must not change during an outage");
+    sb.wait_for("unchanged", Duration::from_secs(1), |t| set_size(t, stale_vip(), "base") == Some(1));
+
+    api.set_unreachable(false);
+    sb.wait_for("converged after the outage", WAIT, |t| {
+        set_size(t, vip(), "gray") == Some(0) && set_size(t, stale_vip(), "base").is_none()
+    });
+    assert_eq!(sb.reached("gw", vip(), 20), ["a-base"]);
+    assert!(sb.agent_log().contains("watch failed"), "{}", sb.agent_log());
+}
+
+#[test]
+fn gone_410_relists_without_transient_fallback_and_prunes_stale_entries() {
+    let api = FakeApiServer::start();
+    let mut sb = sandbox(Some("gray"));
+    publish(&mut sb, &api);
+    start(&mut sb, &api);
+    wait_synced(&sb, "gray");
+    let client = LoopClient::start(&sb.pod_cgroup("gw"), &sb.netns["gw"].ns, vip());
+
+    // Disconnected, history compacted, a Service deleted meanwhile: the watchers' resume gets
+    // 410 Gone and they relist.
+    api.set_unreachable(true);
+    api.drop_watches();
+    api.delete("services", NAMESPACE, "stale");
+    api.compact();
+    std::thread::sleep(Duration::from_millis(500));
+    api.set_unreachable(false);
+    sb.wait_for("stale Service pruned after the relist", WAIT, |t| {
+        set_size(t, stale_vip(), "base").is_none()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let summary = client.finish();
+    assert_eq!(summary.failed, 0, "{summary:?}");
+    assert!(summary.ok > 20, "{summary:?}");
+    // No transient fallback: every connection of the gray caller stayed on gray.
+    assert_eq!(summary.replies.keys().collect::<Vec<_>>(), ["a-gray"], "{summary:?}");
+    assert_eq!(set_size_now(&sb, vip(), "gray"), Some(1));
+    let relists =
+        api.requests().iter().filter(|r| r.path.contains("services") && r.param("watch").is_none()).count();
+    assert!(relists >= 2, "expected an initial list and a relist of services, saw {relists}");
+}
+
+#[test]
+fn sigkill_restart_on_the_api_source_fails_no_connection() {
+    let api = FakeApiServer::start();
+    let mut sb = sandbox(Some("gray"));
+    publish(&mut sb, &api);
+    start(&mut sb, &api);
+    wait_synced(&sb, "gray");
+    let client = LoopClient::start(&sb.pod_cgroup("gw"), &sb.netns["gw"].ns, vip());
+    for round in 0..2 {
+        std::thread::sleep(Duration::from_millis(300));
+        sb.agent.as_mut().unwrap().kill();
+        start(&mut sb, &api);
+        sb.wait_for(&format!("restart {round}"), WAIT, |_| {
+            sb.agent_log().matches("adopted datapath state").count() > round + 1
+        });
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let summary = client.finish();
+    assert_eq!(summary.failed, 0, "{summary:?}\n{}", sb.agent_log());
+    assert_eq!(summary.replies.keys().collect::<Vec<_>>(), ["a-gray"], "{summary:?}");
+}
+
+fn set_size_now(sb: &AgentSandbox, vip: SocketAddr, lane: &str) -> Option<u32> {
+    let dp = tagger::datapath::Datapath::open(&sb.pins.0).unwrap();
+    set_size(dp.tables(), vip, lane)
+}
