@@ -51,17 +51,35 @@ impl AgentProcess {
     /// Starts the agent with `args`, logging to `log`.
     #[must_use]
     pub fn start(args: &[String], envs: &[(&str, String)], log: &Path) -> Self {
+        Self::start_with(&workspace_bin("tagger-agent"), args, envs, log, "info,tagger=debug")
+    }
+
+    /// Starts a given agent binary with a log filter.
+    #[must_use]
+    pub fn start_with(
+        bin: &Path,
+        args: &[String],
+        envs: &[(&str, String)],
+        log: &Path,
+        filter: &str,
+    ) -> Self {
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("agent log");
-        let child = Command::new(workspace_bin("tagger-agent"))
+        let child = Command::new(bin)
             .args(args)
             .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
-            .env("RUST_LOG", "info,tagger=debug")
+            .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("log"))
             .stderr(log_file)
             .spawn()
             .expect("spawn tagger-agent");
         Self { child, log: log.to_owned() }
+    }
+
+    /// The process id.
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The agent's log so far.
