@@ -27,17 +27,19 @@ pub const NODE: &str = "node-1";
 /// Port the backends listen on.
 pub const PORT: u16 = 8080;
 
-/// Path of a binary built next to the test executable.
+/// Path of a workspace binary built with the same profile as the running executable: test
+/// executables live in `target/<profile>/deps`, binaries in `target/<profile>`.
 #[must_use]
 pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let bin = exe.parent().and_then(Path::parent).expect("target/<profile>").join(name);
-    assert!(
-        bin.exists(),
-        "{} is not built: run the tests with `cargo xtask test` (it builds every binary first)",
-        bin.display()
-    );
-    bin
+    let dir = exe.parent().expect("exe dir");
+    let candidates = [dir.join(name), dir.parent().map(|p| p.join(name)).unwrap_or_default()];
+    candidates.iter().find(|c| c.is_file()).cloned().unwrap_or_else(|| {
+        panic!(
+            "{name} is not built next to {}: run `cargo xtask test` (it builds every binary first)",
+            exe.display()
+        )
+    })
 }
 
 /// A running `tagger-agent` (our child); SIGKILLed on drop if still running.

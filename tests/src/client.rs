@@ -30,15 +30,10 @@ impl Attempt {
     }
 }
 
-/// Path of the `testpod` binary built with these tests: integration test executables live in
-/// `target/<profile>/deps`, the binary in `target/<profile>`.
+/// Path of the `testpod` binary built with these tests.
 #[must_use]
 pub fn testpod_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
-    let bin = profile_dir.join("testpod");
-    assert!(bin.exists(), "{} not built: run the tests through cargo", bin.display());
-    bin
+    crate::agent::workspace_bin("testpod")
 }
 
 /// How the client talks to the address.

@@ -170,14 +170,14 @@ impl ClusterDesc {
         })
     }
 
-    /// The objects as a multi-document YAML file (JSON documents are YAML).
+    /// The objects as a multi-document YAML file, as `kubectl get -o yaml` would print them
+    /// one by one.
     #[must_use]
     pub fn to_yaml(&self) -> String {
         let mut out = String::new();
         for o in self.objects() {
             out.push_str("---\n");
-            out.push_str(&serde_json::to_string_pretty(&o).expect("json"));
-            out.push('\n');
+            out.push_str(&serde_yaml::to_string(&o).expect("yaml"));
         }
         out
     }

@@ -32,8 +32,12 @@ enum Task {
     },
     /// Remove namespaces, cgroups and pins left by an interrupted test run.
     Clean,
-    /// The end-to-end demo on a sandboxed node.
-    Demo,
+    /// The end-to-end demo on a sandboxed node: the MSE gray-release story with live traffic.
+    Demo {
+        /// Leave the sandbox running (with the commands to explore it) until Ctrl-C.
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -46,11 +50,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Task::Test { no_lint, filter } => test(no_lint, filter.as_deref()),
-        Task::Demo => {
-            bail!(
-                "`cargo xtask demo` arrives with the CLI/demo issue (#4); until then run `cargo xtask test`"
-            )
-        }
+        Task::Demo { keep } => demo(keep),
     }
 }
 
@@ -87,6 +87,39 @@ fn test(no_lint: bool, filter: Option<&str>) -> Result<()> {
     }
     let result = shell::cargo(&args);
     shell::step("clean up after the tests");
+    cleanup::leftovers();
+    result?;
+    shell::step("the demo, as a smoke test (`cargo xtask demo`)");
+    run_demo(false)
+}
+
+fn demo(keep: bool) -> Result<()> {
+    require_root("demo")?;
+    bootstrap::run_all()?;
+    bootstrap::check_kernel()?;
+    shell::step("clean leftovers of earlier runs");
+    cleanup::leftovers();
+    shell::step("build tagger-agent, tagger and the demo (stable; the eBPF object is built by build.rs)");
+    shell::cargo(&["build", "--bins"])?;
+    run_demo(keep)
+}
+
+/// Runs the demo binary. Ctrl-C reaches it (and its children) directly from the terminal; xtask
+/// only waits, so the demo's own cleanup finishes before the prompt returns.
+fn run_demo(keep: bool) -> Result<()> {
+    extern "C" fn ignore(_: libc::c_int) {}
+    // SAFETY: installs a handler that does nothing (async-signal-safe); exec resets it to the
+    // default in the child, so only xtask itself outlives a Ctrl-C while the demo cleans up.
+    unsafe {
+        libc::signal(libc::SIGINT, ignore as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, ignore as *const () as libc::sighandler_t);
+    }
+    let bin = shell::workspace_root().join("target/debug/tagger-demo");
+    let mut cmd = std::process::Command::new(&bin);
+    if keep {
+        cmd.arg("--keep");
+    }
+    let result = shell::run(&mut cmd);
     cleanup::leftovers();
     result
 }

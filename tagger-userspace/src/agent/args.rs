@@ -38,7 +38,7 @@ impl FromStr for Source {
 
 /// `tagger-agent`: steer each pod's new connections to Services toward backends of its lane.
 #[derive(Clone, Debug, clap::Parser)]
-#[command(name = "tagger-agent", version, about, long_about = None)]
+#[command(name = "tagger-agent", version)]
 pub struct Args {
     /// `kubernetes` (in-cluster config or KUBECONFIG) or `file:PATH` (a YAML file of Pods,
     /// Services and EndpointSlices, as `kubectl get -o yaml` prints them; re-read on change).

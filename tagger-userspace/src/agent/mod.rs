@@ -9,6 +9,7 @@
 mod args;
 mod inputs;
 mod kube_source;
+mod metrics;
 mod poll;
 mod publish;
 mod reconciler;
@@ -105,7 +106,7 @@ pub fn run(args: &Args) -> Result<()> {
             ));
         }
         if let Some(addr) = args.metrics_addr {
-            tasks.spawn(status::serve(addr, Arc::clone(&status)));
+            tasks.spawn(status::serve(addr, Arc::clone(&status), args.bpffs.clone()));
         }
         shutdown_signal().await;
         info!("stopping; the datapath stays attached with its last state");

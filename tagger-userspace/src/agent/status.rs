@@ -11,11 +11,12 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tracing::{info, warn};
 
 /// Shared agent status.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AgentStatus {
     ready: AtomicBool,
     source_synced: AtomicBool,
@@ -28,6 +29,27 @@ pub struct AgentStatus {
     pending_pods: AtomicU64,
     warnings: Mutex<BTreeMap<String, u64>>,
     ignored_kinds: Mutex<BTreeMap<String, u64>>,
+    reconcile_seconds: Histogram,
+}
+
+impl Default for AgentStatus {
+    fn default() -> Self {
+        Self {
+            ready: AtomicBool::default(),
+            source_synced: AtomicBool::default(),
+            reconciles: AtomicU64::default(),
+            reconcile_errors: AtomicU64::default(),
+            source_errors: AtomicU64::default(),
+            config_errors: AtomicU64::default(),
+            watch_restarts: AtomicU64::default(),
+            last_sync_unix: AtomicU64::default(),
+            pending_pods: AtomicU64::default(),
+            warnings: Mutex::default(),
+            ignored_kinds: Mutex::default(),
+            // 50 µs to ~3.3 s.
+            reconcile_seconds: Histogram::new(exponential_buckets(50e-6, 2.0, 17)),
+        }
+    }
 }
 
 impl AgentStatus {
@@ -89,40 +111,65 @@ impl AgentStatus {
         *self.ignored_kinds.lock().expect("ignored lock").entry(kind.to_owned()).or_default() += n;
     }
 
-    /// Counters for tests and metrics: (name, value).
-    pub fn counters(&self) -> Vec<(&'static str, u64)> {
-        vec![
-            ("reconciles_total", self.reconciles.load(Ordering::Relaxed)),
-            ("reconcile_errors_total", self.reconcile_errors.load(Ordering::Relaxed)),
-            ("source_errors_total", self.source_errors.load(Ordering::Relaxed)),
-            ("config_errors_total", self.config_errors.load(Ordering::Relaxed)),
-            ("watch_restarts_total", self.watch_restarts.load(Ordering::Relaxed)),
-            ("pending_pods", self.pending_pods.load(Ordering::Relaxed)),
-            ("last_sync_timestamp_seconds", self.last_sync_unix.load(Ordering::Relaxed)),
-            ("ready", u64::from(self.is_ready())),
-        ]
+    /// Records how long a reconcile pass took.
+    pub fn observe_reconcile(&self, elapsed: std::time::Duration) {
+        self.reconcile_seconds.observe(elapsed.as_secs_f64());
     }
 
-    /// Prometheus text exposition of the agent's own state.
-    pub fn render_metrics(&self) -> String {
-        use std::fmt::Write as _;
-        let mut out = String::new();
-        for (name, value) in self.counters() {
-            let _ = writeln!(out, "tagger_agent_{name} {value}");
-        }
-        for (kind, n) in self.warnings.lock().expect("warnings lock").iter() {
-            let _ = writeln!(out, "tagger_agent_input_warnings{{kind=\"{kind}\"}} {n}");
-        }
-        for (kind, n) in self.ignored_kinds.lock().expect("ignored lock").iter() {
-            let _ = writeln!(out, "tagger_agent_ignored_objects_total{{kind=\"{kind}\"}} {n}");
-        }
-        out
+    /// The reconcile latency histogram.
+    pub fn reconcile_histogram(&self) -> Histogram {
+        self.reconcile_seconds.clone()
     }
+
+    /// Warning counts of the last pass.
+    pub fn warnings(&self) -> BTreeMap<String, u64> {
+        self.warnings.lock().expect("warnings lock").clone()
+    }
+
+    /// Objects of ignored kinds, by kind.
+    pub fn ignored_kinds(&self) -> BTreeMap<String, u64> {
+        self.ignored_kinds.lock().expect("ignored lock").clone()
+    }
+
+    /// The counters at one instant.
+    pub fn snapshot(&self) -> StatusSnapshot {
+        StatusSnapshot {
+            ready: self.is_ready(),
+            reconciles: self.reconciles.load(Ordering::Relaxed),
+            reconcile_errors: self.reconcile_errors.load(Ordering::Relaxed),
+            source_errors: self.source_errors.load(Ordering::Relaxed),
+            config_errors: self.config_errors.load(Ordering::Relaxed),
+            watch_restarts: self.watch_restarts.load(Ordering::Relaxed),
+            pending_pods: self.pending_pods.load(Ordering::Relaxed),
+            last_sync_unix: self.last_sync_unix.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// [`AgentStatus`]'s counters at one instant.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatusSnapshot {
+    /// The first complete view has been applied.
+    pub ready: bool,
+    /// Reconcile passes.
+    pub reconciles: u64,
+    /// Writes that failed or were skipped.
+    pub reconcile_errors: u64,
+    /// Rejected or unreadable source files.
+    pub source_errors: u64,
+    /// Rejected or unreadable lanes configs.
+    pub config_errors: u64,
+    /// Failed and restarted watches.
+    pub watch_restarts: u64,
+    /// Local pods without a cgroup yet.
+    pub pending_pods: u64,
+    /// Unix time of the last complete pass.
+    pub last_sync_unix: u64,
 }
 
 /// Serves `/healthz` (the process answers), `/readyz` (200 once the first full sync has been
 /// applied, 503 before) and `/metrics`.
-pub async fn serve(addr: SocketAddr, status: std::sync::Arc<AgentStatus>) {
+pub async fn serve(addr: SocketAddr, status: std::sync::Arc<AgentStatus>, bpffs: std::path::PathBuf) {
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => l,
         Err(e) => {
@@ -134,6 +181,7 @@ pub async fn serve(addr: SocketAddr, status: std::sync::Arc<AgentStatus>) {
     loop {
         let Ok((mut sock, _)) = listener.accept().await else { continue };
         let status = std::sync::Arc::clone(&status);
+        let bpffs = bpffs.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 2048];
             let Ok(Ok(n)) =
@@ -149,7 +197,13 @@ pub async fn serve(addr: SocketAddr, status: std::sync::Arc<AgentStatus>) {
                 "/readyz" => {
                     ("503 Service Unavailable", "not ready: first full sync not applied yet\n".to_owned())
                 }
-                "/metrics" => ("200 OK", status.render_metrics()),
+                "/metrics" => {
+                    // Reading the maps is blocking work (syscalls per entry).
+                    let body = tokio::task::spawn_blocking(move || super::metrics::render(&status, &bpffs))
+                        .await
+                        .unwrap_or_default();
+                    ("200 OK", body)
+                }
                 _ => ("404 Not Found", "not found\n".to_owned()),
             };
             let response = format!(

@@ -9,6 +9,10 @@
 //!
 //! Usage: `testpod --cgroup DIR --netns NAME (tcp|udp|udp-connected) ADDR COUNT`
 //!        `testpod --cgroup DIR --netns NAME tcp-loop ADDR` (until stdin closes; then a summary)
+//!        `testpod --cgroup DIR --netns NAME http ADDR COUNT` (HTTP/1.0 GETs; the body is the reply)
+//!        `testpod --cgroup DIR --netns NAME serve LISTEN_ADDR NAME LANE [NEXT_ADDR]` (an HTTP
+//!        server answering `NAME[LANE]`, or `NAME[LANE] -> <what NEXT_ADDR answered>`: a
+//!        service that calls the next one, from inside its pod)
 //!        `testpod install BPFFS_DIR CGROUP_DIR` (installs or adopts the datapath, then exits)
 
 use std::{
@@ -49,13 +53,15 @@ fn main() {
     // SAFETY: setns with a valid netns fd; this process is single-threaded here.
     assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
     let addr: SocketAddr = addr.parse().expect("ADDR");
-    let count: usize = rest.first().map_or(1, |c| c.parse().expect("COUNT"));
+    let count = || -> usize { rest.first().map_or(1, |c| c.parse().expect("COUNT")) };
     let mut out = std::io::stdout().lock();
     match mode.as_str() {
-        "tcp" => (0..count).for_each(|_| report(&mut out, tcp_once(addr))),
-        "udp" => (0..count).for_each(|_| report(&mut out, udp_once(addr, false))),
-        "udp-connected" => (0..count).for_each(|_| report(&mut out, udp_once(addr, true))),
+        "tcp" => (0..count()).for_each(|_| report(&mut out, tcp_once(addr))),
+        "udp" => (0..count()).for_each(|_| report(&mut out, udp_once(addr, false))),
+        "udp-connected" => (0..count()).for_each(|_| report(&mut out, udp_once(addr, true))),
         "tcp-loop" => tcp_loop(&mut out, addr),
+        "http" => (0..count()).for_each(|_| report(&mut out, http_once(addr))),
+        "serve" => serve(addr, rest),
         other => panic!("unknown mode {other}"),
     }
 }
@@ -74,6 +80,50 @@ fn tcp_once(addr: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
     let mut reply = String::new();
     s.read_to_string(&mut reply)?;
     Ok((reply.trim_end().to_owned(), peer))
+}
+
+fn http_once(addr: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let peer = s.peer_addr()?;
+    std::io::Write::write_all(&mut s, b"GET / HTTP/1.0\r\nHost: tagger-demo\r\n\r\n")?;
+    let mut response = String::new();
+    s.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").ok_or_else(|| std::io::Error::other("not HTTP"))?;
+    if !head.starts_with("HTTP/1.0 200") {
+        return Err(std::io::Error::other(format!("HTTP error: {}", head.lines().next().unwrap_or(""))));
+    }
+    Ok((body.trim_end().to_owned(), peer))
+}
+
+/// An HTTP/1.0 server answering with its name and lane, after calling `next` if given.
+fn serve(listen: SocketAddr, rest: &[String]) {
+    let [name, lane, next @ ..] = rest else { panic!("serve needs NAME LANE [NEXT_ADDR]") };
+    let me = format!("{name}[{lane}]");
+    let next: Option<SocketAddr> = next.first().map(|n| n.parse().expect("NEXT_ADDR"));
+    let listener = std::net::TcpListener::bind(listen).expect("bind");
+    println!("serving");
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        let me = me.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1024];
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = std::io::Read::read(&mut conn, &mut buf);
+            let body = match next {
+                None => me,
+                // A new connection per request: each is steered by this pod's lane.
+                Some(next) => match http_once(next) {
+                    Ok((downstream, _)) => format!("{me} -> {downstream}"),
+                    Err(e) => format!("{me} -> error: {e}"),
+                },
+            };
+            let _ = std::io::Write::write_all(
+                &mut conn,
+                format!("HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n{body}\n").as_bytes(),
+            );
+        });
+    }
 }
 
 fn udp_once(addr: SocketAddr, connected: bool) -> std::io::Result<(String, SocketAddr)> {

@@ -1,0 +1,257 @@
+//! `/metrics`: Prometheus text exposition through `prometheus-client`, of the agent's own state
+//! (reconciles and their latency, watch restarts, last successful sync, input warnings) and of
+//! the datapath, read from the pinned maps at scrape time (outcome counters globally and per
+//! Service and lane, map fill ratios).
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tagger_common::{BASE_LANE, Outcome};
+
+use super::AgentStatus;
+use crate::datapath::Datapath;
+
+/// Renders the whole exposition.
+pub fn render(status: &Arc<AgentStatus>, bpffs: &std::path::Path) -> String {
+    let mut registry = Registry::with_prefix("tagger");
+    registry.register_collector(Box::new(AgentCollector(Arc::clone(status))));
+    registry.register_collector(Box::new(DatapathCollector {
+        bpffs: bpffs.to_owned(),
+        datapath: Mutex::new(None),
+    }));
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
+        out.push_str("# encoding failed\n");
+    }
+    out
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    namespace: String,
+    service: String,
+    port: String,
+    caller_lane: String,
+    backend_lane: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabel {
+    map: String,
+}
+
+fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64) -> Result<(), std::fmt::Error> {
+    let g = Gauge::<i64>::default();
+    g.set(value);
+    g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    let c = Counter::<u64>::default();
+    c.inc_by(value);
+    c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+/// The agent's own state.
+#[derive(Debug)]
+struct AgentCollector(Arc<AgentStatus>);
+
+impl Collector for AgentCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.0;
+        let snap = s.snapshot();
+        gauge(
+            &mut encoder,
+            "agent_ready",
+            "1 once the first complete view has been applied",
+            i64::from(snap.ready),
+        )?;
+        counter(&mut encoder, "agent_reconciles", "Reconcile passes", snap.reconciles)?;
+        counter(
+            &mut encoder,
+            "agent_reconcile_errors",
+            "Datapath writes that failed or were skipped",
+            snap.reconcile_errors,
+        )?;
+        counter(
+            &mut encoder,
+            "agent_source_errors",
+            "Source files rejected or unreadable",
+            snap.source_errors,
+        )?;
+        counter(
+            &mut encoder,
+            "agent_config_errors",
+            "Lanes configs rejected or unreadable",
+            snap.config_errors,
+        )?;
+        counter(
+            &mut encoder,
+            "agent_watch_restarts",
+            "Kubernetes watches that failed and were restarted",
+            snap.watch_restarts,
+        )?;
+        gauge(
+            &mut encoder,
+            "agent_pending_pods",
+            "Local pods whose cgroup has not appeared yet",
+            clamp(snap.pending_pods),
+        )?;
+        gauge(
+            &mut encoder,
+            "agent_last_sync_timestamp_seconds",
+            "Unix time of the last pass that applied a complete view",
+            clamp(snap.last_sync_unix),
+        )?;
+        let hist = s.reconcile_histogram();
+        hist.encode(encoder.encode_descriptor(
+            "agent_reconcile_duration_seconds",
+            "Time to compute and apply one reconcile pass",
+            None,
+            hist.metric_type(),
+        )?)?;
+        let warnings = Family::<KindLabel, Gauge>::default();
+        for (kind, n) in s.warnings() {
+            warnings.get_or_create(&KindLabel { kind }).set(clamp(n));
+        }
+        warnings.encode(encoder.encode_descriptor(
+            "agent_input_warnings",
+            "Input problems in the last pass (skipped or corrected objects), by kind",
+            None,
+            warnings.metric_type(),
+        )?)?;
+        let ignored = Family::<KindLabel, Counter>::default();
+        for (kind, n) in s.ignored_kinds() {
+            ignored.get_or_create(&KindLabel { kind }).inc_by(n);
+        }
+        ignored.encode(encoder.encode_descriptor(
+            "agent_ignored_objects",
+            "Objects of kinds the file source does not use",
+            None,
+            ignored.metric_type(),
+        )?)
+    }
+}
+
+fn clamp(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The datapath's counters and map fill, read from the pins (read-only) at each scrape.
+#[derive(Debug)]
+struct DatapathCollector {
+    bpffs: PathBuf,
+    datapath: Mutex<Option<Datapath>>,
+}
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut guard = self.datapath.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if guard.is_none() {
+            *guard = Datapath::open_read_only(&self.bpffs).ok();
+        }
+        let Some(dp) = guard.as_ref() else {
+            return gauge(&mut encoder, "datapath_up", "1 when the pinned maps could be read", 0);
+        };
+        let t = dp.tables();
+        gauge(&mut encoder, "datapath_up", "1 when the pinned maps could be read", 1)?;
+        if let Ok(counters) = t.counters() {
+            let family = Family::<OutcomeLabel, Counter>::default();
+            for (outcome, n) in &counters.by_outcome {
+                family.get_or_create(&OutcomeLabel { outcome: outcome.name().to_owned() }).inc_by(*n);
+            }
+            family.encode(encoder.encode_descriptor(
+                "datapath_decisions",
+                "Hook invocations by outcome (steered, fell_back, refused_strict, no_backend, not_service, ...)",
+                None,
+                family.metric_type(),
+            )?)?;
+        }
+        let names = t.service_meta().unwrap_or_default();
+        let lanes = t.lane_names().unwrap_or_default();
+        let lane = |id: u32| {
+            lanes
+                .get(&id)
+                .cloned()
+                .unwrap_or_else(|| if id == BASE_LANE { "base".into() } else { format!("{id:#010x}") })
+        };
+        if let Ok(stats) = t.service_stats() {
+            let family = Family::<ServiceLabels, Counter>::default();
+            for row in stats {
+                let (namespace, service, port) = names
+                    .get(&row.key.svc_id)
+                    .cloned()
+                    .unwrap_or_else(|| (String::new(), format!("svc-{}", row.key.svc_id), String::new()));
+                let outcome = Outcome::ALL.get(row.key.outcome as usize).map_or("unknown", |o| o.name());
+                family
+                    .get_or_create(&ServiceLabels {
+                        namespace,
+                        service,
+                        port,
+                        caller_lane: lane(row.key.caller_lane),
+                        backend_lane: lane(row.key.backend_lane),
+                        outcome: outcome.to_owned(),
+                    })
+                    .inc_by(row.count);
+            }
+            family.encode(encoder.encode_descriptor(
+                "service_decisions",
+                "New connections per Service, caller lane, backend lane and outcome",
+                None,
+                family.metric_type(),
+            )?)?;
+        }
+        let entries = Family::<MapLabel, Gauge>::default();
+        let capacity = Family::<MapLabel, Gauge>::default();
+        let ratio = Family::<MapLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        for (map, n, cap) in t.fill() {
+            let l = MapLabel { map: map.to_owned() };
+            entries.get_or_create(&l).set(i64::try_from(n).unwrap_or(i64::MAX));
+            capacity.get_or_create(&l).set(i64::from(cap));
+            #[expect(clippy::cast_precision_loss, reason = "a ratio for humans")]
+            ratio.get_or_create(&l).set(n as f64 / f64::from(cap));
+        }
+        entries.encode(encoder.encode_descriptor(
+            "map_entries",
+            "Entries in each pinned map",
+            None,
+            entries.metric_type(),
+        )?)?;
+        capacity.encode(encoder.encode_descriptor(
+            "map_capacity",
+            "Capacity of each pinned map",
+            None,
+            capacity.metric_type(),
+        )?)?;
+        ratio.encode(encoder.encode_descriptor(
+            "map_fill_ratio",
+            "entries / capacity",
+            None,
+            ratio.metric_type(),
+        )?)
+    }
+}
