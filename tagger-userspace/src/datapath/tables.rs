@@ -91,12 +91,15 @@ fn obj_get_read_only(path: &std::path::Path) -> Result<std::os::fd::OwnedFd> {
         bpf_fd: u32,
         file_flags: u32,
         path_fd: i32,
+        // Explicit: the kernel rejects a non-zero byte past the fields it knows (EINVAL), and
+        // implicit padding is uninitialised.
+        _pad: u32,
     }
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| Error::Invalid {
         what: "pin path",
         reason: format!("{} contains NUL", path.display()),
     })?;
-    let attr = ObjGetAttr { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: BPF_F_RDONLY, path_fd: 0 };
+    let attr = ObjGetAttr { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: BPF_F_RDONLY, path_fd: 0, _pad: 0 };
     // SAFETY: the bpf syscall reads `attr` (valid for its size) and the NUL-terminated path it
     // points to, both alive for the call.
     let fd = unsafe {

@@ -1,0 +1,603 @@
+//! `tagger explain`: the decision the datapath would take for a new connection from a pod to an
+//! address, step by step. The decision itself is [`resolve_lane`] — the function the kernel
+//! programs run — over the pinned maps; this module only lays out what it looked at.
+
+use std::net::{IpAddr, SocketAddr};
+
+use anyhow::{anyhow, bail};
+use serde::Serialize;
+use tagger_common::{
+    BASE_LANE, Backend, FAMILY_V6, LaneTables, Outcome, Resolution, Service,
+    resolve::{lane_is_strict, svc_is_strict},
+    resolve_lane,
+};
+
+use super::{
+    args::{ExplainArgs, Format},
+    caller::{self, Caller},
+    render::{LaneRef, Names, ServiceName, destination_label, policy_chain, print_json, table},
+};
+use crate::{
+    datapath::Tables,
+    net::{Proto, backend_addr, frontend_key},
+};
+
+/// What explaining needs beyond lane resolution: the members of a set.
+pub trait ExplainTables: LaneTables {
+    /// The backends of the live set of (Service, lane), in slot order.
+    fn backends(&self, svc_id: u32, lane: u32) -> crate::Result<Vec<Backend>>;
+}
+
+impl ExplainTables for Tables {
+    fn backends(&self, svc_id: u32, lane: u32) -> crate::Result<Vec<Backend>> {
+        Tables::backends(self, svc_id, lane)
+    }
+}
+
+/// A destination: address and protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Destination {
+    /// Address and port.
+    pub addr: SocketAddr,
+    /// Protocol.
+    pub proto: Proto,
+}
+
+/// Reads `IP:PORT[/tcp|/udp]` (IPv6 as `[ADDR]:PORT`).
+pub fn parse_destination(s: &str) -> anyhow::Result<Destination> {
+    let (addr, proto) = match s.rsplit_once('/') {
+        Some((a, p)) => (a, p.parse::<Proto>().map_err(|e| anyhow!("destination {s}: {e}"))?),
+        None => (s, Proto::Tcp),
+    };
+    let addr: SocketAddr = addr.parse().map_err(|_| {
+        anyhow!("destination {s}: expected IP:PORT[/tcp|/udp], e.g. 10.96.0.10:80 or [fd00::10]:53/udp")
+    })?;
+    if addr.port() == 0 {
+        bail!("destination {s}: port 0 is not a Service port");
+    }
+    Ok(Destination { addr, proto })
+}
+
+/// The JSON document of `tagger explain`.
+#[derive(Debug, Serialize)]
+pub struct Explanation {
+    /// The calling pod and its lane.
+    pub caller: Caller,
+    /// `ip:port/proto`.
+    pub destination: String,
+    /// The Service frontend at the destination (null: not a frontend, the connection is
+    /// untouched).
+    pub frontend: Option<FrontendView>,
+    /// The caller lane's backend set (null when there is no frontend).
+    pub own_set: Option<SetView>,
+    /// Whether the caller's lane policy is strict.
+    pub lane_strict: bool,
+    /// The fallback chain steps the datapath tries, in order, up to the one chosen.
+    pub fallback: Vec<ChainStep>,
+    /// The outcome name (`steered`, `fell_back`, `refused_strict`, `no_backend`, `not_service`),
+    /// as counted by the datapath.
+    pub outcome: &'static str,
+    /// The lane whose backends serve the connection (null when none does).
+    pub backend_lane: Option<LaneRef>,
+    /// The backend set chosen from: one member is picked at random per connection.
+    pub backends: Vec<BackendView>,
+    /// The explanation for people, in order.
+    pub steps: Vec<Step>,
+}
+
+/// A Service frontend.
+#[derive(Debug, Serialize)]
+pub struct FrontendView {
+    /// Its id.
+    pub svc_id: u32,
+    /// Its names, when published.
+    pub service: Option<ServiceName>,
+    /// Whether the Service forbids fallback.
+    pub strict: bool,
+}
+
+/// A (Service, lane) set as a step saw it.
+#[derive(Debug, Serialize)]
+pub struct SetView {
+    /// The lane.
+    pub lane: LaneRef,
+    /// Ready backends; null when the set does not exist (0: it exists, empty).
+    pub count: Option<u32>,
+}
+
+/// One fallback step.
+#[derive(Debug, Serialize)]
+pub struct ChainStep {
+    /// Position in the chain, 0-based.
+    pub step: u32,
+    /// The lane tried and its set.
+    pub set: SetView,
+    /// Whether this step's set serves the connection.
+    pub chosen: bool,
+}
+
+/// A backend of the chosen set.
+#[derive(Debug, Serialize)]
+pub struct BackendView {
+    /// `ip:port`.
+    pub address: String,
+    /// Whether a socket to the destination's family can reach it (if picked while false, the
+    /// connection fails open as `family_mismatch`).
+    pub reachable: bool,
+}
+
+/// One line of the explanation.
+#[derive(Debug, Serialize)]
+pub struct Step {
+    /// What was checked: `caller`, `frontend`, `service_flags`, `own_lane`, `base_caller`,
+    /// `strict`, `fallback_chain`, `fallback`, `decision`, `backends`.
+    pub check: &'static str,
+    /// What was found.
+    pub result: String,
+}
+
+fn set_view<T: LaneTables>(t: &T, names: &Names, svc_id: u32, lane: u32) -> SetView {
+    SetView { lane: names.lane(lane), count: t.backend_set(svc_id, lane).map(|s| s.count) }
+}
+
+fn set_words(names: &Names, s: &SetView) -> String {
+    let lane = names.lane_label(s.lane.id);
+    match s.count {
+        None => format!("lane {lane}: no backend set"),
+        Some(0) => format!("lane {lane}: backend set is empty"),
+        Some(1) => format!("lane {lane}: 1 ready backend"),
+        Some(n) => format!("lane {lane}: {n} ready backends"),
+    }
+}
+
+fn caller_words(names: &Names, c: &Caller) -> String {
+    let pod = match (&c.namespace, &c.name) {
+        (Some(ns), Some(n)) => format!("pod {ns}/{n}"),
+        _ => "an unnamed pod".to_owned(),
+    };
+    let lane = format!("lane {}", names.lane_label(c.lane.id));
+    let inside = match (&c.cgroup_path, c.cgroup_level, c.pod_level) {
+        (Some(path), Some(level), Some(pod_level)) if c.registered && level > pod_level => {
+            format!("cgroup {path} (level {level}) is inside ")
+        }
+        (Some(path), Some(level), _) if !c.registered => format!("cgroup {path} (level {level}): "),
+        _ => String::new(),
+    };
+    if c.registered {
+        let id = c.pod_cgroup_id.unwrap_or_default();
+        let level = c.pod_level.unwrap_or_default();
+        format!("{inside}{pod}, pod cgroup {id} (level {level}): {lane}")
+    } else {
+        let why = c.note.clone().unwrap_or_else(|| "no registered pod cgroup among its ancestors".to_owned());
+        format!("{inside}{why}: base lane (the datapath counts unknown_pod)")
+    }
+}
+
+/// Explains the decision for `caller` connecting to `dest`, whose frontend lookup gave
+/// `frontend`. The outcome is [`resolve_lane`]'s.
+pub fn explain<T: ExplainTables>(
+    t: &T,
+    names: &Names,
+    caller: Caller,
+    dest: Destination,
+    frontend: Option<Service>,
+) -> crate::Result<Explanation> {
+    let destination = destination_label(dest.addr, dest.proto);
+    let mut steps = vec![Step { check: "caller", result: caller_words(names, &caller) }];
+    let mut ex = Explanation {
+        caller,
+        destination: destination.clone(),
+        frontend: None,
+        own_set: None,
+        lane_strict: false,
+        fallback: Vec::new(),
+        outcome: Outcome::NotService.name(),
+        backend_lane: None,
+        backends: Vec::new(),
+        steps: Vec::new(),
+    };
+    let Some(svc) = frontend else {
+        steps.push(Step { check: "frontend", result: format!("{destination} is not a Service frontend") });
+        steps.push(Step {
+            check: "decision",
+            result: "not_service: untouched, the connection goes where it was addressed".into(),
+        });
+        ex.steps = steps;
+        return Ok(ex);
+    };
+    let lane = ex.caller.lane.id;
+    let strict_svc = svc_is_strict(&svc);
+    let policy = t.lane_policy(lane);
+    ex.lane_strict = lane != BASE_LANE && lane_is_strict(policy.as_ref());
+    ex.frontend =
+        Some(FrontendView { svc_id: svc.svc_id, service: names.service(svc.svc_id), strict: strict_svc });
+    steps.push(Step {
+        check: "frontend",
+        result: format!(
+            "{destination} is the frontend of {} (svc_id {})",
+            names.service_label(svc.svc_id),
+            svc.svc_id
+        ),
+    });
+    steps.push(Step {
+        check: "service_flags",
+        result: if strict_svc { "strict: no fallback for this Service".into() } else { "none".into() },
+    });
+
+    // The decision: the same function the programs run.
+    let resolution = resolve_lane(t, &svc, lane);
+
+    let own = set_view(t, names, svc.svc_id, lane);
+    steps.push(Step { check: "own_lane", result: set_words(names, &own) });
+    ex.own_set = Some(own);
+    if !matches!(resolution, Resolution::Own { .. }) {
+        if lane == BASE_LANE {
+            steps.push(Step {
+                check: "base_caller",
+                result: "base callers never reach another lane's backends".into(),
+            });
+            if strict_svc {
+                steps.push(Step { check: "strict", result: "the Service is strict: refuse".into() });
+            }
+        } else if strict_svc || ex.lane_strict {
+            let who = if strict_svc { "the Service is strict" } else { "the caller's lane is strict" };
+            steps.push(Step { check: "strict", result: format!("{who}: no fallback") });
+        } else {
+            let chain: Vec<u32> =
+                policy.as_ref().map_or_else(|| vec![BASE_LANE], |p| policy_chain(p).to_vec());
+            let origin = if policy.is_some() { "lane policy" } else { "default: no policy for the lane" };
+            steps.push(Step {
+                check: "fallback_chain",
+                result: format!("{} ({origin})", names.chain_label(&chain)),
+            });
+            let (chain_steps, chain_words) = walk_chain(t, names, svc.svc_id, &chain, resolution);
+            steps.extend(chain_words);
+            ex.fallback = chain_steps;
+        }
+    }
+
+    let (outcome, chosen, sentence) = decision(names, lane, resolution);
+    ex.outcome = outcome.name();
+    steps.push(Step { check: "decision", result: sentence });
+    if let Some(to) = chosen {
+        ex.backend_lane = Some(names.lane(to));
+        let (backends, words) = chosen_backends(t, svc.svc_id, to, dest)?;
+        ex.backends = backends;
+        steps.push(Step { check: "backends", result: words });
+    }
+    ex.steps = steps;
+    Ok(ex)
+}
+
+/// The fallback steps the datapath tries for `resolution` (up to the chosen one, or all).
+fn walk_chain<T: LaneTables>(
+    t: &T,
+    names: &Names,
+    svc_id: u32,
+    chain: &[u32],
+    resolution: Resolution,
+) -> (Vec<ChainStep>, Vec<Step>) {
+    let tried = match resolution {
+        Resolution::FellBack { chain_step, .. } => chain_step as usize + 1,
+        _ => chain.len(),
+    };
+    let mut out = (Vec::new(), Vec::new());
+    for (i, &l) in chain.iter().enumerate().take(tried) {
+        let step = u32::try_from(i).unwrap_or(u32::MAX);
+        let chosen = matches!(resolution, Resolution::FellBack { chain_step, .. } if chain_step == step);
+        let set = set_view(t, names, svc_id, l);
+        let then = if chosen { " → chosen" } else { " → next" };
+        out.1.push(Step {
+            check: "fallback",
+            result: format!("step {}/{}: {}{then}", i + 1, chain.len(), set_words(names, &set)),
+        });
+        out.0.push(ChainStep { step, set, chosen });
+    }
+    out
+}
+
+/// The outcome of a resolution, the lane serving it (if any) and the sentence for people.
+fn decision(names: &Names, caller_lane: u32, resolution: Resolution) -> (Outcome, Option<u32>, String) {
+    let pick = |to: u32, count: u32| match count {
+        1 => format!("to lane {}'s only backend", names.lane_label(to)),
+        n => {
+            format!("to one of lane {}'s {n} backends, picked at random per connection", names.lane_label(to))
+        }
+    };
+    match resolution {
+        Resolution::Own { set } => {
+            (Outcome::Steered, Some(caller_lane), format!("steered: {}", pick(caller_lane, set.count)))
+        }
+        Resolution::FellBack { lane, set, .. } => {
+            (Outcome::FellBack, Some(lane), format!("fell_back: {}", pick(lane, set.count)))
+        }
+        Resolution::RefusedStrict => (
+            Outcome::RefusedStrict,
+            None,
+            "refused_strict: connect() (or sendmsg()) fails with EPERM".to_owned(),
+        ),
+        Resolution::NoBackend => (
+            Outcome::NoBackend,
+            None,
+            "no_backend: fails open, the connection goes to the Service address unchanged".to_owned(),
+        ),
+    }
+}
+
+/// The members of the chosen set, and their listing for people (flagging the ones a socket to
+/// `dest` cannot reach).
+fn chosen_backends<T: ExplainTables>(
+    t: &T,
+    svc_id: u32,
+    lane: u32,
+    dest: Destination,
+) -> crate::Result<(Vec<BackendView>, String)> {
+    let dest_v6 = match dest.addr.ip() {
+        IpAddr::V4(_) => false,
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().is_none(),
+    };
+    let backends: Vec<BackendView> = t
+        .backends(svc_id, lane)?
+        .iter()
+        .map(|b| BackendView {
+            address: backend_addr(b).to_string(),
+            reachable: (b.family == FAMILY_V6) == dest_v6,
+        })
+        .collect();
+    let mut words: Vec<String> = backends.iter().map(|b| b.address.clone()).collect();
+    let unreachable = backends.iter().filter(|b| !b.reachable).count();
+    if unreachable > 0 {
+        words.push(format!(
+            "({unreachable} of {} cannot be reached from an {} destination: if picked, the connection \
+             fails open as family_mismatch)",
+            backends.len(),
+            if dest_v6 { "IPv6" } else { "IPv4" }
+        ));
+    }
+    Ok((backends, words.join("\n")))
+}
+
+/// The explanation as a table.
+#[must_use]
+pub fn render_table(ex: &Explanation) -> String {
+    let mut t = table(&["#", "check", "result"], &[0]);
+    for (i, s) in ex.steps.iter().enumerate() {
+        t.add_row(vec![(i + 1).to_string(), s.check.replace('_', " "), s.result.clone()]);
+    }
+    format!("{t}\noutcome: {}\n", ex.outcome)
+}
+
+/// Runs `tagger explain`.
+pub fn run(tables: &Tables, format: Format, args: &ExplainArgs) -> anyhow::Result<()> {
+    let dest = parse_destination(&args.destination)?;
+    let names = Names::read(tables)?;
+    let caller = caller::find(tables, &names, &args.pod)?;
+    let frontend = tables.frontend(&frontend_key(dest.addr, dest.proto))?;
+    let ex = explain(tables, &names, caller, dest, frontend)?;
+    match format {
+        Format::Json => print_json(&ex)?,
+        Format::Table => print!("{}", render_table(&ex)),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use tagger_common::{BackendSet, LANE_F_STRICT, LanePolicy, SVC_F_STRICT, lane_id};
+
+    use super::*;
+    use crate::net::backend;
+
+    /// A datapath in memory: backend sets and lane policies.
+    #[derive(Default)]
+    struct Fake {
+        sets: BTreeMap<(u32, u32), Vec<Backend>>,
+        lanes: BTreeMap<u32, LanePolicy>,
+    }
+
+    impl Fake {
+        fn set(mut self, lane: &str, addrs: &[&str]) -> Self {
+            let b = addrs.iter().map(|a| backend(a.parse().unwrap())).collect();
+            self.sets.insert((1, lane_id(lane)), b);
+            self
+        }
+        fn chain(mut self, lane: &str, chain: &[&str], flags: u32) -> Self {
+            let mut p =
+                LanePolicy { flags, chain_len: u32::try_from(chain.len()).unwrap(), ..LanePolicy::default() };
+            for (i, l) in chain.iter().enumerate() {
+                p.chain[i] = lane_id(l);
+            }
+            self.lanes.insert(lane_id(lane), p);
+            self
+        }
+    }
+
+    impl LaneTables for Fake {
+        fn backend_set(&self, svc_id: u32, lane: u32) -> Option<BackendSet> {
+            self.sets
+                .get(&(svc_id, lane))
+                .map(|b| BackendSet { count: u32::try_from(b.len()).unwrap(), generation: 1 })
+        }
+        fn lane_policy(&self, lane: u32) -> Option<LanePolicy> {
+            self.lanes.get(&lane).copied()
+        }
+    }
+
+    impl ExplainTables for Fake {
+        fn backends(&self, svc_id: u32, lane: u32) -> crate::Result<Vec<Backend>> {
+            Ok(self.sets.get(&(svc_id, lane)).cloned().unwrap_or_default())
+        }
+    }
+
+    fn names() -> Names {
+        let mut n = Names::default();
+        for l in ["gray", "feature-x"] {
+            n.lanes.insert(lane_id(l), l.to_owned());
+        }
+        n.services.insert(1, ("demo".into(), "a".into(), "http".into()));
+        n
+    }
+
+    fn caller(lane: &str) -> Caller {
+        Caller {
+            query: "demo/gw".into(),
+            found_by: "pod_name",
+            cgroup_path: None,
+            cgroup_level: None,
+            registered: true,
+            pod_cgroup_id: Some(100),
+            pod_level: Some(4),
+            namespace: Some("demo".into()),
+            name: Some("gw".into()),
+            lane: names().lane(lane_id(lane)),
+            note: None,
+        }
+    }
+
+    fn dest() -> Destination {
+        parse_destination("10.96.0.10:80").unwrap()
+    }
+
+    const SVC: Option<Service> = Some(Service { svc_id: 1, flags: 0 });
+
+    fn checks(ex: &Explanation) -> Vec<&str> {
+        ex.steps.iter().map(|s| s.check).collect()
+    }
+
+    #[test]
+    fn destinations_parse_with_tcp_by_default() {
+        assert_eq!(parse_destination("10.96.0.10:80").unwrap().proto, Proto::Tcp);
+        let d = parse_destination("[fd00::10]:53/UDP").unwrap();
+        assert_eq!((d.addr, d.proto), ("[fd00::10]:53".parse().unwrap(), Proto::Udp));
+        assert!(parse_destination("10.96.0.10").unwrap_err().to_string().contains("IP:PORT"));
+        assert!(parse_destination("10.96.0.10:80/sctp").unwrap_err().to_string().contains("sctp"));
+    }
+
+    #[test]
+    fn own_lane_first() {
+        let t = Fake::default().set("gray", &["10.244.0.3:8080"]).set("base", &["10.244.0.2:8080"]);
+        let ex = explain(&t, &names(), caller("gray"), dest(), SVC).unwrap();
+        assert_eq!(ex.outcome, "steered");
+        assert_eq!(ex.backend_lane.as_ref().unwrap().name.as_deref(), Some("gray"));
+        assert_eq!(ex.backends.len(), 1);
+        assert_eq!(ex.backends[0].address, "10.244.0.3:8080");
+        assert!(ex.fallback.is_empty());
+        assert_eq!(checks(&ex), ["caller", "frontend", "service_flags", "own_lane", "decision", "backends"]);
+    }
+
+    #[test]
+    fn gray_caller_without_gray_backends_falls_back_to_base() {
+        let t = Fake::default().set("gray", &[]).set("base", &["10.244.0.2:8080", "10.244.0.4:8080"]);
+        let ex = explain(&t, &names(), caller("gray"), dest(), SVC).unwrap();
+        assert_eq!(ex.outcome, "fell_back");
+        assert_eq!(ex.own_set.as_ref().unwrap().count, Some(0));
+        assert_eq!(ex.backend_lane.as_ref().unwrap().id, BASE_LANE);
+        assert_eq!(ex.fallback.len(), 1);
+        assert!(ex.fallback[0].chosen && ex.fallback[0].set.count == Some(2));
+        let text = render_table(&ex);
+        assert!(text.contains("lane gray: backend set is empty"), "{text}");
+        assert!(text.contains("base (default: no policy for the lane)"), "{text}");
+        assert!(text.contains("step 1/1: lane base: 2 ready backends → chosen"), "{text}");
+        assert!(text.contains("10.244.0.4:8080") && text.contains("outcome: fell_back"), "{text}");
+        assert!(text.contains("demo/a:http"), "{text}");
+    }
+
+    #[test]
+    fn a_chain_is_walked_until_a_lane_has_backends() {
+        let t = Fake::default().chain("feature-x", &["gray", "base"], 0).set("base", &["10.244.0.2:8080"]);
+        let ex = explain(&t, &names(), caller("feature-x"), dest(), SVC).unwrap();
+        assert_eq!(ex.outcome, "fell_back");
+        let steps: Vec<(u32, Option<u32>, bool)> =
+            ex.fallback.iter().map(|s| (s.step, s.set.count, s.chosen)).collect();
+        assert_eq!(steps, [(0, None, false), (1, Some(1), true)]);
+        let text = render_table(&ex);
+        assert!(text.contains("gray → base (lane policy)"), "{text}");
+        assert!(text.contains("step 1/2: lane gray: no backend set → next"), "{text}");
+    }
+
+    #[test]
+    fn strict_lanes_and_services_refuse() {
+        let t = Fake::default().chain("gray", &["base"], LANE_F_STRICT).set("base", &["10.244.0.2:8080"]);
+        let ex = explain(&t, &names(), caller("gray"), dest(), SVC).unwrap();
+        assert_eq!(ex.outcome, "refused_strict");
+        assert!(ex.lane_strict && ex.backends.is_empty() && ex.backend_lane.is_none());
+        assert!(render_table(&ex).contains("EPERM"));
+        let t = Fake::default().set("base", &["10.244.0.2:8080"]);
+        let strict = Some(Service { svc_id: 1, flags: SVC_F_STRICT });
+        let ex = explain(&t, &names(), caller("feature-x"), dest(), strict).unwrap();
+        assert_eq!(ex.outcome, "refused_strict");
+        assert!(ex.frontend.unwrap().strict);
+    }
+
+    #[test]
+    fn base_callers_stay_in_base_and_fail_open() {
+        let t = Fake::default().set("gray", &["10.244.0.3:8080"]);
+        let ex = explain(&t, &names(), caller("base"), dest(), SVC).unwrap();
+        assert_eq!(ex.outcome, "no_backend");
+        assert!(checks(&ex).contains(&"base_caller"));
+    }
+
+    #[test]
+    fn an_empty_chain_fails_open_after_trying_everything() {
+        let t = Fake::default().chain("feature-x", &["gray", "base"], 0);
+        let ex = explain(&t, &names(), caller("feature-x"), dest(), SVC).unwrap();
+        assert_eq!(ex.outcome, "no_backend");
+        assert_eq!(ex.fallback.len(), 2);
+        assert!(ex.fallback.iter().all(|s| !s.chosen));
+    }
+
+    #[test]
+    fn a_destination_that_is_no_frontend_is_untouched() {
+        let ex = explain(&Fake::default(), &names(), caller("gray"), dest(), None).unwrap();
+        assert_eq!(ex.outcome, "not_service");
+        assert!(ex.frontend.is_none() && ex.own_set.is_none());
+        assert!(render_table(&ex).contains("is not a Service frontend"));
+    }
+
+    #[test]
+    fn backends_of_the_other_family_are_flagged() {
+        let t = Fake::default().set("base", &["10.244.0.2:8080", "[fd00:244::2]:8080"]);
+        let ex = explain(&t, &names(), caller("base"), dest(), SVC).unwrap();
+        let reach: Vec<bool> = ex.backends.iter().map(|b| b.reachable).collect();
+        assert_eq!(reach, [true, false]);
+        assert!(render_table(&ex).contains("family_mismatch"));
+    }
+
+    #[test]
+    fn an_unregistered_caller_is_explained_as_base() {
+        let mut c = caller("base");
+        c.registered = false;
+        c.cgroup_path = Some("/sys/fs/cgroup/x".into());
+        c.cgroup_level = Some(1);
+        let t = Fake::default().set("base", &["10.244.0.2:8080"]);
+        let ex = explain(&t, &names(), c, dest(), SVC).unwrap();
+        assert_eq!(ex.outcome, "steered");
+        assert!(ex.steps[0].result.contains("unknown_pod"), "{}", ex.steps[0].result);
+    }
+
+    #[test]
+    fn the_json_schema_has_its_documented_fields() {
+        let t = Fake::default().set("base", &["10.244.0.2:8080"]);
+        let ex = explain(&t, &names(), caller("gray"), dest(), SVC).unwrap();
+        let v = serde_json::to_value(&ex).unwrap();
+        for field in [
+            "caller",
+            "destination",
+            "frontend",
+            "own_set",
+            "lane_strict",
+            "fallback",
+            "outcome",
+            "backend_lane",
+            "backends",
+            "steps",
+        ] {
+            assert!(v.get(field).is_some(), "missing {field}: {v}");
+        }
+        assert_eq!(v["caller"]["lane"]["name"], "gray");
+        assert_eq!(v["destination"], "10.96.0.10:80/tcp");
+        assert_eq!(v["backends"][0]["address"], "10.244.0.2:8080");
+    }
+}

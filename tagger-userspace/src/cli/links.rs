@@ -1,0 +1,177 @@
+//! What the kernel says about a pinned program link: link and program ids, and the cgroup and
+//! attach point of a cgroup link.
+//!
+//! aya's `FdLink::info()` reports the ids but not the cgroup (and `PinnedLink` does not expose
+//! its descriptor), so this asks the kernel directly: `BPF_OBJ_GET` on the pin, then
+//! `BPF_OBJ_GET_INFO_BY_FD`. Holding a link descriptor changes nothing: the pin keeps the link
+//! attached, and closing our descriptor only drops our reference.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::fs::MetadataExt as _,
+    },
+    path::{Path, PathBuf},
+};
+
+use tagger_common::MAX_CGROUP_LEVEL;
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_TYPE_CGROUP: u32 = 3;
+
+/// A link as the kernel describes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkInfo {
+    /// Link id (as `bpftool link` shows it).
+    pub link_id: u32,
+    /// Id of the attached program (as `bpftool prog` shows it).
+    pub program_id: u32,
+    /// For a cgroup link: the cgroup id (inode) and the attach type.
+    pub cgroup: Option<(u64, u32)>,
+}
+
+/// `bpf_link_info` up to the cgroup member of its union, followed by room for the larger union
+/// members of newer kernels (which must be zero on input and are ignored on output).
+#[repr(C)]
+#[derive(Default)]
+struct RawLinkInfo {
+    link_type: u32,
+    id: u32,
+    prog_id: u32,
+    /// Alignment of the 8-byte union that follows.
+    _pad: u32,
+    cgroup_id: u64,
+    attach_type: u32,
+    _rest: [u32; 25],
+}
+
+/// The `BPF_OBJ_*` member of `union bpf_attr`. The kernel rejects (EINVAL) any non-zero byte
+/// after `path_fd`, so the trailing padding is an explicit, zeroed field.
+#[repr(C)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: u32,
+}
+
+#[repr(C)]
+struct InfoByFdAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// Reads the kernel's description of the link pinned at `pin`.
+pub fn link_info(pin: &Path) -> io::Result<LinkInfo> {
+    let fd = obj_get(pin)?;
+    let mut info = RawLinkInfo::default();
+    let attr = InfoByFdAttr {
+        bpf_fd: u32::try_from(fd.as_raw_fd()).map_err(|_| io::Error::other("negative fd"))?,
+        info_len: u32::try_from(size_of::<RawLinkInfo>()).map_err(|_| io::Error::other("info size"))?,
+        info: (&raw mut info) as u64,
+    };
+    // SAFETY: the kernel reads `attr` (valid for its size) and writes at most `info_len` bytes
+    // into `info`, which we own and which outlives the call.
+    let rc =
+        unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &raw const attr, size_of_val(&attr)) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let cgroup = (info.link_type == BPF_LINK_TYPE_CGROUP).then_some((info.cgroup_id, info.attach_type));
+    Ok(LinkInfo { link_id: info.id, program_id: info.prog_id, cgroup })
+}
+
+/// `BPF_OBJ_GET` of a link pin (links can only be opened read-write; the flags must be 0).
+fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    let attr = ObjGetAttr { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0, _pad: 0 };
+    // SAFETY: the kernel reads `attr` (valid for its size) and the NUL-terminated path it points
+    // to, both alive for the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &raw const attr, size_of_val(&attr)) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(|_| io::Error::other("fd out of range"))?;
+    // SAFETY: the kernel just returned this new descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The kernel's name of a cgroup socket-address attach type (`bpf_attach_type`).
+#[must_use]
+pub fn attach_type_name(t: u32) -> Option<&'static str> {
+    Some(match t {
+        10 => "cgroup_inet4_connect",
+        11 => "cgroup_inet6_connect",
+        14 => "cgroup_udp4_sendmsg",
+        15 => "cgroup_udp6_sendmsg",
+        19 => "cgroup_udp4_recvmsg",
+        20 => "cgroup_udp6_recvmsg",
+        29 => "cgroup_inet4_getpeername",
+        30 => "cgroup_inet6_getpeername",
+        _ => return None,
+    })
+}
+
+/// Finds the directories of cgroup ids (inode numbers) below the cgroup v2 mount `root`,
+/// breadth first, at most [`MAX_CGROUP_LEVEL`] deep, stopping once all are found.
+#[must_use]
+pub fn cgroup_paths(root: &Path, ids: &BTreeSet<u64>) -> BTreeMap<u64, PathBuf> {
+    let mut found = BTreeMap::new();
+    let mut queue = VecDeque::from([(root.to_owned(), 0u32)]);
+    while let Some((dir, depth)) = queue.pop_front() {
+        if found.len() == ids.len() {
+            break;
+        }
+        let Ok(meta) = std::fs::metadata(&dir) else { continue };
+        if ids.contains(&meta.ino()) {
+            found.insert(meta.ino(), dir.clone());
+        }
+        if depth >= MAX_CGROUP_LEVEL {
+            continue;
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                queue.push_back((e.path(), depth + 1));
+            }
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cgroup_member_sits_where_the_kernel_puts_it() {
+        // struct bpf_link_info { __u32 type, id, prog_id; union { struct { __u64 cgroup_id;
+        // __u32 attach_type; } cgroup; ... } } — the union is 8-byte aligned.
+        assert_eq!(std::mem::offset_of!(RawLinkInfo, cgroup_id), 16);
+        assert_eq!(std::mem::offset_of!(RawLinkInfo, attach_type), 24);
+    }
+
+    #[test]
+    fn a_missing_pin_is_an_io_error() {
+        let e = link_info(Path::new("/nonexistent/tagger/links/connect4")).unwrap_err();
+        assert!(matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EPERM | libc::ENOSYS)), "{e}");
+    }
+
+    #[test]
+    fn cgroup_paths_finds_directories_by_inode() {
+        let root = std::env::temp_dir().join(format!("tagger-cli-links-{}", std::process::id()));
+        let deep = root.join("a/b");
+        std::fs::create_dir_all(&deep).unwrap();
+        let ino = std::fs::metadata(&deep).unwrap().ino();
+        let found = cgroup_paths(&root, &BTreeSet::from([ino, 1]));
+        std::fs::remove_dir_all(&root).unwrap();
+        assert_eq!(found.get(&ino), Some(&deep));
+    }
+}
