@@ -13,5 +13,6 @@ pub mod model;
 pub mod net;
 pub mod reconcile;
 pub mod source;
+pub mod sys;
 
 pub use error::{Error, Result};

@@ -8,10 +8,9 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
-    ffi::CString,
     io,
     os::{
-        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        fd::AsRawFd as _,
         unix::fs::MetadataExt as _,
     },
     path::{Path, PathBuf},
@@ -19,7 +18,6 @@ use std::{
 
 use tagger_common::MAX_CGROUP_LEVEL;
 
-const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_TYPE_CGROUP: u32 = 3;
 
@@ -49,17 +47,6 @@ struct RawLinkInfo {
     _rest: [u32; 25],
 }
 
-/// The `BPF_OBJ_*` member of `union bpf_attr`. The kernel rejects (EINVAL) any non-zero byte
-/// after `path_fd`, so the trailing padding is an explicit, zeroed field.
-#[repr(C)]
-struct ObjGetAttr {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
-    path_fd: i32,
-    _pad: u32,
-}
-
 #[repr(C)]
 struct InfoByFdAttr {
     bpf_fd: u32,
@@ -69,7 +56,8 @@ struct InfoByFdAttr {
 
 /// Reads the kernel's description of the link pinned at `pin`.
 pub fn link_info(pin: &Path) -> io::Result<LinkInfo> {
-    let fd = obj_get(pin)?;
+    // Links can only be opened read-write (flags 0); holding the fd changes nothing.
+    let fd = crate::sys::obj_get(pin, 0)?;
     let mut info = RawLinkInfo::default();
     let attr = InfoByFdAttr {
         bpf_fd: u32::try_from(fd.as_raw_fd()).map_err(|_| io::Error::other("negative fd"))?,
@@ -85,22 +73,6 @@ pub fn link_info(pin: &Path) -> io::Result<LinkInfo> {
     }
     let cgroup = (info.link_type == BPF_LINK_TYPE_CGROUP).then_some((info.cgroup_id, info.attach_type));
     Ok(LinkInfo { link_id: info.id, program_id: info.prog_id, cgroup })
-}
-
-/// `BPF_OBJ_GET` of a link pin (links can only be opened read-write; the flags must be 0).
-fn obj_get(path: &Path) -> io::Result<OwnedFd> {
-    let c = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
-    let attr = ObjGetAttr { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0, _pad: 0 };
-    // SAFETY: the kernel reads `attr` (valid for its size) and the NUL-terminated path it points
-    // to, both alive for the call.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &raw const attr, size_of_val(&attr)) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = i32::try_from(fd).map_err(|_| io::Error::other("fd out of range"))?;
-    // SAFETY: the kernel just returned this new descriptor; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// The kernel's name of a cgroup socket-address attach type (`bpf_attach_type`).

@@ -75,42 +75,12 @@ fn open_map(layout: &PinLayout, name: &'static str, access: Access) -> Result<Ma
     let open_err = |e| Error::OpenMap { path: path.clone(), source: Box::new(e) };
     let data = match access {
         Access::ReadWrite => MapData::from_pin(&path).map_err(open_err)?,
-        Access::ReadOnly => MapData::from_fd(obj_get_read_only(&path)?).map_err(open_err)?,
+        Access::ReadOnly => {
+            let fd = crate::sys::obj_get(&path, crate::sys::BPF_F_RDONLY).map_err(|e| Error::io(&path, e))?;
+            MapData::from_fd(fd).map_err(open_err)?
+        }
     };
     Map::from_map_data(data).map_err(|e| Error::OpenMap { path, source: Box::new(e) })
-}
-
-/// `BPF_OBJ_GET` with `BPF_F_RDONLY` (aya opens pins read-write only).
-fn obj_get_read_only(path: &std::path::Path) -> Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd as _;
-    const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_F_RDONLY: u32 = 1 << 3;
-    #[repr(C)]
-    struct ObjGetAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        path_fd: i32,
-        // Explicit: the kernel rejects a non-zero byte past the fields it knows (EINVAL), and
-        // implicit padding is uninitialised.
-        _pad: u32,
-    }
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| Error::Invalid {
-        what: "pin path",
-        reason: format!("{} contains NUL", path.display()),
-    })?;
-    let attr = ObjGetAttr { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: BPF_F_RDONLY, path_fd: 0, _pad: 0 };
-    // SAFETY: the bpf syscall reads `attr` (valid for its size) and the NUL-terminated path it
-    // points to, both alive for the call.
-    let fd = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &raw const attr, std::mem::size_of::<ObjGetAttr>())
-    };
-    if fd < 0 {
-        return Err(Error::io(path, std::io::Error::last_os_error()));
-    }
-    let fd = i32::try_from(fd).map_err(|_| Error::io(path, std::io::Error::other("fd out of range")))?;
-    // SAFETY: the kernel just returned this new file descriptor; we own it.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
 
 macro_rules! open_typed {
