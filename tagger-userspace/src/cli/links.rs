@@ -9,10 +9,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
     io,
-    os::{
-        fd::AsRawFd as _,
-        unix::fs::MetadataExt as _,
-    },
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
 };
 
