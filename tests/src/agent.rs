@@ -335,6 +335,24 @@ impl AgentSandbox {
         }
     }
 
+    /// Waits for the agent (started with `--metrics-addr 127.0.0.1:0`) to log the port it
+    /// serves its endpoints on, and returns it. A port picked by the kernel cannot collide
+    /// with anything else running on the machine.
+    #[must_use]
+    pub fn metrics_port(&self) -> u16 {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let log = self.agent_log();
+            if let Some(port) = log.lines().filter(|l| l.contains("serving /metrics")).find_map(|l| {
+                l.split("addr=").nth(1)?.split_whitespace().next()?.rsplit(':').next()?.parse().ok()
+            }) {
+                return port;
+            }
+            assert!(Instant::now() < deadline, "the agent never served its endpoints:\n{log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Makes `count` TCP attempts from a caller's pod cgroup.
     #[must_use]
     pub fn call(&self, caller: &str, addr: SocketAddr, count: usize) -> Vec<Attempt> {

@@ -38,11 +38,6 @@ fn wait_ready(sb: &AgentSandbox, gw_lane: &str) {
     });
 }
 
-/// A free port on 127.0.0.1 for the metrics endpoint.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn http_get(port: u16, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect metrics");
     write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
@@ -114,9 +109,8 @@ fn lanes_config_chain_strict_and_reload() {
 #[test]
 fn bad_input_is_counted_or_rejected_and_nothing_applied_is_lost() {
     let mut sb = sandbox(Some("gray"));
-    let port = free_port();
-    let metrics = format!("127.0.0.1:{port}");
-    sb.start_agent_on_file(&["--metrics-addr", &metrics]);
+    sb.start_agent_on_file(&["--metrics-addr", "127.0.0.1:0"]);
+    let port = sb.metrics_port();
     wait_ready(&sb, "gray");
     assert_eq!(sb.reached("gw", vip(), 20), ["a-gray"]);
 

@@ -150,7 +150,10 @@ async fn shutdown_signal() {
 pub fn init_logging() {
     use tracing_subscriber::{EnvFilter, fmt};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal as _;
+    // Colours only on a terminal: log files and `kubectl logs` must not carry escape codes.
+    let builder =
+        fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
     if std::env::var("TAGGER_LOG_FORMAT").is_ok_and(|f| f == "json") {
         builder.json().init();
     } else {

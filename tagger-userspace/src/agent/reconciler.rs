@@ -167,6 +167,7 @@ impl Reconciler {
             let snapshot = inputs.snapshot();
             let lanes = lanes.lock().expect("lanes lock").clone();
             let report = self.reconcile(&snapshot, &lanes);
+            self.status.observe_reconcile(started.elapsed());
             pending = report.pending_pods > 0;
             if report.applied > 0 || report.failed > 0 {
                 info!(

@@ -177,18 +177,24 @@ pub async fn serve(addr: SocketAddr, status: std::sync::Arc<AgentStatus>, bpffs:
             return;
         }
     };
-    info!(%addr, "serving /metrics, /healthz, /readyz");
+    // With port 0 the kernel picks one; the log says which (tests rely on it).
+    let bound = listener.local_addr().unwrap_or(addr);
+    info!(addr = %bound, "serving /metrics, /healthz, /readyz");
     loop {
         let Ok((mut sock, _)) = listener.accept().await else { continue };
         let status = std::sync::Arc::clone(&status);
         let bpffs = bpffs.clone();
         tokio::spawn(async move {
+            // Read up to the end of the request head: a client may send it in several writes.
             let mut buf = [0u8; 2048];
-            let Ok(Ok(n)) =
-                tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf)).await
-            else {
-                return;
-            };
+            let mut n = 0;
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+            while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                match tokio::time::timeout_at(deadline, sock.read(&mut buf[n..])).await {
+                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+                    Ok(Ok(read)) => n += read,
+                }
+            }
             let request = String::from_utf8_lossy(&buf[..n]);
             let path = request.split_whitespace().nth(1).unwrap_or("/");
             let (code, body) = match path {

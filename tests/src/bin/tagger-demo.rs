@@ -137,10 +137,8 @@ fn run(keep: bool) -> bool {
         services.push(start_service(&sb, name, lane.unwrap_or("base"), next));
     }
     let lanes = sb.write_lanes_config("# gray falls back to base when a Service has no gray backend\nlanes:\n  gray:\n    fallback: [base]\n");
-    let metrics_port =
-        std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
-    let metrics = format!("127.0.0.1:{metrics_port}");
-    sb.start_agent_on_file(&["--lanes-config", &lanes.to_string_lossy(), "--metrics-addr", &metrics]);
+    sb.start_agent_on_file(&["--lanes-config", &lanes.to_string_lossy(), "--metrics-addr", "127.0.0.1:0"]);
+    let metrics = format!("127.0.0.1:{}", sb.metrics_port());
     let yaml = sb.dir.0.join("cluster.yaml");
     print_setup(&sb, &yaml);
     wait_synced(&sb, &pods.map(|p| (p.0, p.1)));
