@@ -148,9 +148,10 @@ async fn shutdown_signal() {
 /// Structured logs on stderr; `RUST_LOG` filters (default `info`), `TAGGER_LOG_FORMAT=json`
 /// switches to JSON lines.
 pub fn init_logging() {
+    use std::io::IsTerminal as _;
+
     use tracing_subscriber::{EnvFilter, fmt};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    use std::io::IsTerminal as _;
     // Colours only on a terminal: log files and `kubectl logs` must not carry escape codes.
     let builder =
         fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());

@@ -191,7 +191,7 @@ pub async fn serve(addr: SocketAddr, status: std::sync::Arc<AgentStatus>, bpffs:
             let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
             while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
                 match tokio::time::timeout_at(deadline, sock.read(&mut buf[n..])).await {
-                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+                    Ok(Ok(0) | Err(_)) | Err(_) => return,
                     Ok(Ok(read)) => n += read,
                 }
             }
