@@ -2,6 +2,7 @@
 //! cgroup discovery, and the pure parts of lane handling.
 
 pub mod agent;
+pub mod caps;
 pub mod cgroup;
 pub mod cli;
 pub mod datapath;

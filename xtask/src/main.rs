@@ -5,6 +5,7 @@
 
 mod bootstrap;
 mod cleanup;
+mod image;
 mod shell;
 
 use anyhow::{Result, bail};
@@ -38,6 +39,9 @@ enum Task {
         #[arg(long)]
         keep: bool,
     },
+    /// Build the container image (static musl binaries, FROM scratch, buildah), check that its
+    /// binaries run, save it under target/image/, and print its size and digest.
+    Image(image::ImageArgs),
 }
 
 fn main() -> Result<()> {
@@ -51,6 +55,7 @@ fn main() -> Result<()> {
         }
         Task::Test { no_lint, filter } => test(no_lint, filter.as_deref()),
         Task::Demo { keep } => demo(keep),
+        Task::Image(args) => image::run_task(&args),
     }
 }
 
@@ -90,7 +95,8 @@ fn test(no_lint: bool, filter: Option<&str>) -> Result<()> {
     cleanup::leftovers();
     result?;
     shell::step("the demo, as a smoke test (`cargo xtask demo`)");
-    run_demo(false)
+    run_demo(false)?;
+    image::test_step()
 }
 
 fn demo(keep: bool) -> Result<()> {

@@ -47,6 +47,8 @@ pub fn run(args: &Args) -> Result<()> {
         Some(path) => load_lanes(path)?,
         None => LanesConfig::default(),
     };
+    // Name a missing capability before the kernel answers a bare EPERM.
+    crate::caps::check_agent()?;
     let (datapath, installed) = Datapath::install(&args.bpffs, &config.cgroup_root)
         .with_context(|| format!("installing the datapath on {}", config.cgroup_root.display()))?;
     info!(?installed, bpffs = %args.bpffs.display(), cgroup_root = %config.cgroup_root.display(), "datapath ready");

@@ -1,0 +1,354 @@
+//! Least privilege, proven on the real kernel: the capabilities the DaemonSet grants (read from
+//! `deploy/base/daemonset.yaml`) suffice, and each one is needed.
+//!
+//! Processes run as the DaemonSet's container would: uid 0 (of the host) with exactly the
+//! listed capabilities in the bounding, permitted and effective sets, empty inheritable and
+//! ambient sets, `no_new_privs` (`allowPrivilegeEscalation: false`), and in a private mount
+//! namespace where the root filesystem, /sys and the cgroup v2 tree are read-only
+//! (`readOnlyRootFilesystem` and the read-only cgroup mount) while bpffs stays writable.
+//! `unshare` and `setpriv` (util-linux) set that up.
+//!
+//! Two observations per capability:
+//! - the kernel's: this test binary re-runs itself confined (the `confined_helper` test, which
+//!   does nothing unless asked to) and calls the datapath library directly, with no check of
+//!   ours in between: with the full set the install succeeds, without any one of them it fails;
+//! - the agent's: the real `tagger-agent`, confined, steers connections with the full set, and
+//!   without any one capability refuses to start with a message naming it.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::ConfigMap};
+use tagger::datapath::Datapath;
+use tagger_tests::{
+    agent::{AgentProcess, AgentSandbox, PORT, PinDir, pod_in_lane, set_size, workspace_bin},
+    datapath::BPFFS,
+    unique_name,
+};
+
+const WAIT: Duration = Duration::from_secs(10);
+const HELPER_ENV: &str = "TAGGER_CAPS_HELPER";
+
+fn deploy_file(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(rel)
+}
+
+/// The capabilities the DaemonSet adds, after checking that it drops everything else.
+fn daemonset_capabilities() -> Vec<String> {
+    let path = deploy_file("base/daemonset.yaml");
+    let ds: DaemonSet = serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let containers = ds.spec.unwrap().template.spec.unwrap().containers;
+    let sc = containers[0].security_context.clone().expect("securityContext");
+    assert_ne!(sc.privileged, Some(true));
+    let caps = sc.capabilities.expect("capabilities");
+    assert_eq!(caps.drop, Some(vec!["ALL".to_owned()]), "{}: drop ALL", path.display());
+    let add = caps.add.unwrap_or_default();
+    assert!(!add.is_empty());
+    add
+}
+
+/// The base ConfigMap's lanes config, as the DaemonSet mounts it.
+fn configmap_lanes() -> String {
+    let path = deploy_file("base/configmap.yaml");
+    let cm: ConfigMap = serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cm.data.unwrap()["lanes.yaml"].clone()
+}
+
+/// Capability number of a Kubernetes capability name (`BPF`), from `setpriv --list-caps`'
+/// numbering, which follows `linux/capability.h`.
+fn cap_number(name: &str) -> u32 {
+    let out = Command::new("setpriv").arg("--list-caps").output().expect("setpriv (util-linux)");
+    let list = String::from_utf8_lossy(&out.stdout);
+    let n = list
+        .lines()
+        .position(|l| l.trim() == name.to_ascii_lowercase())
+        .unwrap_or_else(|| panic!("setpriv does not know capability {name}"));
+    u32::try_from(n).unwrap()
+}
+
+fn mask(caps: &[String]) -> u64 {
+    caps.iter().fold(0, |m, c| m | (1u64 << cap_number(c)))
+}
+
+/// `unshare … sh -c … setpriv … -- program args…`: `program` confined as described in the
+/// module docs, with exactly `caps`.
+fn confined(caps: &[String], program: &Path, args: &[String]) -> (PathBuf, Vec<String>) {
+    let cgroup2 = tagger::cgroup::cgroup2_mount().expect("cgroup2 mount");
+    let bounding: Vec<String> = std::iter::once("-all".to_owned())
+        .chain(caps.iter().map(|c| format!("+{}", c.to_ascii_lowercase())))
+        .collect();
+    // $0 is the cgroup2 mount point; the remaining arguments are setpriv's.
+    let script = r#"set -e
+for m in / /sys "$0"; do mount -o remount,bind,ro "$m"; done
+exec setpriv "$@""#;
+    let mut command_line: Vec<String> =
+        ["--mount", "--propagation", "private", "--", "sh", "-c", script].map(String::from).to_vec();
+    command_line.push(cgroup2.to_string_lossy().into_owned());
+    command_line.extend([
+        "--inh-caps=-all".to_owned(),
+        "--ambient-caps=-all".to_owned(),
+        format!("--bounding-set={}", bounding.join(",")),
+        "--no-new-privs".to_owned(),
+        "--".to_owned(),
+        program.to_string_lossy().into_owned(),
+    ]);
+    command_line.extend(args.iter().cloned());
+    (PathBuf::from("unshare"), command_line)
+}
+
+fn without(caps: &[String], drop: &str) -> Vec<String> {
+    caps.iter().filter(|c| *c != drop).cloned().collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kernel's answer: the datapath library, confined, with no check of ours
+// ---------------------------------------------------------------------------------------------
+
+/// Not a test by itself: returns at once unless `TAGGER_CAPS_HELPER` is set, which only this
+/// file's tests do when they re-run this binary confined. Prints one `HELPER-OK`/`HELPER-ERR`
+/// line.
+#[test]
+fn confined_helper() {
+    let Ok(mode) = std::env::var(HELPER_ENV) else { return };
+    let bpffs = PathBuf::from(std::env::var("TAGGER_CAPS_HELPER_BPFFS").unwrap());
+    let result = match mode.as_str() {
+        "install" => {
+            let cgroup = PathBuf::from(std::env::var("TAGGER_CAPS_HELPER_CGROUP").unwrap());
+            Datapath::install(&bpffs, &cgroup).map(|(_, installed)| format!("{installed:?}"))
+        }
+        // What `kubectl exec ds/tagger-agent -- tagger …` does: open the pins read-only, read.
+        "read" => Datapath::open_read_only(&bpffs).and_then(|dp| {
+            let t = dp.tables();
+            Ok(format!(
+                "{} pods, {} frontends, counters {:?}",
+                t.pods()?.len(),
+                t.frontends()?.len(),
+                t.counters()?
+            ))
+        }),
+        other => panic!("unknown helper mode {other}"),
+    };
+    match result {
+        Ok(s) => println!("HELPER-OK {s}"),
+        Err(e) => {
+            // The whole chain: the errno is in the innermost source.
+            let mut chain = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                chain = format!("{chain}: {s}");
+                source = s.source();
+            }
+            println!("HELPER-ERR {}", chain.replace('\n', " "));
+        }
+    }
+}
+
+/// Runs `confined_helper` confined with `caps`; its result line.
+fn helper(mode: &str, caps: &[String], bpffs: &Path, cgroup: &Path) -> Result<String, String> {
+    let exe = std::env::current_exe().unwrap();
+    let test_args = ["--exact", "confined_helper", "--nocapture", "--test-threads=1"].map(String::from);
+    let (bin, argv) = confined(caps, &exe, &test_args);
+    let out = Command::new(bin)
+        .args(argv)
+        .env(HELPER_ENV, mode)
+        .env("TAGGER_CAPS_HELPER_BPFFS", bpffs)
+        .env("TAGGER_CAPS_HELPER_CGROUP", cgroup)
+        .output()
+        .expect("run the helper");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // libtest prints `test confined_helper ... ` on the same line, before the helper's output.
+    if let Some(ok) = stdout.lines().find_map(|l| l.split_once("HELPER-OK ").map(|(_, r)| r)) {
+        return Ok(ok.to_owned());
+    }
+    if let Some(err) = stdout.lines().find_map(|l| l.split_once("HELPER-ERR ").map(|(_, r)| r)) {
+        return Err(err.to_owned());
+    }
+    panic!(
+        "the confined helper did not report:\nstdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_kernel_needs_each_capability_and_nothing_more() {
+    let caps = daemonset_capabilities();
+    let sb = AgentSandbox::new();
+    let root = sb.root.path().to_owned();
+
+    // The full set: installs.
+    let pins = PinDir(Path::new(BPFFS).join(unique_name("pins")));
+    let got = helper("install", &caps, &pins.0, &root);
+    assert!(got.as_deref().is_ok_and(|s| s.starts_with("Attached")), "with {caps:?}: {got:?}");
+    // The CLI's access, with what `kubectl exec` gets (the container's set), works.
+    let read = helper("read", &caps, &pins.0, &root);
+    assert!(read.is_ok(), "reading the pins with {caps:?}: {read:?}");
+    drop(pins);
+
+    // Each one missing: the kernel refuses (EPERM from bpf(2), or EACCES from the verifier).
+    for cap in &caps {
+        let pins = PinDir(Path::new(BPFFS).join(unique_name("pins")));
+        let fewer = without(&caps, cap);
+        let got = helper("install", &fewer, &pins.0, &root);
+        let err = got.expect_err(&format!("the install succeeded without {cap}: is {cap} needed at all?"));
+        assert!(
+            err.contains("Operation not permitted") || err.contains("Permission denied"),
+            "without {cap}: {err}"
+        );
+        // The verifier's log is long; show its verdict.
+        let start = err.find("prohibited").map_or(0, |i| i.saturating_sub(100));
+        let shown = &err[start..err.len().min(start + 300)];
+        eprintln!("without CAP_{cap}: {shown}");
+    }
+
+    // CAP_SYS_ADMIN alone stands in for all of them (what a privileged container has).
+    let pins = PinDir(Path::new(BPFFS).join(unique_name("pins")));
+    let got = helper("install", &["SYS_ADMIN".to_owned()], &pins.0, &root);
+    assert!(got.is_ok(), "with SYS_ADMIN only: {got:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The agent's answer
+// ---------------------------------------------------------------------------------------------
+
+fn vip() -> SocketAddr {
+    "10.96.10.1:80".parse().unwrap()
+}
+
+/// A node with service `a` (base and gray backends) and a gray caller `gw`.
+fn sandbox() -> AgentSandbox {
+    let mut sb = AgentSandbox::new();
+    sb.backend("a-base", None);
+    sb.backend("a-gray", Some("gray"));
+    sb.caller("gw", Some("gray"));
+    sb.cluster.service("a", &[vip().ip()], vip().port(), PORT, &["a-base", "a-gray"]);
+    sb
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// (status code, whole response); (0, "") when nothing answers.
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return (0, String::new()) };
+    let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    (out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0), out)
+}
+
+/// Starts the agent confined with `caps` (arguments: the sandbox's plus `extra`).
+fn start_confined(sb: &mut AgentSandbox, caps: &[String], extra: &[&str]) {
+    let path = sb.write_source_file();
+    let args = sb.agent_args(&format!("file:{}", path.display()), extra);
+    let (bin, command_line) = confined(caps, &workspace_bin("tagger-agent"), &args);
+    let log = sb.dir.0.join("agent.log");
+    sb.agent = Some(AgentProcess::start_with(&bin, &command_line, &[], &log, "info,tagger=debug"));
+}
+
+/// `/proc/PID/status` of the confined agent once it has exec'd `tagger-agent`.
+fn agent_status(pid: u32) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == "tagger-agent" {
+            return std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        }
+        assert!(Instant::now() < deadline, "the agent did not start (comm {comm:?})");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn status_field<'a>(status: &'a str, field: &str) -> &'a str {
+    status.lines().find_map(|l| l.strip_prefix(field)).map_or("", str::trim)
+}
+
+/// Checks the process is confined as the container would be.
+fn assert_confined(pid: u32, caps: &[String]) {
+    let status = agent_status(pid);
+    let hex = |f: &str| u64::from_str_radix(status_field(&status, f), 16).unwrap();
+    let want = mask(caps);
+    for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
+        assert_eq!(hex(set), want, "{set} of the agent: {status}");
+    }
+    assert_eq!((hex("CapInh:"), hex("CapAmb:")), (0, 0));
+    assert_eq!(status_field(&status, "NoNewPrivs:"), "1");
+    assert_eq!(status_field(&status, "Uid:").split_whitespace().next(), Some("0"));
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let root = mountinfo.lines().find(|l| l.split_whitespace().nth(4) == Some("/")).unwrap();
+    assert!(root.split_whitespace().nth(5).unwrap().split(',').any(|o| o == "ro"), "root read-only: {root}");
+}
+
+#[test]
+fn the_agent_steers_with_exactly_the_daemonset_capabilities() {
+    let caps = daemonset_capabilities();
+    let mut sb = sandbox();
+    let lanes = sb.write_lanes_config(&configmap_lanes());
+    let port = free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let extra = ["--lanes-config", &lanes.to_string_lossy(), "--metrics-addr", &metrics];
+    start_confined(&mut sb, &caps, &extra);
+    assert_confined(sb.agent.as_ref().unwrap().pid(), &caps);
+    let cg = sb.pod_cgroup("gw");
+    sb.wait_for("gw registered and service a's sets", WAIT, |t| {
+        pod_in_lane(t, &cg, "gray") && set_size(t, vip(), "gray") == Some(1)
+    });
+    assert_eq!(sb.reached("gw", vip(), 20), ["a-gray"], "steered by the confined agent");
+    // The probes' endpoints.
+    let deadline = Instant::now() + WAIT;
+    while http_get(port, "/readyz").0 != 200 {
+        assert!(Instant::now() < deadline, "/readyz\n{}", sb.agent_log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(http_get(port, "/healthz").0, 200);
+    let (code, body) = http_get(port, "/metrics");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("tagger_agent_ready 1"), "{body}");
+
+    // A restart adopts the pins and keeps writing the maps, still confined.
+    sb.agent.as_mut().unwrap().kill();
+    start_confined(&mut sb, &caps, &extra);
+    assert_confined(sb.agent.as_ref().unwrap().pid(), &caps);
+    sb.wait_for("the restarted agent adopted the pins", WAIT, |_| sb.agent_log().contains("Adopted"));
+    sb.cluster.pods.get_mut("a-gray").unwrap().ready = false;
+    sb.write_source_file();
+    sb.wait_for("gray set emptied", WAIT, |t| set_size(t, vip(), "gray") == Some(0));
+    assert_eq!(sb.reached("gw", vip(), 20), ["a-base"], "fell back");
+    assert_eq!(sb.agent.as_mut().unwrap().terminate(), Some(0), "{}", sb.agent_log());
+}
+
+#[test]
+fn without_any_one_capability_the_agent_names_it() {
+    let caps = daemonset_capabilities();
+    let mut sb = sandbox();
+    for cap in &caps {
+        // A fresh node: nothing is installed, nothing is left half-installed.
+        start_confined(&mut sb, &without(&caps, cap), &[]);
+        let code = sb.agent.as_mut().unwrap().wait_exit(WAIT);
+        let log = sb.agent_log();
+        assert_eq!(code, Some(1), "without {cap}:\n{log}");
+        assert!(
+            log.contains(&format!("CAP_{cap}")) && log.contains("missing"),
+            "the error names CAP_{cap}:\n{log}"
+        );
+        assert!(!sb.pins.0.exists(), "without {cap} nothing is pinned");
+        std::fs::remove_file(sb.dir.0.join("agent.log")).unwrap();
+    }
+
+    // Installed with the full set, then restarted without one: refused as well, so a DaemonSet
+    // that lost a capability fails on its rollout rather than after a node reboot.
+    start_confined(&mut sb, &caps, &[]);
+    sb.wait_for("installed", WAIT, |t| set_size(t, vip(), "gray") == Some(1));
+    assert_eq!(sb.agent.as_mut().unwrap().terminate(), Some(0));
+    let cap = &caps[0];
+    std::fs::remove_file(sb.dir.0.join("agent.log")).unwrap();
+    start_confined(&mut sb, &without(&caps, cap), &[]);
+    assert_eq!(sb.agent.as_mut().unwrap().wait_exit(WAIT), Some(1), "{}", sb.agent_log());
+    assert!(sb.agent_log().contains(&format!("CAP_{cap}")), "{}", sb.agent_log());
+    assert_eq!(sb.reached("gw", vip(), 10), ["a-gray"], "the pinned datapath keeps steering");
+}
