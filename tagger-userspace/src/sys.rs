@@ -40,3 +40,17 @@ pub fn obj_get(path: &Path, file_flags: u32) -> io::Result<OwnedFd> {
     // SAFETY: the kernel just returned this new descriptor; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
+
+/// `BPF_LINK_DETACH`.
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// Detaches a link now (kernel ≥ 5.9). Removing a link's last pin also detaches it, but the
+/// kernel releases the link from a workqueue, a moment later; this makes "uninstalled" mean
+/// "no longer runs" by the time it returns.
+pub fn link_detach(link: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let link_fd = u32::try_from(link.as_raw_fd()).map_err(|_| io::Error::other("negative fd"))?;
+    // SAFETY: the kernel reads the 4-byte `link_detach` member of `union bpf_attr`.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, &raw const link_fd, size_of::<u32>()) };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}

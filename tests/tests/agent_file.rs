@@ -72,6 +72,10 @@ fn relabel_fallback_and_return_through_the_file() {
     sb.write_source_file();
     sb.wait_for("gray set back", WAIT, |t| set_size(t, vip(), "gray") == Some(1));
     assert_eq!(sb.reached("gw", vip(), 30), ["a-gray"]);
+    // One log line per fallback transition of (Service, lane), not one per connection.
+    let log = sb.agent_log();
+    assert_eq!(log.matches("demo/a:main: lane gray has no ready backend").count(), 1, "{log}");
+    assert_eq!(log.matches("demo/a:main: lane gray has ready backends again").count(), 1, "{log}");
 
     // A container of the pod (a child cgroup) is in the pod's lane.
     let ctr = sb.container_cgroup("gw");

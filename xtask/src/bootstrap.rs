@@ -11,15 +11,8 @@ const LLVM: &str = "22";
 /// Debian packages: LLVM for bpf-linker, iproute2 for the test namespaces, bpftool for operators;
 /// buildah and musl-tools (musl-gcc, for ring's C code) for the container image (`cargo xtask
 /// image`); util-linux's setpriv and unshare confine the agent in the capability tests.
-const APT_PACKAGES: [&str; 7] = [
-    "llvm-22-dev",
-    "libpolly-22-dev",
-    "iproute2",
-    "bpftool",
-    "buildah",
-    "musl-tools",
-    "util-linux",
-];
+const APT_PACKAGES: [&str; 7] =
+    ["llvm-22-dev", "libpolly-22-dev", "iproute2", "bpftool", "buildah", "musl-tools", "util-linux"];
 
 /// Installs everything missing.
 pub fn run_all() -> Result<()> {
@@ -36,36 +29,17 @@ fn toolchain_components() -> Result<()> {
         status("nightly toolchain", "present");
     } else {
         status("nightly toolchain", "installing");
-        run(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            "nightly",
-            "--profile",
-            "minimal",
-        ]))?;
+        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
     }
-    for (toolchain, component) in [
-        ("nightly", "rust-src"),
-        ("stable", "clippy"),
-        ("stable", "rustfmt"),
-    ] {
-        let installed = output(
-            "rustup",
-            &["component", "list", "--installed", "--toolchain", toolchain],
-        )
-        .unwrap_or_default();
+    for (toolchain, component) in [("nightly", "rust-src"), ("stable", "clippy"), ("stable", "rustfmt")] {
+        let installed = output("rustup", &["component", "list", "--installed", "--toolchain", toolchain])
+            .unwrap_or_default();
         let item = format!("{component} ({toolchain})");
         if installed.lines().any(|l| l.starts_with(component)) {
             status(&item, "present");
         } else {
             status(&item, "installing");
-            run(Command::new("rustup").args([
-                "component",
-                "add",
-                component,
-                "--toolchain",
-                toolchain,
-            ]))?;
+            run(Command::new("rustup").args(["component", "add", component, "--toolchain", toolchain]))?;
         }
     }
     Ok(())
@@ -77,10 +51,7 @@ fn apt_packages() -> Result<()> {
         .filter(|p| {
             let installed = output("dpkg-query", &["-W", "-f=${Status}", p])
                 .is_some_and(|s| s.contains("install ok installed"));
-            status(
-                &format!("debian package {p}"),
-                if installed { "present" } else { "missing" },
-            );
+            status(&format!("debian package {p}"), if installed { "present" } else { "missing" });
             !installed
         })
         .collect();
@@ -100,10 +71,7 @@ fn bpf_linker() -> Result<()> {
         status("bpf-linker", &format!("present ({})", v.trim()));
         return Ok(());
     }
-    status(
-        "bpf-linker",
-        &format!("building against LLVM {LLVM} (about a minute)"),
-    );
+    status("bpf-linker", &format!("building against LLVM {LLVM} (about a minute)"));
     let prefix = format!("/usr/lib/llvm-{LLVM}");
     run(Command::new("cargo")
         .args([
@@ -131,26 +99,15 @@ pub fn check_kernel() -> Result<()> {
     // getpeername/recvmsg hooks (5.8) and bpf_get_current_ancestor_cgroup_id in sock_addr
     // programs are the newest features the cgroup programs use; 5.8 also brings cgroup links.
     if (major, minor) < (5, 8) {
-        bail!(
-            "kernel {} is too old: tagger's cgroup programs need Linux 5.8 or newer",
-            release.trim()
-        );
+        bail!("kernel {} is too old: tagger's cgroup programs need Linux 5.8 or newer", release.trim());
     }
     status("kernel", &format!("{} (>= 5.8)", release.trim()));
     let mounts = std::fs::read_to_string("/proc/self/mounts").context("read /proc/self/mounts")?;
-    if !mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(2) == Some("cgroup2"))
-    {
-        bail!(
-            "no cgroup v2 filesystem is mounted: tagger needs cgroup v2 (unified or hybrid hierarchy)"
-        );
+    if !mounts.lines().any(|l| l.split_whitespace().nth(2) == Some("cgroup2")) {
+        bail!("no cgroup v2 filesystem is mounted: tagger needs cgroup v2 (unified or hybrid hierarchy)");
     }
     status("cgroup v2", "mounted");
-    if mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(2) == Some("bpf"))
-    {
+    if mounts.lines().any(|l| l.split_whitespace().nth(2) == Some("bpf")) {
         status("bpffs", "mounted");
     } else {
         status("bpffs", "mounting at /sys/fs/bpf");

@@ -14,6 +14,7 @@ mod poll;
 mod publish;
 mod reconciler;
 mod status;
+mod transitions;
 
 use std::{sync::Arc, time::Duration};
 

@@ -10,7 +10,13 @@ use std::{
 
 use tracing::{debug, info, warn};
 
-use super::{AgentStatus, Inputs, Wake, args::AgentConfig, inputs::InputsHandle, publish::Names};
+use super::{
+    AgentStatus, Inputs, Wake,
+    args::AgentConfig,
+    inputs::InputsHandle,
+    publish::Names,
+    transitions::{LaneAvailability, describe},
+};
 use crate::{
     Result,
     cgroup::CgroupRef,
@@ -46,6 +52,7 @@ pub struct Reconciler {
     status: Arc<AgentStatus>,
     current: DatapathState,
     names: Names,
+    availability: LaneAvailability,
     ids: FrontendIds,
     last_warnings: BTreeMap<String, u64>,
 }
@@ -64,7 +71,16 @@ impl Reconciler {
             lanes = current.lanes.len(),
             "adopted datapath state"
         );
-        Ok(Self { datapath, config, status, current, names, ids, last_warnings: BTreeMap::default() })
+        Ok(Self {
+            datapath,
+            config,
+            status,
+            current,
+            names,
+            availability: LaneAvailability::default(),
+            ids,
+            last_warnings: BTreeMap::default(),
+        })
     }
 
     /// One pass: desired state from `inputs` and `lanes`, difference applied.
@@ -109,6 +125,20 @@ impl Reconciler {
             .collect();
         desired_names.lanes = lane_names(inputs, lanes, keys);
         self.names.sync(self.datapath.tables_mut(), &desired_names, inputs.synced);
+        // One line per (Service, lane) that lost its last ready backend or got one back, only
+        // for complete views (a partial view is not a transition).
+        if inputs.synced {
+            let transitions =
+                self.availability.observe(desired.frontends.values().map(|s| s.svc_id), desired.sets.keys());
+            for t in &transitions {
+                let service = desired_names.services.get(&t.svc_id).map(|(ns, name, port)| {
+                    if port.is_empty() { format!("{ns}/{name}") } else { format!("{ns}/{name}:{port}") }
+                });
+                let lane =
+                    desired_names.lanes.get(&t.lane).cloned().unwrap_or_else(|| format!("{:#010x}", t.lane));
+                info!(svc_id = t.svc_id, lane = %lane, available = t.available, "{}", describe(t, service.as_deref(), &lane));
+            }
+        }
         let mut warnings = pods.warnings.clone();
         warnings.merge(services.warnings.clone());
         let counts: BTreeMap<String, u64> =

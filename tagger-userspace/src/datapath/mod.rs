@@ -161,9 +161,18 @@ impl Datapath {
     /// Pins that are already gone are fine; anything else that is not tagger's is left alone.
     pub fn uninstall(bpffs_dir: &Path) -> Result<()> {
         let layout = PinLayout::new(bpffs_dir);
-        // Links first: once they are gone no program reads the maps.
+        // Links first: once they are gone no program reads the maps. Each link is detached
+        // explicitly before its pin goes, because the kernel releases an unpinned link
+        // asynchronously.
         for program in PROGRAMS {
-            remove_pin(&layout.link(program))?;
+            let pin = layout.link(program);
+            if let Ok(fd) = crate::sys::obj_get(&pin, 0) {
+                use std::os::fd::AsFd as _;
+                if let Err(e) = crate::sys::link_detach(fd.as_fd()) {
+                    log::warn!("detaching {}: {e}; removing its pin detaches it shortly", pin.display());
+                }
+            }
+            remove_pin(&pin)?;
         }
         for map in ALL_MAPS {
             remove_pin(&layout.map(map))?;
