@@ -15,9 +15,16 @@
 //! - **Failure isolation**: when a write fails (a full map), [`apply_plan`] logs it, goes on with
 //!   the ops that do not depend on it, and skips those that do, so no frontend appears without
 //!   its sets and no set of a still-live frontend is removed.
+//!
+//! Incrementally: [`plan_scoped`] plans only the entries of a [`Scope`] (the keys a change
+//! touched, as [`incremental::Incremental`] reports them) and gives, for those, exactly the ops
+//! of a full [`plan`]; the agent keeps a [`Mirror`] of the maps, indexed for it, and plans every
+//! entry only at start, after a failed write and periodically.
+
+pub mod incremental;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     path::PathBuf,
 };
@@ -100,6 +107,146 @@ impl DatapathState {
             && self.lanes == other.lanes
             && self.sets.len() == other.sets.len()
             && self.sets.iter().all(|(k, v)| other.sets.get(k).is_some_and(|o| same_members(v, o)))
+    }
+}
+
+/// The desired contents, borrowed from wherever they are kept (a [`DatapathState`], or the
+/// incremental model's maps).
+#[derive(Clone, Copy, Debug)]
+pub struct DesiredRef<'a> {
+    /// Pod cgroup id → lane and cgroup level.
+    pub pods: &'a BTreeMap<u64, PodEntry>,
+    /// Service frontends.
+    pub frontends: &'a BTreeMap<FrontendKey, Service>,
+    /// (frontend, lane) → backends.
+    pub sets: &'a BTreeMap<SetKey, Vec<Backend>>,
+    /// Lane id → policy.
+    pub lanes: &'a BTreeMap<u32, LanePolicy>,
+}
+
+impl DatapathState {
+    /// This state as the desired contents of a plan.
+    #[must_use]
+    pub fn as_desired(&self) -> DesiredRef<'_> {
+        DesiredRef { pods: &self.pods, frontends: &self.frontends, sets: &self.sets, lanes: &self.lanes }
+    }
+}
+
+/// The entries a plan looks at: those that may differ between the maps and the desired state.
+/// [`Scope::all`] is every entry of either; an incremental reconciler passes only the keys its
+/// inputs' changes touched.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scope {
+    /// Pod cgroup ids.
+    pub pods: BTreeSet<u64>,
+    /// Frontends.
+    pub frontends: BTreeSet<FrontendKey>,
+    /// Backend sets.
+    pub sets: BTreeSet<SetKey>,
+    /// Lane policies.
+    pub lanes: BTreeSet<u32>,
+}
+
+impl Scope {
+    /// Every entry of `current` and of `desired`.
+    #[must_use]
+    pub fn all(current: &DatapathState, desired: DesiredRef<'_>) -> Self {
+        Self {
+            pods: current.pods.keys().chain(desired.pods.keys()).copied().collect(),
+            frontends: current.frontends.keys().chain(desired.frontends.keys()).copied().collect(),
+            sets: current.sets.keys().chain(desired.sets.keys()).copied().collect(),
+            lanes: current.lanes.keys().chain(desired.lanes.keys()).copied().collect(),
+        }
+    }
+
+    /// Whether the scope holds no entry.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.pods.is_empty() && self.frontends.is_empty() && self.sets.is_empty() && self.lanes.is_empty()
+    }
+
+    /// Adds another scope's entries.
+    pub fn merge(&mut self, other: Scope) {
+        self.pods.extend(other.pods);
+        self.frontends.extend(other.frontends);
+        self.sets.extend(other.sets);
+        self.lanes.extend(other.lanes);
+    }
+}
+
+/// What the maps hold, as the reconciler wrote them, indexed for [`plan_scoped`]: which
+/// `svc_id`s its frontends use. Apply ops to it as they are applied to the maps.
+#[derive(Clone, Debug, Default)]
+pub struct Mirror {
+    state: DatapathState,
+    /// svc_id → number of frontends using it.
+    live: HashMap<u32, u32>,
+}
+
+impl Mirror {
+    /// A mirror of `state`.
+    #[must_use]
+    pub fn new(state: DatapathState) -> Self {
+        let mut live: HashMap<u32, u32> = HashMap::new();
+        for s in state.frontends.values() {
+            *live.entry(s.svc_id).or_default() += 1;
+        }
+        Self { state, live }
+    }
+
+    /// The mirrored contents.
+    #[must_use]
+    pub fn state(&self) -> &DatapathState {
+        &self.state
+    }
+
+    /// Whether a frontend uses `svc_id`.
+    #[must_use]
+    pub fn is_live(&self, svc_id: u32) -> bool {
+        self.live.contains_key(&svc_id)
+    }
+
+    /// The writes that turn the entries of `scope` into `desired` (see [`plan_scoped`]).
+    #[must_use]
+    pub fn plan(&self, desired: DesiredRef<'_>, scope: &Scope, prune: bool) -> Vec<Op> {
+        plan_scoped(&self.state, |id| self.is_live(id), desired, scope, prune)
+    }
+
+    fn unuse(&mut self, svc_id: u32) {
+        if let std::collections::hash_map::Entry::Occupied(mut e) = self.live.entry(svc_id) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+}
+
+/// The mirror applies ops like the in-memory model (same validation) and keeps its index.
+impl DatapathWriter for Mirror {
+    fn apply(&mut self, op: &Op) -> Result<(), Error> {
+        self.apply_owned(op.clone())
+    }
+}
+
+impl Mirror {
+    /// Applies an op, taking its contents (a set's backends are moved, not copied).
+    pub fn apply_owned(&mut self, op: Op) -> Result<(), Error> {
+        let (before, after) = match &op {
+            Op::UpsertFrontend { key, service, .. } => {
+                (self.state.frontends.get(key).copied(), Some(service.svc_id))
+            }
+            Op::RemoveFrontend { key, .. } => (self.state.frontends.get(key).copied(), None),
+            _ => (None, None),
+        };
+        self.state.apply_owned(op)?;
+        if let Some(before) = before {
+            self.unuse(before.svc_id);
+        }
+        if let Some(after) = after {
+            *self.live.entry(after).or_default() += 1;
+        }
+        Ok(())
     }
 }
 
@@ -243,54 +390,92 @@ impl fmt::Display for Op {
 /// without `prune`.
 #[must_use]
 pub fn plan(current: &DatapathState, desired: &DatapathState, prune: bool) -> Vec<Op> {
+    let live: BTreeSet<u32> = current.frontends.values().map(|s| s.svc_id).collect();
+    let desired = desired.as_desired();
+    plan_scoped(current, |id| live.contains(&id), desired, &Scope::all(current, desired), prune)
+}
+
+/// [`plan`] restricted to the entries of `scope`: the same ops, in the same order, as a full
+/// plan would give for those entries, given that every other entry of `current` already
+/// equals `desired`. `live` tells whether a frontend of `current` uses an `svc_id`. Leftover
+/// sets are looked up by `svc_id` (they need not be in the scope).
+#[must_use]
+pub fn plan_scoped(
+    current: &DatapathState,
+    live: impl Fn(u32) -> bool,
+    desired: DesiredRef<'_>,
+    scope: &Scope,
+    prune: bool,
+) -> Vec<Op> {
     let mut ops = Vec::new();
-    for (&lane, policy) in &desired.lanes {
-        if current.lanes.get(&lane) != Some(policy) {
+    for &lane in &scope.lanes {
+        if let Some(policy) = desired.lanes.get(&lane)
+            && current.lanes.get(&lane) != Some(policy)
+        {
             ops.push(Op::SetLanePolicy { lane, policy: *policy });
         }
     }
-    for (key, backends) in &desired.sets {
-        if !current.sets.get(key).is_some_and(|c| same_members(c, backends)) {
+    for key in &scope.sets {
+        if let Some(backends) = desired.sets.get(key)
+            && !current.sets.get(key).is_some_and(|c| same_members(c, backends))
+        {
             ops.push(Op::ReplaceSet { key: *key, backends: backends.clone() });
         }
     }
-    let live: BTreeSet<u32> = current.frontends.values().map(|s| s.svc_id).collect();
-    let appearing: BTreeSet<u32> = desired
+    let appearing: BTreeSet<u32> = scope
         .frontends
         .iter()
+        .filter_map(|key| desired.frontends.get(key).map(|s| (key, s)))
         .filter(|(key, service)| current.frontends.get(key) != Some(service))
         .map(|(_, service)| service.svc_id)
-        .filter(|id| !live.contains(id))
+        .filter(|&id| !live(id))
         .collect();
-    let leftover = |key: &&SetKey| appearing.contains(&key.svc_id) && !desired.sets.contains_key(key);
-    for key in current.sets.keys().filter(leftover) {
-        ops.push(Op::RemoveSet { key: *key });
-    }
-    for (key, service) in &desired.frontends {
-        let previous = current.frontends.get(key).copied();
-        if previous != Some(*service) {
-            ops.push(Op::UpsertFrontend { key: *key, service: *service, previous });
+    let leftover = |key: &SetKey| appearing.contains(&key.svc_id) && !desired.sets.contains_key(key);
+    for &id in &appearing {
+        let range = SetKey { svc_id: id, lane: 0 }..=SetKey { svc_id: id, lane: u32::MAX };
+        for key in current.sets.range(range).map(|(k, _)| k).filter(|k| leftover(k)) {
+            ops.push(Op::RemoveSet { key: *key });
         }
     }
-    for (&cgroup_id, entry) in &desired.pods {
-        if current.pods.get(&cgroup_id) != Some(entry) {
+    for key in &scope.frontends {
+        if let Some(service) = desired.frontends.get(key) {
+            let previous = current.frontends.get(key).copied();
+            if previous != Some(*service) {
+                ops.push(Op::UpsertFrontend { key: *key, service: *service, previous });
+            }
+        }
+    }
+    for &cgroup_id in &scope.pods {
+        if let Some(entry) = desired.pods.get(&cgroup_id)
+            && current.pods.get(&cgroup_id) != Some(entry)
+        {
             ops.push(Op::RegisterPod { cgroup_id, entry: *entry });
         }
     }
     if !prune {
         return ops;
     }
-    for &cgroup_id in current.pods.keys().filter(|id| !desired.pods.contains_key(id)) {
-        ops.push(Op::UnregisterPod { cgroup_id });
+    for &cgroup_id in &scope.pods {
+        if current.pods.contains_key(&cgroup_id) && !desired.pods.contains_key(&cgroup_id) {
+            ops.push(Op::UnregisterPod { cgroup_id });
+        }
     }
-    for (key, previous) in current.frontends.iter().filter(|(k, _)| !desired.frontends.contains_key(k)) {
-        ops.push(Op::RemoveFrontend { key: *key, previous: *previous });
+    for key in &scope.frontends {
+        if let Some(previous) = current.frontends.get(key)
+            && !desired.frontends.contains_key(key)
+        {
+            ops.push(Op::RemoveFrontend { key: *key, previous: *previous });
+        }
     }
-    for key in current.sets.keys().filter(|k| !desired.sets.contains_key(k) && !leftover(k)) {
-        ops.push(Op::RemoveSet { key: *key });
+    for key in &scope.sets {
+        if current.sets.contains_key(key) && !desired.sets.contains_key(key) && !leftover(key) {
+            ops.push(Op::RemoveSet { key: *key });
+        }
     }
-    for &lane in current.lanes.keys().filter(|l| !desired.lanes.contains_key(l)) {
-        ops.push(Op::RemoveLanePolicy { lane });
+    for &lane in &scope.lanes {
+        if current.lanes.contains_key(&lane) && !desired.lanes.contains_key(&lane) {
+            ops.push(Op::RemoveLanePolicy { lane });
+        }
     }
     ops
 }
@@ -335,10 +520,41 @@ impl DatapathWriter for Tables {
     }
 }
 
-/// The in-memory model of the maps, with the same validation and capacities as [`Tables`], so
-/// tests see the errors the kernel maps would give.
-impl DatapathWriter for DatapathState {
-    fn apply(&mut self, op: &Op) -> Result<(), Error> {
+impl DatapathState {
+    /// Applies an op, taking its contents (a set's backends are moved, not copied).
+    pub fn apply_owned(&mut self, op: Op) -> Result<(), Error> {
+        self.check(&op)?;
+        match op {
+            Op::SetLanePolicy { lane, policy } => {
+                self.lanes.insert(lane, policy);
+            }
+            Op::ReplaceSet { key, backends } => {
+                self.sets.insert(key, backends);
+            }
+            Op::UpsertFrontend { key, service, .. } => {
+                self.frontends.insert(key, service);
+            }
+            Op::RegisterPod { cgroup_id, entry } => {
+                self.pods.insert(cgroup_id, entry);
+            }
+            Op::UnregisterPod { cgroup_id } => {
+                self.pods.remove(&cgroup_id);
+            }
+            Op::RemoveFrontend { key, .. } => {
+                self.frontends.remove(&key);
+            }
+            Op::RemoveSet { key } => {
+                self.sets.remove(&key);
+            }
+            Op::RemoveLanePolicy { lane } => {
+                self.lanes.remove(&lane);
+            }
+        }
+        Ok(())
+    }
+
+    /// The error the maps would give for `op`, if any.
+    fn check(&self, op: &Op) -> Result<(), Error> {
         fn full(map: &'static str, capacity: u32) -> Error {
             Error::MapFull { map, wanted: u64::from(capacity) + 1, capacity: u64::from(capacity) }
         }
@@ -359,7 +575,6 @@ impl DatapathWriter for DatapathState {
                 if !self.lanes.contains_key(lane) && self.lanes.len() >= MAX_LANES as usize {
                     return Err(full(MAP_LANES, MAX_LANES));
                 }
-                self.lanes.insert(*lane, *policy);
             }
             Op::ReplaceSet { key, backends } => {
                 if backends.len() > MAX_BACKENDS as usize {
@@ -372,13 +587,11 @@ impl DatapathWriter for DatapathState {
                 if !self.sets.contains_key(key) && self.sets.len() >= MAX_BACKEND_SETS as usize {
                     return Err(full(MAP_BACKEND_SETS, MAX_BACKEND_SETS));
                 }
-                self.sets.insert(*key, backends.clone());
             }
-            Op::UpsertFrontend { key, service, .. } => {
+            Op::UpsertFrontend { key, .. } => {
                 if !self.frontends.contains_key(key) && self.frontends.len() >= MAX_FRONTENDS as usize {
                     return Err(full(MAP_FRONTENDS, MAX_FRONTENDS));
                 }
-                self.frontends.insert(*key, *service);
             }
             Op::RegisterPod { cgroup_id, entry } => {
                 if entry.level == 0 || entry.level > MAX_CGROUP_LEVEL {
@@ -390,22 +603,21 @@ impl DatapathWriter for DatapathState {
                 if !self.pods.contains_key(cgroup_id) && self.pods.len() >= MAX_PODS as usize {
                     return Err(full(MAP_PODS, MAX_PODS));
                 }
-                self.pods.insert(*cgroup_id, *entry);
             }
-            Op::UnregisterPod { cgroup_id } => {
-                self.pods.remove(cgroup_id);
-            }
-            Op::RemoveFrontend { key, .. } => {
-                self.frontends.remove(key);
-            }
-            Op::RemoveSet { key } => {
-                self.sets.remove(key);
-            }
-            Op::RemoveLanePolicy { lane } => {
-                self.lanes.remove(lane);
-            }
+            Op::UnregisterPod { .. }
+            | Op::RemoveFrontend { .. }
+            | Op::RemoveSet { .. }
+            | Op::RemoveLanePolicy { .. } => {}
         }
         Ok(())
+    }
+}
+
+/// The in-memory model of the maps, with the same validation and capacities as [`Tables`], so
+/// tests see the errors the kernel maps would give.
+impl DatapathWriter for DatapathState {
+    fn apply(&mut self, op: &Op) -> Result<(), Error> {
+        self.apply_owned(op.clone())
     }
 }
 

@@ -1,52 +1,65 @@
-//! What the sources hand the reconciler: the cluster as the watchers (or the file) see it.
+//! What the sources hand the reconciler: the changes they saw ([`Change`]: objects applied and
+//! deleted, complete lists), queued in the order seen. Sources decode objects into the model's
+//! compact form on their own threads; the reconciler takes the whole queue at each pass, so a
+//! burst of events costs one pass.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    sync::{Arc, Mutex, mpsc::Sender},
+    time::{Duration, Instant},
+};
 
-use k8s_openapi::api::core::v1::Pod;
+use super::Wake;
+use crate::model::Change;
 
-use crate::model::{ClusterState, LocalPod, ObjectRef};
-
-/// The reconciler's inputs.
-#[derive(Clone, Debug, Default)]
+/// The queue of changes not yet taken by the reconciler.
+#[derive(Debug, Default)]
 pub struct Inputs {
-    /// Services, EndpointSlices and backend pod labels, cluster-wide.
-    pub cluster: ClusterState,
-    /// Pods scheduled on this node.
-    pub local_pods: Vec<LocalPod>,
-    /// A complete list of every resource has been seen (initial list or relist): only then may
-    /// anything be removed from the datapath.
-    pub synced: bool,
+    changes: Vec<Change>,
+    /// When the oldest queued change was queued.
+    since: Option<Instant>,
 }
 
 impl Inputs {
-    /// Adds a pod: its labels (for backend lanes) and, when it runs on `node`, as a local pod.
-    pub fn add_pod(&mut self, pod: &Pod, node: &str) {
-        let Some(object) = ObjectRef::of(&pod.metadata) else { return };
-        if pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
-            && let Some(local) = LocalPod::from_pod(pod)
-        {
-            self.local_pods.push(local);
+    /// Queues changes; returns whether the queue was empty (the reconciler then needs waking:
+    /// otherwise a wake is already on its way for the queued ones).
+    pub fn push(&mut self, changes: impl IntoIterator<Item = Change>) -> bool {
+        let was_empty = self.changes.is_empty();
+        self.changes.extend(changes);
+        if was_empty && !self.changes.is_empty() {
+            self.since = Some(Instant::now());
         }
-        self.cluster.pod_labels.insert(object, pod.metadata.labels.clone().unwrap_or_default());
+        was_empty
+    }
+
+    /// Takes every queued change, with how long the oldest waited.
+    pub fn take(&mut self) -> (Vec<Change>, Duration) {
+        let waited = self.since.take().map_or(Duration::ZERO, |t| t.elapsed());
+        (std::mem::take(&mut self.changes), waited)
     }
 }
 
-/// Where the reconciler reads its inputs from.
+/// Queues changes and wakes the reconciler when needed.
+pub fn send(inputs: &Mutex<Inputs>, wake: &Sender<Wake>, changes: impl IntoIterator<Item = Change>) {
+    let was_empty = inputs.lock().expect("inputs lock").push(changes);
+    if was_empty {
+        let _ = wake.send(Wake::Changed);
+    }
+}
+
+/// Where the reconciler takes its inputs from.
 #[derive(Clone)]
 pub enum InputsHandle {
-    /// A snapshot kept up to date by a source task (the file source).
+    /// The file source's queue.
     Shared(Arc<Mutex<Inputs>>),
-    /// The watchers' reflector stores, read whole at each pass (so a burst of events costs one
-    /// read).
-    Kube(super::kube_source::Stores),
+    /// The Kubernetes watchers' queue.
+    Kube(Arc<Mutex<Inputs>>),
 }
 
 impl InputsHandle {
-    /// The current inputs.
-    pub fn snapshot(&self) -> Inputs {
+    /// Takes every queued change, with how long the oldest waited.
+    pub fn take(&self) -> (Vec<Change>, Duration) {
         match self {
-            InputsHandle::Shared(m) => m.lock().expect("inputs lock").clone(),
-            InputsHandle::Kube(stores) => stores.inputs(),
+            InputsHandle::Shared(m) | InputsHandle::Kube(m) => m.lock().expect("inputs lock").take(),
         }
     }
 }

@@ -1,163 +1,160 @@
-//! The Kubernetes source: kube-rs watchers with reflector stores for this node's Pods, all
-//! Services, all EndpointSlices, and the metadata (labels) of all Pods. After every event the
-//! reconciler is woken; it reads the stores whole. A relist (after a 410) is buffered by the
-//! reflector until complete, so the reconciler never sees a half-listed cluster and nothing is
-//! pruned early.
+//! The Kubernetes source: kube-rs watchers for this node's Pods, all Services, all
+//! EndpointSlices, and the metadata (labels) of all Pods. Each object is decoded into the
+//! model's compact form as it arrives, on the watcher's task, and queued as a [`Change`] for
+//! the reconciler; no API object is kept.
+//!
+//! A (re)list is queued as it is received (`ListBegin`, the objects, `ListEnd`): the reconciler
+//! stages the listed objects and swaps them in whole at the end, so nothing is pruned before a
+//! complete relist (after a `410 Gone`) and nothing is computed from a half-listed cluster.
+
+mod wire;
 
 use std::sync::{
-    Arc,
+    Arc, Mutex,
     atomic::{AtomicBool, Ordering},
     mpsc::Sender,
 };
 
 use futures::{Stream, StreamExt as _};
-use k8s_openapi::api::{core::v1::Pod, core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{
-    Api, Client, Resource, ResourceExt as _,
-    core::PartialObjectMeta,
-    runtime::{
-        WatchStreamExt as _,
-        reflector::{self, Store},
-        watcher,
-    },
+    Api, Client,
+    runtime::{WatchStreamExt as _, watcher},
 };
 use tracing::{info, warn};
 
-use super::{Inputs, Wake, status::AgentStatus};
-use crate::model::{ClusterState, LocalPod, ObjectRef};
+use self::wire::{WirePod, WirePodMeta, WireService, WireSlice};
+use super::{
+    Wake,
+    inputs::{Inputs, send},
+    status::AgentStatus,
+};
+use crate::model::{Change, Kind, Labels, LocalPod, Object, ObjectRef, ServiceInput, SliceInput};
 
-/// The reflector stores the reconciler reads.
-#[derive(Clone)]
-pub struct Stores {
-    local_pods: Store<Pod>,
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
-    pod_meta: Store<PartialObjectMeta<Pod>>,
-    synced: Arc<[AtomicBool; 4]>,
-}
-
-impl Stores {
-    /// The cluster as the stores hold it now.
-    pub fn inputs(&self) -> Inputs {
-        let mut cluster = ClusterState::default();
-        for svc in self.services.state() {
-            if let Some(r) = ObjectRef::of(&svc.metadata) {
-                cluster.services.insert(r, (*svc).clone());
-            }
-        }
-        for slice in self.slices.state() {
-            if let Some(r) = ObjectRef::of(&slice.metadata) {
-                cluster.slices.insert(r, (*slice).clone());
-            }
-        }
-        for meta in self.pod_meta.state() {
-            if let Some(r) = ObjectRef::of(&meta.metadata) {
-                cluster.pod_labels.insert(r, meta.labels().clone());
-            }
-        }
-        let local_pods = self.local_pods.state().iter().filter_map(|p| LocalPod::from_pod(p)).collect();
-        let synced = self.synced.iter().all(|s| s.load(Ordering::Relaxed));
-        Inputs { cluster, local_pods, synced }
-    }
-}
-
-/// Starts the four watchers; each event wakes the reconciler, which reads the returned stores.
+/// Starts the four watchers; their changes go to the returned queue, and each wakes the
+/// reconciler. `lane_keys` are the lane label keys: pods' other labels are dropped at once.
 pub fn spawn(
     tasks: &mut tokio::task::JoinSet<()>,
     client: Client,
     node: &str,
+    lane_keys: &[String],
     wake: &Sender<Wake>,
     status: &Arc<AgentStatus>,
-) -> Stores {
-    let (local_pods, w_pods) = reflector::store::<Pod>();
-    let (services, w_services) = reflector::store::<Service>();
-    let (slices, w_slices) = reflector::store::<EndpointSlice>();
-    let (pod_meta, w_meta) = reflector::store::<PartialObjectMeta<Pod>>();
-    let stores = Stores {
-        local_pods,
-        services,
-        slices,
-        pod_meta,
-        synced: Arc::new([
-            AtomicBool::new(false),
-            AtomicBool::new(false),
-            AtomicBool::new(false),
-            AtomicBool::new(false),
-        ]),
+) -> Arc<Mutex<Inputs>> {
+    let inputs = Arc::new(Mutex::new(Inputs::default()));
+    let ctx = Ctx {
+        inputs: Arc::clone(&inputs),
+        wake: wake.clone(),
+        status: Arc::clone(status),
+        synced: Arc::new([const { AtomicBool::new(false) }; 4]),
     };
+    let keys: Arc<[String]> = lane_keys.into();
+
+    // Each watcher lists and watches a lean form of its objects (see `wire`), decoded into the
+    // model's compact form object by object.
     let local_cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-    let pods =
-        watcher(Api::<Pod>::all(client.clone()), local_cfg).default_backoff().modify(strip).reflect(w_pods);
-    let svcs = watcher(Api::<Service>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .modify(strip)
-        .reflect(w_services);
-    let eps = watcher(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .modify(strip)
-        .reflect(w_slices);
-    let meta = watcher(Api::<PartialObjectMeta<Pod>>::all(client), watcher::Config::default())
-        .default_backoff()
-        .modify(strip)
-        .reflect(w_meta);
-    let ctx = Ctx { stores: stores.clone(), wake: wake.clone(), status: Arc::clone(status) };
-    tasks.spawn(drive(pods, "pods (this node)", 0, ctx.clone()));
-    tasks.spawn(drive(svcs, "services", 1, ctx.clone()));
-    tasks.spawn(drive(eps, "endpointslices", 2, ctx.clone()));
-    tasks.spawn(drive(meta, "pods (metadata, cluster-wide)", 3, ctx));
-    stores
+    let pods = watcher(Api::<WirePod>::all(client.clone()), local_cfg).default_backoff();
+    let local_keys = Arc::clone(&keys);
+    tasks.spawn(drive(pods, Kind::LocalPod, ctx.clone(), move |pod: WirePod| {
+        let mut local = LocalPod::from_pod(&pod.into())?;
+        local.labels.retain(|k, _| local_keys.contains(k));
+        Some(Object::LocalPod(local))
+    }));
+
+    let services =
+        watcher(Api::<WireService>::all(client.clone()), watcher::Config::default()).default_backoff();
+    tasks.spawn(drive(services, Kind::Service, ctx.clone(), |svc: WireService| {
+        let key = ObjectRef::of(&svc.metadata)?;
+        let input = ServiceInput::new(&key, &svc.into());
+        Some(Object::Service(key, input))
+    }));
+
+    let slices = watcher(Api::<WireSlice>::all(client.clone()), watcher::Config::default()).default_backoff();
+    tasks.spawn(drive(slices, Kind::Slice, ctx.clone(), |slice: WireSlice| {
+        let key = ObjectRef::of(&slice.metadata)?;
+        let input = SliceInput::new(&key, &slice.into());
+        Some(Object::Slice(key, input))
+    }));
+
+    // Metadata only (`PartialObjectMetadata`).
+    let meta = watcher(Api::<WirePodMeta>::all(client), watcher::Config::default()).default_backoff();
+    tasks.spawn(drive(meta, Kind::Pod, ctx, move |meta: WirePodMeta| {
+        let key = ObjectRef::of(&meta.metadata)?;
+        let labels: Labels =
+            meta.metadata.labels.unwrap_or_default().into_iter().filter(|(k, _)| keys.contains(k)).collect();
+        Some(Object::Pod(key, labels))
+    }));
+    inputs
 }
 
-/// Drops `managedFields`: they are most of an object's size and never read.
-fn strip<K: Resource>(obj: &mut K) {
-    obj.meta_mut().managed_fields = None;
-}
+/// Most events handled as one batch.
+const BATCH: usize = 512;
 
 #[derive(Clone)]
 struct Ctx {
-    stores: Stores,
+    inputs: Arc<Mutex<Inputs>>,
     wake: Sender<Wake>,
     status: Arc<AgentStatus>,
+    synced: Arc<[AtomicBool; 4]>,
 }
 
-async fn drive<K, S>(stream: S, what: &'static str, index: usize, ctx: Ctx)
+/// Turns one watcher's events into changes. Events already received are handled as one batch
+/// (a list page's objects, a burst of updates): one queueing and one wake for all of them.
+async fn drive<K, S>(stream: S, kind: Kind, ctx: Ctx, decode: impl Fn(K) -> Option<Object>)
 where
+    K: kube::Resource,
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
 {
-    let mut stream = std::pin::pin!(stream);
+    let mut stream = std::pin::pin!(stream.ready_chunks(BATCH));
     let mut failing = false;
-    while let Some(event) = stream.next().await {
-        match event {
-            Ok(event) => {
-                if failing {
-                    info!(resource = what, "watch recovered");
-                    failing = false;
-                }
-                match event {
-                    // The relist starts: the store keeps the old state until InitDone, and so does
-                    // the reconciler.
-                    watcher::Event::Init | watcher::Event::InitApply(_) => continue,
-                    watcher::Event::InitDone => {
-                        if !ctx.stores.synced[index].swap(true, Ordering::Relaxed) {
-                            info!(resource = what, "initial list complete");
-                        }
+    while let Some(events) = stream.next().await {
+        let mut changes = Vec::with_capacity(events.len());
+        let mut listed = false;
+        for event in events {
+            let event = match event {
+                Ok(event) => event,
+                Err(e) => {
+                    ctx.status.count_watch_restart();
+                    if !failing {
+                        warn!(resource = %kind, "watch failed, retrying with backoff; the datapath keeps its state: {e}");
+                        failing = true;
                     }
-                    watcher::Event::Apply(_) | watcher::Event::Delete(_) => {}
+                    continue;
                 }
-                if ctx.stores.synced.iter().all(|s| s.load(Ordering::Relaxed)) {
-                    ctx.status.source_synced();
-                }
-                let _ = ctx.wake.send(Wake::Changed);
+            };
+            if failing {
+                info!(resource = %kind, "watch recovered");
+                failing = false;
             }
-            Err(e) => {
-                ctx.status.count_watch_restart();
-                if !failing {
-                    warn!(
-                        resource = what,
-                        "watch failed, retrying with backoff; the datapath keeps its state: {e}"
-                    );
-                    failing = true;
+            let change = match event {
+                watcher::Event::Init => Change::ListBegin(kind),
+                watcher::Event::InitApply(obj) => match decode(obj) {
+                    Some(object) => Change::Listed(object),
+                    None => continue,
+                },
+                watcher::Event::InitDone => {
+                    listed = true;
+                    Change::ListEnd(kind)
                 }
+                watcher::Event::Apply(obj) => match decode(obj) {
+                    Some(object) => Change::Applied(object),
+                    None => continue,
+                },
+                watcher::Event::Delete(obj) => match ObjectRef::of(obj.meta()) {
+                    Some(key) => Change::Deleted(kind, key),
+                    None => continue,
+                },
+            };
+            changes.push(change);
+        }
+        if !changes.is_empty() {
+            send(&ctx.inputs, &ctx.wake, changes);
+        }
+        if listed {
+            if !ctx.synced[kind.index()].swap(true, Ordering::Relaxed) {
+                info!(resource = %kind, "initial list complete");
+            }
+            if ctx.synced.iter().all(|s| s.load(Ordering::Relaxed)) {
+                ctx.status.source_synced();
             }
         }
     }

@@ -43,6 +43,7 @@ pub fn run(args: &Args) -> Result<()> {
         info!(bpffs = %args.bpffs.display(), "uninstalled: links detached, pins removed");
         return Ok(());
     }
+    reconciler::limit_malloc_arenas();
     let config = args.validate()?;
     let lanes = match &args.lanes_config {
         Some(path) => load_lanes(path)?,
@@ -88,6 +89,7 @@ pub fn run(args: &Args) -> Result<()> {
                     &mut tasks,
                     client,
                     &config.node_name,
+                    &config.lane_keys,
                     &wake_tx,
                     &status,
                 ))

@@ -10,8 +10,12 @@ use std::{
 
 use tracing::{error, info};
 
-use super::{Inputs, Wake, status::AgentStatus};
-use crate::{lanes_config::LanesConfig, source::file};
+use super::{Inputs, Wake, inputs::send, status::AgentStatus};
+use crate::{
+    lanes_config::LanesConfig,
+    model::{Change, Kind, LocalPod, Object, ObjectRef, ServiceInput, SliceInput},
+    source::file,
+};
 
 /// How often the files are checked.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -53,8 +57,9 @@ impl FileWatch {
     }
 }
 
-/// Re-reads the source file whenever it changes. A file that does not parse is reported and
-/// counted, and the previous snapshot stays in force.
+/// Re-reads the source file whenever it changes, and reports its content as a complete list of
+/// every kind (the reconciler applies only what changed). A file that does not parse is
+/// reported and counted, and the previous state stays in force.
 pub async fn watch_source_file(
     path: PathBuf,
     node: String,
@@ -68,34 +73,19 @@ pub async fn watch_source_file(
         match watch.poll() {
             Ok(Some(text)) => match file::parse(&text) {
                 Ok(snapshot) => {
-                    let mut next = Inputs { synced: true, ..Inputs::default() };
-                    for pod in &snapshot.pods {
-                        next.add_pod(pod, &node);
-                    }
-                    for svc in snapshot.services {
-                        if let Some(r) = crate::model::ObjectRef::of(&svc.metadata) {
-                            next.cluster.services.insert(r, svc);
-                        }
-                    }
-                    for slice in snapshot.slices {
-                        if let Some(r) = crate::model::ObjectRef::of(&slice.metadata) {
-                            next.cluster.slices.insert(r, slice);
-                        }
-                    }
                     for (kind, n) in &snapshot.ignored_kinds {
                         status.count_ignored_kind(kind, *n);
                     }
                     info!(
                         path = %watch.path().display(),
                         pods = snapshot.pods.len(),
-                        services = next.cluster.services.len(),
-                        endpoint_slices = next.cluster.slices.len(),
+                        services = snapshot.services.len(),
+                        endpoint_slices = snapshot.slices.len(),
                         "source file loaded"
                     );
-                    *inputs.lock().expect("inputs lock") = next;
+                    send(&inputs, &wake, file_changes(&snapshot, &node));
                     status.source_synced();
                     last_error.clear();
-                    let _ = wake.send(Wake::Changed);
                 }
                 Err(e) => {
                     status.count_source_error();
@@ -114,6 +104,37 @@ pub async fn watch_source_file(
         }
         tokio::time::sleep(POLL_INTERVAL).await;
     }
+}
+
+/// A file's objects as complete lists of every kind. Every pod's labels are listed (backend
+/// lanes); pods with `spec.nodeName` equal to `node` are this node's pods too.
+fn file_changes(snapshot: &file::Snapshot, node: &str) -> Vec<Change> {
+    let mut local = Vec::new();
+    let mut labels = Vec::new();
+    for pod in &snapshot.pods {
+        let Some(key) = ObjectRef::of(&pod.metadata) else { continue };
+        if pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
+            && let Some(p) = LocalPod::from_pod(pod)
+        {
+            local.push(Object::LocalPod(p));
+        }
+        labels.push(Object::Pod(key, pod.metadata.labels.clone().unwrap_or_default()));
+    }
+    let services = snapshot.services.iter().filter_map(|svc| {
+        let key = ObjectRef::of(&svc.metadata)?;
+        let input = ServiceInput::new(&key, svc);
+        Some(Object::Service(key, input))
+    });
+    let slices = snapshot.slices.iter().filter_map(|slice| {
+        let key = ObjectRef::of(&slice.metadata)?;
+        let input = SliceInput::new(&key, slice);
+        Some(Object::Slice(key, input))
+    });
+    Change::list(Kind::LocalPod, local)
+        .chain(Change::list(Kind::Pod, labels))
+        .chain(Change::list(Kind::Service, services))
+        .chain(Change::list(Kind::Slice, slices))
+        .collect()
 }
 
 /// Reloads the lanes config whenever it changes; an invalid config is reported and counted and

@@ -1,12 +1,13 @@
 //! Names for operators: the agent publishes pod, Service and lane names into the metadata maps,
 //! so the CLI can show `demo/gw-gray` instead of a cgroup id while the agent is down. Only the
-//! differences are written; removals wait for a complete view like every other removal.
+//! differences are written (for Services, only those of the frontends a pass changed);
+//! removals wait for a complete view like every other removal.
 
 use std::collections::BTreeMap;
 
 use tracing::warn;
 
-use crate::{Result, datapath::Tables};
+use crate::{Result, datapath::Tables, model::FrontendOrigin};
 
 /// What the metadata maps hold (or should).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -25,58 +26,98 @@ impl Names {
         Ok(Self { pods: tables.pod_meta()?, services: tables.service_meta()?, lanes: tables.lane_names()? })
     }
 
-    /// Writes the differences from `self` to `desired` and returns what the maps then hold.
-    /// Failures are logged and left for the next pass (names never affect steering).
-    pub fn sync(&mut self, tables: &mut Tables, desired: &Names, prune: bool) {
-        for (id, (ns, name)) in &desired.pods {
-            if self.pods.get(id) != Some(&(ns.clone(), name.clone())) {
-                match tables.set_pod_meta(*id, ns, name) {
-                    Ok(()) => {
-                        self.pods.insert(*id, (ns.clone(), name.clone()));
-                    }
-                    Err(e) => warn!("publishing pod names: {e}"),
+    /// Publishes the names of one frontend (`None`: it is gone; removed only with `prune`).
+    /// Failures are logged and left for a later pass (names never affect steering).
+    pub fn sync_service(
+        &mut self,
+        tables: &mut Tables,
+        svc_id: u32,
+        desired: Option<&FrontendOrigin>,
+        prune: bool,
+    ) {
+        match desired {
+            Some(o) => {
+                let same = self.services.get(&svc_id).is_some_and(|(ns, name, port)| {
+                    *ns == o.service.namespace && *name == o.service.name && *port == o.port_name
+                });
+                if same {
+                    return;
                 }
-            }
-        }
-        for (id, (ns, name, port)) in &desired.services {
-            let want = (ns.clone(), name.clone(), port.clone());
-            if self.services.get(id) != Some(&want) {
-                match tables.set_service_meta(*id, ns, name, port) {
+                match tables.set_service_meta(svc_id, &o.service.namespace, &o.service.name, &o.port_name) {
                     Ok(()) => {
-                        self.services.insert(*id, want);
+                        self.services.insert(
+                            svc_id,
+                            (o.service.namespace.clone(), o.service.name.clone(), o.port_name.clone()),
+                        );
                     }
                     Err(e) => warn!("publishing Service names: {e}"),
                 }
             }
+            None if prune
+                && self.services.contains_key(&svc_id)
+                && tables.remove_service_meta(svc_id).is_ok() =>
+            {
+                self.services.remove(&svc_id);
+            }
+            None => {}
         }
-        for (id, name) in &desired.lanes {
-            if self.lanes.get(id) != Some(name) {
-                match tables.set_lane_name(*id, name) {
-                    Ok(()) => {
-                        self.lanes.insert(*id, name.clone());
-                    }
-                    Err(e) => warn!("publishing lane names: {e}"),
+    }
+
+    /// Publishes the names of every frontend: writes the differences from `desired`, and
+    /// removes the others with `prune`.
+    pub fn sync_services(
+        &mut self,
+        tables: &mut Tables,
+        desired: &BTreeMap<u32, FrontendOrigin>,
+        prune: bool,
+    ) {
+        for (id, origin) in desired {
+            self.sync_service(tables, *id, Some(origin), prune);
+        }
+        let stale: Vec<u32> = self.services.keys().filter(|k| !desired.contains_key(k)).copied().collect();
+        for id in stale {
+            self.sync_service(tables, id, None, prune);
+        }
+    }
+
+    /// Publishes the names of the registered pods: writes the differences from `desired`, and
+    /// removes the others with `prune`.
+    pub fn sync_pods(&mut self, tables: &mut Tables, desired: &BTreeMap<u64, (String, String)>, prune: bool) {
+        for (id, (ns, name)) in desired {
+            if self.pods.get(id).is_some_and(|(n, m)| n == ns && m == name) {
+                continue;
+            }
+            match tables.set_pod_meta(*id, ns, name) {
+                Ok(()) => {
+                    self.pods.insert(*id, (ns.clone(), name.clone()));
                 }
+                Err(e) => warn!("publishing pod names: {e}"),
             }
         }
         if !prune {
             return;
         }
-        let stale_pods: Vec<u64> =
-            self.pods.keys().filter(|k| !desired.pods.contains_key(k)).copied().collect();
-        for id in stale_pods {
+        let stale: Vec<u64> = self.pods.keys().filter(|k| !desired.contains_key(k)).copied().collect();
+        for id in stale {
             if tables.remove_pod_meta(id).is_ok() {
                 self.pods.remove(&id);
             }
         }
-        let stale_services: Vec<u32> =
-            self.services.keys().filter(|k| !desired.services.contains_key(k)).copied().collect();
-        for id in stale_services {
-            if tables.remove_service_meta(id).is_ok() {
-                self.services.remove(&id);
-            }
+    }
+
+    /// Publishes a lane's name: always for the lanes config's names (`overwrite`), only when the
+    /// id has no name yet for names seen on pods. Lane names are never removed: a lane id always
+    /// means the same name, and stats rows of a lane that is gone still need it.
+    pub fn sync_lane(&mut self, tables: &mut Tables, lane: u32, name: &str, overwrite: bool) {
+        let published = self.lanes.get(&lane);
+        if published.is_some_and(|p| p == name) || (published.is_some() && !overwrite) {
+            return;
         }
-        // Lane names are kept: a lane id always means the same name, and stats rows of a lane
-        // that is gone still need it.
+        match tables.set_lane_name(lane, name) {
+            Ok(()) => {
+                self.lanes.insert(lane, name.to_owned());
+            }
+            Err(e) => warn!("publishing lane names: {e}"),
+        }
     }
 }

@@ -1,35 +1,43 @@
-//! The reconciler: computes the desired map contents from the inputs (pure, in `model` and
-//! `reconcile`), diffs them against a mirror of the maps, and applies the difference. It owns
-//! the maps; nothing else writes them.
+//! The reconciler: keeps the desired map contents up to date from the sources' changes
+//! ([`Incremental`]: only what a change affects is recomputed), plans the writes for the
+//! entries that may differ ([`Mirror::plan`] over the update's scope) against a mirror of the
+//! maps, and applies them. It owns the maps; nothing else writes them.
+//!
+//! The first pass after the sources' first complete view, a pass after a failed write, and a
+//! periodic check plan every entry, so whatever the maps hold that nothing asks for (left from
+//! before a restart, or by a failure) is found and corrected.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     sync::{Arc, Mutex, mpsc::Receiver},
     time::{Duration, Instant},
 };
 
+use tagger_common::SetKey;
 use tracing::{debug, info, warn};
 
 use super::{
-    AgentStatus, Inputs, Wake,
+    AgentStatus, Wake,
     args::AgentConfig,
     inputs::InputsHandle,
     publish::Names,
-    transitions::{LaneAvailability, describe},
+    transitions::{LaneAvailability, Transition, describe},
 };
 use crate::{
     Result,
     cgroup::CgroupRef,
     datapath::Datapath,
-    labels::lane_of,
     lanes_config::LanesConfig,
-    model::{DesiredPod, FrontendIds, desired_pods, desired_services, pod_cgroup_candidates, pod_entries},
-    reconcile::{DatapathState, DatapathWriter as _, apply_plan, plan},
+    model::{Change, DesiredPod, Limits, pod_cgroup_candidates},
+    reconcile::{
+        DatapathState, Mirror, Scope, apply_plan,
+        incremental::{Incremental, Recheck, Update},
+    },
 };
 
 /// Re-check pods whose cgroup has not appeared yet this often.
 const PENDING_RETRY: Duration = Duration::from_millis(500);
-/// Resynchronise from the inputs at least this often even without events.
+/// Check every entry (and every pod's cgroup) at least this often even without events.
 const RESYNC: Duration = Duration::from_secs(30);
 
 /// What one pass did.
@@ -43,18 +51,22 @@ pub struct ReconcileReport {
     pub pending_pods: usize,
     /// Whether removals were allowed (the inputs were complete).
     pub pruned: bool,
+    /// Whether every entry was planned (not only those the changes touched).
+    pub full: bool,
 }
 
-/// Owns the datapath and its mirror.
+/// Owns the datapath, its mirror and the desired state.
 pub struct Reconciler {
     datapath: Datapath,
     config: AgentConfig,
     status: Arc<AgentStatus>,
-    current: DatapathState,
+    current: Mirror,
     names: Names,
+    model: Incremental,
     availability: LaneAvailability,
-    ids: FrontendIds,
     last_warnings: BTreeMap<String, u64>,
+    /// The next pass plans every entry (a write failed).
+    full_next: bool,
 }
 
 impl Reconciler {
@@ -71,43 +83,58 @@ impl Reconciler {
             lanes = current.lanes.len(),
             "adopted datapath state"
         );
+        let model = Incremental::new(ids, config.lane_keys.clone(), Limits::DATAPATH);
         Ok(Self {
             datapath,
             config,
             status,
-            current,
+            current: Mirror::new(current),
             names,
+            model,
             availability: LaneAvailability::default(),
-            ids,
             last_warnings: BTreeMap::default(),
+            full_next: false,
         })
     }
 
-    /// One pass: desired state from `inputs` and `lanes`, difference applied.
-    pub fn reconcile(&mut self, inputs: &Inputs, lanes: &LanesConfig) -> ReconcileReport {
-        let keys = self.config.lane_keys.clone();
-        let keys = keys.as_slice();
-        let pods = desired_pods(&inputs.local_pods, keys);
-        let root = self.config.cgroup_root.clone();
-        let mut desired_names = Names::default();
-        let (entries, pending) = pod_entries(&pods, |pod| {
-            let cgroup = find_pod_cgroup(&root, pod)?;
-            desired_names.pods.insert(cgroup.id, (pod.pod.namespace.clone(), pod.pod.name.clone()));
-            Some(cgroup)
-        });
-        for pod in &pending {
-            debug!(pod = %pod.pod, uid = %pod.uid, "pod cgroup not found yet; retrying");
+    /// One pass: takes `changes`, updates the desired state, applies the difference. `None`
+    /// (nothing computed, nothing written) until the sources have delivered a complete view:
+    /// with only part of it (say, Services before the backend pods' labels), gray backends
+    /// would look base and base callers could reach them. Later relists are swapped in whole,
+    /// so the view stays complete.
+    pub fn reconcile(
+        &mut self,
+        changes: Vec<Change>,
+        lanes: &LanesConfig,
+        recheck: Recheck,
+    ) -> Option<ReconcileReport> {
+        self.model.apply(changes);
+        if !self.model.is_complete() {
+            return None;
         }
-        let services = desired_services(&inputs.cluster, keys, &mut self.ids);
-        let desired = DatapathState::desired(entries, &services, lanes);
-        let ops = plan(&self.current, &desired, inputs.synced);
+        let root = &self.config.cgroup_root;
+        let update = self.model.update(lanes, recheck, |pod| {
+            let found = find_pod_cgroup(root, pod);
+            if found.is_none() {
+                debug!(pod = %pod.pod, uid = %pod.uid, "pod cgroup not found yet; retrying");
+            }
+            found
+        });
+        let full = update.full || self.full_next || recheck == Recheck::All;
+        let desired = self.model.desired();
+        let ops = if full {
+            self.current.plan(desired, &Scope::all(self.current.state(), desired), true)
+        } else {
+            self.current.plan(desired, &update.scope, true)
+        };
         let report = apply_plan(self.datapath.tables_mut(), &ops);
+        self.full_next = false;
         if report.is_complete() {
             // Mirror exactly what was written: the model applies the same ops infallibly here,
             // because the maps just accepted them.
-            for op in &ops {
-                if let Err(e) = self.current.apply(op) {
-                    warn!("mirror diverged on {op}: {e}; re-reading the maps");
+            for op in ops {
+                if let Err(e) = self.current.apply_owned(op) {
+                    warn!("mirror diverged: {e}; re-reading the maps");
                     self.reread();
                     break;
                 }
@@ -115,97 +142,141 @@ impl Reconciler {
         } else {
             self.reread();
         }
-        if inputs.synced {
-            self.ids.retain(|k, _| desired.frontends.contains_key(k));
+        if update.full {
+            // The first complete pass licenses releasing the ids reserved at start.
+            self.model.retain_ids();
         }
-        desired_names.services = services
-            .origins
-            .iter()
-            .map(|(id, o)| (*id, (o.service.namespace.clone(), o.service.name.clone(), o.port_name.clone())))
-            .collect();
-        desired_names.lanes = lane_names(inputs, lanes, keys);
-        self.names.sync(self.datapath.tables_mut(), &desired_names, inputs.synced);
-        // One line per (Service, lane) that lost its last ready backend or got one back, only
-        // for complete views (a partial view is not a transition).
-        if inputs.synced {
-            let transitions =
-                self.availability.observe(desired.frontends.values().map(|s| s.svc_id), desired.sets.keys());
-            for t in &transitions {
-                let service = desired_names.services.get(&t.svc_id).map(|(ns, name, port)| {
-                    if port.is_empty() { format!("{ns}/{name}") } else { format!("{ns}/{name}:{port}") }
-                });
-                let lane =
-                    desired_names.lanes.get(&t.lane).cloned().unwrap_or_else(|| format!("{:#010x}", t.lane));
-                info!(svc_id = t.svc_id, lane = %lane, available = t.available, "{}", describe(t, service.as_deref(), &lane));
-            }
-        }
-        let mut warnings = pods.warnings.clone();
-        warnings.merge(services.warnings.clone());
-        let counts: BTreeMap<String, u64> =
-            warnings.counts().iter().map(|(k, v)| (k.to_string(), *v)).collect();
-        if counts != self.last_warnings {
-            for (kind, example) in warnings.examples() {
-                warn!(kind = %kind, "input: {example}");
-            }
-            self.last_warnings.clone_from(&counts);
-        }
-        self.status.set_warnings(counts);
-        self.status.set_pending_pods(pending.len() as u64);
+        self.publish_names(&update, lanes, full);
+        self.log_transitions(&update, full);
+        self.report_warnings();
+        let pending = self.model.pending_pods();
+        self.status.set_pending_pods(pending as u64);
         let failed = report.failed.len() + report.skipped.len();
         self.status.count_reconcile(failed as u64);
-        if inputs.synced {
-            self.status.applied_full_sync();
+        self.status.applied_full_sync();
+        Some(ReconcileReport { applied: report.applied, failed, pending_pods: pending, pruned: true, full })
+    }
+
+    /// Publishes the names of what changed (of everything on a full pass).
+    fn publish_names(&mut self, update: &Update, lanes: &LanesConfig, full: bool) {
+        let tables = self.datapath.tables_mut();
+        if full {
+            self.names.sync_services(tables, self.model.origins(), true);
+        } else {
+            for &id in &update.origins {
+                self.names.sync_service(tables, id, self.model.origins().get(&id), true);
+            }
         }
-        ReconcileReport {
-            applied: report.applied,
-            failed,
-            pending_pods: pending.len(),
-            pruned: inputs.synced,
+        if full || update.pods_changed {
+            self.names.sync_pods(tables, self.model.pod_names(), true);
+        }
+        if full || update.lanes_changed {
+            for (id, name) in lanes.lane_names() {
+                self.names.sync_lane(tables, id, &name, true);
+            }
+        }
+        for (id, name) in &update.lane_names {
+            self.names.sync_lane(tables, *id, name, false);
         }
     }
 
+    /// One line per (Service, lane) that lost its last ready backend or got one back. A full
+    /// pass compares every frontend; others only those the update touched.
+    fn log_transitions(&mut self, update: &Update, full: bool) {
+        let desired = self.model.desired();
+        let origins = self.model.origins();
+        let transitions: Vec<Transition> = if full {
+            self.availability.observe(origins.keys().copied(), desired.sets.keys())
+        } else {
+            let mut touched: BTreeSet<u32> = update.scope.sets.iter().map(|k| k.svc_id).collect();
+            touched.extend(update.origins.iter().copied());
+            touched.extend(
+                update.scope.frontends.iter().filter_map(|k| desired.frontends.get(k)).map(|s| s.svc_id),
+            );
+            self.availability.observe_some(touched.into_iter().map(|svc_id| {
+                let lanes = origins.contains_key(&svc_id).then(|| {
+                    desired
+                        .sets
+                        .range(SetKey { svc_id, lane: 0 }..=SetKey { svc_id, lane: u32::MAX })
+                        .map(|(k, _)| k.lane)
+                        .collect()
+                });
+                (svc_id, lanes)
+            }))
+        };
+        for t in &transitions {
+            let service = self.names.services.get(&t.svc_id).map(|(ns, name, port)| {
+                if port.is_empty() { format!("{ns}/{name}") } else { format!("{ns}/{name}:{port}") }
+            });
+            let lane = self.names.lanes.get(&t.lane).cloned().unwrap_or_else(|| format!("{:#010x}", t.lane));
+            info!(svc_id = t.svc_id, lane = %lane, available = t.available, "{}", describe(t, service.as_deref(), &lane));
+        }
+    }
+
+    /// Publishes the warning counts; logs examples when they change.
+    fn report_warnings(&mut self) {
+        let recent = self.model.take_recent_warnings();
+        let counts: BTreeMap<String, u64> =
+            self.model.warning_counts().iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        if counts != self.last_warnings {
+            for (kind, example) in recent.examples() {
+                warn!(kind = %kind, "input: {example}");
+            }
+            self.status.set_warnings(counts.clone());
+            self.last_warnings = counts;
+        }
+    }
+
+    /// Re-reads the maps into the mirror; the next pass plans every entry against them.
     fn reread(&mut self) {
+        self.full_next = true;
         match DatapathState::read(self.datapath.tables()) {
-            Ok(state) => self.current = state,
+            Ok(state) => self.current = Mirror::new(state),
             Err(e) => warn!("cannot re-read the maps: {e}"),
         }
     }
 
     /// Runs passes whenever woken, until [`Wake::Stop`].
     pub fn run(&mut self, wake: &Receiver<Wake>, inputs: &InputsHandle, lanes: &Mutex<LanesConfig>) {
-        let mut pending = false;
+        let mut last_check = Instant::now();
         loop {
-            let timeout = if pending { PENDING_RETRY } else { RESYNC };
-            match wake.recv_timeout(timeout) {
+            let until_check = RESYNC.saturating_sub(last_check.elapsed());
+            let timeout =
+                if self.model.pending_pods() > 0 { PENDING_RETRY.min(until_check) } else { until_check };
+            let timed_out = match wake.recv_timeout(timeout) {
                 Ok(Wake::Stop) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
-                Ok(Wake::Changed) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-            }
+                Ok(Wake::Changed) => false,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => true,
+            };
             // Coalesce a burst of events into one pass.
             while let Ok(w) = wake.try_recv() {
                 if matches!(w, Wake::Stop) {
                     return;
                 }
             }
-            // Nothing is computed before the source's first complete view: with only part of
-            // it (say, Services before the backend pods' labels), gray backends would look
-            // base and base callers could reach them. Later relists are buffered by the
-            // sources, so the view stays complete.
-            if !self.status.is_source_synced() {
-                continue;
-            }
+            let recheck = if last_check.elapsed() >= RESYNC {
+                last_check = Instant::now();
+                Recheck::All
+            } else if timed_out {
+                Recheck::Pending
+            } else {
+                Recheck::None
+            };
             let started = Instant::now();
-            let snapshot = inputs.snapshot();
+            let (changes, queued) = inputs.take();
             let lanes = lanes.lock().expect("lanes lock").clone();
-            let report = self.reconcile(&snapshot, &lanes);
-            self.status.observe_reconcile(started.elapsed());
-            pending = report.pending_pods > 0;
+            let Some(report) = self.reconcile(changes, &lanes, recheck) else { continue };
+            let elapsed = started.elapsed();
+            self.status.observe_reconcile(elapsed);
             if report.applied > 0 || report.failed > 0 {
                 info!(
                     applied = report.applied,
                     failed = report.failed,
                     pending_pods = report.pending_pods,
                     pruned = report.pruned,
-                    elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                    full = report.full,
+                    queued_us = u64::try_from(queued.as_micros()).unwrap_or(u64::MAX),
+                    elapsed_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
                     "datapath updated"
                 );
             }
@@ -213,16 +284,18 @@ impl Reconciler {
     }
 }
 
-/// Every lane name the inputs mention: the lanes config's, and every pod's lane label.
-fn lane_names(inputs: &Inputs, lanes: &LanesConfig, keys: &[String]) -> BTreeMap<u32, String> {
-    let mut names = lanes.lane_names();
-    let labels = inputs.cluster.pod_labels.values().chain(inputs.local_pods.iter().map(|p| &p.labels));
-    for l in labels {
-        if let Some(name) = lane_of(l, keys).name() {
-            names.entry(tagger_common::lane_id(name)).or_insert_with(|| name.to_owned());
-        }
+/// Caps glibc's malloc arenas at two. glibc gives threads arenas of their own (up to eight per
+/// core), each keeping what its threads freed: the list pages parsed on the I/O threads and the
+/// datapath load's transient memory would stay resident beside the reconciler's model, about
+/// 20 MiB at 100,000 endpoints. Call it before the agent's threads start. (musl, the container
+/// image's libc, has no per-thread arenas.)
+pub(super) fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt(3) only sets an allocator parameter; M_ARENA_MAX takes effect for arenas
+    // created afterwards.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
-    names
 }
 
 /// The pod's cgroup under the root, trying kubelet's layouts in turn.

@@ -54,6 +54,35 @@ impl LaneAvailability {
     }
 }
 
+impl LaneAvailability {
+    /// Compares only the frontends a pass touched with the previous pass: for each svc_id,
+    /// `Some(lanes)` that have ready backends now, or `None` when the frontend is gone. Cheap
+    /// for small changes; nothing is reported before a first [`LaneAvailability::observe`].
+    pub fn observe_some(
+        &mut self,
+        touched: impl IntoIterator<Item = (u32, Option<BTreeSet<u32>>)>,
+    ) -> Vec<Transition> {
+        let Some(last) = &mut self.last else { return Vec::new() };
+        let mut out = Vec::new();
+        for (svc_id, now) in touched {
+            let Some(lanes) = now else {
+                last.remove(&svc_id);
+                continue;
+            };
+            if let Some(before) = last.get(&svc_id) {
+                for lane in before.difference(&lanes) {
+                    out.push(Transition { svc_id, lane: *lane, available: false });
+                }
+                for lane in lanes.difference(before) {
+                    out.push(Transition { svc_id, lane: *lane, available: true });
+                }
+            }
+            last.insert(svc_id, lanes);
+        }
+        out
+    }
+}
+
 /// The log line of a transition, with names where known.
 #[must_use]
 pub fn describe(t: &Transition, service: Option<&str>, lane: &str) -> String {
@@ -104,6 +133,26 @@ mod tests {
         );
         // Frontend 2 deleted: not a transition.
         assert!(observe(&mut a, &[(1, 0), (1, 7)], &[]).is_empty());
+    }
+
+    #[test]
+    fn partial_observation_reports_the_same_transitions() {
+        let mut a = LaneAvailability::default();
+        let some = |v: &[u32]| Some(v.iter().copied().collect::<BTreeSet<u32>>());
+        assert!(a.observe_some([(1, some(&[0]))]).is_empty(), "nothing before a full observation");
+        assert!(observe(&mut a, &[(1, 0), (1, 7), (2, 0)], &[]).is_empty());
+        assert_eq!(a.observe_some([(1, some(&[0]))]), [Transition { svc_id: 1, lane: 7, available: false }]);
+        assert!(a.observe_some([(1, some(&[0]))]).is_empty(), "no change, no line");
+        assert_eq!(
+            a.observe_some([(1, some(&[0, 7]))]),
+            [Transition { svc_id: 1, lane: 7, available: true }]
+        );
+        // A new frontend is not a transition; a deleted one is forgotten.
+        assert!(a.observe_some([(3, some(&[0]))]).is_empty());
+        assert!(a.observe_some([(2, None)]).is_empty());
+        assert!(a.observe_some([(2, some(&[0]))]).is_empty(), "a reused id is a new frontend");
+        // A full observation afterwards agrees with the partial ones.
+        assert!(observe(&mut a, &[(1, 0), (1, 7), (2, 0), (3, 0)], &[]).is_empty());
     }
 
     #[test]

@@ -94,6 +94,14 @@ impl FrontendIds {
         self.taken = self.ids.values().copied().collect();
     }
 
+    /// Releases one frontend's id (it is still not reused before the counter wraps): the
+    /// incremental form of [`retain`](Self::retain), for a frontend no longer desired.
+    pub fn release(&mut self, key: &FrontendKey) {
+        if let Some(id) = self.ids.remove(key) {
+            self.taken.remove(&id);
+        }
+    }
+
     /// Number of frontends with an id.
     #[must_use]
     pub fn len(&self) -> usize {
@@ -141,6 +149,11 @@ mod tests {
         assert_eq!(ids.get(&key(1)), None);
         assert_eq!(ids.get_or_allocate(&key(3)), 3);
         assert_eq!(ids.get_or_allocate(&key(1)), 4, "a returning frontend gets a fresh id");
+        ids.release(&key(3));
+        assert_eq!(ids.get(&key(3)), None);
+        assert_eq!(ids.get_or_allocate(&key(3)), 5);
+        ids.release(&key(9));
+        assert_eq!(ids.len(), 3);
     }
 
     #[test]

@@ -5,6 +5,10 @@
 //! - [`services`]: Services and EndpointSlices (plus the lane labels of backend pods) → Service
 //!   frontends and per-lane backend sets.
 //! - [`pods`]: the pods of this node → their lanes, and where kubelet puts their cgroups.
+//! - [`objects`]: the compact form in which the model reads Kubernetes objects, and the
+//!   changes sources report.
+//! - [`index`]: the cluster as the agent keeps it, with the desired Services maintained
+//!   incrementally (only the Services a change affects are recomputed).
 //! - [`ids`]: stable `svc_id`s for frontends.
 //! - [`warnings`]: what was skipped or corrected, counted by kind.
 //!
@@ -12,6 +16,8 @@
 //! agent; its outputs are the inputs here.
 
 pub mod ids;
+pub mod index;
+pub mod objects;
 pub mod pods;
 pub mod services;
 #[cfg(test)]
@@ -27,6 +33,8 @@ use k8s_openapi::{
 
 pub use self::{
     ids::FrontendIds,
+    index::{ClusterIndex, ServiceDelta, ServiceIndex, ServicesOut},
+    objects::{Change, Kind, Labels, Object, ServiceInput, SliceInput},
     pods::{DesiredPod, DesiredPods, LocalPod, QosClass, desired_pods, pod_cgroup_candidates, pod_entries},
     services::{
         DesiredServices, FrontendOrigin, Limits, MAX_SET_SIZE, desired_services, desired_services_within,

@@ -126,7 +126,7 @@ pub struct DesiredPods {
 /// The lane of every local pod. Pods with a UID that cannot name a cgroup are left out (and
 /// counted); a UID listed twice keeps its first entry.
 #[must_use]
-pub fn desired_pods(pods: &[LocalPod], lane_keys: &[String]) -> DesiredPods {
+pub fn desired_pods<'a>(pods: impl IntoIterator<Item = &'a LocalPod>, lane_keys: &[String]) -> DesiredPods {
     let mut out = DesiredPods::default();
     for pod in pods {
         let object = ObjectRef::new(pod.namespace.clone(), pod.name.clone());

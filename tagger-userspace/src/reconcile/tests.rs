@@ -4,11 +4,16 @@ use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions};
 use proptest::prelude::*;
 use tagger_common::{LANE_F_STRICT, lane_id};
 
-use super::*;
+use super::{
+    incremental::{Incremental, Recheck},
+    *,
+};
 use crate::{
     labels::default_lane_keys,
     model::{
-        ClusterState, LocalPod, ObjectRef, QosClass, desired_pods, desired_services, pod_entries,
+        Change, ClusterState, DesiredPod, DesiredServices, FrontendOrigin, Kind, Limits, LocalPod, Object,
+        ObjectRef, QosClass, ServiceInput, SliceInput, WarningKind, desired_pods, desired_services_within,
+        pod_entries,
         testing::{endpoint, service, slice},
     },
     net::{Proto, backend, frontend_key},
@@ -427,7 +432,8 @@ struct World {
 }
 
 impl World {
-    fn apply(&mut self, event: &Event) {
+    /// Applies an event; returns the changes a source reports for it.
+    fn apply(&mut self, event: &Event) -> Vec<Change> {
         match event {
             Event::UpsertService { svc, ips, ports, strict } => {
                 let (ns, name) = SERVICES[*svc];
@@ -443,11 +449,14 @@ impl World {
                 let (r, mut s) = service(ns, name, &ips, &ports);
                 s.metadata.annotations =
                     strict.map(|v| BTreeMap::from([("tagger.io/strict".to_owned(), v.to_owned())]));
-                self.cluster.services.insert(r, s);
+                let input = ServiceInput::new(&r, &s);
+                self.cluster.services.insert(r.clone(), s);
+                vec![Change::Applied(Object::Service(r, input))]
             }
             Event::DeleteService { svc } => {
                 let (ns, name) = SERVICES[*svc];
                 self.cluster.services.remove(&ObjectRef::new(ns, name));
+                vec![Change::Deleted(Kind::Service, ObjectRef::new(ns, name))]
             }
             Event::UpsertSlice { svc, slice: j, address_type, ports, endpoints } => {
                 let (ns, name) = SERVICES[*svc];
@@ -470,54 +479,123 @@ impl World {
                     .collect();
                 let (r, s) =
                     slice(ns, &format!("{name}-{j}"), name, address_type, &pick(&SLICE_PORTS, *ports), eps);
-                self.cluster.slices.insert(r, s);
+                let input = SliceInput::new(&r, &s);
+                self.cluster.slices.insert(r.clone(), s);
+                vec![Change::Applied(Object::Slice(r, input))]
             }
             Event::DeleteSlice { svc, slice: j } => {
                 let (ns, name) = SERVICES[*svc];
-                self.cluster.slices.remove(&ObjectRef::new(ns, format!("{name}-{j}")));
+                let r = ObjectRef::new(ns, format!("{name}-{j}"));
+                self.cluster.slices.remove(&r);
+                vec![Change::Deleted(Kind::Slice, r)]
             }
             Event::LabelPod { ns, pod, lane } => {
-                let labels = lane.iter().map(|l| ("tagger.io/lane".to_owned(), (*l).to_owned())).collect();
-                self.cluster.pod_labels.insert(ObjectRef::new(NAMESPACES[*ns], format!("p{pod}")), labels);
+                let labels: BTreeMap<String, String> =
+                    lane.iter().map(|l| ("tagger.io/lane".to_owned(), (*l).to_owned())).collect();
+                let r = ObjectRef::new(NAMESPACES[*ns], format!("p{pod}"));
+                self.cluster.pod_labels.insert(r.clone(), labels.clone());
+                let mut changes = vec![Change::Applied(Object::Pod(r.clone(), labels.clone()))];
+                if let Some(local) = local_pod(&r, &labels) {
+                    changes.push(Change::Applied(Object::LocalPod(local)));
+                }
+                changes
             }
             Event::DeletePod { ns, pod } => {
-                self.cluster.pod_labels.remove(&ObjectRef::new(NAMESPACES[*ns], format!("p{pod}")));
+                let r = ObjectRef::new(NAMESPACES[*ns], format!("p{pod}"));
+                self.cluster.pod_labels.remove(&r);
+                let mut changes = vec![Change::Deleted(Kind::Pod, r.clone())];
+                if r.namespace == "a" {
+                    changes.push(Change::Deleted(Kind::LocalPod, r));
+                }
+                changes
             }
-            Event::SetLanes { config } => self.lanes = LanesConfig::parse(LANE_CONFIGS[*config]).unwrap(),
+            Event::SetLanes { config } => {
+                self.lanes = LanesConfig::parse(LANE_CONFIGS[*config]).unwrap();
+                Vec::new()
+            }
         }
+    }
+
+    /// A complete list of one kind, as a source reports it.
+    fn list(&self, kind: Kind) -> Vec<Change> {
+        let objects: Vec<Object> = match kind {
+            Kind::LocalPod => self
+                .cluster
+                .pod_labels
+                .iter()
+                .filter_map(|(r, labels)| local_pod(r, labels).map(Object::LocalPod))
+                .collect(),
+            Kind::Pod => self
+                .cluster
+                .pod_labels
+                .iter()
+                .map(|(r, labels)| Object::Pod(r.clone(), labels.clone()))
+                .collect(),
+            Kind::Service => self
+                .cluster
+                .services
+                .iter()
+                .map(|(r, s)| Object::Service(r.clone(), ServiceInput::new(r, s)))
+                .collect(),
+            Kind::Slice => self
+                .cluster
+                .slices
+                .iter()
+                .map(|(r, s)| Object::Slice(r.clone(), SliceInput::new(r, s)))
+                .collect(),
+        };
+        Change::list(kind, objects).collect()
+    }
+
+    /// The local pods: namespace a's pods (this node runs them).
+    fn local_pods(&self) -> Vec<LocalPod> {
+        self.cluster.pod_labels.iter().filter_map(|(r, labels)| local_pod(r, labels)).collect()
+    }
+
+    /// The full computation, from scratch: the desired datapath and its warning counts.
+    fn full(
+        &self,
+        ids: &mut FrontendIds,
+        limits: &Limits,
+    ) -> (DatapathState, DesiredServices, BTreeMap<WarningKind, u64>) {
+        let keys = default_lane_keys();
+        let services = desired_services_within(&self.cluster, &keys, ids, limits);
+        let local = self.local_pods();
+        let pods = desired_pods(&local, &keys);
+        let (entries, pending) = pod_entries(&pods, test_cgroup);
+        assert!(pending.iter().all(|p| p.pod.name == "p5"));
+        let mut warnings = services.warnings.clone();
+        warnings.merge(pods.warnings.clone());
+        let counts = warnings.counts().clone();
+        (DatapathState::desired(entries, &services, &self.lanes), services, counts)
     }
 
     /// The desired datapath. The local pods are namespace a's pods (this node runs them),
     /// each with a kubelet-style cgroup.
     fn desired(&self, ids: &mut FrontendIds) -> DatapathState {
-        let keys = default_lane_keys();
-        let services = desired_services(&self.cluster, &keys, ids);
-        let local: Vec<LocalPod> = self
-            .cluster
-            .pod_labels
-            .iter()
-            .filter(|(r, _)| r.namespace == "a")
-            .map(|(r, labels)| LocalPod {
-                uid: format!("uid-{}", r.name),
-                namespace: r.namespace.clone(),
-                name: r.name.clone(),
-                labels: labels.clone(),
-                qos: QosClass::Burstable,
-            })
-            .collect();
-        let pods = desired_pods(&local, &keys);
-        let (entries, pending) = pod_entries(&pods, |p| {
-            let n: u64 = p.pod.name[1..].parse().unwrap();
-            // Pod 5's cgroup never appears: it stays pending.
-            (n != 5).then(|| CgroupRef {
-                path: PathBuf::from("/c"),
-                id: 1000 + n,
-                level: 3 + u32::from(n.is_multiple_of(2)),
-            })
-        });
-        assert!(pending.iter().all(|p| p.pod.name == "p5"));
-        DatapathState::desired(entries, &services, &self.lanes)
+        self.full(ids, &Limits::DATAPATH).0
     }
+}
+
+/// The local pod of a namespace a pod.
+fn local_pod(r: &ObjectRef, labels: &BTreeMap<String, String>) -> Option<LocalPod> {
+    (r.namespace == "a").then(|| LocalPod {
+        uid: format!("uid-{}", r.name),
+        namespace: r.namespace.clone(),
+        name: r.name.clone(),
+        labels: labels.clone(),
+        qos: QosClass::Burstable,
+    })
+}
+
+/// A local pod's kubelet-style cgroup; pod 5's never appears (it stays pending).
+fn test_cgroup(p: &DesiredPod) -> Option<CgroupRef> {
+    let n: u64 = p.pod.name[1..].parse().unwrap();
+    (n != 5).then(|| CgroupRef {
+        path: PathBuf::from("/c"),
+        id: 1000 + n,
+        level: 3 + u32::from(n.is_multiple_of(2)),
+    })
 }
 
 fn pick<T: Copy>(all: &[T], mask: u8) -> Vec<T> {
@@ -745,5 +823,135 @@ proptest! {
         assert_converged(&model, &desired, false, &snapshot);
         step(&mut model, &desired, true, &[]);
         assert_converged(&model, &desired, true, &snapshot);
+    }
+}
+
+// ---- the incremental model against the full computation ---------------------------------------
+
+/// A state with svc_ids replaced by the frontends they stand for (ids are allocated in another
+/// order incrementally): frontend → flags, (frontend, lane) → backends, pods, lanes.
+type Canonical = (
+    BTreeMap<FrontendKey, u32>,
+    BTreeMap<(FrontendKey, u32), BTreeSet<Backend>>,
+    BTreeMap<u64, PodEntry>,
+    BTreeMap<u32, LanePolicy>,
+);
+
+fn canonical(s: &DatapathState) -> Canonical {
+    let key_of: BTreeMap<u32, FrontendKey> = s.frontends.iter().map(|(k, v)| (v.svc_id, *k)).collect();
+    assert_eq!(key_of.len(), s.frontends.len(), "svc_ids are unique: {s:#?}");
+    let sets = s
+        .sets
+        .iter()
+        .map(|(k, v)| {
+            let frontend = *key_of.get(&k.svc_id).unwrap_or_else(|| panic!("set {k:?} without its frontend"));
+            ((frontend, k.lane), v.iter().copied().collect())
+        })
+        .collect();
+    (s.frontends.iter().map(|(k, v)| (*k, v.flags)).collect(), sets, s.pods.clone(), s.lanes.clone())
+}
+
+fn canonical_origins(
+    s: &DatapathState,
+    origins: &BTreeMap<u32, FrontendOrigin>,
+) -> BTreeMap<FrontendKey, FrontendOrigin> {
+    assert_eq!(origins.len(), s.frontends.len(), "an origin per frontend, no stale one");
+    s.frontends.iter().map(|(k, v)| (*k, origins[&v.svc_id].clone())).collect()
+}
+
+fn recheck() -> impl Strategy<Value = Recheck> {
+    prop_oneof![6 => Just(Recheck::None), 1 => Just(Recheck::Pending), 1 => Just(Recheck::All)]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// The incremental model, fed the changes a source reports (events, bursts of them, and
+    /// relists), always desires what the full computation from the whole cluster desires (up to
+    /// svc_ids), with the same warning counts; the plan over its scope alone converges the maps
+    /// (a full plan finds nothing left), in a safe order; and svc_ids stay stable.
+    #[test]
+    fn incremental_matches_full(
+        initial in proptest::collection::vec(event(), 0..20),
+        steps in proptest::collection::vec(
+            (
+                proptest::collection::vec(event(), 1..4),
+                proptest::option::weighted(0.15, proptest::sample::select(Kind::ALL.to_vec())),
+                recheck(),
+            ),
+            1..40,
+        ),
+        small in proptest::bool::weighted(0.3),
+    ) {
+        let limits = if small {
+            Limits { frontends: 5, sets: 6, backends: 9, set_size: 3 }
+        } else {
+            Limits::DATAPATH
+        };
+        let mut world = World::default();
+        for e in &initial {
+            world.apply(e);
+        }
+        let mut inc = Incremental::new(FrontendIds::new(), default_lane_keys(), limits);
+        for kind in Kind::ALL {
+            prop_assert!(!inc.is_complete(), "complete before every kind was listed");
+            inc.apply(world.list(kind));
+        }
+        prop_assert!(inc.is_complete());
+        let mut mirror = Mirror::new(DatapathState::default());
+        let mut ids_before: BTreeMap<FrontendKey, u32> = BTreeMap::new();
+        let first = (Vec::new(), None, Recheck::None);
+        for (i, (events, relist, recheck)) in std::iter::once(&first).chain(&steps).enumerate() {
+            let mut changes = Vec::new();
+            for e in events {
+                changes.extend(world.apply(e));
+            }
+            if let Some(kind) = relist {
+                changes.extend(world.list(*kind));
+            }
+            inc.apply(changes);
+            let update = inc.update(&world.lanes, *recheck, test_cgroup);
+            prop_assert_eq!(update.full, i == 0);
+            let desired = inc.desired_state();
+            let scope =
+                if update.full { Scope::all(mirror.state(), inc.desired()) } else { update.scope.clone() };
+            let ops = mirror.plan(inc.desired(), &scope, true);
+            assert_phase_order(mirror.state(), &ops);
+            let mut checked = mirror.state().clone();
+            let report =
+                apply_plan(&mut Checker { state: &mut checked, desired: &desired, seen: BTreeSet::new() }, &ops);
+            prop_assert!(report.is_complete(), "{report:?}");
+            prop_assert!(apply_plan(&mut mirror, &ops).is_complete());
+            prop_assert_eq!(&checked, mirror.state());
+            prop_assert!(mirror.state().equivalent(&desired), "not converged");
+            let rest = plan(mirror.state(), &desired, true);
+            prop_assert!(rest.is_empty(), "the scoped plan left {rest:#?}");
+            if update.full {
+                inc.retain_ids();
+            }
+
+            let (full, full_services, full_counts) = world.full(&mut FrontendIds::new(), &limits);
+            prop_assert_eq!(canonical(&desired), canonical(&full));
+            prop_assert_eq!(
+                canonical_origins(&desired, inc.origins()),
+                canonical_origins(&full, &full_services.origins)
+            );
+            prop_assert_eq!(inc.warning_counts(), full_counts);
+            let p5 = world.cluster.pod_labels.contains_key(&ObjectRef::new("a", "p5"));
+            prop_assert_eq!(inc.pending_pods(), usize::from(p5));
+
+            // A frontend keeps its svc_id while it is desired; ids are only held for desired
+            // frontends.
+            let ids_now: BTreeMap<FrontendKey, u32> =
+                desired.frontends.iter().map(|(k, s)| (*k, s.svc_id)).collect();
+            for (k, id) in &ids_now {
+                if let Some(before) = ids_before.get(k) {
+                    prop_assert_eq!(before, id, "svc_id of {:?} changed", k);
+                }
+                prop_assert_eq!(inc.ids().get(k), Some(*id));
+            }
+            prop_assert_eq!(inc.ids().len(), ids_now.len());
+            ids_before = ids_now;
+        }
     }
 }

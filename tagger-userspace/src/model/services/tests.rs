@@ -1,11 +1,17 @@
-use k8s_openapi::api::discovery::v1::EndpointConditions;
-use tagger_common::lane_id;
+use k8s_openapi::api::{
+    core::v1::Service as K8sService,
+    discovery::v1::{Endpoint, EndpointConditions, EndpointSlice},
+};
+use tagger_common::{SVC_F_STRICT, lane_id};
 
 use super::*;
 use crate::{
     labels::default_lane_keys,
-    model::testing::{endpoint, service, slice},
-    net::{backend_addr, frontend_key},
+    model::{
+        objects::STRICT_ANNOTATION,
+        testing::{endpoint, service, slice},
+    },
+    net::{Proto, backend_addr, frontend_key},
 };
 
 fn with_conditions(mut ep: Endpoint, ready: Option<bool>, terminating: Option<bool>) -> Endpoint {

@@ -1,0 +1,422 @@
+//! The model's inputs in compact form: what the model reads of a Service, an EndpointSlice or a
+//! Pod, decoded once when the object arrives (on the source's threads) rather than at every
+//! computation, so the agent keeps neither the API objects nor a second copy of the cluster.
+//!
+//! Decoding is where the per-object rules of [`super::services`] that depend only on the object
+//! itself are applied (cluster IPs, ports, the strict annotation, ready endpoints, address
+//! families), together with their warnings; the rules that relate objects (endpoints to their
+//! Service's ports, backend lanes, capacities) are applied when the model is computed.
+//!
+//! [`Change`] is how sources report what changed: an object applied or deleted, or a complete
+//! (re)list of one kind that replaces everything known of it at once.
+
+use std::{collections::BTreeMap, fmt, net::IpAddr};
+
+use k8s_openapi::api::{
+    core::v1::{Service as K8sService, ServicePort},
+    discovery::v1::{Endpoint, EndpointSlice},
+};
+use tagger_common::SVC_F_STRICT;
+
+use super::{LocalPod, ObjectRef, WarningKind, Warnings};
+use crate::net::Proto;
+
+/// The Service annotation that makes a Service strict (`"true"` / `"false"`).
+pub const STRICT_ANNOTATION: &str = "tagger.io/strict";
+
+/// The label linking an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Pod labels (the model only reads the lane label keys).
+pub type Labels = BTreeMap<String, String>;
+
+/// What the model reads of a Service.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceInput {
+    /// Cluster IPs, ports and flags; `None` when the Service has nothing to steer (headless,
+    /// `ExternalName`, no cluster IP, no usable port), which [`Self::warnings`] says.
+    pub spec: Option<ServiceSpec>,
+    /// What was skipped or corrected in the Service itself.
+    pub warnings: Warnings,
+}
+
+/// A steerable Service's frontends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    /// Cluster IPs, each once, in the Service's order.
+    pub ips: Vec<IpAddr>,
+    /// TCP and UDP ports with a valid number, in the Service's order (never empty).
+    pub ports: Vec<PortSpec>,
+    /// `SVC_F_*` flags from the annotations.
+    pub flags: u32,
+}
+
+/// A Service port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortSpec {
+    /// Port name; `""` when unnamed.
+    pub name: Box<str>,
+    /// Protocol.
+    pub proto: Proto,
+    /// Port number.
+    pub port: u16,
+}
+
+impl ServiceInput {
+    /// Decodes a Service.
+    #[must_use]
+    pub fn new(svc_ref: &ObjectRef, svc: &K8sService) -> Self {
+        let mut warnings = Warnings::default();
+        let spec = decode_service(svc_ref, svc, &mut warnings);
+        Self { spec, warnings }
+    }
+}
+
+fn decode_service(svc_ref: &ObjectRef, svc: &K8sService, warnings: &mut Warnings) -> Option<ServiceSpec> {
+    let ips = cluster_ips(svc_ref, svc, warnings)?;
+    let ports = service_ports(svc_ref, svc, warnings);
+    if ports.is_empty() {
+        return None;
+    }
+    let flags = service_flags(svc_ref, svc, warnings);
+    Some(ServiceSpec { ips, ports, flags })
+}
+
+/// What the model reads of an EndpointSlice, with endpoint pods named by `P` (an
+/// [`ObjectRef`] as decoded; the model's index replaces it with a compact id).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceInput<P = ObjectRef> {
+    /// The Service it belongs to (`kubernetes.io/service-name`, in the slice's namespace);
+    /// `None`: no Service uses it.
+    pub service: Option<ObjectRef>,
+    /// Ports with a number, in the slice's order.
+    pub ports: Vec<SlicePort>,
+    /// The ready endpoints whose first address is a valid address of the slice's family, in
+    /// the slice's order. Empty for slices of another address type (FQDN).
+    pub endpoints: Vec<EndpointInput<P>>,
+    /// What was skipped in the slice; counted when its Service is computed.
+    pub warnings: Warnings,
+}
+
+/// A port of an EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlicePort {
+    /// `""` for an unnamed port (None and "" are the same to Kubernetes).
+    pub name: Box<str>,
+    /// `None` for a protocol the datapath does not steer.
+    pub proto: Option<Proto>,
+    /// Port number.
+    pub port: u16,
+}
+
+/// A ready endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointInput<P> {
+    /// Its (first) address.
+    pub ip: IpAddr,
+    /// The pod it is (`targetRef` of kind Pod), whose labels give the endpoint's lane.
+    pub pod: Option<P>,
+}
+
+impl SliceInput {
+    /// Decodes an EndpointSlice.
+    #[must_use]
+    pub fn new(slice_ref: &ObjectRef, slice: &EndpointSlice) -> Self {
+        let mut warnings = Warnings::default();
+        let service = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            .map(|name| ObjectRef::new(slice_ref.namespace.clone(), name.clone()));
+        let ports = decode_slice_ports(slice_ref, slice, &mut warnings);
+        let endpoints = ready_endpoints(slice_ref, slice, service.as_ref(), &mut warnings);
+        Self { service, ports, endpoints, warnings }
+    }
+}
+
+impl<P> SliceInput<P> {
+    /// The same slice with its endpoints' pods renamed by `f`.
+    pub fn map_pods<Q>(self, mut f: impl FnMut(P) -> Q) -> SliceInput<Q> {
+        SliceInput {
+            service: self.service,
+            ports: self.ports,
+            endpoints: self
+                .endpoints
+                .into_iter()
+                .map(|e| EndpointInput { ip: e.ip, pod: e.pod.map(&mut f) })
+                .collect(),
+            warnings: self.warnings,
+        }
+    }
+}
+
+/// The kinds of objects sources report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// Pods scheduled on this node.
+    LocalPod,
+    /// Pods cluster-wide, for their labels (backend lanes).
+    Pod,
+    /// Services.
+    Service,
+    /// EndpointSlices.
+    Slice,
+}
+
+impl Kind {
+    /// Every kind.
+    pub const ALL: [Kind; 4] = [Kind::LocalPod, Kind::Pod, Kind::Service, Kind::Slice];
+
+    /// Index in [`Kind::ALL`].
+    #[must_use]
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::LocalPod => "pods (this node)",
+            Kind::Pod => "pods (labels, cluster-wide)",
+            Kind::Service => "services",
+            Kind::Slice => "endpointslices",
+        })
+    }
+}
+
+/// A decoded object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Object {
+    /// A pod of this node.
+    LocalPod(LocalPod),
+    /// A pod's labels.
+    Pod(ObjectRef, Labels),
+    /// A Service.
+    Service(ObjectRef, ServiceInput),
+    /// An EndpointSlice.
+    Slice(ObjectRef, SliceInput),
+}
+
+impl Object {
+    /// Its kind.
+    #[must_use]
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::LocalPod(_) => Kind::LocalPod,
+            Object::Pod(..) => Kind::Pod,
+            Object::Service(..) => Kind::Service,
+            Object::Slice(..) => Kind::Slice,
+        }
+    }
+}
+
+/// A change reported by a source.
+///
+/// A (re)list of one kind is reported as [`Change::ListBegin`], its objects as
+/// [`Change::Listed`], then [`Change::ListEnd`]: the listed objects replace everything known of
+/// that kind at once, at the end (what is not listed was deleted), so a consumer never sees a
+/// half-listed kind. A list that is abandoned (the watch failed) is simply begun again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// An object was added or changed.
+    Applied(Object),
+    /// An object was deleted.
+    Deleted(Kind, ObjectRef),
+    /// A list of one kind begins (discarding any list of that kind in progress).
+    ListBegin(Kind),
+    /// An object of the list in progress.
+    Listed(Object),
+    /// The list of one kind is complete.
+    ListEnd(Kind),
+}
+
+impl Change {
+    /// A complete list of `kind` as one sequence of changes.
+    pub fn list(kind: Kind, objects: impl IntoIterator<Item = Object>) -> impl Iterator<Item = Change> {
+        std::iter::once(Change::ListBegin(kind))
+            .chain(objects.into_iter().map(Change::Listed))
+            .chain(std::iter::once(Change::ListEnd(kind)))
+    }
+}
+
+/// The Service's cluster IPs, or `None` (counted) when the Service has nothing to steer.
+fn cluster_ips(svc_ref: &ObjectRef, svc: &K8sService, warnings: &mut Warnings) -> Option<Vec<IpAddr>> {
+    let Some(spec) = &svc.spec else {
+        warnings.add(WarningKind::NoClusterIp, format_args!("Service {svc_ref} has no spec"));
+        return None;
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        warnings.add(WarningKind::ExternalNameSkipped, format_args!("Service {svc_ref} is ExternalName"));
+        return None;
+    }
+    let listed: Vec<&str> = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        _ => spec.cluster_ip.iter().map(String::as_str).filter(|ip| !ip.is_empty()).collect(),
+    };
+    if listed.contains(&"None") {
+        warnings.add(WarningKind::HeadlessServiceSkipped, format_args!("Service {svc_ref} is headless"));
+        return None;
+    }
+    if listed.is_empty() {
+        warnings.add(WarningKind::NoClusterIp, format_args!("Service {svc_ref} has no cluster IP"));
+        return None;
+    }
+    let mut ips = Vec::new();
+    for text in listed {
+        match text.parse::<IpAddr>() {
+            Ok(ip) if !ips.contains(&ip) => ips.push(ip),
+            Ok(_) => {}
+            Err(_) => warnings.add(
+                WarningKind::InvalidAddress,
+                format_args!("Service {svc_ref}: cluster IP {text:?} is not an IP address"),
+            ),
+        }
+    }
+    (!ips.is_empty()).then_some(ips)
+}
+
+/// The Service's steerable ports.
+fn service_ports(svc_ref: &ObjectRef, svc: &K8sService, warnings: &mut Warnings) -> Vec<PortSpec> {
+    let ports: &[ServicePort] = svc.spec.as_ref().and_then(|s| s.ports.as_deref()).unwrap_or_default();
+    if ports.is_empty() {
+        warnings.add(WarningKind::ServiceWithoutPorts, format_args!("Service {svc_ref} has no ports"));
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for p in ports {
+        let proto = match p.protocol.as_deref() {
+            None | Some("TCP") => Proto::Tcp,
+            Some("UDP") => Proto::Udp,
+            Some("SCTP") => {
+                warnings.add(
+                    WarningKind::SctpPortSkipped,
+                    format_args!("Service {svc_ref}: port {} is SCTP", p.port),
+                );
+                continue;
+            }
+            Some(other) => {
+                warnings.add(
+                    WarningKind::UnknownProtocol,
+                    format_args!("Service {svc_ref}: port {} has protocol {other:?}", p.port),
+                );
+                continue;
+            }
+        };
+        match valid_port(p.port) {
+            Some(port) => out.push(PortSpec { name: p.name.as_deref().unwrap_or("").into(), proto, port }),
+            None => warnings.add(
+                WarningKind::InvalidPort,
+                format_args!("Service {svc_ref}: port {} is out of range", p.port),
+            ),
+        }
+    }
+    out
+}
+
+/// The `SVC_F_*` flags from the Service's annotations.
+fn service_flags(svc_ref: &ObjectRef, svc: &K8sService, warnings: &mut Warnings) -> u32 {
+    match svc.metadata.annotations.as_ref().and_then(|a| a.get(STRICT_ANNOTATION)).map(String::as_str) {
+        None | Some("false") => 0,
+        Some("true") => SVC_F_STRICT,
+        Some(other) => {
+            warnings.add(
+                WarningKind::InvalidAnnotation,
+                format_args!(
+                    "Service {svc_ref}: {STRICT_ANNOTATION}={other:?} is not \"true\" or \"false\"; ignored"
+                ),
+            );
+            0
+        }
+    }
+}
+
+fn valid_port(port: i32) -> Option<u16> {
+    u16::try_from(port).ok().filter(|&p| p != 0)
+}
+
+fn decode_slice_ports(
+    slice_ref: &ObjectRef,
+    slice: &EndpointSlice,
+    warnings: &mut Warnings,
+) -> Vec<SlicePort> {
+    let mut out = Vec::new();
+    for p in slice.ports.iter().flatten() {
+        // No port number: "unrestricted", meaningless for a Service port; nothing to steer to.
+        let Some(number) = p.port else { continue };
+        let Some(port) = valid_port(number) else {
+            warnings.add(
+                WarningKind::InvalidPort,
+                format_args!("EndpointSlice {slice_ref}: port {number} is out of range"),
+            );
+            continue;
+        };
+        let proto = match p.protocol.as_deref() {
+            None | Some("TCP") => Some(Proto::Tcp),
+            Some("UDP") => Some(Proto::Udp),
+            Some(_) => None,
+        };
+        out.push(SlicePort { name: p.name.as_deref().unwrap_or("").into(), proto, port });
+    }
+    out
+}
+
+/// The slice's ready endpoints with a valid first address of the slice's family.
+fn ready_endpoints(
+    slice_ref: &ObjectRef,
+    slice: &EndpointSlice,
+    service: Option<&ObjectRef>,
+    warnings: &mut Warnings,
+) -> Vec<EndpointInput<ObjectRef>> {
+    let v4 = match slice.address_type.as_str() {
+        "IPv4" => true,
+        "IPv6" => false,
+        other => {
+            if let Some(svc_ref) = service {
+                warnings.add(
+                    WarningKind::FqdnSliceSkipped,
+                    format_args!("EndpointSlice {slice_ref} of Service {svc_ref}: address type {other}"),
+                );
+            }
+            return Vec::new();
+        }
+    };
+    let mut out = Vec::new();
+    for ep in slice.endpoints.iter().filter(|ep| is_ready(ep)) {
+        let Some(text) = ep.addresses.first() else { continue };
+        let ip = match text.parse::<IpAddr>() {
+            Ok(ip) if ip.is_ipv4() == v4 => ip,
+            _ => {
+                warnings.add(
+                    WarningKind::InvalidAddress,
+                    format_args!(
+                        "EndpointSlice {slice_ref}: {text:?} is not an {} address",
+                        slice.address_type
+                    ),
+                );
+                continue;
+            }
+        };
+        out.push(EndpointInput { ip, pod: endpoint_pod(slice_ref, ep) });
+    }
+    out
+}
+
+/// The pod an endpoint is, from its `targetRef` (a missing namespace is the slice's).
+fn endpoint_pod(slice_ref: &ObjectRef, ep: &Endpoint) -> Option<ObjectRef> {
+    let target = ep.target_ref.as_ref()?;
+    if target.kind.as_deref() != Some("Pod") {
+        return None;
+    }
+    let name = target.name.as_ref()?;
+    let namespace = target.namespace.as_ref().unwrap_or(&slice_ref.namespace);
+    Some(ObjectRef::new(namespace.clone(), name.clone()))
+}
+
+/// Ready, and not terminating. `ready` unset means ready (EndpointConditions' documentation:
+/// "nil should be interpreted as ready").
+fn is_ready(ep: &Endpoint) -> bool {
+    let c = ep.conditions.as_ref();
+    c.and_then(|c| c.ready).unwrap_or(true) && !c.and_then(|c| c.terminating).unwrap_or(false)
+}
