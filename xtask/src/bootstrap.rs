@@ -10,9 +10,20 @@ use crate::shell::{output, run, status, step};
 const LLVM: &str = "22";
 /// Debian packages: LLVM for bpf-linker, iproute2 for the test namespaces, bpftool for operators;
 /// buildah and musl-tools (musl-gcc, for ring's C code) for the container image (`cargo xtask
-/// image`); util-linux's setpriv and unshare confine the agent in the capability tests.
-const APT_PACKAGES: [&str; 7] =
-    ["llvm-22-dev", "libpolly-22-dev", "iproute2", "bpftool", "buildah", "musl-tools", "util-linux"];
+/// image`); util-linux's setpriv and unshare confine the agent in the capability tests; haproxy
+/// and iptables are the baselines of `cargo xtask bench`, linux-perf its profiler.
+const APT_PACKAGES: [&str; 10] = [
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "iproute2",
+    "bpftool",
+    "buildah",
+    "musl-tools",
+    "util-linux",
+    "haproxy",
+    "iptables",
+    "linux-perf",
+];
 
 /// Installs everything missing.
 pub fn run_all() -> Result<()> {

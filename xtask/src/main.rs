@@ -3,6 +3,7 @@
 //! Every task first runs the same idempotent bootstrap (toolchain components, Debian packages,
 //! bpf-linker), printing each step and skipping what is already present.
 
+mod bench;
 mod bootstrap;
 mod cleanup;
 mod image;
@@ -42,6 +43,15 @@ enum Task {
     /// Build the container image (static musl binaries, FROM scratch, buildah), check that its
     /// binaries run, save it under target/image/, and print its size and digest.
     Image(image::ImageArgs),
+    /// Benchmarks against direct, iptables and haproxy; writes docs/BENCHMARKS.md and its chart.
+    Bench {
+        /// A run under 3 minutes, written to target/bench/ (not docs/).
+        #[arg(long)]
+        quick: bool,
+        /// Write the report and chart to this directory instead.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -55,6 +65,7 @@ fn main() -> Result<()> {
         }
         Task::Test { no_lint, filter } => test(no_lint, filter.as_deref()),
         Task::Demo { keep } => demo(keep),
+        Task::Bench { quick, out } => bench::run(quick, out.as_deref()),
         Task::Image(args) => image::run_task(&args),
     }
 }
