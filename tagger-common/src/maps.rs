@@ -202,6 +202,22 @@ pub struct LanePolicy {
     pub chain: [u32; MAX_CHAIN],
 }
 
+impl LanePolicy {
+    /// A policy with `flags` and the fallback chain `chain` (lane ids, in order; at most
+    /// [`MAX_CHAIN`] are kept).
+    #[must_use]
+    pub fn new(chain: &[u32], flags: u32) -> Self {
+        let mut p = Self { flags, ..Self::default() };
+        let n = if chain.len() < MAX_CHAIN { chain.len() } else { MAX_CHAIN };
+        p.chain[..n].copy_from_slice(&chain[..n]);
+        #[expect(clippy::cast_possible_truncation, reason = "at most MAX_CHAIN = 8")]
+        {
+            p.chain_len = n as u32;
+        }
+        p
+    }
+}
+
 /// Reverse translation key: a socket and the backend it was steered to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

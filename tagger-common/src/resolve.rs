@@ -117,12 +117,8 @@ mod tests {
             self
         }
         fn with_chain(mut self, lane: &str, chain: &[&str], flags: u32) -> Self {
-            let mut p =
-                LanePolicy { flags, chain_len: u32::try_from(chain.len()).unwrap(), ..LanePolicy::default() };
-            for (i, l) in chain.iter().enumerate() {
-                p.chain[i] = lane_id(l);
-            }
-            self.lanes.insert(lane_id(lane), p);
+            let ids: std::vec::Vec<u32> = chain.iter().map(|l| lane_id(l)).collect();
+            self.lanes.insert(lane_id(lane), LanePolicy::new(&ids, flags));
             self
         }
     }

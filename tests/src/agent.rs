@@ -217,6 +217,18 @@ impl AgentSandbox {
         }
     }
 
+    /// The agent tests' usual cast: Service `a` at `vip` with a base backend `a-base` and a gray
+    /// one `a-gray`, and a caller `gw` in `gw_lane`.
+    #[must_use]
+    pub fn with_service_a(vip: SocketAddr, gw_lane: Option<&str>) -> Self {
+        let mut sb = Self::new();
+        sb.backend("a-base", None);
+        sb.backend("a-gray", Some("gray"));
+        sb.caller("gw", gw_lane);
+        sb.cluster.service("a", &[vip.ip()], vip.port(), PORT, &["a-base", "a-gray"]);
+        sb
+    }
+
     /// A backend pod (on this node) answering its name, in `lane`.
     pub fn backend(&mut self, name: &str, lane: Option<&str>) {
         let pod = self.node.add_pod(name);

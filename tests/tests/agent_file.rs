@@ -21,12 +21,7 @@ fn vip() -> SocketAddr {
 
 /// A node with service `a` (base and gray backends) and a caller `gw` in `lane`.
 fn sandbox(gw_lane: Option<&str>) -> AgentSandbox {
-    let mut sb = AgentSandbox::new();
-    sb.backend("a-base", None);
-    sb.backend("a-gray", Some("gray"));
-    sb.caller("gw", gw_lane);
-    sb.cluster.service("a", &[vip().ip()], vip().port(), PORT, &["a-base", "a-gray"]);
-    sb
+    AgentSandbox::with_service_a(vip(), gw_lane)
 }
 
 fn wait_ready(sb: &AgentSandbox, gw_lane: &str) {

@@ -23,11 +23,7 @@ fn stale_vip() -> SocketAddr {
 
 /// Service `a` with a base and a gray backend, a `stale` Service, and a caller `gw`.
 fn sandbox(gw_lane: Option<&str>) -> AgentSandbox {
-    let mut sb = AgentSandbox::new();
-    sb.backend("a-base", None);
-    sb.backend("a-gray", Some("gray"));
-    sb.caller("gw", gw_lane);
-    sb.cluster.service("a", &[vip().ip()], vip().port(), PORT, &["a-base", "a-gray"]);
+    let mut sb = AgentSandbox::with_service_a(vip(), gw_lane);
     sb.cluster.service("stale", &[stale_vip().ip()], 80, PORT, &["a-base"]);
     sb
 }
@@ -51,6 +47,16 @@ fn publish(sb: &mut AgentSandbox, api: &FakeApiServer) {
     }
 }
 
+/// The sandbox published to a new fake API server, the agent started on it and synced.
+fn running(gw_lane: Option<&str>) -> (FakeApiServer, AgentSandbox) {
+    let api = FakeApiServer::start();
+    let mut sb = sandbox(gw_lane);
+    publish(&mut sb, &api);
+    start(&mut sb, &api);
+    wait_synced(&sb, gw_lane.unwrap_or("base"));
+    (api, sb)
+}
+
 fn start(sb: &mut AgentSandbox, api: &FakeApiServer) {
     let kubeconfig = sb.dir.0.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig).unwrap();
@@ -70,11 +76,7 @@ fn wait_synced(sb: &AgentSandbox, gw_lane: &str) {
 
 #[test]
 fn relabel_and_last_gray_endpoint_through_the_api() {
-    let api = FakeApiServer::start();
-    let mut sb = sandbox(None);
-    publish(&mut sb, &api);
-    start(&mut sb, &api);
-    wait_synced(&sb, "base");
+    let (api, mut sb) = running(None);
     assert_eq!(sb.reached("gw", vip(), 30), ["a-base"]);
 
     // Relabel the caller pod: its new connections go to gray.
@@ -93,11 +95,7 @@ fn relabel_and_last_gray_endpoint_through_the_api() {
 
 #[test]
 fn api_outage_keeps_the_datapath_and_it_converges_after() {
-    let api = FakeApiServer::start();
-    let mut sb = sandbox(Some("gray"));
-    publish(&mut sb, &api);
-    start(&mut sb, &api);
-    wait_synced(&sb, "gray");
+    let (api, mut sb) = running(Some("gray"));
 
     // The API server goes away; while it is gone the stale Service is deleted and the gray
     // endpoint stops being ready.
@@ -124,11 +122,7 @@ fn api_outage_keeps_the_datapath_and_it_converges_after() {
 
 #[test]
 fn gone_410_relists_without_transient_fallback_and_prunes_stale_entries() {
-    let api = FakeApiServer::start();
-    let mut sb = sandbox(Some("gray"));
-    publish(&mut sb, &api);
-    start(&mut sb, &api);
-    wait_synced(&sb, "gray");
+    let (api, sb) = running(Some("gray"));
     let client = LoopClient::start(&sb.pod_cgroup("gw"), &sb.netns["gw"].ns, vip());
 
     // Disconnected, history compacted, a Service deleted meanwhile: the watchers' resume gets
@@ -156,11 +150,7 @@ fn gone_410_relists_without_transient_fallback_and_prunes_stale_entries() {
 
 #[test]
 fn sigkill_restart_on_the_api_source_fails_no_connection() {
-    let api = FakeApiServer::start();
-    let mut sb = sandbox(Some("gray"));
-    publish(&mut sb, &api);
-    start(&mut sb, &api);
-    wait_synced(&sb, "gray");
+    let (api, mut sb) = running(Some("gray"));
     let client = LoopClient::start(&sb.pod_cgroup("gw"), &sb.netns["gw"].ns, vip());
     for round in 0..2 {
         std::thread::sleep(Duration::from_millis(300));

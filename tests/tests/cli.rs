@@ -290,6 +290,17 @@ fn explain_a_gray_caller_without_gray_backends_shows_the_fallback_to_base() {
     assert_eq!(by_id["caller"]["lane"], lane("gray"), "{by_id}");
     let pod_id = cgroup_id(&s.gray).to_string();
     assert_eq!(json(dir, &["explain", "--pod", &pod_id, "10.96.40.1:80"])["caller"]["found_by"], "cgroup_id");
+    // --cgroup-root (the host's tree as a container sees it): ids and relative paths resolve
+    // below it.
+    let root = s.gray.cgroup.parent().unwrap();
+    let relative =
+        format!("./{}/cri-containerd-0123.scope", s.gray.cgroup.file_name().unwrap().to_str().unwrap());
+    for query in [relative.as_str(), container_id.as_str()] {
+        let ex =
+            json(dir, &["--cgroup-root", root.to_str().unwrap(), "explain", "--pod", query, "10.96.40.1:80"]);
+        assert_eq!(ex["caller"]["lane"], lane("gray"), "{query}: {ex}");
+        assert_eq!(ex["caller"]["cgroup_path"], container.to_str().unwrap(), "{query}: {ex}");
+    }
 
     // An unregistered cgroup is base: base callers stay in base.
     let plain = s.sb.caller("plain", None);

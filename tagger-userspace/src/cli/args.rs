@@ -21,6 +21,13 @@ pub struct Cli {
     #[arg(long, global = true, env = "TAGGER_BPFFS", default_value = DEFAULT_BPFFS, value_name = "DIR")]
     pub bpffs: PathBuf,
 
+    /// The cgroup v2 root the agent attached to (its --cgroup-root), as seen by this process.
+    /// Default: this process's cgroup2 mount. Inside a container, whose cgroup namespace hides
+    /// the host's tree, give the host's root as mounted in the container (the DaemonSet's
+    /// `/host/sys/fs/cgroup`) so cgroup ids and paths resolve.
+    #[arg(long, global = true, env = "TAGGER_CGROUP_ROOT", value_name = "DIR")]
+    pub cgroup_root: Option<PathBuf>,
+
     /// Output format: aligned tables for people, or JSON for scripts (a stable schema:
     /// snake_case fields, lanes as {id, name}, addresses as strings, outcomes by name).
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Format::Table)]

@@ -233,13 +233,24 @@ pub fn ancestors_of(path: &Path) -> anyhow::Result<(PathBuf, Vec<(u32, u64)>)> {
 
 /// Finds the caller named by `--pod` (reads the maps and, for paths and unregistered ids, the
 /// cgroup tree).
-pub fn find(tables: &Tables, names: &Names, query: &str) -> anyhow::Result<Caller> {
+pub fn find(
+    tables: &Tables,
+    names: &Names,
+    query: &str,
+    cgroup_root: Option<&Path>,
+) -> anyhow::Result<Caller> {
+    let root = || -> anyhow::Result<PathBuf> {
+        Ok(match cgroup_root {
+            Some(r) => r.to_owned(),
+            None => cgroup2_mount()?,
+        })
+    };
     let t = PodTables::read(tables)?;
     match parse_query(query) {
         PodQuery::Name { namespace, name } => {
             let id = find_by_name(&t.meta, namespace.as_deref(), &name).map_err(|e| {
                 // `kubepods.slice/pod…`-like relative paths with one slash read as names first.
-                match resolve_path(Path::new(query)) {
+                match resolve_path(Path::new(query), root().ok().as_deref()) {
                     Some(_) => anyhow!("{query}: looks like a cgroup path; give it as ./{query} or absolute"),
                     None => e,
                 }
@@ -251,7 +262,7 @@ pub fn find(tables: &Tables, names: &Names, query: &str) -> anyhow::Result<Calle
                 return Ok(caller_in_pod(query, "cgroup_id", id, &t, names));
             }
             // Not a pod cgroup: maybe a container's below one. Find its directory to walk up.
-            let root = cgroup2_mount()?;
+            let root = root()?;
             let Some(path) = cgroup_paths(&root, &BTreeSet::from([id])).remove(&id) else {
                 let mut c = base_caller(query, "cgroup_id", names);
                 c.note = Some(format!(
@@ -264,7 +275,7 @@ pub fn find(tables: &Tables, names: &Names, query: &str) -> anyhow::Result<Calle
             Ok(caller_in_cgroup(query, "cgroup_id", &path, &ancestors, &t, names))
         }
         PodQuery::Path(p) => {
-            let path = resolve_path(&p).ok_or_else(|| {
+            let path = resolve_path(&p, root().ok().as_deref()).ok_or_else(|| {
                 anyhow!(
                     "{}: no such cgroup directory (absolute, or relative to the cgroup v2 mount)",
                     p.display()
@@ -277,12 +288,12 @@ pub fn find(tables: &Tables, names: &Names, query: &str) -> anyhow::Result<Calle
 }
 
 /// A cgroup directory as given, or relative to the cgroup v2 mount.
-fn resolve_path(p: &Path) -> Option<PathBuf> {
+fn resolve_path(p: &Path, root: Option<&Path>) -> Option<PathBuf> {
     if p.is_dir() {
         return Some(p.to_owned());
     }
     if p.is_relative() {
-        let under = cgroup2_mount().ok()?.join(p);
+        let under = root?.join(p);
         if under.is_dir() {
             return Some(under);
         }

@@ -2,7 +2,10 @@
 //! address, step by step. The decision itself is [`resolve_lane`] — the function the kernel
 //! programs run — over the pinned maps; this module only lays out what it looked at.
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::Path,
+};
 
 use anyhow::{anyhow, bail};
 use serde::Serialize;
@@ -368,10 +371,15 @@ pub fn render_table(ex: &Explanation) -> String {
 }
 
 /// Runs `tagger explain`.
-pub fn run(tables: &Tables, format: Format, args: &ExplainArgs) -> anyhow::Result<()> {
+pub fn run(
+    tables: &Tables,
+    format: Format,
+    args: &ExplainArgs,
+    cgroup_root: Option<&Path>,
+) -> anyhow::Result<()> {
     let dest = parse_destination(&args.destination)?;
     let names = Names::read(tables)?;
-    let caller = caller::find(tables, &names, &args.pod)?;
+    let caller = caller::find(tables, &names, &args.pod, cgroup_root)?;
     let frontend = tables.frontend(&frontend_key(dest.addr, dest.proto))?;
     let ex = explain(tables, &names, caller, dest, frontend)?;
     match format {
@@ -404,12 +412,8 @@ mod tests {
             self
         }
         fn chain(mut self, lane: &str, chain: &[&str], flags: u32) -> Self {
-            let mut p =
-                LanePolicy { flags, chain_len: u32::try_from(chain.len()).unwrap(), ..LanePolicy::default() };
-            for (i, l) in chain.iter().enumerate() {
-                p.chain[i] = lane_id(l);
-            }
-            self.lanes.insert(lane_id(lane), p);
+            let ids: Vec<u32> = chain.iter().map(|l| lane_id(l)).collect();
+            self.lanes.insert(lane_id(lane), LanePolicy::new(&ids, flags));
             self
         }
     }

@@ -90,12 +90,14 @@ pub fn run(cli: &Cli) -> anyhow::Result<bool> {
     // `status` reports a partly installed datapath; everything else needs all maps.
     let open = || open::open_read_only(dir);
     match &cli.command {
-        Command::Status(args) => return status::run(dir, cli.output, args),
+        Command::Status(args) => return status::run(dir, cli.output, args, cli.cgroup_root.as_deref()),
         Command::Pods => pods::run(open()?.tables(), cli.output)?,
         Command::Services => services::run(open()?.tables(), cli.output)?,
         Command::Lanes => lanes::run(open()?.tables(), cli.output)?,
         Command::Stats(args) => stats::run(open()?.tables(), cli.output, args)?,
-        Command::Explain(args) => explain::run(open()?.tables(), cli.output, args)?,
+        Command::Explain(args) => {
+            explain::run(open()?.tables(), cli.output, args, cli.cgroup_root.as_deref())?;
+        }
     }
     Ok(true)
 }

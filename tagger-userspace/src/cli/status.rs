@@ -112,8 +112,13 @@ pub struct AgentProbe {
 }
 
 /// Runs `tagger status`; the exit code is 0 when healthy.
-pub fn run(dir: &Path, format: Format, args: &StatusArgs) -> anyhow::Result<bool> {
-    let report = collect(dir, &args.agent_addr)?;
+pub fn run(
+    dir: &Path,
+    format: Format,
+    args: &StatusArgs,
+    cgroup_root: Option<&Path>,
+) -> anyhow::Result<bool> {
+    let report = collect(dir, &args.agent_addr, cgroup_root)?;
     match format {
         Format::Json => print_json(&report)?,
         Format::Table => print_tables(&report),
@@ -123,11 +128,11 @@ pub fn run(dir: &Path, format: Format, args: &StatusArgs) -> anyhow::Result<bool
 
 /// Builds the report. Only a missing or unreadable pin directory is an error: everything else is
 /// part of the answer.
-pub fn collect(dir: &Path, agent_addr: &str) -> anyhow::Result<StatusReport> {
+pub fn collect(dir: &Path, agent_addr: &str, cgroup_root: Option<&Path>) -> anyhow::Result<StatusReport> {
     check_pin_dir(dir)?;
     let layout = PinLayout::new(dir);
     let mut programs: Vec<ProgramStatus> = PROGRAMS.iter().map(|&p| program_status(&layout, p)).collect();
-    resolve_cgroup_paths(&mut programs);
+    resolve_cgroup_paths(&mut programs, cgroup_root);
 
     let mut maps: Vec<MapStatus> = ALL_MAPS
         .iter()
@@ -217,12 +222,12 @@ fn program_status(layout: &PinLayout, program: &'static str) -> ProgramStatus {
 }
 
 /// Fills in the cgroup directories of the links (one walk of the cgroup tree for all of them).
-fn resolve_cgroup_paths(programs: &mut [ProgramStatus]) {
+fn resolve_cgroup_paths(programs: &mut [ProgramStatus], cgroup_root: Option<&Path>) {
     let ids: BTreeSet<u64> = programs.iter().filter_map(|p| p.cgroup_id).collect();
     if ids.is_empty() {
         return;
     }
-    let Ok(root) = cgroup2_mount() else { return };
+    let Ok(root) = cgroup_root.map_or_else(cgroup2_mount, |r| Ok(r.to_owned())) else { return };
     let paths: BTreeMap<u64, PathBuf> = cgroup_paths(&root, &ids);
     for p in programs {
         if let Some(path) = p.cgroup_id.and_then(|id| paths.get(&id)) {

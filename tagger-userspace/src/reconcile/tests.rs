@@ -34,9 +34,7 @@ fn svc(id: u32) -> Service {
 }
 
 fn chain(lanes: &[u32], flags: u32) -> LanePolicy {
-    let mut p = LanePolicy { flags, chain_len: u32::try_from(lanes.len()).unwrap(), ..LanePolicy::default() };
-    p.chain[..lanes.len()].copy_from_slice(lanes);
-    p
+    LanePolicy::new(lanes, flags)
 }
 
 const GRAY: u32 = lane_id("gray");

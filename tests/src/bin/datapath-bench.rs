@@ -26,10 +26,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, Stdio},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        mpsc,
-    },
+    sync::mpsc,
     time::{Duration, Instant},
 };
 
@@ -62,9 +59,6 @@ const HAPROXY: &str = "127.0.0.1:15001";
 const BENCH_FRONTENDS: u32 = 4;
 /// Service counts, in the order they are built up (the maps only grow during a run).
 const LEVELS: [u32; 5] = [1, 10, 1_000, 10_000, 65_536];
-
-/// Set by the signal thread on SIGINT/SIGTERM.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 #[derive(Clone, Debug)]
 struct Opts {
@@ -119,11 +113,11 @@ fn opts() -> Opts {
 
 fn main() -> std::process::ExitCode {
     isolate_mounts();
-    install_signal_thread();
+    tagger_tests::signals::install("interrupted: tearing the sandbox down…");
     let o = opts();
     match std::panic::catch_unwind(|| run(&o)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(_) if INTERRUPTED.load(Ordering::Relaxed) => {
+        Err(_) if tagger_tests::signals::interrupted() => {
             eprintln!("\ninterrupted: everything the benchmark created has been removed");
             std::process::ExitCode::from(130)
         }
@@ -183,32 +177,6 @@ fn hold_cgroup(cgroup: &Path) -> ChildGuard {
         .spawn()
         .expect("spawn loadgen hold");
     ChildGuard::new(child, "loadgen hold")
-}
-
-/// Blocks SIGINT and SIGTERM in every thread and waits for them in one, so that Ctrl-C becomes
-/// a flag checked between measurements and the guards tear the sandbox down.
-fn install_signal_thread() {
-    // SAFETY: sigset manipulation on a local set; pthread_sigmask affects this thread and is
-    // inherited by the threads spawned afterwards (all of them: this runs first).
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&raw mut set);
-        libc::sigaddset(&raw mut set, libc::SIGINT);
-        libc::sigaddset(&raw mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut());
-        let set_copy = set;
-        std::thread::spawn(move || {
-            let mut sig = 0;
-            // SAFETY: sigwait on a valid set and an owned int.
-            libc::sigwait(&raw const set_copy, &raw mut sig);
-            INTERRUPTED.store(true, Ordering::Relaxed);
-            eprintln!("\ninterrupted: tearing the sandbox down…");
-        });
-    }
-}
-
-fn check_interrupted() {
-    assert!(!INTERRUPTED.load(Ordering::Relaxed), "interrupted");
 }
 
 fn addr(s: &str) -> SocketAddr {
@@ -380,14 +348,14 @@ fn measure(
     o: &Opts,
     peername: bool,
 ) -> Stats {
-    check_interrupted();
+    tagger_tests::signals::check();
     let mut cmd = loadgen_cmd(cgroup, ns);
     cmd.args([test, to, &clients.to_string(), &o.secs.to_string(), &o.warmup.to_string()]);
     if peername {
         cmd.arg("--peername");
     }
     let out = cmd.stdin(Stdio::null()).output().expect("run loadgen");
-    check_interrupted();
+    tagger_tests::signals::check();
     assert!(out.status.success(), "loadgen {test} failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("loadgen output {:?}: {e}", String::from_utf8_lossy(&out.stdout)))
@@ -1062,7 +1030,7 @@ fn fallback(o: &Opts, large: Option<(usize, usize, usize)>) -> Value {
     let wait_reply = |want: &str, after: u64| -> u64 {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            check_interrupted();
+            tagger_tests::signals::check();
             let left = deadline.saturating_duration_since(Instant::now());
             assert!(
                 !left.is_zero(),

@@ -18,7 +18,6 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
 
@@ -27,9 +26,6 @@ use tagger_tests::{
     agent::{AgentSandbox, PORT, pod_in_lane, set_size, workspace_bin},
     client::testpod_bin,
 };
-
-/// Set by the signal thread on SIGINT/SIGTERM.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 const A: &str = "10.96.0.10:80";
 const B: &str = "10.96.0.11:80";
@@ -60,7 +56,7 @@ struct Check {
 
 fn main() -> std::process::ExitCode {
     let keep = std::env::args().any(|a| a == "--keep");
-    install_signal_thread();
+    tagger_tests::signals::install("Ctrl-C: tearing the sandbox down…");
     let result = std::panic::catch_unwind(|| run(keep));
     match result {
         Ok(true) => std::process::ExitCode::SUCCESS,
@@ -68,7 +64,7 @@ fn main() -> std::process::ExitCode {
             eprintln!("\ndemo FAILED: a step did not behave as stated (see the report above)");
             std::process::ExitCode::FAILURE
         }
-        Err(_) if INTERRUPTED.load(Ordering::Relaxed) => {
+        Err(_) if tagger_tests::signals::interrupted() => {
             eprintln!("\ninterrupted: everything the demo created has been removed");
             std::process::ExitCode::from(130)
         }
@@ -77,32 +73,6 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// Blocks SIGINT and SIGTERM in every thread and waits for them in one, so that Ctrl-C turns
-/// into a flag the demo checks, and the sandbox is torn down by its guards.
-fn install_signal_thread() {
-    // SAFETY: sigset manipulation on a local set; pthread_sigmask affects this thread and is
-    // inherited by threads spawned afterwards (all of them: this runs first).
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&raw mut set);
-        libc::sigaddset(&raw mut set, libc::SIGINT);
-        libc::sigaddset(&raw mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut());
-        let set_copy = set;
-        std::thread::spawn(move || {
-            let mut sig = 0;
-            // SAFETY: sigwait on a valid set and an owned int.
-            libc::sigwait(&raw const set_copy, &raw mut sig);
-            INTERRUPTED.store(true, Ordering::Relaxed);
-            eprintln!("\nCtrl-C: tearing the sandbox down…");
-        });
-    }
-}
-
-fn check_interrupted() {
-    assert!(!INTERRUPTED.load(Ordering::Relaxed), "interrupted");
 }
 
 fn say(text: &str) {
@@ -142,7 +112,7 @@ fn run(keep: bool) -> bool {
     let yaml = sb.dir.0.join("cluster.yaml");
     print_setup(&sb, &yaml);
     wait_synced(&sb, &pods.map(|p| (p.0, p.1)));
-    check_interrupted();
+    tagger_tests::signals::check();
 
     let mut checks = Vec::new();
     say("Step 1 — gray traffic stays gray where a gray version exists; base traffic never touches gray");
@@ -157,7 +127,7 @@ fn run(keep: bool) -> bool {
          calling pod's, decided per connection (see README, Limits)."
     );
     checks.push(show_cli(&sb, &["stats"], "steered"));
-    check_interrupted();
+    tagger_tests::signals::check();
 
     say("Step 2 — the gray version of A is deleted: gray callers fall back to base A at the next connection");
     sb.cluster.pods.remove("a-gray");
@@ -169,7 +139,7 @@ fn run(keep: bool) -> bool {
     checks.push(traffic(&sb, "2. gw-gray → A (a-gray gone)", "gw-gray", A, base_path));
     checks.push(traffic(&sb, "2. gw-base → A", "gw-base", A, base_path));
     checks.push(show_cli(&sb, &["explain", "--pod", "demo/gw-gray", A], "fall"));
-    check_interrupted();
+    tagger_tests::signals::check();
 
     say("Step 3 — a-gray is back: gray callers return to it");
     sb.cluster.pod("a-gray", tagger_tests::agent::NODE, Some("gray"), &[IpAddr::V4(sb.netns["a-gray"].ip4)]);
@@ -345,7 +315,7 @@ fn explore(sb: &AgentSandbox, yaml: &Path, metrics: &str) {
     println!("  curl -s http://{metrics}/metrics");
     println!("  edit {} (the agent re-reads it)", yaml.display());
     println!("Press Ctrl-C to tear the sandbox down.");
-    while !INTERRUPTED.load(Ordering::Relaxed) {
+    while !tagger_tests::signals::interrupted() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
