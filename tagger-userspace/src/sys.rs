@@ -1,5 +1,5 @@
 //! Raw `bpf(2)` commands that aya 0.14 does not expose: opening a pin with file flags (aya opens
-//! pins read-write only).
+//! pins read-write only), pinning any descriptor, detaching a link and replacing its program.
 
 use std::{
     ffi::CString,
@@ -52,5 +52,52 @@ pub fn link_detach(link: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
     let link_fd = u32::try_from(link.as_raw_fd()).map_err(|_| io::Error::other("negative fd"))?;
     // SAFETY: the kernel reads the 4-byte `link_detach` member of `union bpf_attr`.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, &raw const link_fd, size_of::<u32>()) };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// `BPF_OBJ_PIN`.
+const BPF_OBJ_PIN: libc::c_long = 6;
+
+/// Pins the object behind `fd` (a map, program or link) at `path` on bpffs. The kernel creates
+/// the pin with mode 0600.
+pub fn obj_pin(fd: std::os::fd::BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    let bpf_fd = u32::try_from(fd.as_raw_fd()).map_err(|_| io::Error::other("negative fd"))?;
+    let attr = ObjGetAttr { pathname: c.as_ptr() as u64, bpf_fd, file_flags: 0, path_fd: 0, _pad: 0 };
+    // SAFETY: the kernel reads `attr` (valid for its size) and the NUL-terminated path it points
+    // to, both alive for the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, &raw const attr, size_of_val(&attr)) };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// `BPF_LINK_UPDATE`.
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+/// The `link_update` member of `union bpf_attr`.
+#[repr(C)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+/// Replaces the program of a link in one step (kernel ≥ 5.7 for cgroup links): the hook runs
+/// the old program up to this call and the new one from it on, never neither.
+pub fn link_update(
+    link: std::os::fd::BorrowedFd<'_>,
+    program: std::os::fd::BorrowedFd<'_>,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let attr = LinkUpdateAttr {
+        link_fd: u32::try_from(link.as_raw_fd()).map_err(|_| io::Error::other("negative fd"))?,
+        new_prog_fd: u32::try_from(program.as_raw_fd()).map_err(|_| io::Error::other("negative fd"))?,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: the kernel reads `attr`, valid for its size, for the duration of the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_UPDATE, &raw const attr, size_of_val(&attr)) };
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }

@@ -112,3 +112,92 @@ fn install_refuses_a_directory_outside_bpffs_and_a_missing_cgroup() {
     assert!(err.to_string().contains("tgt-does-not-exist"), "{err}");
     assert!(!pins.0.exists(), "nothing may be pinned when the cgroup is missing");
 }
+
+/// Every map pin renamed from `_V1` to `_V0` and the build marker to another hash: the pins of
+/// an older build with a different map layout, whose programs still run on those maps.
+fn age_pins(pins: &Path) {
+    let maps = pins.join("maps");
+    for e in std::fs::read_dir(&maps).unwrap().flatten() {
+        let name = e.file_name().into_string().unwrap();
+        let old = name.strip_suffix("_V1").map(|stem| format!("{stem}_V0")).unwrap();
+        std::fs::rename(e.path(), maps.join(old)).unwrap();
+    }
+    for e in std::fs::read_dir(pins).unwrap().flatten() {
+        if e.file_name().to_string_lossy().starts_with("object-") {
+            std::fs::rename(e.path(), pins.join("object-00000000000000aa")).unwrap();
+        }
+    }
+}
+
+/// Program id behind each link pin.
+fn linked_programs(pins: &Path) -> Vec<(u32, u32)> {
+    tagger::datapath::PROGRAMS
+        .iter()
+        .map(|p| {
+            let info = tagger::cli::links::link_info(&pins.join("links").join(p)).unwrap();
+            (info.link_id, info.program_id)
+        })
+        .collect()
+}
+
+#[test]
+fn an_upgrade_to_a_new_map_layout_switches_programs_with_no_failed_connection() {
+    require_root();
+    ensure_bpffs();
+    let mut node = Node::new();
+    let backend_pod = node.add_pod("gray-backend");
+    let _server = BackendServer::start(&backend_pod, "gray-backend", 8080);
+    let caller_pod = node.add_pod("gray-caller");
+    let root = TestCgroup::new(&unique_name("root"));
+    let pod_cgroup = root.child("kubepods/burstable/podabc");
+    let pins = PinDir(Path::new(BPFFS).join(unique_name("pins")));
+    let vip: SocketAddr = "10.96.3.2:80".parse().unwrap();
+    let gray_backend = SocketAddr::new(backend_pod.ip4.into(), 8080);
+    let fill = |dp: &mut Datapath| {
+        let t = dp.tables_mut();
+        t.register_pod(&TestCgroup::resolve(&pod_cgroup), lane_id("gray")).unwrap();
+        t.replace_backends(1, lane_id("gray"), &[backend(gray_backend)]).unwrap();
+        t.upsert_frontend(&frontend_key(vip, Proto::Tcp), Service { svc_id: 1, flags: 0 }).unwrap();
+    };
+
+    let first = install_in_other_process(&pins.0, root.path());
+    assert!(first.starts_with("Attached"), "{first}");
+    fill(&mut Datapath::open(&pins.0).unwrap());
+    age_pins(&pins.0);
+    let before = linked_programs(&pins.0);
+    let client = LoopClient::start(&pod_cgroup, &caller_pod.ns, vip);
+
+    // The new build loads beside the old one: new, empty maps; the old programs keep serving
+    // from theirs.
+    let (mut dp, installed) = Datapath::install(&pins.0, root.path()).unwrap();
+    let tagger::datapath::Installed::Upgrading { from, attached, replacing } = installed else {
+        panic!("expected an upgrade, got {installed:?}")
+    };
+    assert_eq!((from.as_deref(), attached.len(), replacing.len()), (Some("00000000000000aa"), 0, 8));
+    assert!(dp.tables().pods().unwrap().is_empty(), "the new layout's maps start empty");
+    assert_eq!(linked_programs(&pins.0), before, "nothing switches before the maps are filled");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+
+    // Filled, then switched: same links, new programs, old maps gone, the build recorded.
+    fill(&mut dp);
+    assert_eq!(dp.finish_upgrade().unwrap().len(), 8);
+    let after = linked_programs(&pins.0);
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!(b.0, a.0, "the link stays");
+        assert_ne!(b.1, a.1, "the program is replaced");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let summary = client.finish();
+    assert!(summary.ok > 0, "{summary:?}");
+    assert_eq!(summary.failed, 0, "{summary:?}");
+    assert_eq!(summary.replies.keys().collect::<Vec<_>>(), ["gray-backend"], "{summary:?}");
+    let names: Vec<String> = std::fs::read_dir(pins.0.join("maps"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().into_string().unwrap())
+        .collect();
+    assert!(names.iter().all(|n| n.ends_with("_V1")), "old layout's pins removed: {names:?}");
+    assert_eq!(dp.layout().recorded_versions(), [tagger::datapath::object_version()]);
+    drop(dp);
+    assert_eq!(install_in_other_process(&pins.0, root.path()), "Adopted");
+}

@@ -129,6 +129,13 @@ impl Reconciler {
         };
         let report = apply_plan(self.datapath.tables_mut(), &ops);
         self.full_next = false;
+        if full && report.is_complete() && self.datapath.upgrade_pending() {
+            // This build's maps now hold the desired state: its programs take over the links.
+            match self.datapath.finish_upgrade() {
+                Ok(programs) => info!(?programs, "upgrade finished: links switched to this build's programs"),
+                Err(e) => warn!("finishing the upgrade: {e}; the previous build's programs keep serving"),
+            }
+        }
         if report.is_complete() {
             // Mirror exactly what was written: the model applies the same ops infallibly here,
             // because the maps just accepted them.

@@ -7,9 +7,19 @@
 //! ```text
 //! <dir>/maps/<MAP NAME>     every map of tagger-common's ALL_MAPS
 //! <dir>/links/<program>     one cgroup link per program of PROGRAMS
+//! <dir>/object-<hash>       which build of the datapath the links run (a second pin of the
+//!                           config map, named after a hash of the embedded object)
 //! ```
 //!
 //! The kernel creates pins with mode 0600; the directories are created 0700.
+//!
+//! **Upgrades.** Map names carry a layout version (`TAGGER_SLOTS_V1`): a new layout gets new,
+//! empty maps beside the old ones, never a misread old one. When the `object-<hash>` pin is not
+//! this build's, [`Datapath::install`] loads this build's programs without touching the links:
+//! the old programs keep serving from their maps while the agent fills the new ones. Then
+//! [`Datapath::finish_upgrade`] replaces each link's program in one step (`BPF_LINK_UPDATE`:
+//! the hook never runs neither), removes the map pins no program of this build uses, and
+//! records the build.
 //!
 //! Because links and maps are pinned, programs stay attached and maps stay filled when the
 //! process that installed them exits; a later process opens the same pins ([`Datapath::open`]).
@@ -18,7 +28,7 @@ mod tables;
 
 use std::{
     fs, io,
-    os::unix::fs::DirBuilderExt as _,
+    os::{fd::AsFd as _, unix::fs::DirBuilderExt as _},
     path::{Path, PathBuf},
 };
 
@@ -91,11 +101,50 @@ impl PinLayout {
         ALL_MAPS.into_iter().filter(|m| !self.map(m).exists()).collect()
     }
 
+    /// Pin path of the marker naming the build `version` (see [`object_version`]).
+    #[must_use]
+    pub fn version_pin(&self, version: &str) -> PathBuf {
+        self.root.join(format!("{OBJECT_PIN_PREFIX}{version}"))
+    }
+
+    /// The builds recorded by `object-<hash>` pins (normally one).
+    #[must_use]
+    pub fn recorded_versions(&self) -> Vec<String> {
+        let Ok(dir) = fs::read_dir(&self.root) else { return Vec::new() };
+        dir.flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_prefix(OBJECT_PIN_PREFIX).map(str::to_owned))
+            .collect()
+    }
+
+    /// Pinned tagger maps (`TAGGER_*`) that this build does not have: an older layout's.
+    #[must_use]
+    pub fn stale_maps(&self) -> Vec<String> {
+        let Ok(dir) = fs::read_dir(self.maps_dir()) else { return Vec::new() };
+        dir.flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+            .filter(|n| n.starts_with("TAGGER_") && !ALL_MAPS.contains(&n.as_str()))
+            .collect()
+    }
+
     /// Link pins that do not exist.
     #[must_use]
     pub fn missing_links(&self) -> Vec<&'static str> {
         PROGRAMS.into_iter().filter(|p| !self.link(p).exists()).collect()
     }
+}
+
+/// Prefix of the pin naming the build the links run.
+const OBJECT_PIN_PREFIX: &str = "object-";
+
+/// This build's datapath object, as a name: FNV-1a 64 of its bytes.
+#[must_use]
+pub fn object_version() -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in DATAPATH_OBJECT {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
 }
 
 /// What [`Datapath::install`] did.
@@ -108,6 +157,28 @@ pub enum Installed {
         /// Programs attached by this call.
         programs: Vec<&'static str>,
     },
+    /// The links run another build's programs (or an interrupted install's): this build's are
+    /// loaded, and [`Datapath::finish_upgrade`] swaps them in once the maps are filled.
+    Upgrading {
+        /// The build the links ran (`None`: unknown, an install interrupted before recording it).
+        from: Option<String>,
+        /// Programs whose link was missing, attached by this call.
+        attached: Vec<&'static str>,
+        /// Programs whose link `finish_upgrade` will switch to this build.
+        replacing: Vec<&'static str>,
+    },
+}
+
+/// This build's programs, loaded, waiting to replace the running ones.
+struct PendingUpgrade {
+    ebpf: aya::Ebpf,
+    programs: Vec<&'static str>,
+}
+
+impl std::fmt::Debug for PendingUpgrade {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingUpgrade").field("programs", &self.programs).finish_non_exhaustive()
+    }
 }
 
 /// The pinned datapath: its layout and typed access to its maps.
@@ -115,13 +186,16 @@ pub enum Installed {
 pub struct Datapath {
     layout: PinLayout,
     tables: Tables,
+    pending: Option<PendingUpgrade>,
 }
 
 impl Datapath {
     /// Installs the datapath on `cgroup` with pins under `bpffs_dir`, or adopts it if it is
     /// already there. Never detaches or flushes anything: on a restart the running datapath
     /// keeps serving throughout. Missing links (an interrupted earlier install) are attached,
-    /// reusing the pinned maps, so a partial install heals instead of being duplicated.
+    /// reusing the pinned maps, so a partial install heals instead of being duplicated. Links
+    /// running another build are left running until [`Datapath::finish_upgrade`] (see the
+    /// module documentation).
     pub fn install(bpffs_dir: &Path, cgroup: &Path) -> Result<(Self, Installed)> {
         let layout = PinLayout::new(bpffs_dir);
         check_bpffs(bpffs_dir)?;
@@ -129,15 +203,86 @@ impl Datapath {
         for dir in [layout.root().to_owned(), layout.maps_dir(), layout.links_dir()] {
             fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(|e| Error::io(&dir, e))?;
         }
+        let version = object_version();
+        let recorded = layout.recorded_versions();
+        // The linked programs use exactly the pinned maps of their build: a map pin missing
+        // now gets a new map, which they do not see, so they are replaced as in an upgrade.
+        let current = recorded.contains(&version) && layout.missing_maps().is_empty();
         let missing_links = layout.missing_links();
-        let installed = if missing_links.is_empty() && layout.missing_maps().is_empty() {
-            Installed::Adopted
+        if current && missing_links.is_empty() {
+            return Ok((Self::open(bpffs_dir)?, Installed::Adopted));
+        }
+        let mut ebpf = load(&layout)?;
+        attach(&mut ebpf, &layout, &cgroup, &missing_links)?;
+        let replacing: Vec<&'static str> = if current {
+            Vec::new()
         } else {
-            attach(&layout, &cgroup, &missing_links)?;
-            Installed::Attached { programs: missing_links }
+            PROGRAMS.into_iter().filter(|p| !missing_links.contains(p)).collect()
         };
-        let datapath = Self::open(bpffs_dir)?;
-        Ok((datapath, installed))
+        let mut datapath = Self::open(bpffs_dir)?;
+        if replacing.is_empty() {
+            datapath.record_version()?;
+            return Ok((datapath, Installed::Attached { programs: missing_links }));
+        }
+        datapath.pending = Some(PendingUpgrade { ebpf, programs: replacing.clone() });
+        let from = recorded.into_iter().next();
+        Ok((datapath, Installed::Upgrading { from, attached: missing_links, replacing }))
+    }
+
+    /// Completes an upgrade [`Datapath::install`] began (nothing to do otherwise): call it once
+    /// this build's maps hold the desired state. Each link switches to this build's program in
+    /// one step; then the map pins no program of this build uses are removed and the build is
+    /// recorded. Returns the programs switched.
+    pub fn finish_upgrade(&mut self) -> Result<Vec<&'static str>> {
+        let Some(pending) = self.pending.take() else { return Ok(Vec::new()) };
+        for &name in &pending.programs {
+            let pin = self.layout.link(name);
+            let link = crate::sys::obj_get(&pin, 0).map_err(|e| Error::io(&pin, e))?;
+            let program = pending.ebpf.program(name).ok_or_else(|| Error::Invalid {
+                what: "datapath object",
+                reason: format!("program {name} missing"),
+            })?;
+            let fd =
+                program.fd().map_err(|source| Error::Program { program: name, source: Box::new(source) })?;
+            crate::sys::link_update(link.as_fd(), fd.as_fd()).map_err(|e| Error::Pin {
+                path: pin.clone(),
+                reason: format!("replacing the program: {e}"),
+            })?;
+        }
+        self.remove_stale_maps()?;
+        self.record_version()?;
+        Ok(pending.programs)
+    }
+
+    /// Whether [`Datapath::finish_upgrade`] has work to do.
+    #[must_use]
+    pub fn upgrade_pending(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Pins the `object-<hash>` marker of this build and removes any other build's.
+    fn record_version(&self) -> Result<()> {
+        let version = object_version();
+        for old in self.layout.recorded_versions() {
+            if old != version {
+                remove_pin(&self.layout.version_pin(&old))?;
+            }
+        }
+        let marker = self.layout.version_pin(&version);
+        if !marker.exists() {
+            let cfg = self.layout.map(tagger_common::MAP_CONFIG);
+            let fd = crate::sys::obj_get(&cfg, 0).map_err(|e| Error::io(&cfg, e))?;
+            crate::sys::obj_pin(fd.as_fd(), &marker).map_err(|e| Error::io(&marker, e))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the pins of tagger maps this build does not have (an older layout's).
+    fn remove_stale_maps(&self) -> Result<()> {
+        for name in self.layout.stale_maps() {
+            remove_pin(&self.layout.map(&name))?;
+        }
+        Ok(())
     }
 
     /// Opens an installed datapath's pinned maps for reading and writing.
@@ -154,7 +299,7 @@ impl Datapath {
     fn open_with(bpffs_dir: &Path, access: Access) -> Result<Self> {
         let layout = PinLayout::new(bpffs_dir);
         let tables = Tables::open(&layout, access)?;
-        Ok(Self { layout, tables })
+        Ok(Self { layout, tables, pending: None })
     }
 
     /// Removes every link pin (detaching the programs) and every map pin, then the directory.
@@ -166,16 +311,18 @@ impl Datapath {
         // asynchronously.
         for program in PROGRAMS {
             let pin = layout.link(program);
-            if let Ok(fd) = crate::sys::obj_get(&pin, 0) {
-                use std::os::fd::AsFd as _;
-                if let Err(e) = crate::sys::link_detach(fd.as_fd()) {
-                    log::warn!("detaching {}: {e}; removing its pin detaches it shortly", pin.display());
-                }
+            if let Ok(fd) = crate::sys::obj_get(&pin, 0)
+                && let Err(e) = crate::sys::link_detach(fd.as_fd())
+            {
+                log::warn!("detaching {}: {e}; removing its pin detaches it shortly", pin.display());
             }
             remove_pin(&pin)?;
         }
-        for map in ALL_MAPS {
-            remove_pin(&layout.map(map))?;
+        for map in ALL_MAPS.iter().map(|m| (*m).to_owned()).chain(layout.stale_maps()) {
+            remove_pin(&layout.map(&map))?;
+        }
+        for version in layout.recorded_versions() {
+            remove_pin(&layout.version_pin(&version))?;
         }
         for dir in [layout.links_dir(), layout.maps_dir(), layout.root().to_owned()] {
             match fs::remove_dir(&dir) {
@@ -205,14 +352,35 @@ impl Datapath {
     }
 }
 
-/// Loads the object (reusing pinned maps, pinning new ones) and attaches `programs`.
-fn attach(layout: &PinLayout, cgroup: &CgroupRef, programs: &[&'static str]) -> Result<()> {
+/// Loads the object (reusing pinned maps, pinning new ones) and every program into the kernel.
+fn load(layout: &PinLayout) -> Result<aya::Ebpf> {
     let map_paths: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|m| (*m, layout.map(m))).collect();
     let mut loader = EbpfLoader::new();
     for (name, path) in &map_paths {
         loader.map_pin_path(name, path.as_path());
     }
     let mut ebpf = loader.load(DATAPATH_OBJECT).map_err(Box::new)?;
+    for name in PROGRAMS {
+        let program: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or_else(|| Error::Invalid {
+                what: "datapath object",
+                reason: format!("program {name} missing"),
+            })?
+            .try_into()
+            .map_err(|source| Error::Program { program: name, source: Box::new(source) })?;
+        program.load().map_err(|source| Error::Program { program: name, source: Box::new(source) })?;
+    }
+    Ok(ebpf)
+}
+
+/// Attaches the loaded `programs` to the cgroup and pins their links.
+fn attach(
+    ebpf: &mut aya::Ebpf,
+    layout: &PinLayout,
+    cgroup: &CgroupRef,
+    programs: &[&'static str],
+) -> Result<()> {
     let cgroup_dir = fs::File::open(&cgroup.path).map_err(|e| Error::io(&cgroup.path, e))?;
     for &name in programs {
         let program: &mut CgroupSockAddr = ebpf
@@ -223,7 +391,6 @@ fn attach(layout: &PinLayout, cgroup: &CgroupRef, programs: &[&'static str]) -> 
             })?
             .try_into()
             .map_err(|source| Error::Program { program: name, source: Box::new(source) })?;
-        program.load().map_err(|source| Error::Program { program: name, source: Box::new(source) })?;
         let link_id = program
             .attach(&cgroup_dir, CgroupAttachMode::Single)
             .map_err(|source| Error::Program { program: name, source: Box::new(source) })?;
