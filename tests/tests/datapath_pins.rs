@@ -31,6 +31,34 @@ impl Drop for PinDir {
     }
 }
 
+/// A node with a gray backend pod serving on 8080, a caller pod, a cgroup root with the
+/// caller's pod cgroup, and a pin directory.
+/// Fields drop in order: pins (detaching) first, the node last.
+struct Fixture {
+    pins: PinDir,
+    pod_cgroup: PathBuf,
+    root: TestCgroup,
+    caller_pod: tagger_tests::topology::Pod,
+    _server: BackendServer,
+    backend_pod: tagger_tests::topology::Pod,
+    _node: Node,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        require_root();
+        ensure_bpffs();
+        let mut node = Node::new();
+        let backend_pod = node.add_pod("gray-backend");
+        let server = BackendServer::start(&backend_pod, "gray-backend", 8080);
+        let caller_pod = node.add_pod("gray-caller");
+        let root = TestCgroup::new(&unique_name("root"));
+        let pod_cgroup = root.child("kubepods/burstable/podabc");
+        let pins = PinDir(Path::new(BPFFS).join(unique_name("pins")));
+        Self { pins, pod_cgroup, root, caller_pod, _server: server, backend_pod, _node: node }
+    }
+}
+
 /// Installs (or adopts) from a separate process that exits at once; returns what it printed.
 fn install_in_other_process(pins: &Path, cgroup: &Path) -> String {
     let out = Command::new(testpod_bin()).arg("install").arg(pins).arg(cgroup).output().expect("run testpod");
@@ -40,15 +68,9 @@ fn install_in_other_process(pins: &Path, cgroup: &Path) -> String {
 
 #[test]
 fn pins_outlive_the_installer_and_a_restart_adopts_them_with_no_failed_connection() {
-    require_root();
-    ensure_bpffs();
-    let mut node = Node::new();
-    let backend_pod = node.add_pod("gray-backend");
-    let _server = BackendServer::start(&backend_pod, "gray-backend", 8080);
-    let caller_pod = node.add_pod("gray-caller");
-    let root = TestCgroup::new(&unique_name("root"));
-    let pod_cgroup = root.child("kubepods/burstable/podabc");
-    let pins = PinDir(Path::new(BPFFS).join(unique_name("pins")));
+    let f = Fixture::new();
+    let (caller_pod, root, pod_cgroup, pins) = (&f.caller_pod, &f.root, &f.pod_cgroup, &f.pins);
+    let backend_pod = &f.backend_pod;
 
     // 1. Another process installs and exits: nothing of ours holds a link or map fd.
     let first = install_in_other_process(&pins.0, root.path());
@@ -60,16 +82,16 @@ fn pins_outlive_the_installer_and_a_restart_adopts_them_with_no_failed_connectio
     {
         let mut dp = Datapath::open(&pins.0).expect("open pins");
         let t = dp.tables_mut();
-        t.register_pod(&TestCgroup::resolve(&pod_cgroup), lane_id("gray")).unwrap();
+        t.register_pod(&TestCgroup::resolve(pod_cgroup), lane_id("gray")).unwrap();
         t.replace_backends(1, lane_id("gray"), &[backend(gray_backend)]).unwrap();
         t.upsert_frontend(&frontend_key(vip, Proto::Tcp), Service { svc_id: 1, flags: 0 }).unwrap();
     }
-    for a in attempts(&pod_cgroup, &caller_pod.ns, Mode::Tcp, vip, 10) {
+    for a in attempts(pod_cgroup, &caller_pod.ns, Mode::Tcp, vip, 10) {
         assert_eq!(a.reply(), "gray-backend");
     }
 
     // 3. Restarts adopt the pins while a client connects in a tight loop.
-    let client = LoopClient::start(&pod_cgroup, &caller_pod.ns, vip);
+    let client = LoopClient::start(pod_cgroup, &caller_pod.ns, vip);
     for _ in 0..5 {
         let again = install_in_other_process(&pins.0, root.path());
         assert_eq!(again, "Adopted");
@@ -84,7 +106,7 @@ fn pins_outlive_the_installer_and_a_restart_adopts_them_with_no_failed_connectio
     std::fs::remove_file(dp.layout().link("connect4")).unwrap();
     let healed = install_in_other_process(&pins.0, root.path());
     assert_eq!(healed, r#"Attached { programs: ["connect4"] }"#);
-    for a in attempts(&pod_cgroup, &caller_pod.ns, Mode::Tcp, vip, 10) {
+    for a in attempts(pod_cgroup, &caller_pod.ns, Mode::Tcp, vip, 10) {
         assert_eq!(a.reply(), "gray-backend");
     }
 
@@ -92,7 +114,7 @@ fn pins_outlive_the_installer_and_a_restart_adopts_them_with_no_failed_connectio
     drop(dp);
     Datapath::uninstall(&pins.0).unwrap();
     assert!(!pins.0.exists());
-    for a in attempts(&pod_cgroup, &caller_pod.ns, Mode::Tcp, vip, 3) {
+    for a in attempts(pod_cgroup, &caller_pod.ns, Mode::Tcp, vip, 3) {
         assert!(matches!(a, Attempt::Err { errno: libc::ENETUNREACH, .. }), "{a:?}");
     }
 }
@@ -142,20 +164,14 @@ fn linked_programs(pins: &Path) -> Vec<(u32, u32)> {
 
 #[test]
 fn an_upgrade_to_a_new_map_layout_switches_programs_with_no_failed_connection() {
-    require_root();
-    ensure_bpffs();
-    let mut node = Node::new();
-    let backend_pod = node.add_pod("gray-backend");
-    let _server = BackendServer::start(&backend_pod, "gray-backend", 8080);
-    let caller_pod = node.add_pod("gray-caller");
-    let root = TestCgroup::new(&unique_name("root"));
-    let pod_cgroup = root.child("kubepods/burstable/podabc");
-    let pins = PinDir(Path::new(BPFFS).join(unique_name("pins")));
+    let f = Fixture::new();
+    let (caller_pod, root, pod_cgroup, pins) = (&f.caller_pod, &f.root, &f.pod_cgroup, &f.pins);
+    let backend_pod = &f.backend_pod;
     let vip: SocketAddr = "10.96.3.2:80".parse().unwrap();
     let gray_backend = SocketAddr::new(backend_pod.ip4.into(), 8080);
     let fill = |dp: &mut Datapath| {
         let t = dp.tables_mut();
-        t.register_pod(&TestCgroup::resolve(&pod_cgroup), lane_id("gray")).unwrap();
+        t.register_pod(&TestCgroup::resolve(pod_cgroup), lane_id("gray")).unwrap();
         t.replace_backends(1, lane_id("gray"), &[backend(gray_backend)]).unwrap();
         t.upsert_frontend(&frontend_key(vip, Proto::Tcp), Service { svc_id: 1, flags: 0 }).unwrap();
     };
@@ -165,7 +181,7 @@ fn an_upgrade_to_a_new_map_layout_switches_programs_with_no_failed_connection() 
     fill(&mut Datapath::open(&pins.0).unwrap());
     age_pins(&pins.0);
     let before = linked_programs(&pins.0);
-    let client = LoopClient::start(&pod_cgroup, &caller_pod.ns, vip);
+    let client = LoopClient::start(pod_cgroup, &caller_pod.ns, vip);
 
     // The new build loads beside the old one: new, empty maps; the old programs keep serving
     // from theirs.

@@ -361,17 +361,18 @@ fn load(layout: &PinLayout) -> Result<aya::Ebpf> {
     }
     let mut ebpf = loader.load(DATAPATH_OBJECT).map_err(Box::new)?;
     for name in PROGRAMS {
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or_else(|| Error::Invalid {
-                what: "datapath object",
-                reason: format!("program {name} missing"),
-            })?
-            .try_into()
-            .map_err(|source| Error::Program { program: name, source: Box::new(source) })?;
+        let program = sock_addr_program(&mut ebpf, name)?;
         program.load().map_err(|source| Error::Program { program: name, source: Box::new(source) })?;
     }
     Ok(ebpf)
+}
+
+/// One of the object's cgroup socket-address programs.
+fn sock_addr_program<'a>(ebpf: &'a mut aya::Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| Error::Invalid { what: "datapath object", reason: format!("program {name} missing") })?
+        .try_into()
+        .map_err(|source| Error::Program { program: name, source: Box::new(source) })
 }
 
 /// Attaches the loaded `programs` to the cgroup and pins their links.
@@ -383,14 +384,7 @@ fn attach(
 ) -> Result<()> {
     let cgroup_dir = fs::File::open(&cgroup.path).map_err(|e| Error::io(&cgroup.path, e))?;
     for &name in programs {
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or_else(|| Error::Invalid {
-                what: "datapath object",
-                reason: format!("program {name} missing"),
-            })?
-            .try_into()
-            .map_err(|source| Error::Program { program: name, source: Box::new(source) })?;
+        let program = sock_addr_program(ebpf, name)?;
         let link_id = program
             .attach(&cgroup_dir, CgroupAttachMode::Single)
             .map_err(|source| Error::Program { program: name, source: Box::new(source) })?;
