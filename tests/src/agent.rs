@@ -318,6 +318,40 @@ impl AgentSandbox {
         self.start_agent(&args, &[]);
     }
 
+    /// Puts every object of the described cluster into the API server, and takes the UIDs it
+    /// assigns to pods (creating callers' cgroups under them, as kubelet would).
+    pub fn publish_to(&mut self, api: &crate::fake_api::FakeApiServer) {
+        for object in self.cluster.objects() {
+            let stored = api.apply(&object);
+            if stored["kind"] == "Pod" {
+                let name = stored["metadata"]["name"].as_str().expect("pod name").to_owned();
+                let uid = stored["metadata"]["uid"].as_str().expect("pod uid").to_owned();
+                self.set_uid(&name, &uid);
+            }
+        }
+        // EndpointSlices refer to pods by UID too: publish them again with the assigned ones.
+        self.publish_slices_to(api);
+    }
+
+    /// Puts the EndpointSlices of the described cluster into the API server, IPv4 first (timed
+    /// measurements probe IPv4 addresses).
+    pub fn publish_slices_to(&self, api: &crate::fake_api::FakeApiServer) {
+        let mut slices: Vec<serde_json::Value> =
+            self.cluster.objects().into_iter().filter(|o| o["kind"] == "EndpointSlice").collect();
+        slices.sort_by_key(|s| s["addressType"] != "IPv4");
+        for s in slices {
+            api.apply(&s);
+        }
+    }
+
+    /// Starts the agent on the Kubernetes source, talking to `api`.
+    pub fn start_agent_on_api(&mut self, api: &crate::fake_api::FakeApiServer) {
+        let kubeconfig = self.dir.0.join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig).expect("write kubeconfig");
+        let args = self.agent_args("kubernetes", &[]);
+        self.start_agent(&args, &[("KUBECONFIG", kubeconfig.to_string_lossy().into_owned())]);
+    }
+
     /// Starts the agent with explicit arguments and environment.
     pub fn start_agent(&mut self, args: &[String], envs: &[(&str, String)]) {
         self.agent = Some(AgentProcess::start(args, envs, &self.dir.0.join("agent.log")));

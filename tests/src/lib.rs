@@ -30,6 +30,16 @@ pub fn unique_name(what: &str) -> String {
     format!("{PREFIX}{}-{n}-{what}", std::process::id())
 }
 
+/// CLOCK_MONOTONIC in ns (the kernel's `ktime_get_ns`), the clock `loadgen probe` stamps its
+/// lines with: comparable across the processes of a test.
+#[must_use]
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
 /// Fails the test with a clear message unless running as root (the kernel tests need it).
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.

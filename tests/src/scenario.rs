@@ -106,15 +106,12 @@ impl Sandbox {
 
     /// Sets a lane's fallback chain and flags.
     pub fn lane_policy(&mut self, lane: &str, chain: &[&str], flags: u32) {
-        let mut p = LanePolicy {
-            flags,
-            chain_len: u32::try_from(chain.len()).expect("chain"),
-            ..LanePolicy::default()
-        };
-        for (i, l) in chain.iter().enumerate() {
-            p.chain[i] = lane_id(l);
-        }
-        self.dp.dp.tables_mut().set_lane_policy(lane_id(lane), &p).expect("lane policy");
+        let chain: Vec<u32> = chain.iter().map(|l| lane_id(l)).collect();
+        self.dp
+            .dp
+            .tables_mut()
+            .set_lane_policy(lane_id(lane), &LanePolicy::new(&chain, flags))
+            .expect("lane policy");
     }
 
     /// Makes `count` attempts from the caller (or from `cgroup`, e.g. a container below it).

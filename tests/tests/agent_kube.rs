@@ -28,40 +28,14 @@ fn sandbox(gw_lane: Option<&str>) -> AgentSandbox {
     sb
 }
 
-/// Puts every object of the described cluster into the API server, and takes the UIDs it
-/// assigns to pods (creating callers' cgroups under them, as kubelet would).
-fn publish(sb: &mut AgentSandbox, api: &FakeApiServer) {
-    for object in sb.cluster.objects() {
-        let stored = api.apply(&object);
-        if stored["kind"] == "Pod" {
-            let name = stored["metadata"]["name"].as_str().unwrap().to_owned();
-            let uid = stored["metadata"]["uid"].as_str().unwrap().to_owned();
-            sb.set_uid(&name, &uid);
-        }
-    }
-    // EndpointSlices refer to pods by UID too: publish them again with the assigned ones.
-    for object in sb.cluster.objects() {
-        if object["kind"] == "EndpointSlice" {
-            api.apply(&object);
-        }
-    }
-}
-
 /// The sandbox published to a new fake API server, the agent started on it and synced.
 fn running(gw_lane: Option<&str>) -> (FakeApiServer, AgentSandbox) {
     let api = FakeApiServer::start();
     let mut sb = sandbox(gw_lane);
-    publish(&mut sb, &api);
-    start(&mut sb, &api);
+    sb.publish_to(&api);
+    sb.start_agent_on_api(&api);
     wait_synced(&sb, gw_lane.unwrap_or("base"));
     (api, sb)
-}
-
-fn start(sb: &mut AgentSandbox, api: &FakeApiServer) {
-    let kubeconfig = sb.dir.0.join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).unwrap();
-    let args = sb.agent_args("kubernetes", &[]);
-    sb.start_agent(&args, &[("KUBECONFIG", kubeconfig.to_string_lossy().into_owned())]);
 }
 
 fn wait_synced(sb: &AgentSandbox, gw_lane: &str) {
@@ -81,14 +55,14 @@ fn relabel_and_last_gray_endpoint_through_the_api() {
 
     // Relabel the caller pod: its new connections go to gray.
     sb.cluster.set_lane("gw", Some("gray"));
-    publish(&mut sb, &api);
+    sb.publish_to(&api);
     let cg = sb.pod_cgroup("gw");
     sb.wait_for("gw relabelled gray", WAIT, |t| pod_in_lane(t, &cg, "gray"));
     assert_eq!(sb.reached("gw", vip(), 30), ["a-gray"]);
 
     // The last gray endpoint is removed from the EndpointSlice: fallback to base at once.
     sb.cluster.services.get_mut("a").unwrap().backends.retain(|b| b != "a-gray");
-    publish(&mut sb, &api);
+    sb.publish_to(&api);
     sb.wait_for("gray set gone", WAIT, |t| set_size(t, vip(), "gray") == Some(0));
     assert_eq!(sb.reached("gw", vip(), 30), ["a-base"]);
 }
@@ -103,7 +77,7 @@ fn api_outage_keeps_the_datapath_and_it_converges_after() {
     api.drop_watches();
     sb.cluster.pods.get_mut("a-gray").unwrap().ready = false;
     sb.cluster.services.remove("stale");
-    publish(&mut sb, &api);
+    sb.publish_to(&api);
     api.delete("services", NAMESPACE, "stale");
     api.delete("endpointslices", NAMESPACE, "stale-ipv4");
     api.delete("endpointslices", NAMESPACE, "stale-ipv6");
@@ -155,7 +129,7 @@ fn sigkill_restart_on_the_api_source_fails_no_connection() {
     for round in 0..2 {
         std::thread::sleep(Duration::from_millis(300));
         sb.agent.as_mut().unwrap().kill();
-        start(&mut sb, &api);
+        sb.start_agent_on_api(&api);
         sb.wait_for(&format!("restart {round}"), WAIT, |_| {
             sb.agent_log().matches("adopted datapath state").count() > round + 1
         });

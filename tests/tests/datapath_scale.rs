@@ -68,4 +68,25 @@ fn full_tables_65536_frontends_262144_backends_lookups_at_the_edges() {
     assert_eq!(tables.frontends().unwrap().len(), MAX_FRONTENDS as usize);
     let got = replies(&sb.call(&caller, Mode::Tcp, vip(MAX_FRONTENDS - 1), 5));
     assert_eq!(got.keys().collect::<Vec<_>>(), ["last"]);
+
+    // `tagger status` reports the full tables.
+    let out = std::process::Command::new(tagger_tests::agent::workspace_bin("tagger"))
+        .arg("--bpffs")
+        .arg(sb.dp.dir())
+        .args(["-o", "json", "status"])
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+    // (The slots map has room for two generations of every set, for atomic replacement: the
+    // backends fill half of it.)
+    for (map, entries, fill) in
+        [("TAGGER_SVC_V1", MAX_FRONTENDS, 1.0), ("TAGGER_SLOTS_V1", MAX_BACKENDS, 0.5)]
+    {
+        let m = status["maps"].as_array().unwrap().iter().find(|m| m["map"] == map).expect(map);
+        assert_eq!(
+            (m["entries"].as_u64(), m["fill_ratio"].as_f64()),
+            (Some(u64::from(entries)), Some(fill)),
+            "{m}"
+        );
+    }
 }

@@ -24,6 +24,7 @@
 //! Because links and maps are pinned, programs stay attached and maps stay filled when the
 //! process that installed them exits; a later process opens the same pins ([`Datapath::open`]).
 
+mod compat;
 mod tables;
 
 use std::{
@@ -203,6 +204,7 @@ impl Datapath {
         for dir in [layout.root().to_owned(), layout.maps_dir(), layout.links_dir()] {
             fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(|e| Error::io(&dir, e))?;
         }
+        compat::check_pins(&layout)?;
         let version = object_version();
         let recorded = layout.recorded_versions();
         // The linked programs use exactly the pinned maps of their build: a map pin missing

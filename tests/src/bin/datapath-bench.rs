@@ -40,7 +40,6 @@ use tagger_common::{BASE_LANE, MAX_FRONTENDS, Service};
 use tagger_tests::{
     agent::{AgentProcess, AgentSandbox, PORT, TempDir, set_size, workspace_bin},
     cgroup::TestCgroup,
-    cluster::NAMESPACE,
     datapath::ensure_bpffs,
     fake_api::FakeApiServer,
     netns::Netns,
@@ -181,14 +180,6 @@ fn hold_cgroup(cgroup: &Path) -> ChildGuard {
 
 fn addr(s: &str) -> SocketAddr {
     s.parse().expect("address literal")
-}
-
-/// CLOCK_MONOTONIC in ns, the clock `loadgen probe` stamps its lines with.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes into a valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -986,7 +977,7 @@ fn fallback(o: &Opts, large: Option<(usize, usize, usize)>) -> Value {
     sb.backend("a-gray", Some("gray"));
     sb.caller("gw", Some("gray"));
     sb.cluster.service("a", &[vip.ip()], vip.port(), PORT, &["a-base", "a-gray"]);
-    publish(&mut sb, &api);
+    sb.publish_to(&api);
     let _hold = hold_cgroup(&sb.pod_cgroup("gw"));
     let kubeconfig = sb.dir.0.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
@@ -1056,13 +1047,17 @@ fn fallback(o: &Opts, large: Option<(usize, usize, usize)>) -> Value {
     for i in 0..iterations {
         // Remove the last gray endpoint (IPv4 slice: what the probe uses; IPv6 follows).
         sb.cluster.services.get_mut("a").expect("a").backends.retain(|b| b != "a-gray");
-        let t0 = monotonic_ns();
-        apply_slices(&sb, &api);
+        let t0 = tagger_tests::monotonic_ns();
+        sb.publish_slices_to(&api);
         let map_at = loop {
             if set_size(dp.tables(), vip, "gray") == Some(0) {
-                break monotonic_ns();
+                break tagger_tests::monotonic_ns();
             }
-            assert!(monotonic_ns() - t0 < 30_000_000_000, "gray set never emptied:\n{}", sb.agent_log());
+            assert!(
+                tagger_tests::monotonic_ns() - t0 < 30_000_000_000,
+                "gray set never emptied:\n{}",
+                sb.agent_log()
+            );
             std::thread::sleep(Duration::from_micros(100));
         };
         let landed = wait_reply("a-base", t0);
@@ -1075,8 +1070,8 @@ fn fallback(o: &Opts, large: Option<(usize, usize, usize)>) -> Value {
         to_map.push(map_ms);
         // The gray endpoint comes back; wait until the caller is on gray again.
         sb.cluster.services.get_mut("a").expect("a").backends.push("a-gray".into());
-        let t1 = monotonic_ns();
-        apply_slices(&sb, &api);
+        let t1 = tagger_tests::monotonic_ns();
+        sb.publish_slices_to(&api);
         wait_reply("a-gray", t1);
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -1133,27 +1128,3 @@ fn populate_other_workloads(api: &FakeApiServer, pods: usize, services: usize, e
     );
 }
 
-/// Puts every object into the API server and records the UIDs it assigns (creating the callers'
-/// cgroups under them), then republishes the EndpointSlices with those UIDs.
-fn publish(sb: &mut AgentSandbox, api: &FakeApiServer) {
-    for object in sb.cluster.objects() {
-        let stored = api.apply(&object);
-        if stored["kind"] == "Pod" {
-            let name = stored["metadata"]["name"].as_str().expect("name").to_owned();
-            let uid = stored["metadata"]["uid"].as_str().expect("uid").to_owned();
-            sb.set_uid(&name, &uid);
-        }
-    }
-    apply_slices(sb, api);
-}
-
-/// Applies the EndpointSlices only (IPv4 first): one watch event each.
-fn apply_slices(sb: &AgentSandbox, api: &FakeApiServer) {
-    let mut slices: Vec<Value> =
-        sb.cluster.objects().into_iter().filter(|o| o["kind"] == "EndpointSlice").collect();
-    slices.sort_by_key(|s| s["addressType"] != "IPv4");
-    for s in slices {
-        debug_assert_eq!(s["metadata"]["namespace"], NAMESPACE);
-        api.apply(&s);
-    }
-}

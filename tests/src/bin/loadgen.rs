@@ -17,10 +17,11 @@
 //!     getpeername() after each connect, as most language runtimes do.
 //! loadgen --cgroup DIR hold ADDR
 //!     Stays in the cgroup (so that it is never empty) until stdin closes; ADDR is ignored.
-//! loadgen [--cgroup DIR] [--netns NAME] probe ADDR INTERVAL_US MAX_SECS
+//! loadgen [--cgroup DIR] [--netns NAME] probe ADDR INTERVAL_US MAX_SECS [every]
 //!     Connects to ADDR every INTERVAL_US, reads the reply line (the backend's identity) and
-//!     prints `<CLOCK_MONOTONIC ns> <TAB> <reply>` whenever the reply changes; stops when stdin
-//!     closes or after MAX_SECS.
+//!     prints `<CLOCK_MONOTONIC ns> <TAB> <reply>` whenever the reply changes (with `every`: for
+//!     every connection; the time is when the connect began); stops when stdin closes or after
+//!     MAX_SECS.
 //! ```
 
 use std::{
@@ -86,7 +87,13 @@ fn main() {
             }
         }
         "probe" => {
-            probe(addr, Duration::from_micros(count(num(0, "INTERVAL_US")) as u64), num(1, "MAX_SECS"));
+            let every = rest.get(2).is_some_and(|a| a == "every");
+            probe(
+                addr,
+                Duration::from_micros(count(num(0, "INTERVAL_US")) as u64),
+                num(1, "MAX_SECS"),
+                every,
+            );
         }
         "crr" | "rr" | "stream" | "udp" => {
             let run = Run {
@@ -457,15 +464,7 @@ fn udp(run: &Run, win: Window, k: usize) -> Tally {
 // ---------------------------------------------------------------------------------------------
 // Probe
 
-/// CLOCK_MONOTONIC in ns: comparable between processes on this machine.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes into a valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
-
-fn probe(addr: SocketAddr, interval: Duration, max_secs: f64) {
+fn probe(addr: SocketAddr, interval: Duration, max_secs: f64, every: bool) {
     let stop = stop_on_stdin_eof();
     let deadline = Instant::now() + Duration::from_secs_f64(max_secs);
     let mut last = String::new();
@@ -473,7 +472,7 @@ fn probe(addr: SocketAddr, interval: Duration, max_secs: f64) {
     writeln!(out, "started").expect("stdout");
     out.flush().expect("stdout");
     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-        let t0 = monotonic_ns();
+        let t0 = tagger_tests::monotonic_ns();
         let reply = TcpStream::connect_timeout(&addr, Duration::from_secs(1))
             .and_then(|mut s| {
                 s.set_read_timeout(Some(Duration::from_secs(1)))?;
@@ -482,7 +481,7 @@ fn probe(addr: SocketAddr, interval: Duration, max_secs: f64) {
                 Ok(r.trim_end().to_owned())
             })
             .unwrap_or_else(|e| format!("error: {e}"));
-        if reply != last {
+        if every || reply != last {
             writeln!(out, "{t0}\t{reply}").expect("stdout");
             out.flush().expect("stdout");
             last = reply;
