@@ -95,6 +95,23 @@ impl AgentProcess {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Waits for the agent (started with `--metrics-addr 127.0.0.1:0` and `info` logs of
+    /// `tagger::agent::status`) to log the port it bound, and returns it.
+    #[must_use]
+    pub fn metrics_port(&self) -> u16 {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let log = self.log();
+            if let Some(port) = log.lines().filter(|l| l.contains("serving /metrics")).find_map(|l| {
+                l.split("addr=").nth(1)?.split_whitespace().next()?.rsplit(':').next()?.parse().ok()
+            }) {
+                return port;
+            }
+            assert!(Instant::now() < deadline, "the agent never served its endpoints:\n{log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILL, as an OOM kill or node pressure would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -386,17 +403,7 @@ impl AgentSandbox {
     /// with anything else running on the machine.
     #[must_use]
     pub fn metrics_port(&self) -> u16 {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let log = self.agent_log();
-            if let Some(port) = log.lines().filter(|l| l.contains("serving /metrics")).find_map(|l| {
-                l.split("addr=").nth(1)?.split_whitespace().next()?.rsplit(':').next()?.parse().ok()
-            }) {
-                return port;
-            }
-            assert!(Instant::now() < deadline, "the agent never served its endpoints:\n{log}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.agent.as_ref().expect("agent started").metrics_port()
     }
 
     /// Makes `count` TCP attempts from a caller's pod cgroup.

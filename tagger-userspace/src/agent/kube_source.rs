@@ -50,8 +50,12 @@ pub fn spawn(
     let keys: Arc<[String]> = lane_keys.into();
 
     // Each watcher lists and watches a lean form of its objects (see `wire`), decoded into the
-    // model's compact form object by object.
-    let local_cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    // model's compact form object by object. Lists use resourceVersion=0 ("any"), served by the
+    // API server from its watch cache in one response, as kubelet and kube-proxy do: an agent on
+    // every node must not send quorum reads to etcd on each (re)list. The watch that follows
+    // brings anything newer.
+    let cfg = || watcher::Config::default().any_semantic();
+    let local_cfg = cfg().fields(&format!("spec.nodeName={node}"));
     let pods = watcher(Api::<WirePod>::all(client.clone()), local_cfg).default_backoff();
     let local_keys = Arc::clone(&keys);
     tasks.spawn(drive(pods, Kind::LocalPod, ctx.clone(), move |pod: WirePod| {
@@ -60,15 +64,14 @@ pub fn spawn(
         Some(Object::LocalPod(local))
     }));
 
-    let services =
-        watcher(Api::<WireService>::all(client.clone()), watcher::Config::default()).default_backoff();
+    let services = watcher(Api::<WireService>::all(client.clone()), cfg()).default_backoff();
     tasks.spawn(drive(services, Kind::Service, ctx.clone(), |svc: WireService| {
         let key = ObjectRef::of(&svc.metadata)?;
         let input = ServiceInput::new(&key, &svc.into());
         Some(Object::Service(key, input))
     }));
 
-    let slices = watcher(Api::<WireSlice>::all(client.clone()), watcher::Config::default()).default_backoff();
+    let slices = watcher(Api::<WireSlice>::all(client.clone()), cfg()).default_backoff();
     tasks.spawn(drive(slices, Kind::Slice, ctx.clone(), |slice: WireSlice| {
         let key = ObjectRef::of(&slice.metadata)?;
         let input = SliceInput::new(&key, &slice.into());
@@ -76,7 +79,7 @@ pub fn spawn(
     }));
 
     // Metadata only (`PartialObjectMetadata`).
-    let meta = watcher(Api::<WirePodMeta>::all(client), watcher::Config::default()).default_backoff();
+    let meta = watcher(Api::<WirePodMeta>::all(client), cfg()).default_backoff();
     tasks.spawn(drive(meta, Kind::Pod, ctx, move |meta: WirePodMeta| {
         let key = ObjectRef::of(&meta.metadata)?;
         let labels: Labels =

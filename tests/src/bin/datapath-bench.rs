@@ -1127,4 +1127,3 @@ fn populate_other_workloads(api: &FakeApiServer, pods: usize, services: usize, e
         started.elapsed().as_secs_f64()
     );
 }
-
