@@ -42,6 +42,22 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     })
 }
 
+/// `GET path` on the agent's endpoints at 127.0.0.1:`port`: (status code, body); (0, "") when
+/// nothing answers.
+#[must_use]
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return (0, String::new()) };
+    if write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").is_err() {
+        return (0, String::new());
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (code, body)
+}
+
 /// A running `tagger-agent` (our child); SIGKILLed on drop if still running.
 #[derive(Debug)]
 pub struct AgentProcess {
@@ -363,9 +379,14 @@ impl AgentSandbox {
 
     /// Starts the agent on the Kubernetes source, talking to `api`.
     pub fn start_agent_on_api(&mut self, api: &crate::fake_api::FakeApiServer) {
+        self.start_agent_on_api_with(api, &[]);
+    }
+
+    /// Starts the agent on the Kubernetes source, talking to `api`, with `extra` arguments.
+    pub fn start_agent_on_api_with(&mut self, api: &crate::fake_api::FakeApiServer, extra: &[&str]) {
         let kubeconfig = self.dir.0.join("kubeconfig");
         api.write_kubeconfig(&kubeconfig).expect("write kubeconfig");
-        let args = self.agent_args("kubernetes", &[]);
+        let args = self.agent_args("kubernetes", extra);
         self.start_agent(&args, &[("KUBECONFIG", kubeconfig.to_string_lossy().into_owned())]);
     }
 

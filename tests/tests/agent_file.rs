@@ -1,15 +1,10 @@
 //! The agent end to end on the file source: the real `tagger-agent` binary, the real kernel
 //! datapath, netns pods with kubelet-style cgroups, and the YAML file edited under it.
 
-use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
-    path::Path,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 use tagger_tests::{
-    agent::{AgentSandbox, PORT, pod_in_lane, set_size},
+    agent::{AgentSandbox, PORT, http_get, pod_in_lane, set_size},
     client::{Attempt, LoopClient, Mode, attempts},
 };
 
@@ -31,15 +26,6 @@ fn wait_ready(sb: &AgentSandbox, gw_lane: &str) {
             && set_size(t, vip(), "base") == Some(1)
             && set_size(t, vip(), "gray") == Some(1)
     });
-}
-
-fn http_get(port: u16, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect metrics");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (code, out)
 }
 
 #[test]

@@ -3,13 +3,12 @@
 
 use std::{
     collections::BTreeMap,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
 use tagger_tests::{
-    agent::{AgentSandbox, PORT, set_size},
+    agent::{AgentSandbox, PORT, http_get, set_size},
     fake_api::FakeApiServer,
 };
 
@@ -17,19 +16,9 @@ fn vip() -> SocketAddr {
     "10.96.30.1:80".parse().unwrap()
 }
 
-fn get(port: u16, path: &str) -> (u16, String) {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return (0, String::new()) };
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    (code, body)
-}
-
 fn wait_code(port: u16, path: &str, code: u16) {
     let deadline = Instant::now() + Duration::from_secs(15);
-    while get(port, path).0 != code {
+    while http_get(port, path).0 != code {
         assert!(Instant::now() < deadline, "{path} never answered {code}");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -70,7 +59,7 @@ fn readiness_follows_the_first_sync_and_metrics_carry_datapath_counters() {
     let port = sb.metrics_port();
     wait_code(port, "/healthz", 200);
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(get(port, "/readyz").0, 503, "not ready before the first complete view");
+    assert_eq!(http_get(port, "/readyz").0, 503, "not ready before the first complete view");
 
     // The API comes up with the cluster: ready once the first sync is applied.
     api.set_unreachable(false);
@@ -93,7 +82,7 @@ fn readiness_follows_the_first_sync_and_metrics_carry_datapath_counters() {
     });
     assert_eq!(sb.reached("gw", vip(), 25), ["m-gray"]);
 
-    let (code, body) = get(port, "/metrics");
+    let (code, body) = http_get(port, "/metrics");
     assert_eq!(code, 200);
     let m = parse(&body);
     let has = |series: &str| m.get(series).copied().unwrap_or_else(|| panic!("no {series} in\n{body}"));
@@ -109,5 +98,5 @@ fn readiness_follows_the_first_sync_and_metrics_carry_datapath_counters() {
     );
     assert!(has("tagger_map_fill_ratio{map=\"TAGGER_SVC_V1\"}") > 0.0);
     assert!((has("tagger_map_capacity{map=\"TAGGER_SVC_V1\"}") - 65536.0).abs() < 0.5);
-    assert_eq!(get(port, "/nope").0, 404);
+    assert_eq!(http_get(port, "/nope").0, 404);
 }

@@ -16,8 +16,7 @@
 //!   without any one capability refuses to start with a message naming it.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
@@ -26,7 +25,7 @@ use std::{
 use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::ConfigMap};
 use tagger::datapath::Datapath;
 use tagger_tests::{
-    agent::{AgentProcess, AgentSandbox, PORT, PinDir, pod_in_lane, set_size, workspace_bin},
+    agent::{AgentProcess, AgentSandbox, PORT, PinDir, http_get, pod_in_lane, set_size, workspace_bin},
     datapath::BPFFS,
     unique_name,
 };
@@ -231,15 +230,6 @@ fn sandbox() -> AgentSandbox {
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// (status code, whole response); (0, "") when nothing answers.
-fn http_get(port: u16, path: &str) -> (u16, String) {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return (0, String::new()) };
-    let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    (out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0), out)
 }
 
 /// Starts the agent confined with `caps` (arguments: the sandbox's plus `extra`).

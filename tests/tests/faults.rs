@@ -11,9 +11,9 @@ use std::{
 
 use tagger::{datapath::Datapath, net::Proto};
 use tagger_tests::{
-    agent::{AgentSandbox, set_size, workspace_bin},
+    agent::{AgentSandbox, http_get, set_size, workspace_bin},
     cgroup::TestCgroup,
-    client::{Mode, testpod_bin},
+    client::{LoopClient, Mode, testpod_bin},
     datapath::{BPFFS, TestDatapath, ensure_bpffs},
     fake_api::FakeApiServer,
     monotonic_ns, require_root, run,
@@ -273,4 +273,63 @@ fn another_program_on_the_same_hooks_runs_beside_tagger_and_survives_its_uninsta
         "{after_uninstall:?}"
     );
     assert!(foreign_runs() > before, "the other program stopped running with tagger's uninstall");
+}
+
+/// The API server vanishes without a reset (blackholed) for longer than the agent's watch
+/// timeout; meanwhile a Service is deleted. The datapath keeps its last state (no transient
+/// fallback, no failed connection), `/readyz` reports the outage, and afterwards the maps equal
+/// the API's state.
+#[test]
+fn a_blackholed_api_server_keeps_the_datapath_and_shows_in_readiness() {
+    let api = FakeApiServer::start();
+    let mut sb = AgentSandbox::with_service_a(vip(), Some("gray"));
+    let stale: SocketAddr = "10.96.30.9:80".parse().unwrap();
+    sb.cluster.service("stale", &[stale.ip()], stale.port(), tagger_tests::agent::PORT, &["a-base"]);
+    sb.publish_to(&api);
+    sb.start_agent_on_api_with(&api, &["--api-timeout", "2", "--metrics-addr", "127.0.0.1:0"]);
+    sb.wait_for("initial sync", WAIT, |t| {
+        set_size(t, vip(), "gray") == Some(1) && set_size(t, stale, "base") == Some(1)
+    });
+    let port = sb.metrics_port();
+    wait_http(port, "/readyz", 200);
+    let client = LoopClient::start(&sb.pod_cgroup("gw"), &sb.netns["gw"].ns, vip());
+
+    api.set_blackholed(true);
+    let outage = Instant::now();
+    for kind in ["services", "endpointslices"] {
+        for name in ["stale", "stale-ipv4", "stale-ipv6"] {
+            api.delete(kind, tagger_tests::cluster::NAMESPACE, name);
+        }
+    }
+    let (code, body) = wait_http(port, "/readyz", 503);
+    assert!(body.contains("does not answer"), "{code} {body}");
+    // Longer than the watch timeout (2 s) plus the read timeout's margin.
+    std::thread::sleep(Duration::from_secs(9).saturating_sub(outage.elapsed()));
+    sb.wait_for("last state kept during the outage", Duration::from_secs(1), |t| {
+        set_size(t, stale, "base") == Some(1) && set_size(t, vip(), "gray") == Some(1)
+    });
+
+    api.set_blackholed(false);
+    wait_http(port, "/readyz", 200);
+    sb.wait_for("the API's state after the outage", WAIT, |t| set_size(t, stale, "base").is_none());
+    let summary = client.finish();
+    assert_eq!(summary.failed, 0, "{summary:?}");
+    assert!(summary.ok > 50, "{summary:?}");
+    assert_eq!(summary.replies.keys().collect::<Vec<_>>(), ["a-gray"], "no transient fallback: {summary:?}");
+    let (_, metrics) = http_get(port, "/metrics");
+    assert!(metrics.contains("tagger_agent_api_reachable 1"), "{metrics}");
+    assert!(sb.agent_log().contains("does not answer"), "{}", sb.agent_log());
+}
+
+/// Waits up to 30 s for `path` to answer `code`; returns the last answer.
+fn wait_http(port: u16, path: &str, code: u16) -> (u16, String) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = http_get(port, path);
+        if got.0 == code {
+            return got;
+        }
+        assert!(Instant::now() < deadline, "{path} never answered {code}; last: {got:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -71,6 +71,13 @@ pub struct Args {
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
 
+    /// Seconds a Kubernetes watch may stay silent before it is restarted: the server ends each
+    /// watch after this long (`timeoutSeconds`), and a connection that delivers nothing for
+    /// this plus 5 s is given up, which is how an API server that vanished without a reset
+    /// (a blackhole) is detected. Connects time out after this long too (at most 30 s).
+    #[arg(long, default_value_t = 290, value_parser = clap::value_parser!(u32).range(1..=3600), value_name = "SECS")]
+    pub api_timeout: u32,
+
     /// Detach the programs and remove every pin under --bpffs, then exit.
     #[arg(long)]
     pub uninstall: bool,

@@ -35,6 +35,7 @@ use crate::model::{Change, Kind, Labels, LocalPod, Object, ObjectRef, ServiceInp
 pub fn spawn(
     tasks: &mut tokio::task::JoinSet<()>,
     client: Client,
+    api_timeout: u32,
     node: &str,
     lane_keys: &[String],
     wake: &Sender<Wake>,
@@ -54,7 +55,7 @@ pub fn spawn(
     // API server from its watch cache in one response, as kubelet and kube-proxy do: an agent on
     // every node must not send quorum reads to etcd on each (re)list. The watch that follows
     // brings anything newer.
-    let cfg = || watcher::Config::default().any_semantic();
+    let cfg = || watcher::Config::default().any_semantic().timeout(api_timeout);
     let local_cfg = cfg().fields(&format!("spec.nodeName={node}"));
     let pods = watcher(Api::<WirePod>::all(client.clone()), local_cfg).default_backoff();
     let local_keys = Arc::clone(&keys);
@@ -78,6 +79,8 @@ pub fn spawn(
         Some(Object::Slice(key, input))
     }));
 
+    tasks.spawn(probe_api(client.clone(), Arc::clone(status)));
+
     // Metadata only (`PartialObjectMetadata`).
     let meta = watcher(Api::<WirePodMeta>::all(client), cfg()).default_backoff();
     tasks.spawn(drive(meta, Kind::Pod, ctx, move |meta: WirePodMeta| {
@@ -87,6 +90,27 @@ pub fn spawn(
         Some(Object::Pod(key, labels))
     }));
     inputs
+}
+
+/// How often the API server's reachability is checked (a watch error marks it unreachable at
+/// once; a quiet watch says nothing either way).
+const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a probe may take.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Checks `GET /version` every [`PROBE_EVERY`]: readiness and `tagger_agent_api_reachable` follow
+/// it, and transitions are logged once.
+async fn probe_api(client: Client, status: Arc<AgentStatus>) {
+    loop {
+        let ok = matches!(tokio::time::timeout(PROBE_TIMEOUT, client.apiserver_version()).await, Ok(Ok(_)));
+        let was = status.set_api_reachable(ok);
+        if was && !ok {
+            warn!("the Kubernetes API server does not answer; the datapath serves its last state");
+        } else if !was && ok {
+            info!("the Kubernetes API server answers again");
+        }
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
 }
 
 /// Most events handled as one batch.
@@ -120,6 +144,7 @@ where
                     if !failing {
                         warn!(resource = %kind, "watch failed, retrying with backoff; the datapath keeps its state: {e}");
                         failing = true;
+                        ctx.status.set_api_reachable(false);
                     }
                     continue;
                 }

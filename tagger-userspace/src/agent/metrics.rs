@@ -117,6 +117,12 @@ impl Collector for AgentCollector {
         )?;
         gauge(
             &mut encoder,
+            "agent_api_reachable",
+            "0 while a Kubernetes watch is failing (the datapath serves its last state), 1 otherwise",
+            i64::from(snap.api_reachable),
+        )?;
+        gauge(
+            &mut encoder,
             "agent_pending_pods",
             "Local pods whose cgroup has not appeared yet",
             clamp(snap.pending_pods),

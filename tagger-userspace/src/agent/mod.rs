@@ -82,12 +82,19 @@ pub fn run(args: &Args) -> Result<()> {
                 InputsHandle::Shared(shared)
             }
             Source::Kubernetes => {
-                let client = kube::Client::try_default()
+                let mut kube_config = kube::Config::infer()
                     .await
-                    .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+                    .context("configuring the Kubernetes client (in-cluster config or KUBECONFIG)")?;
+                // A watch silent for longer than the server's own timeout is dead (a blackholed
+                // API server): give it up and reconnect.
+                let timeout = std::time::Duration::from_secs(u64::from(args.api_timeout));
+                kube_config.read_timeout = Some(timeout + std::time::Duration::from_secs(5));
+                kube_config.connect_timeout = Some(timeout.min(std::time::Duration::from_secs(30)));
+                let client = kube::Client::try_from(kube_config).context("building the Kubernetes client")?;
                 InputsHandle::Kube(kube_source::spawn(
                     &mut tasks,
                     client,
+                    args.api_timeout,
                     &config.node_name,
                     &config.lane_keys,
                     &wake_tx,

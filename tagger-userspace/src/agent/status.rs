@@ -25,6 +25,7 @@ pub struct AgentStatus {
     source_errors: AtomicU64,
     config_errors: AtomicU64,
     watch_restarts: AtomicU64,
+    api_unreachable: AtomicBool,
     last_sync_unix: AtomicU64,
     pending_pods: AtomicU64,
     warnings: Mutex<BTreeMap<String, u64>>,
@@ -42,6 +43,7 @@ impl Default for AgentStatus {
             source_errors: AtomicU64::default(),
             config_errors: AtomicU64::default(),
             watch_restarts: AtomicU64::default(),
+            api_unreachable: AtomicBool::default(),
             last_sync_unix: AtomicU64::default(),
             pending_pods: AtomicU64::default(),
             warnings: Mutex::default(),
@@ -96,6 +98,16 @@ impl AgentStatus {
         self.watch_restarts.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Records whether the Kubernetes API server answers; returns what was recorded before.
+    pub fn set_api_reachable(&self, reachable: bool) -> bool {
+        !self.api_unreachable.swap(!reachable, Ordering::Relaxed)
+    }
+
+    /// Whether the Kubernetes API server answered last (true for the file source).
+    pub fn api_reachable(&self) -> bool {
+        !self.api_unreachable.load(Ordering::Relaxed)
+    }
+
     /// Pods whose cgroup has not appeared yet.
     pub fn set_pending_pods(&self, n: u64) {
         self.pending_pods.store(n, Ordering::Relaxed);
@@ -140,6 +152,7 @@ impl AgentStatus {
             source_errors: self.source_errors.load(Ordering::Relaxed),
             config_errors: self.config_errors.load(Ordering::Relaxed),
             watch_restarts: self.watch_restarts.load(Ordering::Relaxed),
+            api_reachable: self.api_reachable(),
             pending_pods: self.pending_pods.load(Ordering::Relaxed),
             last_sync_unix: self.last_sync_unix.load(Ordering::Relaxed),
         }
@@ -161,6 +174,8 @@ pub struct StatusSnapshot {
     pub config_errors: u64,
     /// Failed and restarted watches.
     pub watch_restarts: u64,
+    /// No watch is failing.
+    pub api_reachable: bool,
     /// Local pods without a cgroup yet.
     pub pending_pods: u64,
     /// Unix time of the last complete pass.
@@ -168,7 +183,8 @@ pub struct StatusSnapshot {
 }
 
 /// Serves `/healthz` (the process answers), `/readyz` (200 once the first full sync has been
-/// applied, 503 before) and `/metrics`.
+/// applied and while the API server answers; 503 before, and during an outage, when the datapath
+/// serves its last state) and `/metrics`.
 pub async fn serve(addr: SocketAddr, status: std::sync::Arc<AgentStatus>, bpffs: std::path::PathBuf) {
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => l,
@@ -199,7 +215,12 @@ pub async fn serve(addr: SocketAddr, status: std::sync::Arc<AgentStatus>, bpffs:
             let path = request.split_whitespace().nth(1).unwrap_or("/");
             let (code, body) = match path {
                 "/healthz" => ("200 OK", "ok\n".to_owned()),
-                "/readyz" if status.is_ready() => ("200 OK", "ready\n".to_owned()),
+                "/readyz" if status.is_ready() && status.api_reachable() => ("200 OK", "ready\n".to_owned()),
+                "/readyz" if status.is_ready() => (
+                    "503 Service Unavailable",
+                    "not ready: the Kubernetes API server does not answer; the datapath serves its last state\n"
+                        .to_owned(),
+                ),
                 "/readyz" => {
                     ("503 Service Unavailable", "not ready: first full sync not applied yet\n".to_owned())
                 }

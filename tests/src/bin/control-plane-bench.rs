@@ -186,7 +186,7 @@ fn main() {
     // /readyz turns 200 right after the first complete view has been written to the maps. Polling
     // it is cheap; iterating the maps every few ms would take CPU from the agent being measured.
     let port = agent.metrics_port();
-    while readyz(port) != 200 {
+    while tagger_tests::agent::http_get(port, "/readyz").0 != 200 {
         assert!(started.elapsed() < Duration::from_mins(5), "initial sync did not finish:\n{}", agent.log());
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -248,18 +248,6 @@ fn main() {
     println!("agent peak RSS at the end: {:.1} MiB", peak_rss_mib(agent.pid()));
     agent.kill();
     drop(dp);
-}
-
-/// The status code of `GET /readyz` on the agent (0 when it does not answer).
-fn readyz(port: u16) -> u16 {
-    use std::io::{Read as _, Write as _};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return 0 };
-    if s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").is_err() {
-        return 0;
-    }
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
 }
 
 /// CPU time (user + system) a process has used so far, in ms.
