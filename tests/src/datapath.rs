@@ -17,6 +17,23 @@ pub fn ensure_bpffs() {
     }
 }
 
+/// Every map pin's layout version renamed to `_V0` and the build marker to another hash: the
+/// pins of an older build with a different map layout, whose programs still run on those maps.
+pub fn age_pins(pins: &Path) {
+    let maps = pins.join("maps");
+    for e in std::fs::read_dir(&maps).unwrap().flatten() {
+        let name = e.file_name().into_string().unwrap();
+        let (stem, _version) = name.rsplit_once("_V").expect("versioned map name");
+        let old = format!("{stem}_V0");
+        std::fs::rename(e.path(), maps.join(old)).unwrap();
+    }
+    for e in std::fs::read_dir(pins).unwrap().flatten() {
+        if e.file_name().to_string_lossy().starts_with("object-") {
+            std::fs::rename(e.path(), pins.join("object-00000000000000aa")).unwrap();
+        }
+    }
+}
+
 /// A datapath owned by one test.
 #[derive(Debug)]
 pub struct TestDatapath {

@@ -135,22 +135,6 @@ fn install_refuses_a_directory_outside_bpffs_and_a_missing_cgroup() {
     assert!(!pins.0.exists(), "nothing may be pinned when the cgroup is missing");
 }
 
-/// Every map pin renamed from `_V1` to `_V0` and the build marker to another hash: the pins of
-/// an older build with a different map layout, whose programs still run on those maps.
-fn age_pins(pins: &Path) {
-    let maps = pins.join("maps");
-    for e in std::fs::read_dir(&maps).unwrap().flatten() {
-        let name = e.file_name().into_string().unwrap();
-        let old = name.strip_suffix("_V1").map(|stem| format!("{stem}_V0")).unwrap();
-        std::fs::rename(e.path(), maps.join(old)).unwrap();
-    }
-    for e in std::fs::read_dir(pins).unwrap().flatten() {
-        if e.file_name().to_string_lossy().starts_with("object-") {
-            std::fs::rename(e.path(), pins.join("object-00000000000000aa")).unwrap();
-        }
-    }
-}
-
 /// Program id behind each link pin.
 fn linked_programs(pins: &Path) -> Vec<(u32, u32)> {
     tagger::datapath::PROGRAMS
@@ -179,7 +163,7 @@ fn an_upgrade_to_a_new_map_layout_switches_programs_with_no_failed_connection() 
     let first = install_in_other_process(&pins.0, root.path());
     assert!(first.starts_with("Attached"), "{first}");
     fill(&mut Datapath::open(&pins.0).unwrap());
-    age_pins(&pins.0);
+    tagger_tests::datapath::age_pins(&pins.0);
     let before = linked_programs(&pins.0);
     let client = LoopClient::start(pod_cgroup, &caller_pod.ns, vip);
 
@@ -212,7 +196,11 @@ fn an_upgrade_to_a_new_map_layout_switches_programs_with_no_failed_connection() 
         .flatten()
         .map(|e| e.file_name().into_string().unwrap())
         .collect();
-    assert!(names.iter().all(|n| n.ends_with("_V1")), "old layout's pins removed: {names:?}");
+    let mut names = names;
+    names.sort();
+    let mut want: Vec<String> = tagger_common::ALL_MAPS.iter().map(|m| (*m).to_owned()).collect();
+    want.sort();
+    assert_eq!(names, want, "exactly this build's maps; the old layout's pins removed");
     assert_eq!(dp.layout().recorded_versions(), [tagger::datapath::object_version()]);
     drop(dp);
     assert_eq!(install_in_other_process(&pins.0, root.path()), "Adopted");

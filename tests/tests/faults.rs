@@ -333,3 +333,35 @@ fn wait_http(port: u16, path: &str, code: u16) -> (u16, String) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The agent starts on the pins of an older build with another map layout, under a connect
+/// loop: the old programs serve until the agent's first complete pass has filled the new maps,
+/// then the links switch; no connection fails or leaves its lane.
+#[test]
+fn the_agent_upgrades_an_older_layout_without_a_failed_connection() {
+    let mut sb = AgentSandbox::with_service_a(vip(), Some("gray"));
+    sb.start_agent_on_file(&[]);
+    sb.wait_for("first agent synced", WAIT, |t| set_size(t, vip(), "gray") == Some(1));
+    sb.agent.as_mut().unwrap().kill();
+    tagger_tests::datapath::age_pins(&sb.pins.0);
+    let client = LoopClient::start(&sb.pod_cgroup("gw"), &sb.netns["gw"].ns, vip());
+    std::thread::sleep(Duration::from_millis(200));
+
+    sb.start_agent_on_file(&[]);
+    let deadline = Instant::now() + WAIT;
+    while !sb.agent_log().contains("upgrade finished") {
+        assert!(Instant::now() < deadline, "no upgrade:\n{}", sb.agent_log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let summary = client.finish();
+    assert_eq!(summary.failed, 0, "{summary:?}");
+    assert_eq!(summary.replies.keys().collect::<Vec<_>>(), ["a-gray"], "{summary:?}");
+    let stale: Vec<String> = std::fs::read_dir(sb.pins.0.join("maps"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().into_string().unwrap())
+        .filter(|n| n.ends_with("_V0"))
+        .collect();
+    assert!(stale.is_empty(), "old layout's pins left: {stale:?}");
+}
