@@ -103,13 +103,19 @@ const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 async fn probe_api(client: Client, status: Arc<AgentStatus>) {
     loop {
         let ok = matches!(tokio::time::timeout(PROBE_TIMEOUT, client.apiserver_version()).await, Ok(Ok(_)));
-        let was = status.set_api_reachable(ok);
-        if was && !ok {
-            warn!("the Kubernetes API server does not answer; the datapath serves its last state");
-        } else if !was && ok {
-            info!("the Kubernetes API server answers again");
-        }
+        mark_api(&status, ok);
         tokio::time::sleep(PROBE_EVERY).await;
+    }
+}
+
+/// Records whether the API server answers; logs each change once (a watch error or the probe,
+/// whichever notices first).
+fn mark_api(status: &AgentStatus, ok: bool) {
+    let was = status.set_api_reachable(ok);
+    if was && !ok {
+        warn!("the Kubernetes API server does not answer; the datapath serves its last state");
+    } else if !was && ok {
+        info!("the Kubernetes API server answers again");
     }
 }
 
@@ -144,7 +150,7 @@ where
                     if !failing {
                         warn!(resource = %kind, "watch failed, retrying with backoff; the datapath keeps its state: {e}");
                         failing = true;
-                        ctx.status.set_api_reachable(false);
+                        mark_api(&ctx.status, false);
                     }
                     continue;
                 }
