@@ -13,6 +13,10 @@
 //!        `testpod --cgroup DIR --netns NAME serve LISTEN_ADDR NAME LANE [NEXT_ADDR]` (an HTTP
 //!        server answering `NAME[LANE]`, or `NAME[LANE] -> <what NEXT_ADDR answered>`: a
 //!        service that calls the next one, from inside its pod)
+//!        `testpod --cgroup DIR --netns NAME pool ADDR` (one pooled HTTP/1.1 keep-alive connection,
+//!        a request every 20 ms, reconnecting when the connection is reset; prints
+//!        `<ms since start> <TAB> ok|reset <TAB> <body or error>` whenever that changes, until
+//!        stdin closes)
 //!        `testpod install BPFFS_DIR CGROUP_DIR` (installs or adopts the datapath, then exits)
 
 use std::{
@@ -62,6 +66,7 @@ fn main() {
         "tcp-loop" => tcp_loop(&mut out, addr),
         "http" => (0..count()).for_each(|_| report(&mut out, http_once(addr))),
         "serve" => serve(addr, rest),
+        "pool" => pool(&mut out, addr),
         other => panic!("unknown mode {other}"),
     }
 }
@@ -107,21 +112,36 @@ fn serve(listen: SocketAddr, rest: &[String]) {
         let Ok(mut conn) = conn else { continue };
         let me = me.clone();
         std::thread::spawn(move || {
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+            // One request per read (the clients send each request in one write); HTTP/1.1
+            // requests keep the connection (a pooled client), HTTP/1.0 ones close it.
             let mut buf = [0u8; 1024];
-            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-            let _ = std::io::Read::read(&mut conn, &mut buf);
-            let body = match next {
-                None => me,
-                // A new connection per request: each is steered by this pod's lane.
-                Some(next) => match http_once(next) {
-                    Ok((downstream, _)) => format!("{me} -> {downstream}"),
-                    Err(e) => format!("{me} -> error: {e}"),
-                },
-            };
-            let _ = std::io::Write::write_all(
-                &mut conn,
-                format!("HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n{body}\n").as_bytes(),
-            );
+            loop {
+                let n = match std::io::Read::read(&mut conn, &mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let keep_alive = buf[..n].starts_with(b"GET / HTTP/1.1");
+                let body = match next {
+                    None => me.clone(),
+                    // A new connection per request: each is steered by this pod's lane.
+                    Some(next) => match http_once(next) {
+                        Ok((downstream, _)) => format!("{me} -> {downstream}"),
+                        Err(e) => format!("{me} -> error: {e}"),
+                    },
+                };
+                let response = if keep_alive {
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}\n",
+                        body.len() + 1
+                    )
+                } else {
+                    format!("HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n{body}\n")
+                };
+                if std::io::Write::write_all(&mut conn, response.as_bytes()).is_err() || !keep_alive {
+                    return;
+                }
+            }
         });
     }
 }
@@ -181,5 +201,71 @@ fn tcp_loop(out: &mut impl std::io::Write, addr: SocketAddr) {
     }
     for (r, n) in replies {
         writeln!(out, "reply\t{n}\t{r}").expect("stdout");
+    }
+}
+
+/// One request on a kept-alive connection: the body, or the error that ended the connection.
+fn pooled_request(s: &mut TcpStream) -> std::io::Result<String> {
+    std::io::Write::write_all(s, b"GET / HTTP/1.1\r\nHost: tagger-demo\r\n\r\n")?;
+    let mut response = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = std::io::Read::read(s, &mut buf)?;
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed by the peer"));
+        }
+        response.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&response);
+        let Some((head, body)) = text.split_once("\r\n\r\n") else { continue };
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| std::io::Error::other("no Content-Length"))?;
+        if body.len() >= len {
+            return Ok(body.trim_end().to_owned());
+        }
+    }
+}
+
+/// Keeps one pooled connection to `addr`, a request every 20 ms, reconnecting after a reset,
+/// until stdin closes; prints each change of outcome with the time since start.
+fn pool(out: &mut impl std::io::Write, addr: SocketAddr) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = Arc::clone(&stop);
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::stdin().lock().read_line(&mut line);
+        stop2.store(true, Ordering::Relaxed);
+    });
+    writeln!(out, "started").expect("stdout");
+    out.flush().expect("stdout");
+    let start = std::time::Instant::now();
+    let mut conn: Option<TcpStream> = None;
+    let mut last = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        let outcome = match conn.as_mut() {
+            None => match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                Ok(s) => {
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                    conn = Some(s);
+                    continue;
+                }
+                Err(e) => format!("error\t{e}"),
+            },
+            Some(s) => match pooled_request(s) {
+                Ok(body) => format!("ok\t{body}"),
+                Err(e) => {
+                    conn = None;
+                    format!("reset\t{e}")
+                }
+            },
+        };
+        if outcome != last {
+            writeln!(out, "{}\t{outcome}", start.elapsed().as_millis()).expect("stdout");
+            out.flush().expect("stdout");
+            last = outcome;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
