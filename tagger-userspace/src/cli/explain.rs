@@ -7,9 +7,10 @@ use std::net::{IpAddr, SocketAddr};
 use anyhow::{anyhow, bail};
 use serde::Serialize;
 use tagger_common::{
-    BASE_LANE, Backend, FAMILY_V6, LaneTables, Outcome, Resolution, Service,
+    BASE_LANE, Backend, CANARY_FULL, FAMILY_V6, LaneTables, Outcome, Resolution, SHAPE_F_CANARY,
+    SHAPE_F_STICKY, SHAPE_F_WARMUP, SVC_F_ROUTED, Service, WEIGHT_FULL, WarmEntry, WarmKey,
     resolve::{lane_is_strict, svc_is_strict},
-    resolve_lane,
+    resolve_shaped, shaping_of, sticky_draw, warm_weight,
 };
 
 use super::{
@@ -22,15 +23,34 @@ use crate::{
     net::{Proto, backend_addr, frontend_key},
 };
 
-/// What explaining needs beyond lane resolution: the members of a set.
+/// What explaining needs beyond lane resolution: the members of a set, warm-up entries, the
+/// shadow flags and the clock the datapath reads.
 pub trait ExplainTables: LaneTables {
     /// The backends of the live set of (Service, lane), in slot order.
     fn backends(&self, svc_id: u32, lane: u32) -> crate::Result<Vec<Backend>>;
+    /// A backend's warm-up entry, if it is warming.
+    fn warm(&self, _key: &WarmKey) -> Option<WarmEntry> {
+        None
+    }
+    /// `DatapathConfig::flags`.
+    fn config_flags(&self) -> u32 {
+        0
+    }
+    /// The kernel monotonic clock (`bpf_ktime_get_ns`), nanoseconds.
+    fn now_ns(&self) -> u64 {
+        crate::shaping::monotonic_now_ns()
+    }
 }
 
 impl ExplainTables for Tables {
     fn backends(&self, svc_id: u32, lane: u32) -> crate::Result<Vec<Backend>> {
         Tables::backends(self, svc_id, lane)
+    }
+    fn warm(&self, key: &WarmKey) -> Option<WarmEntry> {
+        Tables::warm(self, key).ok().flatten()
+    }
+    fn config_flags(&self) -> u32 {
+        self.config().map_or(0, |c| c.flags)
     }
 }
 
@@ -81,6 +101,12 @@ pub struct Explanation {
     pub backend_lane: Option<LaneRef>,
     /// The backend set chosen from: one member is picked at random per connection.
     pub backends: Vec<BackendView>,
+    /// The Service's canary share for base callers (null: none).
+    pub canary: Option<CanaryView>,
+    /// Whether a routing rule for (Service, caller lane) decided.
+    pub routed: bool,
+    /// Whether the caller is in shadow mode: the decision is counted, not applied.
+    pub shadow: bool,
     /// The explanation for people, in order.
     pub steps: Vec<Step>,
 }
@@ -116,11 +142,26 @@ pub struct ChainStep {
     pub chosen: bool,
 }
 
+/// A Service's canary share.
+#[derive(Debug, Serialize)]
+pub struct CanaryView {
+    /// The canary lane.
+    pub lane: LaneRef,
+    /// Share of base callers' new connections, percent.
+    pub percent: f64,
+    /// Whether the choice is per caller pod.
+    pub sticky: bool,
+    /// Sticky: whether this pod is in the share (null: not sticky, or not a base caller).
+    pub this_pod: Option<bool>,
+}
+
 /// A backend of the chosen set.
 #[derive(Debug, Serialize)]
 pub struct BackendView {
     /// `ip:port`.
     pub address: String,
+    /// Warm-up weight, percent of a warm backend's (null: warm, full weight).
+    pub warmup_weight_percent: Option<f64>,
     /// Whether a socket to the destination's family can reach it (if picked while false, the
     /// connection fails open as `family_mismatch`).
     pub reachable: bool,
@@ -194,6 +235,9 @@ pub fn explain<T: ExplainTables>(
         outcome: Outcome::NotService.name(),
         backend_lane: None,
         backends: Vec::new(),
+        canary: None,
+        routed: false,
+        shadow: false,
         steps: Vec::new(),
     };
     let Some(svc) = frontend else {
@@ -224,13 +268,60 @@ pub fn explain<T: ExplainTables>(
         result: if strict_svc { "strict: no fallback for this Service".into() } else { "none".into() },
     });
 
-    // The decision: the same function the programs run.
-    let resolution = resolve_lane(t, &svc, lane);
+    // The decision: the same function the programs run. A non-sticky canary draw is random
+    // per connection: the default way is explained and the share shown beside it.
+    let shaping = shaping_of(t, &svc);
+    let pod = ex.caller.pod_cgroup_id.unwrap_or(0);
+    let resolution = resolve_shaped(t, &svc, lane, shaping.as_ref(), |s| {
+        if s.flags & SHAPE_F_STICKY != 0 { sticky_draw(pod, svc.svc_id) } else { CANARY_FULL }
+    });
+    if let Some(s) = shaping.filter(|s| s.flags & SHAPE_F_CANARY != 0) {
+        let sticky = s.flags & SHAPE_F_STICKY != 0;
+        let this_pod = (sticky && lane == BASE_LANE).then(|| sticky_draw(pod, svc.svc_id) < s.canary_bp);
+        let percent = f64::from(s.canary_bp) / 100.0;
+        let canary_lane = names.lane_label(s.canary_lane);
+        let who = match this_pod {
+            Some(true) => "sticky per pod: this pod is in the share",
+            Some(false) => "sticky per pod: this pod is not in the share",
+            None if sticky => "sticky per pod",
+            None => "drawn per connection",
+        };
+        let applies = if lane == BASE_LANE { "" } else { " (applies to base callers only)" };
+        steps.push(Step {
+            check: "canary",
+            result: format!(
+                "{percent}% of base callers' new connections go to lane {canary_lane}, {who}{applies}"
+            ),
+        });
+        ex.canary = Some(CanaryView { lane: names.lane(s.canary_lane), percent, sticky, this_pod });
+    }
+    if svc.flags & SVC_F_ROUTED != 0
+        && let Some(route) = t.route(svc.svc_id, lane)
+    {
+        ex.routed = true;
+        let strict = if lane_is_strict(Some(&route)) { ", strict" } else { "" };
+        steps.push(Step {
+            check: "routing_rule",
+            result: format!(
+                "a routing rule sends this lane's callers along {}{strict}",
+                names.chain_label(policy_chain(&route))
+            ),
+        });
+    }
+    ex.shadow = tagger_common::is_shadow(ex_flags(t), || t.lane_policy(lane));
+    if ex.shadow {
+        steps.push(Step {
+            check: "shadow",
+            result: "shadow mode: the decision below is counted as shadow and not applied; the connection goes to the Service address".into(),
+        });
+    }
 
     let own = set_view(t, names, svc.svc_id, lane);
     steps.push(Step { check: "own_lane", result: set_words(names, &own) });
     ex.own_set = Some(own);
-    if !matches!(resolution, Resolution::Own { .. }) {
+    if !matches!(resolution, Resolution::Own { .. } | Resolution::Routed { .. } | Resolution::Canary { .. })
+        && !ex.routed
+    {
         if lane == BASE_LANE {
             steps.push(Step {
                 check: "base_caller",
@@ -261,7 +352,8 @@ pub fn explain<T: ExplainTables>(
     steps.push(Step { check: "decision", result: sentence });
     if let Some(to) = chosen {
         ex.backend_lane = Some(names.lane(to));
-        let (backends, words) = chosen_backends(t, svc.svc_id, to, dest)?;
+        let warmup = shaping.is_some_and(|s| s.flags & SHAPE_F_WARMUP != 0);
+        let (backends, words) = chosen_backends(t, svc.svc_id, to, dest, warmup)?;
         ex.backends = backends;
         steps.push(Step { check: "backends", result: words });
     }
@@ -311,6 +403,14 @@ fn decision(names: &Names, caller_lane: u32, resolution: Resolution) -> (Outcome
         Resolution::FellBack { lane, set, .. } => {
             (Outcome::FellBack, Some(lane), format!("fell_back: {}", pick(lane, set.count)))
         }
+        Resolution::Routed { lane, set, chain_step } => (
+            Outcome::Routed,
+            Some(lane),
+            format!("routed: rule step {}: {}", chain_step + 1, pick(lane, set.count)),
+        ),
+        Resolution::Canary { lane, set } => {
+            (Outcome::Canary, Some(lane), format!("canary: {}", pick(lane, set.count)))
+        }
         Resolution::RefusedStrict => (
             Outcome::RefusedStrict,
             None,
@@ -331,7 +431,9 @@ fn chosen_backends<T: ExplainTables>(
     svc_id: u32,
     lane: u32,
     dest: Destination,
+    warmup: bool,
 ) -> crate::Result<(Vec<BackendView>, String)> {
+    let now = t.now_ns();
     let dest_v6 = match dest.addr.ip() {
         IpAddr::V4(_) => false,
         IpAddr::V6(v6) => v6.to_ipv4_mapped().is_none(),
@@ -341,10 +443,21 @@ fn chosen_backends<T: ExplainTables>(
         .iter()
         .map(|b| BackendView {
             address: backend_addr(b).to_string(),
+            warmup_weight_percent: warmup
+                .then(|| t.warm(&WarmKey { svc_id, port: b.port, _pad: 0, addr: b.addr }))
+                .flatten()
+                .map(|e| f64::from(warm_weight(&e, now)) * 100.0 / f64::from(WEIGHT_FULL))
+                .filter(|w| *w < 100.0),
             reachable: (b.family == FAMILY_V6) == dest_v6,
         })
         .collect();
-    let mut words: Vec<String> = backends.iter().map(|b| b.address.clone()).collect();
+    let mut words: Vec<String> = backends
+        .iter()
+        .map(|b| match b.warmup_weight_percent {
+            Some(w) => format!("{} (warming up: weight {w:.0}%)", b.address),
+            None => b.address.clone(),
+        })
+        .collect();
     let unreachable = backends.iter().filter(|b| !b.reachable).count();
     if unreachable > 0 {
         words.push(format!(
@@ -355,6 +468,10 @@ fn chosen_backends<T: ExplainTables>(
         ));
     }
     Ok((backends, words.join("\n")))
+}
+
+fn ex_flags<T: ExplainTables>(t: &T) -> u32 {
+    t.config_flags()
 }
 
 /// The explanation as a table.

@@ -65,6 +65,8 @@ pub fn outcome_meaning(o: Outcome) -> &'static str {
         Outcome::RevNatFull => "reverse translation entry not written (connection still steered)",
         Outcome::RevNatApplied => "getpeername/recvmsg shown the Service address",
         Outcome::UnknownPod => "caller in no registered pod cgroup: treated as base",
+        Outcome::Routed => "a routing rule for (Service, caller lane) chose the backend lane",
+        Outcome::Canary => "base caller's connection in the Service's canary share",
     }
 }
 
