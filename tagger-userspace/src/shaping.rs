@@ -32,25 +32,48 @@ fn err(msg: impl fmt::Display) -> ShapingError {
 }
 
 /// Slow start settings.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Warmup {
     /// How long a newly ready backend's weight takes to reach full.
     pub duration: Duration,
-    /// Curve: weight grows along `(t / warmup) ^ (1 / aggression)`; 1 is linear, larger
-    /// ramps faster at the start.
-    pub aggression: f64,
-    /// Weight right after becoming ready, percent of full.
-    pub min_percent: f64,
+    /// Curve, in thousandths: weight grows along `(t / warmup) ^ (1 / aggression)`; 1000
+    /// (1) is linear, larger ramps faster at the start.
+    pub aggression_milli: u32,
+    /// Weight right after becoming ready, basis points of full.
+    pub min_bp: u32,
 }
 
 impl Warmup {
+    /// Settings from a duration, an aggression factor and a minimum weight in percent.
+    #[must_use]
+    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "validated ranges")]
+    pub fn new(duration: Duration, aggression: f64, min_percent: f64) -> Self {
+        Self {
+            duration,
+            aggression_milli: (aggression * 1000.0).round() as u32,
+            min_bp: (min_percent * 100.0).round() as u32,
+        }
+    }
+
+    /// The aggression factor.
+    #[must_use]
+    pub fn aggression(&self) -> f64 {
+        f64::from(self.aggression_milli) / 1000.0
+    }
+
+    /// The minimum weight, percent.
+    #[must_use]
+    pub fn min_percent(&self) -> f64 {
+        f64::from(self.min_bp) / 100.0
+    }
+
     /// The datapath entry of a backend that became ready at `ready_ns` (kernel monotonic).
     #[must_use]
     pub fn entry(&self, ready_ns: u64) -> WarmEntry {
         WarmEntry {
             ready_ns,
             warmup_ns: u64::try_from(self.duration.as_nanos()).unwrap_or(u64::MAX).min(MAX_WARMUP_NS),
-            curve: warm_curve(self.min_percent, self.aggression),
+            curve: warm_curve(self.min_percent(), self.aggression()),
             _pad: [0; 3],
         }
     }
@@ -169,11 +192,11 @@ pub fn parse_aggression(text: &str) -> Result<f64, ShapingError> {
 pub fn parse_warmup(text: &str) -> Result<Option<Warmup>, ShapingError> {
     let mut parts = text.split(',').map(str::trim);
     let duration = parse_duration(parts.next().unwrap_or(""))?;
-    let mut w = Warmup { duration, aggression: DEFAULT_AGGRESSION, min_percent: DEFAULT_MIN_PERCENT };
+    let (mut aggression, mut min) = (DEFAULT_AGGRESSION, DEFAULT_MIN_PERCENT);
     for part in parts {
         match part.split_once('=').map(|(k, v)| (k.trim(), v)) {
-            Some(("aggression", v)) => w.aggression = parse_aggression(v)?,
-            Some(("min", v)) => w.min_percent = parse_percent("warm-up min", v)?,
+            Some(("aggression", v)) => aggression = parse_aggression(v)?,
+            Some(("min", v)) => min = parse_percent("warm-up min", v)?,
             _ => {
                 return Err(err(format_args!(
                     "warm-up {text:?}: unknown option {part:?} (aggression=, min=)"
@@ -181,7 +204,7 @@ pub fn parse_warmup(text: &str) -> Result<Option<Warmup>, ShapingError> {
             }
         }
     }
-    Ok((!duration.is_zero()).then_some(w))
+    Ok((!duration.is_zero()).then(|| Warmup::new(duration, aggression, min)))
 }
 
 /// Parses `LANE=PERCENT[, sticky]`. The lane must be a valid lane name other than base.
@@ -266,9 +289,9 @@ mod tests {
     #[test]
     fn warmups() {
         let w = parse_warmup("60s").unwrap().unwrap();
-        assert_eq!((w.duration, w.aggression, w.min_percent), (Duration::from_secs(60), 1.0, 10.0));
+        assert_eq!((w.duration, w.aggression(), w.min_percent()), (Duration::from_secs(60), 1.0, 10.0));
         let w = parse_warmup("2m, aggression=2, min=5%").unwrap().unwrap();
-        assert_eq!((w.aggression, w.min_percent), (2.0, 5.0));
+        assert_eq!((w.aggression(), w.min_percent()), (2.0, 5.0));
         assert_eq!(parse_warmup("0s"), Ok(None));
         for (bad, why) in [
             ("60s, aggression=0", "greater than 0"),
@@ -292,7 +315,7 @@ mod tests {
         // Higher aggression: heavier early on, same ends.
         assert!(fast[2] > linear[2] && fast[0] == linear[0] && fast[16] == linear[16]);
         // The datapath's interpolation stays within 1% of the exact curve between points.
-        let w = Warmup { duration: Duration::from_secs(16), aggression: 2.0, min_percent: 10.0 };
+        let w = Warmup::new(Duration::from_secs(16), 2.0, 10.0);
         let e = w.entry(0);
         for ms in (0..16_000u64).step_by(123) {
             let exact = 0.1 + 0.9 * (ms as f64 / 16_000.0).powf(0.5);

@@ -223,7 +223,7 @@ fn warmup_weight_follows_the_curve_and_aggression_changes_it() {
     let secs = 1000;
     let n = 4000;
     for (aggression, fraction) in [(1.0, 0.0), (1.0, 0.25), (3.0, 0.25), (1.0, 0.6)] {
-        let warmup = Warmup { duration: std::time::Duration::from_secs(secs), aggression, min_percent: 10.0 };
+        let warmup = Warmup::new(std::time::Duration::from_secs(secs), aggression, 10.0);
         let now = monotonic_now_ns();
         #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "test values")]
         let ago = (fraction * secs as f64 * 1e9) as u64;
@@ -251,7 +251,7 @@ fn warmup_weight_follows_the_curve_and_aggression_changes_it() {
 #[test]
 fn warmup_share_rises_over_the_window_and_ends_near_half() {
     let (mut sb, caller, new) = warm_sandbox("v");
-    let warmup = Warmup { duration: std::time::Duration::from_secs(4), aggression: 1.0, min_percent: 10.0 };
+    let warmup = Warmup::new(std::time::Duration::from_secs(4), 1.0, 10.0);
     let start = Instant::now();
     sb.dp.dp.tables_mut().set_warm(warm_key(new), &warmup.entry(monotonic_now_ns())).unwrap();
     let n = 2000;
