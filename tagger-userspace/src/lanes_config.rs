@@ -46,14 +46,16 @@ use std::{
 
 use serde::{Deserialize, Deserializer, Serialize};
 use tagger_common::{
-    BASE_LANE, CFG_F_SHADOW, CFG_F_SHADOW_LANES, LANE_F_SHADOW, LANE_F_STRICT, LanePolicy, MAX_CHAIN, MAX_LANES,
-    lane_id,
+    BASE_LANE, CFG_F_SHADOW, CFG_F_SHADOW_LANES, LANE_F_SHADOW, LANE_F_STRICT, LanePolicy, MAX_CHAIN,
+    MAX_LANES, lane_id,
 };
 
 use crate::{
     labels::validate_label_value,
     model::FrontendOrigin,
-    shaping::{DEFAULT_AGGRESSION, DEFAULT_MIN_PERCENT, MAX_AGGRESSION, Warmup, parse_duration, parse_percent},
+    shaping::{
+        DEFAULT_AGGRESSION, DEFAULT_MIN_PERCENT, MAX_AGGRESSION, Warmup, parse_duration, parse_percent,
+    },
 };
 
 /// The name of the base lane in fallback chains.
@@ -233,7 +235,10 @@ impl RoutingRule {
     /// The datapath encoding of the target chain.
     #[must_use]
     pub fn chain(&self) -> LanePolicy {
-        encode_chain(&self.to.iter().map(String::as_str).collect::<Vec<_>>(), if self.strict { LANE_F_STRICT } else { 0 })
+        encode_chain(
+            &self.to.iter().map(String::as_str).collect::<Vec<_>>(),
+            if self.strict { LANE_F_STRICT } else { 0 },
+        )
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -364,7 +369,10 @@ impl LanesConfig {
     /// The warm-up of backends of a lane, by lane id (meaningful for a validated config).
     #[must_use]
     pub fn lane_warmup(&self, lane: u32) -> Option<Warmup> {
-        self.lanes.iter().find(|(name, _)| lane_id(name) == lane).and_then(|(_, l)| l.warmup_settings().ok().flatten())
+        self.lanes
+            .iter()
+            .find(|(name, _)| lane_id(name) == lane)
+            .and_then(|(_, l)| l.warmup_settings().ok().flatten())
     }
 
     /// The routing rules that apply to a Service: caller lane id → target chain (the first
@@ -715,7 +723,10 @@ rules:
         let w = cfg.lane_warmup(lane_id("blue")).unwrap();
         assert_eq!((w.duration.as_secs(), w.aggression(), w.min_percent()), (90, 1.0, 10.0));
         assert_eq!(cfg.lane_warmup(lane_id("other")), None);
-        assert_eq!(LanesConfig::parse("lanes:\n  gray: {mode: shadow}\n").unwrap().config_flags(), CFG_F_SHADOW_LANES);
+        assert_eq!(
+            LanesConfig::parse("lanes:\n  gray: {mode: shadow}\n").unwrap().config_flags(),
+            CFG_F_SHADOW_LANES
+        );
         assert_eq!(LanesConfig::parse("").unwrap().config_flags(), 0);
     }
 
@@ -740,7 +751,10 @@ rules:
             ("lanes:\n  gray: {warmup: -5s}\n", "lane \"gray\": field warmup: duration \"-5s\": negative"),
             ("lanes:\n  gray: {warmup: soon}\n", "field warmup: duration \"soon\""),
             ("lanes:\n  gray: {warmup: 60s, aggression: 0}\n", "field aggression: 0: must be greater than 0"),
-            ("lanes:\n  gray: {warmup: 60s, warmup_min: 150}\n", "field warmup_min: warmup_min \"150\": more than 100%"),
+            (
+                "lanes:\n  gray: {warmup: 60s, warmup_min: 150}\n",
+                "field warmup_min: warmup_min \"150\": more than 100%",
+            ),
             ("lanes:\n  gray: {aggression: 2}\n", "need a warmup duration"),
             ("lanes:\n  gray: {mode: dry}\n", "unknown variant `dry`"),
             ("mode: off\n", "unknown variant `off`"),

@@ -706,13 +706,9 @@ impl ServiceIndex {
                     }
                 }
             }
-            let same = self
-                .out
-                .origins
-                .get(&svc_id)
-                .is_some_and(|o| {
-                    o.service == service_ref && o.port_name.as_str() == &*f.port_name && o.shaping == f.shaping
-                });
+            let same = self.out.origins.get(&svc_id).is_some_and(|o| {
+                o.service == service_ref && o.port_name.as_str() == &*f.port_name && o.shaping == f.shaping
+            });
             if !same {
                 let origin = FrontendOrigin {
                     service: service_ref.clone(),

@@ -368,12 +368,10 @@ fn service_shaping(svc_ref: &ObjectRef, svc: &K8sService, warnings: &mut Warning
             format_args!("Service {svc_ref}: {key}={value:?}: {e}; ignored"),
         );
     };
-    let canary = get(CANARY_ANNOTATION).and_then(|v| {
-        parse_canary(v).map_err(|e| invalid(CANARY_ANNOTATION, v, &e)).ok()
-    });
-    let warmup = get(WARMUP_ANNOTATION).and_then(|v| {
-        parse_warmup(v).map_err(|e| invalid(WARMUP_ANNOTATION, v, &e)).ok().flatten()
-    });
+    let canary = get(CANARY_ANNOTATION)
+        .and_then(|v| parse_canary(v).map_err(|e| invalid(CANARY_ANNOTATION, v, &e)).ok());
+    let warmup = get(WARMUP_ANNOTATION)
+        .and_then(|v| parse_warmup(v).map_err(|e| invalid(WARMUP_ANNOTATION, v, &e)).ok().flatten());
     let labels = svc.metadata.labels.clone().unwrap_or_default();
     ServiceShaping { canary, warmup, labels }
 }
