@@ -512,6 +512,10 @@ mod tests {
     struct Fake {
         sets: BTreeMap<(u32, u32), Vec<Backend>>,
         lanes: BTreeMap<u32, LanePolicy>,
+        routes: BTreeMap<(u32, u32), LanePolicy>,
+        shaping: Option<tagger_common::SvcShaping>,
+        warm: BTreeMap<WarmKey, WarmEntry>,
+        flags: u32,
     }
 
     impl Fake {
@@ -540,12 +544,85 @@ mod tests {
         fn lane_policy(&self, lane: u32) -> Option<LanePolicy> {
             self.lanes.get(&lane).copied()
         }
+        fn route(&self, svc_id: u32, caller_lane: u32) -> Option<LanePolicy> {
+            self.routes.get(&(svc_id, caller_lane)).copied()
+        }
+        fn shaping(&self, _svc_id: u32) -> Option<tagger_common::SvcShaping> {
+            self.shaping
+        }
     }
 
     impl ExplainTables for Fake {
         fn backends(&self, svc_id: u32, lane: u32) -> crate::Result<Vec<Backend>> {
             Ok(self.sets.get(&(svc_id, lane)).cloned().unwrap_or_default())
         }
+        fn warm(&self, key: &WarmKey) -> Option<WarmEntry> {
+            self.warm.get(key).copied()
+        }
+        fn config_flags(&self) -> u32 {
+            self.flags
+        }
+        fn now_ns(&self) -> u64 {
+            5_000_000_000
+        }
+    }
+
+    fn canary(flags: u32) -> tagger_common::SvcShaping {
+        tagger_common::SvcShaping { flags, canary_lane: lane_id("gray"), canary_bp: 1000, _pad: 0 }
+    }
+
+    #[test]
+    fn a_sticky_canary_says_whether_this_pod_is_in() {
+        use tagger_common::SVC_F_SHAPED;
+        let mut t = Fake::default().set("gray", &["10.244.0.3:8080"]).set("base", &["10.244.0.2:8080"]);
+        t.shaping = Some(canary(SHAPE_F_CANARY | SHAPE_F_STICKY));
+        let shaped = Some(Service { svc_id: 1, flags: SVC_F_SHAPED });
+        // Find one pod in and one out of the 10% share.
+        let inside = (1..).find(|id| sticky_draw(*id, 1) < 1000).unwrap();
+        let outside = (1..).find(|id| sticky_draw(*id, 1) >= 1000).unwrap();
+        let mut c = caller("base");
+        c.pod_cgroup_id = Some(inside);
+        let ex = explain(&t, &names(), c, dest(), shaped).unwrap();
+        assert_eq!(ex.outcome, "canary");
+        assert_eq!(ex.canary.as_ref().unwrap().this_pod, Some(true));
+        assert_eq!(ex.backends[0].address, "10.244.0.3:8080");
+        assert!(render_table(&ex).contains("10% of base callers' new connections go to lane gray"));
+        let mut c = caller("base");
+        c.pod_cgroup_id = Some(outside);
+        let ex = explain(&t, &names(), c, dest(), shaped).unwrap();
+        assert_eq!((ex.outcome, ex.canary.unwrap().this_pod), ("steered", Some(false)));
+        // Not sticky: the default way is explained, the share shown beside it.
+        t.shaping = Some(canary(SHAPE_F_CANARY));
+        let ex = explain(&t, &names(), caller("base"), dest(), shaped).unwrap();
+        assert_eq!(ex.outcome, "steered");
+        assert!(render_table(&ex).contains("drawn per connection"));
+    }
+
+    #[test]
+    fn routing_rules_shadow_mode_and_warmup_weights_are_shown() {
+        use tagger_common::{CFG_F_SHADOW, SVC_F_ROUTED, SVC_F_SHAPED};
+        let mut t = Fake::default()
+            .set("gray", &["10.244.0.3:8080"])
+            .set("blue", &["10.244.0.5:8080", "10.244.0.6:8080"]);
+        let mut rule = LanePolicy { chain_len: 1, ..LanePolicy::default() };
+        rule.chain[0] = lane_id("blue");
+        t.routes.insert((1, lane_id("gray")), rule);
+        let warming = backend("10.244.0.6:8080".parse().unwrap());
+        let w = crate::shaping::Warmup::new(std::time::Duration::from_secs(10), 1.0, 10.0);
+        t.warm.insert(WarmKey { svc_id: 1, port: warming.port, _pad: 0, addr: warming.addr }, w.entry(0));
+        t.shaping = Some(tagger_common::SvcShaping { flags: SHAPE_F_WARMUP, ..Default::default() });
+        t.flags = CFG_F_SHADOW;
+        let svc = Some(Service { svc_id: 1, flags: SVC_F_ROUTED | SVC_F_SHAPED });
+        let ex = explain(&t, &names(), caller("gray"), dest(), svc).unwrap();
+        assert_eq!(ex.outcome, "routed");
+        assert!(ex.routed && ex.shadow);
+        assert_eq!(ex.backends[0].warmup_weight_percent, None);
+        // 5 s into a 10 s linear warm-up from 10%: 55%.
+        let weight = ex.backends[1].warmup_weight_percent.unwrap();
+        assert!((weight - 55.0).abs() < 0.5, "{weight}");
+        let text = render_table(&ex);
+        assert!(text.contains("routing rule") && text.contains("shadow mode"), "{text}");
+        assert!(text.contains("warming up: weight 55%"), "{text}");
     }
 
     fn names() -> Names {
