@@ -241,7 +241,7 @@ mod tests {
     #[test]
     fn durations() {
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_mins(2)));
         assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
@@ -289,7 +289,7 @@ mod tests {
     #[test]
     fn warmups() {
         let w = parse_warmup("60s").unwrap().unwrap();
-        assert_eq!((w.duration, w.aggression(), w.min_percent()), (Duration::from_secs(60), 1.0, 10.0));
+        assert_eq!((w.duration, w.aggression(), w.min_percent()), (Duration::from_mins(1), 1.0, 10.0));
         let w = parse_warmup("2m, aggression=2, min=5%").unwrap().unwrap();
         assert_eq!((w.aggression(), w.min_percent()), (2.0, 5.0));
         assert_eq!(parse_warmup("0s"), Ok(None));
@@ -308,7 +308,7 @@ mod tests {
     #[test]
     fn curves_follow_the_formula() {
         let linear = warm_curve(10.0, 1.0);
-        assert_eq!(u32::from(linear[0]), (f64::from(WEIGHT_FULL) * 0.1).round() as u32);
+        assert_eq!(u32::from(linear[0]), (WEIGHT_FULL + 5) / 10);
         assert_eq!(u32::from(linear[16]), WEIGHT_FULL);
         assert!(linear.windows(2).all(|w| w[0] <= w[1]));
         let fast = warm_curve(10.0, 3.0);
@@ -317,9 +317,9 @@ mod tests {
         // The datapath's interpolation stays within 1% of the exact curve between points.
         let w = Warmup::new(Duration::from_secs(16), 2.0, 10.0);
         let e = w.entry(0);
-        for ms in (0..16_000u64).step_by(123) {
-            let exact = 0.1 + 0.9 * (ms as f64 / 16_000.0).powf(0.5);
-            let got = f64::from(warm_weight(&e, ms * 1_000_000)) / f64::from(WEIGHT_FULL);
+        for ms in (0..16_000u32).step_by(123) {
+            let exact = 0.1 + 0.9 * (f64::from(ms) / 16_000.0).powf(0.5);
+            let got = f64::from(warm_weight(&e, u64::from(ms) * 1_000_000)) / f64::from(WEIGHT_FULL);
             let tol = if ms < 1000 { 0.08 } else { 0.01 };
             assert!((got - exact).abs() < tol, "{ms} ms: {got} vs {exact}");
         }

@@ -220,14 +220,16 @@ fn warmup_weight_follows_the_curve_and_aggression_changes_it() {
     let (mut sb, caller, new) = warm_sandbox("w");
     // A long warm-up, so the weight is constant (within 0.5%) during each batch: the assertion
     // is on the curve, not on timing.
-    let secs = 1000;
+    let secs: u32 = 1000;
     let n = 4000;
     for (aggression, fraction) in [(1.0, 0.0), (1.0, 0.25), (3.0, 0.25), (1.0, 0.6)] {
-        let warmup = Warmup::new(std::time::Duration::from_secs(secs), aggression, 10.0);
+        let warmup = Warmup::new(std::time::Duration::from_secs(secs.into()), aggression, 10.0);
         let now = monotonic_now_ns();
         #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "test values")]
-        let ago = (fraction * secs as f64 * 1e9) as u64;
-        let entry = warmup.entry(now - ago);
+        let ago = (fraction * f64::from(secs) * 1e9) as u64;
+        // Saturating: on a freshly booted machine (uptime below `ago`) the weight is simply
+        // further along; the expectation below uses the weight actually in force.
+        let entry = warmup.entry(now.saturating_sub(ago));
         sb.dp.dp.tables_mut().set_warm(warm_key(new), &entry).unwrap();
         let w = f64::from(warm_weight(&entry, now)) / f64::from(WEIGHT_FULL);
         let got = sb.call(&caller, Mode::Tcp, vip(), n);

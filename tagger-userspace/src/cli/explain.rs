@@ -275,46 +275,7 @@ pub fn explain<T: ExplainTables>(
     let resolution = resolve_shaped(t, &svc, lane, shaping.as_ref(), |s| {
         if s.flags & SHAPE_F_STICKY != 0 { sticky_draw(pod, svc.svc_id) } else { CANARY_FULL }
     });
-    if let Some(s) = shaping.filter(|s| s.flags & SHAPE_F_CANARY != 0) {
-        let sticky = s.flags & SHAPE_F_STICKY != 0;
-        let this_pod = (sticky && lane == BASE_LANE).then(|| sticky_draw(pod, svc.svc_id) < s.canary_bp);
-        let percent = f64::from(s.canary_bp) / 100.0;
-        let canary_lane = names.lane_label(s.canary_lane);
-        let who = match this_pod {
-            Some(true) => "sticky per pod: this pod is in the share",
-            Some(false) => "sticky per pod: this pod is not in the share",
-            None if sticky => "sticky per pod",
-            None => "drawn per connection",
-        };
-        let applies = if lane == BASE_LANE { "" } else { " (applies to base callers only)" };
-        steps.push(Step {
-            check: "canary",
-            result: format!(
-                "{percent}% of base callers' new connections go to lane {canary_lane}, {who}{applies}"
-            ),
-        });
-        ex.canary = Some(CanaryView { lane: names.lane(s.canary_lane), percent, sticky, this_pod });
-    }
-    if svc.flags & SVC_F_ROUTED != 0
-        && let Some(route) = t.route(svc.svc_id, lane)
-    {
-        ex.routed = true;
-        let strict = if lane_is_strict(Some(&route)) { ", strict" } else { "" };
-        steps.push(Step {
-            check: "routing_rule",
-            result: format!(
-                "a routing rule sends this lane's callers along {}{strict}",
-                names.chain_label(policy_chain(&route))
-            ),
-        });
-    }
-    ex.shadow = tagger_common::is_shadow(ex_flags(t), || t.lane_policy(lane));
-    if ex.shadow {
-        steps.push(Step {
-            check: "shadow",
-            result: "shadow mode: the decision below is counted as shadow and not applied; the connection goes to the Service address".into(),
-        });
-    }
+    steps.extend(shaping_steps(t, names, svc, lane, pod, shaping.as_ref(), &mut ex));
 
     let own = set_view(t, names, svc.svc_id, lane);
     steps.push(Step { check: "own_lane", result: set_words(names, &own) });
@@ -470,6 +431,61 @@ fn chosen_backends<T: ExplainTables>(
     Ok((backends, words.join("\n")))
 }
 
+/// The canary, routing rule and shadow mode steps, filling their fields of `ex`.
+fn shaping_steps<T: ExplainTables>(
+    t: &T,
+    names: &Names,
+    svc: Service,
+    lane: u32,
+    pod: u64,
+    shaping: Option<&tagger_common::SvcShaping>,
+    ex: &mut Explanation,
+) -> Vec<Step> {
+    let mut steps = Vec::new();
+    if let Some(s) = shaping.filter(|s| s.flags & SHAPE_F_CANARY != 0) {
+        let sticky = s.flags & SHAPE_F_STICKY != 0;
+        let this_pod = (sticky && lane == BASE_LANE).then(|| sticky_draw(pod, svc.svc_id) < s.canary_bp);
+        let percent = f64::from(s.canary_bp) / 100.0;
+        let canary_lane = names.lane_label(s.canary_lane);
+        let who = match this_pod {
+            Some(true) => "sticky per pod: this pod is in the share",
+            Some(false) => "sticky per pod: this pod is not in the share",
+            None if sticky => "sticky per pod",
+            None => "drawn per connection",
+        };
+        let applies = if lane == BASE_LANE { "" } else { " (applies to base callers only)" };
+        steps.push(Step {
+            check: "canary",
+            result: format!(
+                "{percent}% of base callers' new connections go to lane {canary_lane}, {who}{applies}"
+            ),
+        });
+        ex.canary = Some(CanaryView { lane: names.lane(s.canary_lane), percent, sticky, this_pod });
+    }
+    if svc.flags & SVC_F_ROUTED != 0
+        && let Some(route) = t.route(svc.svc_id, lane)
+    {
+        ex.routed = true;
+        let strict = if lane_is_strict(Some(&route)) { ", strict" } else { "" };
+        steps.push(Step {
+            check: "routing_rule",
+            result: format!(
+                "a routing rule sends this lane's callers along {}{strict}",
+                names.chain_label(policy_chain(&route))
+            ),
+        });
+    }
+    ex.shadow = tagger_common::is_shadow(ex_flags(t), || t.lane_policy(lane));
+    if ex.shadow {
+        steps.push(Step {
+            check: "shadow",
+            result: "shadow mode: the decision below is counted as shadow and not applied; the connection goes to the Service address".into(),
+        });
+    }
+
+    steps
+}
+
 fn ex_flags<T: ExplainTables>(t: &T) -> u32 {
     t.config_flags()
 }
@@ -578,8 +594,8 @@ mod tests {
         t.shaping = Some(canary(SHAPE_F_CANARY | SHAPE_F_STICKY));
         let shaped = Some(Service { svc_id: 1, flags: SVC_F_SHAPED });
         // Find one pod in and one out of the 10% share.
-        let inside = (1..).find(|id| sticky_draw(*id, 1) < 1000).unwrap();
-        let outside = (1..).find(|id| sticky_draw(*id, 1) >= 1000).unwrap();
+        let inside = (1..10_000).find(|id| sticky_draw(*id, 1) < 1000).unwrap();
+        let outside = (1..10_000).find(|id| sticky_draw(*id, 1) >= 1000).unwrap();
         let mut c = caller("base");
         c.pod_cgroup_id = Some(inside);
         let ex = explain(&t, &names(), c, dest(), shaped).unwrap();

@@ -206,7 +206,7 @@ mod tests {
         assert_eq!(w.duration, Duration::from_secs(30));
         assert_eq!(backend_warmup(&origin(None, None), 0, &lanes), None);
         let w = backend_warmup(&origin(None, Some("2m")), lane_id("gray"), &lanes).unwrap();
-        assert_eq!(w.duration, Duration::from_secs(120));
+        assert_eq!(w.duration, Duration::from_mins(2));
     }
 
     #[test]
@@ -251,7 +251,7 @@ mod incremental_tests {
     use super::*;
     use crate::{
         model::{
-            Change, Kind, Limits, Object, ServiceInput, SliceInput,
+            Change, FrontendIds, Kind, Limits, Object, ServiceInput, SliceInput,
             testing::{endpoint, service, slice},
         },
         reconcile::{DatapathState, Mirror, incremental::Incremental},
@@ -276,9 +276,9 @@ mod incremental_tests {
         Object::Slice(r.clone(), SliceInput::new(&r, &s))
     }
 
-    fn start(objects: Vec<Object>) -> Incremental {
+    fn start(objects: &[Object]) -> Incremental {
         let mut inc =
-            Incremental::new(Default::default(), crate::labels::default_lane_keys(), Limits::DATAPATH);
+            Incremental::new(FrontendIds::default(), crate::labels::default_lane_keys(), Limits::DATAPATH);
         inc.set_clock(now);
         let mut changes = Vec::new();
         for kind in Kind::ALL {
@@ -295,7 +295,7 @@ mod incremental_tests {
             "mode: shadow\nrules:\n  - {from: gray, namespace: shop, name: cart, to: [blue, base]}\n",
         )
         .unwrap();
-        let mut inc = start(vec![svc(&[("tagger.io/canary", "gray=10")]), slice_of(&["10.0.0.1"])]);
+        let mut inc = start(&[svc(&[("tagger.io/canary", "gray=10")]), slice_of(&["10.0.0.1"])]);
         let update = inc.update(&lanes, crate::reconcile::incremental::Recheck::None, |_| None);
         let d = inc.desired_state();
         let (_, frontend) = d.frontends.iter().next().unwrap();
@@ -328,7 +328,7 @@ mod incremental_tests {
     #[test]
     fn backends_ready_after_start_warm_up_and_stop_warming() {
         let lanes = LanesConfig::default();
-        let mut inc = start(vec![svc(&[("tagger.io/warmup", "10s")]), slice_of(&["10.0.0.1"])]);
+        let mut inc = start(&[svc(&[("tagger.io/warmup", "10s")]), slice_of(&["10.0.0.1"])]);
         let none = crate::reconcile::incremental::Recheck::None;
         inc.update(&lanes, none, |_| None);
         assert!(inc.desired_state().warm.is_empty(), "present at start: not warmed");

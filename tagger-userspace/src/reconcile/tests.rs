@@ -672,7 +672,7 @@ impl DatapathWriter for Checker<'_> {
             Op::RemoveLanePolicy { lane } => assert!(state.lanes.contains_key(lane), "no-op {op}"),
             Op::SetConfigFlags { flags } => assert_ne!(state.config_flags, *flags, "no-op {op}"),
             Op::SetShaping { svc_id, shaping } => {
-                assert_ne!(state.shaping.get(svc_id), Some(shaping), "no-op {op}")
+                assert_ne!(state.shaping.get(svc_id), Some(shaping), "no-op {op}");
             }
             Op::SetRoute { key, chain } => assert_ne!(state.routes.get(key), Some(chain), "no-op {op}"),
             Op::SetWarm { key, entry } => assert_ne!(state.warm.get(key), Some(entry), "no-op {op}"),
