@@ -160,7 +160,8 @@ pub struct CanaryView {
 pub struct BackendView {
     /// `ip:port`.
     pub address: String,
-    /// Warm-up weight, percent of a warm backend's (null: warm, full weight).
+    /// Warm-up weight, percent of a warm backend's (absent: warm, full weight).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub warmup_weight_percent: Option<f64>,
     /// Whether a socket to the destination's family can reach it (if picked while false, the
     /// connection fails open as `family_mismatch`).
