@@ -339,6 +339,12 @@ impl LanesConfig {
             .lanes
             .iter()
             .flat_map(|(name, lane)| std::iter::once(name.as_str()).chain(lane.chain()))
+            .chain(
+                self.rules
+                    .iter()
+                    .flat_map(|r| std::iter::once(r.from.as_str()).chain(r.to.iter().map(String::as_str))),
+            )
+            .filter(|name| *name != BASE)
             .collect();
         let mut ids: BTreeMap<u32, &str> = BTreeMap::new();
         for name in mentioned {
@@ -675,6 +681,8 @@ lanes:
         assert!(e.contains("have the same lane id 0x08f6117c") && e.contains(a) && e.contains(b), "{e}");
         let e = err(&format!("lanes:\n  {a}: {{}}\n  x:\n    fallback: [{b}, base]\n"));
         assert!(e.contains("have the same lane id"), "chain entries are checked too: {e}");
+        let e = err(&format!("lanes:\n  {a}: {{}}\nrules:\n  - {{from: x, name: s, to: [{b}]}}\n"));
+        assert!(e.contains("have the same lane id"), "rule lanes are checked too: {e}");
     }
 
     const SHAPING: &str = "\

@@ -151,4 +151,8 @@ fn a_backend_ready_after_start_warms_up_and_one_present_at_start_does_not() {
     let (early, late) = (count(&early, "a-new"), count(&late, "a-new"));
     assert!(early < 160, "early share {early}/400");
     assert!((420..=580).contains(&late), "late share {late}/1000");
+    // The agent drops the entry once the warm-up is over, and the warm-up flag with it.
+    sb.wait_for("warm-up over", WAIT, |t| {
+        t.warm_entries().is_ok_and(|w| w.is_empty()) && t.shapings().is_ok_and(|s| s.is_empty())
+    });
 }

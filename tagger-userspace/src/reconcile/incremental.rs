@@ -388,6 +388,19 @@ impl Incremental {
         self.pending
     }
 
+    /// Time until the first warming backend's warm-up is over (its entry and, with the last
+    /// one, the frontend's warm-up flag can go): the agent wakes for it.
+    #[must_use]
+    pub fn next_warm_expiry(&self) -> Option<std::time::Duration> {
+        let now = (self.clock)();
+        self.warm
+            .entries()
+            .values()
+            .map(|e| e.ready_ns.saturating_add(e.warmup_ns).saturating_sub(now))
+            .min()
+            .map(std::time::Duration::from_nanos)
+    }
+
     /// The warning counts of the current state.
     #[must_use]
     pub fn warning_counts(&self) -> BTreeMap<WarningKind, u64> {
