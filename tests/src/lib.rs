@@ -14,6 +14,7 @@ pub mod datapath;
 pub mod fake_api;
 pub mod netns;
 pub mod scenario;
+pub mod stats;
 pub mod topology;
 
 use std::sync::atomic::{AtomicU32, Ordering};
