@@ -112,3 +112,52 @@ fn install_refuses_a_directory_outside_bpffs_and_a_missing_cgroup() {
     assert!(err.to_string().contains("tgt-does-not-exist"), "{err}");
     assert!(!pins.0.exists(), "nothing may be pinned when the cgroup is missing");
 }
+
+#[test]
+fn maps_of_a_newer_layout_are_added_to_an_older_install_and_stale_pins_go_on_uninstall() {
+    require_root();
+    ensure_bpffs();
+    let mut node = Node::new();
+    let backend_pod = node.add_pod("up-backend");
+    let _server = BackendServer::start(&backend_pod, "up-backend", 8080);
+    let caller_pod = node.add_pod("up-caller");
+    let root = TestCgroup::new(&unique_name("root"));
+    let pod_cgroup = root.child("kubepods/burstable/podup");
+    let pins = PinDir(Path::new(BPFFS).join(unique_name("pins")));
+    install_in_other_process(&pins.0, root.path());
+    let vip: SocketAddr = "10.96.3.2:80".parse().unwrap();
+    {
+        let mut dp = Datapath::open(&pins.0).expect("open pins");
+        let t = dp.tables_mut();
+        t.register_pod(&TestCgroup::resolve(&pod_cgroup), lane_id("gray")).unwrap();
+        let b = backend(SocketAddr::new(backend_pod.ip4.into(), 8080));
+        t.replace_backends(1, lane_id("gray"), &[b]).unwrap();
+        t.upsert_frontend(&frontend_key(vip, Proto::Tcp), Service { svc_id: 1, flags: 0 }).unwrap();
+    }
+    // What an install by an agent before the shaping maps leaves: no shaping maps, and the
+    // counters under their older name.
+    let layout = tagger::datapath::PinLayout::new(&pins.0);
+    let counters = aya::maps::MapData::from_pin(layout.map(tagger_common::MAP_COUNTERS)).unwrap();
+    counters.pin(layout.map("TAGGER_CNT_V1")).unwrap();
+    for m in [
+        tagger_common::MAP_COUNTERS,
+        tagger_common::MAP_SHAPING,
+        tagger_common::MAP_ROUTES,
+        tagger_common::MAP_WARM,
+    ] {
+        std::fs::remove_file(layout.map(m)).unwrap();
+    }
+    // The new agent adds the missing maps, keeps the running programs and the filled maps.
+    let again = install_in_other_process(&pins.0, root.path());
+    assert_eq!(again, "Attached { programs: [] }");
+    assert!(layout.missing_maps().is_empty());
+    let dp = Datapath::open(&pins.0).unwrap();
+    assert_eq!(dp.tables().pods().unwrap().len(), 1, "nothing flushed");
+    for a in attempts(&pod_cgroup, &caller_pod.ns, Mode::Tcp, vip, 5) {
+        assert_eq!(a.reply(), "up-backend");
+    }
+    drop(dp);
+    // Uninstall removes the stale pin too, and with it the directory.
+    Datapath::uninstall(&pins.0).unwrap();
+    assert!(!pins.0.exists());
+}

@@ -38,6 +38,9 @@ use crate::{
 /// The datapath object, built by `build.rs` from tagger-ebpf.
 static DATAPATH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tagger-ebpf"));
 
+/// The prefix of every map name tagger has used, whatever its layout version.
+const STALE_MAP_PREFIX: &str = "TAGGER_";
+
 /// The cgroup socket-address programs, by the name of their function in tagger-ebpf.
 pub const PROGRAMS: [&str; 8] =
     ["connect4", "connect6", "sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6", "getpeername4", "getpeername6"];
@@ -176,6 +179,15 @@ impl Datapath {
         }
         for map in ALL_MAPS {
             remove_pin(&layout.map(map))?;
+        }
+        // Pins of maps whose layout version an older agent used (e.g. `TAGGER_CNT_V1` after
+        // an upgrade to `_V2`): tagger's too, by their prefix.
+        if let Ok(dir) = fs::read_dir(layout.maps_dir()) {
+            for entry in dir.flatten() {
+                if entry.file_name().to_string_lossy().starts_with(STALE_MAP_PREFIX) {
+                    remove_pin(&entry.path())?;
+                }
+            }
         }
         for dir in [layout.links_dir(), layout.maps_dir(), layout.root().to_owned()] {
             match fs::remove_dir(&dir) {
