@@ -24,15 +24,15 @@ pub fn warm_pick_share(w: f64) -> f64 {
     (0..tries).map(|k| q.powi(k) * w / 2.0).sum::<f64>() + q.powi(tries) / 2.0
 }
 
-/// The mean of [`warm_pick_share`] over the first `secs` seconds after a backend became ready,
+/// The mean of [`warm_pick_share`] from `from` to `to` seconds after a backend became ready,
 /// for a linear warm-up (aggression 1) of `warmup` seconds from `min` (0..=1): the share a batch
-/// of connections spread over that time should show, whatever its duration.
+/// of connections spread over that span should show, whatever its duration.
 #[must_use]
-pub fn mean_linear_warm_share(secs: f64, warmup: f64, min: f64) -> f64 {
+pub fn mean_linear_warm_share(from: f64, to: f64, warmup: f64, min: f64) -> f64 {
     let steps = 1000;
     (0..steps)
         .map(|i| {
-            let t = secs * (f64::from(i) + 0.5) / f64::from(steps);
+            let t = from + (to - from) * (f64::from(i) + 0.5) / f64::from(steps);
             warm_pick_share((min + (1.0 - min) * t / warmup).min(1.0))
         })
         .sum::<f64>()
@@ -47,9 +47,9 @@ mod tests {
     fn shares() {
         assert!((warm_pick_share(1.0) - 0.5).abs() < 1e-12);
         assert!((warm_pick_share(0.1) - 0.0917).abs() < 1e-3);
-        let whole = mean_linear_warm_share(4.0, 4.0, 0.1);
+        let whole = mean_linear_warm_share(0.0, 4.0, 4.0, 0.1);
         assert!((0.33..0.35).contains(&whole), "{whole}");
-        assert!(mean_linear_warm_share(0.1, 4.0, 0.1) < 0.11);
-        assert!(mean_linear_warm_share(400.0, 4.0, 0.1) > 0.49);
+        assert!(mean_linear_warm_share(0.0, 0.1, 4.0, 0.1) < 0.11);
+        assert!(mean_linear_warm_share(0.0, 400.0, 4.0, 0.1) > 0.49);
     }
 }

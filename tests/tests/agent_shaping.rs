@@ -144,6 +144,13 @@ fn a_backend_ready_after_start_warms_up_and_one_present_at_start_does_not() {
     });
     let entry = *warm(&sb).values().next().unwrap();
     assert_eq!(entry.warmup_ns, 5_000_000_000);
+    // An agent restart keeps the warm-up where it was (the entry is adopted, not reset or
+    // dropped).
+    sb.agent.as_mut().unwrap().terminate();
+    sb.start_agent_on_file(&[]);
+    std::thread::sleep(Duration::from_millis(500));
+    sb.wait_for("agent back", WAIT, |t| set_size(t, vip(), "base") == Some(2));
+    assert_eq!(warm(&sb).values().next(), Some(&entry), "{}", sb.agent_log());
     let age = tagger::shaping::monotonic_now_ns().saturating_sub(entry.ready_ns);
     assert!(age < 2_000_000_000, "ready time is the agent's observation, on the kernel clock: {age} ns ago");
     // The share of the new backend over the first connections is bounded by the ramp's mean
@@ -153,14 +160,15 @@ fn a_backend_ready_after_start_warms_up_and_one_present_at_start_does_not() {
         let secs = tagger::shaping::monotonic_now_ns().saturating_sub(e.ready_ns) as f64 / 1e9;
         secs
     };
+    let from = since_ready(&entry);
     let early: Vec<String> = sb.call("gw-base", vip(), 400).iter().map(|a| a.reply().to_owned()).collect();
-    let bound = mean_linear_warm_share(since_ready(&entry), 5.0, 0.1);
+    let bound = mean_linear_warm_share(from, since_ready(&entry), 5.0, 0.1);
     let early = count(&early, "a-new");
     #[expect(clippy::cast_precision_loss, reason = "test counts")]
     let early_share = early as f64 / 400.0;
     assert!(
         early_share <= bound + 4.0 * (bound * (1.0 - bound) / 400.0).sqrt(),
-        "early {early}/400, bound {bound:.3}"
+        "early {early}/400 from {from:.2}s, bound {bound:.3}"
     );
     std::thread::sleep(Duration::from_secs(5).saturating_sub(Duration::from_secs_f64(since_ready(&entry))));
     let late: Vec<String> = sb.call("gw-base", vip(), 1000).iter().map(|a| a.reply().to_owned()).collect();

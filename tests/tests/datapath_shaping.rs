@@ -241,7 +241,7 @@ fn warmup_share_rises_over_the_window_and_ends_near_half() {
     let early_secs = start.elapsed().as_secs_f64();
     // The batch is spread over [0, early_secs] (however long it took): its share is at most the
     // mean over that span (connections come no earlier than the entry was written).
-    let bound = mean_linear_warm_share(early_secs, window, 0.1);
+    let bound = mean_linear_warm_share(0.0, early_secs, window, 0.1);
     #[expect(clippy::cast_precision_loss, reason = "test counts")]
     let (early_share, nf) = (early as f64 / n as f64, n as f64);
     let sd = (bound * (1.0 - bound) / nf).sqrt();

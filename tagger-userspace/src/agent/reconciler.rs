@@ -83,7 +83,8 @@ impl Reconciler {
             lanes = current.lanes.len(),
             "adopted datapath state"
         );
-        let model = Incremental::new(ids, config.lane_keys.clone(), Limits::DATAPATH);
+        let mut model = Incremental::new(ids, config.lane_keys.clone(), Limits::DATAPATH);
+        model.adopt_warm(current.warm.clone());
         Ok(Self {
             datapath,
             config,

@@ -117,6 +117,12 @@ impl Incremental {
         }
     }
 
+    /// Keeps the warm-up entries found in the maps at start (backends that were warming when
+    /// the agent restarted keep their ready times).
+    pub fn adopt_warm(&mut self, entries: BTreeMap<tagger_common::WarmKey, tagger_common::WarmEntry>) {
+        self.warm.adopt(entries);
+    }
+
     /// Replaces the monotonic clock that dates backends becoming ready (for tests).
     pub fn set_clock(&mut self, clock: fn() -> u64) {
         self.clock = clock;

@@ -101,6 +101,12 @@ impl WarmTracker {
         &self.entries
     }
 
+    /// Keeps the warm-up of backends that were warming when the agent restarted (entries read
+    /// from the maps): they go on ramping from their original ready time.
+    pub fn adopt(&mut self, entries: BTreeMap<WarmKey, WarmEntry>) {
+        self.entries.extend(entries);
+    }
+
     /// Whether some backend of the frontend is warming.
     #[must_use]
     pub fn warming(&self, svc_id: u32) -> bool {
@@ -234,6 +240,12 @@ mod tests {
         t.observe(key, Some(&vec![be(1)]), w, 20_000_000_000, false, &mut changed);
         t.observe(key, Some(&vec![be(1), be(2)]), w, 21_000_000_000, false, &mut changed);
         assert!(t.warming(7));
+        // Entries adopted from the maps at a restart go on ramping.
+        let mut t = WarmTracker::default();
+        let adopted = warm_key(7, &be(2));
+        t.adopt(BTreeMap::from([(adopted, w.unwrap().entry(500))]));
+        t.observe(key, Some(&vec![be(1), be(2)]), w, 1_000, true, &mut changed);
+        assert_eq!(t.entries()[&adopted].ready_ns, 500);
         // A Service without warm-up never gets entries.
         let mut t = WarmTracker::default();
         t.observe(key, Some(&vec![be(1)]), None, 0, true, &mut changed);
