@@ -1206,7 +1206,7 @@ fn shape_bench_services(sb: &mut Sandbox, v4: &[SocketAddr], v6: &[SocketAddr]) 
     let t = sb.dp.dp.tables_mut();
     match feature.as_str() {
         "warmup" => {
-            let w = tagger::shaping::Warmup::new(Duration::from_secs(3600), 1.0, 10.0);
+            let w = tagger::shaping::Warmup::new(Duration::from_hours(1), 1.0, 10.0);
             for (svc_id, addrs) in [(1, v4), (2, v6)] {
                 t.set_shaping(svc_id, &SvcShaping { flags: SHAPE_F_WARMUP, ..SvcShaping::default() })
                     .expect("shaping");
