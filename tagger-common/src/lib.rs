@@ -9,7 +9,9 @@
 pub mod lane;
 pub mod maps;
 pub mod resolve;
+pub mod shaping;
 
 pub use lane::{BASE_LANE, lane_id};
 pub use maps::*;
-pub use resolve::{LaneTables, Resolution, resolve_lane};
+pub use resolve::{LaneTables, Resolution, resolve_lane, resolve_shaped, shaping_of};
+pub use shaping::*;

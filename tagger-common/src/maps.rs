@@ -17,8 +17,9 @@ pub const MAP_BACKEND_SLOTS: &str = "TAGGER_SLOTS_V1";
 pub const MAP_LANES: &str = "TAGGER_LANES_V1";
 /// [`RevNatKey`] → [`RevNatValue`]: what each steered socket believes it talks to.
 pub const MAP_REVNAT: &str = "TAGGER_RNAT_V1";
-/// Per-CPU array indexed by [`Outcome`] → `u64` count.
-pub const MAP_COUNTERS: &str = "TAGGER_CNT_V1";
+/// Per-CPU array indexed by [`Outcome`] (shadow decisions at
+/// [`SHADOW_OFFSET`](crate::SHADOW_OFFSET) + outcome) → `u64` count.
+pub const MAP_COUNTERS: &str = "TAGGER_CNT_V2";
 /// Per-CPU LRU hash [`StatKey`] → `u64` count, per Service frontend and lane.
 pub const MAP_SVC_STATS: &str = "TAGGER_SSTAT_V1";
 /// Array of one [`DatapathConfig`].
@@ -32,7 +33,7 @@ pub const MAP_SERVICE_META: &str = "TAGGER_SMETA_V1";
 pub const MAP_LANE_NAMES: &str = "TAGGER_LNAME_V1";
 
 /// Every map the datapath pins, in a fixed order (used for pin management and `status`).
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 15] = [
     MAP_PODS,
     MAP_FRONTENDS,
     MAP_BACKEND_SETS,
@@ -45,6 +46,9 @@ pub const ALL_MAPS: [&str; 12] = [
     MAP_POD_META,
     MAP_SERVICE_META,
     MAP_LANE_NAMES,
+    crate::shaping::MAP_SHAPING,
+    crate::shaping::MAP_ROUTES,
+    crate::shaping::MAP_WARM,
 ];
 
 /// Pod cgroups registered on one node.
@@ -268,7 +272,7 @@ pub struct DatapathConfig {
     pub pod_level_min: u32,
     /// Deepest such level; 0 when no pod is registered. The datapath searches only this range.
     pub pod_level_max: u32,
-    /// Reserved, zero.
+    /// `CFG_F_*` bits (shadow mode, see [`crate::shaping`]).
     pub flags: u32,
     /// Zero.
     pub _pad: u32,
@@ -353,14 +357,19 @@ pub enum Outcome {
     RevNatApplied = 8,
     /// The calling task is in no registered pod cgroup: treated as base.
     UnknownPod = 9,
+    /// A routing rule for (Service, caller lane) chose the backend lane.
+    Routed = 10,
+    /// A base caller's connection went to the Service's canary lane.
+    Canary = 11,
 }
 
-/// Number of slots in [`MAP_COUNTERS`].
-pub const OUTCOME_SLOTS: u32 = 16;
+/// Number of slots in [`MAP_COUNTERS`]: the outcomes, then their shadow counterparts at
+/// [`SHADOW_OFFSET`](crate::SHADOW_OFFSET).
+pub const OUTCOME_SLOTS: u32 = 32;
 
 impl Outcome {
     /// Every outcome, in index order.
-    pub const ALL: [Outcome; 10] = [
+    pub const ALL: [Outcome; 12] = [
         Outcome::NotService,
         Outcome::Steered,
         Outcome::FellBack,
@@ -371,6 +380,8 @@ impl Outcome {
         Outcome::RevNatFull,
         Outcome::RevNatApplied,
         Outcome::UnknownPod,
+        Outcome::Routed,
+        Outcome::Canary,
     ];
 
     /// Stable snake-case name, used in CLI JSON and metric labels.
@@ -387,6 +398,8 @@ impl Outcome {
             Outcome::RevNatFull => "revnat_full",
             Outcome::RevNatApplied => "revnat_applied",
             Outcome::UnknownPod => "unknown_pod",
+            Outcome::Routed => "routed",
+            Outcome::Canary => "canary",
         }
     }
 }
@@ -470,6 +483,7 @@ mod tests {
         for (i, o) in Outcome::ALL.iter().enumerate() {
             assert_eq!(*o as usize, i);
         }
-        assert!(Outcome::ALL.len() <= OUTCOME_SLOTS as usize);
+        assert!(Outcome::ALL.len() <= crate::SHADOW_OFFSET as usize);
+        assert_eq!(2 * crate::SHADOW_OFFSET, OUTCOME_SLOTS);
     }
 }

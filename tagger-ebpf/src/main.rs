@@ -13,6 +13,7 @@
 #![expect(clippy::needless_pass_by_value, reason = "see above")]
 
 mod maps;
+mod shaping;
 
 use aya_ebpf::{
     EbpfContext,
@@ -23,7 +24,7 @@ use aya_ebpf::{
 };
 use tagger_common::{
     BASE_LANE, Backend, FAMILY_V6, FrontendKey, LaneTables, Outcome, Resolution, RevNatKey, RevNatValue,
-    SlotKey, is_v4_mapped, resolve_lane, v4_mapped,
+    SlotKey, is_v4_mapped, shaping_of, v4_mapped,
 };
 
 use crate::maps::{
@@ -132,12 +133,14 @@ fn user_port(sa: *mut bpf_sock_addr) -> u16 {
     }
 }
 
-/// The lane of the calling task: the deepest registered pod cgroup among its ancestors.
+/// The calling task: the lane of the deepest registered pod cgroup among its ancestors.
 #[inline(always)]
-fn caller_lane() -> u32 {
+fn caller() -> shaping::Caller {
+    let mut caller = shaping::Caller { lane: BASE_LANE, pod: 0, cfg_flags: 0 };
     let Some(cfg) = CONFIG.get(0) else {
-        return BASE_LANE;
+        return caller;
     };
+    caller.cfg_flags = cfg.flags;
     let min = cfg.pod_level_min;
     let mut level = cfg.pod_level_max;
     // Verifier: the loop runs at most MAX_CGROUP_LEVEL + 1 times whatever the map holds.
@@ -152,13 +155,15 @@ fn caller_lane() -> u32 {
             // SAFETY: PODS is a BPF_F_NO_PREALLOC hash map, so a found element is not reused
             // while we read it; PodEntry is Copy.
             if let Some(pod) = unsafe { PODS.get(&id) } {
-                return pod.lane;
+                caller.lane = pod.lane;
+                caller.pod = id;
+                return caller;
             }
         }
         level -= 1;
     }
     count(Outcome::UnknownPod);
-    BASE_LANE
+    caller
 }
 
 /// Picks a backend from a set, at random. A slot that vanished under a concurrent replacement is
@@ -167,7 +172,8 @@ fn caller_lane() -> u32 {
 fn pick(tables: &Tables, svc_id: u32, lane: u32, count_in_set: u32, generation: u32) -> Option<Backend> {
     // SAFETY: the helper has no preconditions.
     let r = unsafe { bpf_get_prandom_u32() };
-    let key = SlotKey { svc_id, lane, generation, slot: r % count_in_set };
+    // `checked_rem`: the set is never empty here, but the verifier must not see a panic path.
+    let key = SlotKey { svc_id, lane, generation, slot: r.checked_rem(count_in_set)? };
     // SAFETY: BACKEND_SLOTS is BPF_F_NO_PREALLOC; Backend is Copy.
     if let Some(b) = unsafe { BACKEND_SLOTS.get(&key) } {
         return Some(*b);
@@ -195,11 +201,20 @@ fn try_steer(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
         count(Outcome::NotService);
         return PROCEED;
     };
-    let caller = caller_lane();
+    let who = caller();
+    let caller = who.lane;
     let tables = Tables;
-    let (set, lane, outcome) = match resolve_lane(&tables, &svc, caller) {
+    let shaping = shaping_of(&tables, &svc);
+    let resolution = shaping::resolve(&tables, &svc, &who, shaping.as_ref());
+    if shaping::is_shadow(&tables, &who) {
+        shaping::count_shadow_decision(svc.svc_id, caller, &resolution);
+        return PROCEED;
+    }
+    let (set, lane, outcome) = match resolution {
         Resolution::Own { set } => (set, caller, Outcome::Steered),
         Resolution::FellBack { lane, set, .. } => (set, lane, Outcome::FellBack),
+        Resolution::Routed { lane, set, .. } => (set, lane, Outcome::Routed),
+        Resolution::Canary { lane, set } => (set, lane, Outcome::Canary),
         Resolution::RefusedStrict => {
             count(Outcome::RefusedStrict);
             count_service(svc.svc_id, caller, BASE_LANE, Outcome::RefusedStrict);
@@ -211,7 +226,8 @@ fn try_steer(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
             return PROCEED;
         }
     };
-    let Some(backend) = pick(&tables, svc.svc_id, lane, set.count, set.generation) else {
+    let warm = shaping::pick_warm(shaping.as_ref(), svc.svc_id, lane, &set);
+    let Some(backend) = warm.or_else(|| pick(&tables, svc.svc_id, lane, set.count, set.generation)) else {
         count(Outcome::SlotMiss);
         return PROCEED;
     };

@@ -7,9 +7,10 @@ use aya_ebpf::{
 };
 use tagger_common::{
     BPF_F_NO_PREALLOC, Backend, BackendSet, DatapathConfig, FrontendKey, LaneName, LanePolicy, LaneTables,
-    MAX_BACKEND_SETS, MAX_BACKEND_SLOTS, MAX_FRONTENDS, MAX_LANES, MAX_PODS, MAX_REVNAT, MAX_SVC_STATS,
-    OUTCOME_SLOTS, Outcome, PodEntry, PodMeta, RevNatKey, RevNatValue, Service, ServiceMeta, SetKey, SlotKey,
-    StatKey,
+    MAX_BACKEND_SETS, MAX_BACKEND_SLOTS, MAX_FRONTENDS, MAX_LANES, MAX_PODS, MAX_REVNAT, MAX_ROUTES,
+    MAX_SVC_STATS, MAX_WARM, OUTCOME_SLOTS, Outcome, PodEntry, PodMeta, RevNatKey, RevNatValue, RouteKey,
+    SHADOW_OFFSET, STAT_F_SHADOW, Service, ServiceMeta, SetKey, SlotKey, StatKey, SvcShaping, WarmEntry,
+    WarmKey,
 };
 
 #[map(name = "TAGGER_PODS_V1")]
@@ -33,7 +34,7 @@ pub static LANES: HashMap<u32, LanePolicy> = HashMap::with_max_entries(MAX_LANES
 #[map(name = "TAGGER_RNAT_V1")]
 pub static REVNAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::with_max_entries(MAX_REVNAT, 0);
 
-#[map(name = "TAGGER_CNT_V1")]
+#[map(name = "TAGGER_CNT_V2")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(OUTCOME_SLOTS, 0);
 
 #[map(name = "TAGGER_SSTAT_V1")]
@@ -41,6 +42,15 @@ pub static SVC_STATS: LruPerCpuHashMap<StatKey, u64> = LruPerCpuHashMap::with_ma
 
 #[map(name = "TAGGER_CFG_V1")]
 pub static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
+
+#[map(name = "TAGGER_SHAPE_V1")]
+pub static SHAPING: HashMap<u32, SvcShaping> = HashMap::with_max_entries(MAX_FRONTENDS, BPF_F_NO_PREALLOC);
+
+#[map(name = "TAGGER_ROUTE_V1")]
+pub static ROUTES: HashMap<RouteKey, LanePolicy> = HashMap::with_max_entries(MAX_ROUTES, BPF_F_NO_PREALLOC);
+
+#[map(name = "TAGGER_WARM_V1")]
+pub static WARM: HashMap<WarmKey, WarmEntry> = HashMap::with_max_entries(MAX_WARM, BPF_F_NO_PREALLOC);
 
 // Metadata for operators: written by the agent, read by the CLI, never by the programs. They
 // live in the object so that they are created, pinned and versioned with the rest.
@@ -70,6 +80,18 @@ impl LaneTables for Tables {
         // SAFETY: as above, LANES is BPF_F_NO_PREALLOC.
         unsafe { LANES.get(&lane) }.copied()
     }
+
+    #[inline(always)]
+    fn route(&self, svc_id: u32, caller_lane: u32) -> Option<LanePolicy> {
+        // SAFETY: as above, ROUTES is BPF_F_NO_PREALLOC.
+        unsafe { ROUTES.get(&RouteKey { svc_id, caller_lane }) }.copied()
+    }
+
+    #[inline(always)]
+    fn shaping(&self, svc_id: u32) -> Option<SvcShaping> {
+        // SAFETY: as above, SHAPING is BPF_F_NO_PREALLOC.
+        unsafe { SHAPING.get(&svc_id) }.copied()
+    }
 }
 
 /// Counts one outcome in the global per-CPU counters.
@@ -82,10 +104,24 @@ pub fn count(outcome: Outcome) {
     }
 }
 
+/// Counts one shadow decision (computed, not applied) globally and per Service.
+#[inline(always)]
+pub fn count_shadow(svc_id: u32, caller_lane: u32, backend_lane: u32, outcome: Outcome) {
+    if let Some(c) = COUNTERS.get_ptr_mut(SHADOW_OFFSET + outcome as u32) {
+        // SAFETY: per-CPU slot of this CPU, as in `count`.
+        unsafe { *c += 1 };
+    }
+    count_row(StatKey { svc_id, caller_lane, backend_lane, outcome: outcome as u32 | STAT_F_SHADOW });
+}
+
 /// Counts one decision for (Service, caller lane, backend lane, outcome).
 #[inline(always)]
 pub fn count_service(svc_id: u32, caller_lane: u32, backend_lane: u32, outcome: Outcome) {
-    let key = StatKey { svc_id, caller_lane, backend_lane, outcome: outcome as u32 };
+    count_row(StatKey { svc_id, caller_lane, backend_lane, outcome: outcome as u32 });
+}
+
+#[inline(always)]
+fn count_row(key: StatKey) {
     if let Some(c) = SVC_STATS.get_ptr_mut(&key) {
         // SAFETY: per-CPU value of this CPU, as in `count`.
         unsafe { *c += 1 };

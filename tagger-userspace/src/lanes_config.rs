@@ -14,6 +14,27 @@
 //! Lanes not listed fall back to base; so does every lane when the file is empty. A chain is
 //! used exactly as written: `fallback: [gray]` stops at gray and does not add base.
 //!
+//! Traffic shaping (see [`crate::shaping`] for the value syntax):
+//!
+//! ```yaml
+//! mode: shadow                    # every decision computed and counted, none applied
+//! lanes:
+//!   gray:
+//!     mode: shadow                # only gray callers in shadow mode
+//!     warmup: 60s                 # gray backends ramp up over 60 s after becoming ready
+//!     aggression: 2               # curve (t/warmup)^(1/aggression); default 1 (linear)
+//!     warmup_min: 10%             # weight right after becoming ready; default 10%
+//! rules:                          # routing rules: first match per (caller lane, Service)
+//!   - from: gray                  # caller lane (`base` allowed)
+//!     namespace: shop             # Service selector: namespace, name and/or labels
+//!     name: cart
+//!     to: [canary, base]          # target chain, replacing the caller lane's own chain
+//!   - from: base
+//!     labels: {tier: edge}
+//!     to: [gray]
+//!     strict: true                # nothing ready in the chain: refuse (EPERM)
+//! ```
+//!
 //! Adding a per-lane setting later (warm-up, shadow mode, rehome, DSCP, routing rules) means
 //! one field on [`LaneConfig`], a check in [`LanesConfig::validate`] and, when the datapath
 //! needs it, its encoding in [`LaneConfig::policy`].
@@ -24,9 +45,18 @@ use std::{
 };
 
 use serde::{Deserialize, Deserializer, Serialize};
-use tagger_common::{BASE_LANE, LANE_F_STRICT, LanePolicy, MAX_CHAIN, MAX_LANES, lane_id};
+use tagger_common::{
+    BASE_LANE, CFG_F_SHADOW, CFG_F_SHADOW_LANES, LANE_F_SHADOW, LANE_F_STRICT, LanePolicy, MAX_CHAIN,
+    MAX_LANES, lane_id,
+};
 
-use crate::labels::validate_label_value;
+use crate::{
+    labels::validate_label_value,
+    model::FrontendOrigin,
+    shaping::{
+        DEFAULT_AGGRESSION, DEFAULT_MIN_PERCENT, MAX_AGGRESSION, Warmup, parse_duration, parse_percent,
+    },
+};
 
 /// The name of the base lane in fallback chains.
 pub const BASE: &str = "base";
@@ -105,6 +135,24 @@ pub enum ConfigError {
         /// [`MAX_LANES`].
         max: u32,
     },
+    /// A shaping setting of a lane that cannot be used.
+    #[error("lanes config: lane {lane:?}: field {field}: {reason}")]
+    Shaping {
+        /// The lane.
+        lane: String,
+        /// The field.
+        field: &'static str,
+        /// Why it is rejected.
+        reason: String,
+    },
+    /// A routing rule that cannot be used.
+    #[error("lanes config: rules[{index}]: {reason}")]
+    Rule {
+        /// Position of the rule, 0-based.
+        index: usize,
+        /// Why it is rejected.
+        reason: String,
+    },
     /// Two lane names with the same lane id: the datapath could not tell them apart.
     #[error(
         "lanes config: lanes {first:?} and {second:?} have the same lane id {id:#010x}; rename one of them"
@@ -120,16 +168,119 @@ pub enum ConfigError {
 }
 
 /// The whole lanes config: lane name → its settings. Lanes not listed use the defaults.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LanesConfig {
+    /// `shadow`: every decision is computed and counted but none applied.
+    #[serde(default, skip_serializing_if = "Mode::is_enforce")]
+    pub mode: Mode,
     /// Settings per lane name. `lanes:` with nothing after it is the same as `lanes: {}`.
     #[serde(default, deserialize_with = "lanes_map")]
     pub lanes: BTreeMap<String, LaneConfig>,
+    /// Routing rules, in order: the first that matches a (caller lane, Service) decides.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<RoutingRule>,
+}
+
+/// Whether decisions are applied.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Decisions are applied (the default).
+    #[default]
+    Enforce,
+    /// Decisions are computed and counted apart, connections are left unchanged.
+    Shadow,
+}
+
+impl Mode {
+    #[expect(clippy::trivially_copy_pass_by_ref, reason = "serde's skip_serializing_if signature")]
+    fn is_enforce(&self) -> bool {
+        *self == Mode::Enforce
+    }
+}
+
+/// A routing rule: callers of lane `from` connecting to a Service the selector matches use
+/// the chain `to` instead of their lane's default.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingRule {
+    /// The caller lane (`base` for base callers).
+    pub from: String,
+    /// The Service's namespace (any when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// The Service's name (any when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Labels the Service must carry (all of them).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// The target chain, tried in order.
+    pub to: Vec<String>,
+    /// No lane of the chain has a ready backend: refuse (EPERM) instead of failing open.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub strict: bool,
+}
+
+impl RoutingRule {
+    /// Whether the rule's selector matches a Service.
+    #[must_use]
+    pub fn matches(&self, origin: &FrontendOrigin) -> bool {
+        self.namespace.as_ref().is_none_or(|ns| *ns == origin.service.namespace)
+            && self.name.as_ref().is_none_or(|n| *n == origin.service.name)
+            && self.labels.iter().all(|(k, v)| origin.shaping.labels.get(k) == Some(v))
+    }
+
+    /// The datapath encoding of the target chain.
+    #[must_use]
+    pub fn chain(&self) -> LanePolicy {
+        encode_chain(
+            &self.to.iter().map(String::as_str).collect::<Vec<_>>(),
+            if self.strict { LANE_F_STRICT } else { 0 },
+        )
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.from != BASE {
+            validate_lane_name(&self.from).map_err(|e| format!("field from: {e}"))?;
+        }
+        if self.namespace.is_none() && self.name.is_none() && self.labels.is_empty() {
+            return Err("no Service selector: give namespace, name and/or labels".into());
+        }
+        if self.to.is_empty() {
+            return Err("field to: empty chain".into());
+        }
+        if self.to.len() > MAX_CHAIN {
+            return Err(format!("field to: {} entries; at most {MAX_CHAIN}", self.to.len()));
+        }
+        let mut seen = BTreeSet::new();
+        for entry in &self.to {
+            if entry != BASE {
+                validate_lane_name(entry).map_err(|e| format!("field to: entry {entry:?}: {e}"))?;
+            }
+            if !seen.insert(entry) {
+                return Err(format!("field to: {entry:?} appears more than once"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn encode_chain(chain: &[&str], flags: u32) -> LanePolicy {
+    let mut policy = LanePolicy { flags, ..LanePolicy::default() };
+    for (slot, name) in policy.chain.iter_mut().zip(chain) {
+        *slot = lane_id(name);
+    }
+    #[expect(clippy::cast_possible_truncation, reason = "at most MAX_CHAIN = 8")]
+    {
+        policy.chain_len = chain.len().min(MAX_CHAIN) as u32;
+    }
+    policy
 }
 
 /// One lane's settings.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LaneConfig {
     /// Lanes tried in order when this lane has no ready backend. `None`: `[base]`, or no
@@ -139,6 +290,18 @@ pub struct LaneConfig {
     /// No fallback: a connect finding no backend of this lane fails (EPERM).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub strict: bool,
+    /// `shadow`: this lane's callers' decisions are computed and counted, not applied.
+    #[serde(default, skip_serializing_if = "Mode::is_enforce")]
+    pub mode: Mode,
+    /// Warm-up of this lane's backends (e.g. `60s`), unless their Service sets its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup: Option<String>,
+    /// Warm-up curve: weight grows along `(t / warmup) ^ (1 / aggression)`; default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggression: Option<f64>,
+    /// Warm-up weight right after becoming ready, percent (`10` or `10%`); default 10%.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_min: Option<serde_yaml::Value>,
 }
 
 impl LanesConfig {
@@ -161,6 +324,14 @@ impl LanesConfig {
             validate_lane_name(name)
                 .map_err(|reason| ConfigError::InvalidLaneName { lane: name.clone(), reason })?;
             lane.validate(name)?;
+            lane.warmup_settings().map_err(|(field, reason)| ConfigError::Shaping {
+                lane: name.clone(),
+                field,
+                reason,
+            })?;
+        }
+        for (index, rule) in self.rules.iter().enumerate() {
+            rule.validate().map_err(|reason| ConfigError::Rule { index, reason })?;
         }
         // Chain entries count too: an entry colliding with a configured lane would silently
         // fall back to the wrong lane's backends.
@@ -168,6 +339,12 @@ impl LanesConfig {
             .lanes
             .iter()
             .flat_map(|(name, lane)| std::iter::once(name.as_str()).chain(lane.chain()))
+            .chain(
+                self.rules
+                    .iter()
+                    .flat_map(|r| std::iter::once(r.from.as_str()).chain(r.to.iter().map(String::as_str))),
+            )
+            .filter(|name| *name != BASE)
             .collect();
         let mut ids: BTreeMap<u32, &str> = BTreeMap::new();
         for name in mentioned {
@@ -180,6 +357,39 @@ impl LanesConfig {
             }
         }
         Ok(())
+    }
+
+    /// The datapath's global flags (`CFG_F_*`): shadow mode.
+    #[must_use]
+    pub fn config_flags(&self) -> u32 {
+        let mut flags = 0;
+        if self.mode == Mode::Shadow {
+            flags |= CFG_F_SHADOW;
+        }
+        if self.lanes.values().any(|l| l.mode == Mode::Shadow) {
+            flags |= CFG_F_SHADOW_LANES;
+        }
+        flags
+    }
+
+    /// The warm-up of backends of a lane, by lane id (meaningful for a validated config).
+    #[must_use]
+    pub fn lane_warmup(&self, lane: u32) -> Option<Warmup> {
+        self.lanes
+            .iter()
+            .find(|(name, _)| lane_id(name) == lane)
+            .and_then(|(_, l)| l.warmup_settings().ok().flatten())
+    }
+
+    /// The routing rules that apply to a Service: caller lane id → target chain (the first
+    /// matching rule per caller lane wins).
+    #[must_use]
+    pub fn routes_for(&self, origin: &FrontendOrigin) -> BTreeMap<u32, LanePolicy> {
+        let mut out = BTreeMap::new();
+        for rule in self.rules.iter().filter(|r| r.matches(origin)) {
+            out.entry(lane_id(&rule.from)).or_insert_with(|| rule.chain());
+        }
+        out
     }
 
     /// The datapath's lane policies: lane id → policy. Meaningful for a validated config.
@@ -197,6 +407,11 @@ impl LanesConfig {
             names.insert(lane_id(name), name.clone());
             for entry in lane.chain() {
                 names.insert(lane_id(entry), entry.to_owned());
+            }
+        }
+        for rule in &self.rules {
+            for name in std::iter::once(&rule.from).chain(&rule.to) {
+                names.insert(lane_id(name), name.clone());
             }
         }
         names
@@ -218,17 +433,40 @@ impl LaneConfig {
     /// validated config never needs that.
     #[must_use]
     pub fn policy(&self) -> LanePolicy {
-        let mut policy =
-            LanePolicy { flags: if self.strict { LANE_F_STRICT } else { 0 }, ..LanePolicy::default() };
-        let chain = self.chain();
-        for (slot, name) in policy.chain.iter_mut().zip(&chain) {
-            *slot = lane_id(name);
+        let mut flags = if self.strict { LANE_F_STRICT } else { 0 };
+        if self.mode == Mode::Shadow {
+            flags |= LANE_F_SHADOW;
         }
-        #[expect(clippy::cast_possible_truncation, reason = "at most MAX_CHAIN = 8")]
-        {
-            policy.chain_len = chain.len().min(MAX_CHAIN) as u32;
+        encode_chain(&self.chain(), flags)
+    }
+
+    /// The warm-up of this lane's backends: `Err((field, reason))` for a bad value.
+    pub fn warmup_settings(&self) -> Result<Option<Warmup>, (&'static str, String)> {
+        let Some(text) = &self.warmup else {
+            if self.aggression.is_some() || self.warmup_min.is_some() {
+                return Err(("warmup", "aggression and warmup_min need a warmup duration".into()));
+            }
+            return Ok(None);
+        };
+        let duration = parse_duration(text).map_err(|e| ("warmup", e.to_string()))?;
+        let aggression = self.aggression.unwrap_or(DEFAULT_AGGRESSION);
+        if !aggression.is_finite() || aggression <= 0.0 || aggression > MAX_AGGRESSION {
+            return Err((
+                "aggression",
+                format!("{aggression}: must be greater than 0 and at most {MAX_AGGRESSION}"),
+            ));
         }
-        policy
+        let min = match &self.warmup_min {
+            None => DEFAULT_MIN_PERCENT,
+            Some(serde_yaml::Value::Number(n)) => {
+                parse_percent("warmup_min", &n.to_string()).map_err(|e| ("warmup_min", e.to_string()))?
+            }
+            Some(serde_yaml::Value::String(s)) => {
+                parse_percent("warmup_min", s).map_err(|e| ("warmup_min", e.to_string()))?
+            }
+            Some(other) => return Err(("warmup_min", format!("{other:?} is not a percentage"))),
+        };
+        Ok((!duration.is_zero()).then(|| Warmup::new(duration, aggression, min)))
     }
 
     fn validate(&self, lane: &str) -> Result<(), ConfigError> {
@@ -443,10 +681,107 @@ lanes:
         assert!(e.contains("have the same lane id 0x08f6117c") && e.contains(a) && e.contains(b), "{e}");
         let e = err(&format!("lanes:\n  {a}: {{}}\n  x:\n    fallback: [{b}, base]\n"));
         assert!(e.contains("have the same lane id"), "chain entries are checked too: {e}");
+        let e = err(&format!("lanes:\n  {a}: {{}}\nrules:\n  - {{from: x, name: s, to: [{b}]}}\n"));
+        assert!(e.contains("have the same lane id"), "rule lanes are checked too: {e}");
+    }
+
+    const SHAPING: &str = "\
+mode: shadow
+lanes:
+  gray:
+    mode: shadow
+    warmup: 60s
+    aggression: 2
+    warmup_min: 5%
+  blue:
+    warmup: 1m30s
+rules:
+  - from: gray
+    namespace: shop
+    name: cart
+    to: [canary, base]
+  - from: gray
+    namespace: shop
+    to: [blue]
+  - from: base
+    labels: {tier: edge}
+    to: [gray]
+    strict: true
+";
+
+    fn origin(ns: &str, name: &str, labels: &[(&str, &str)]) -> FrontendOrigin {
+        FrontendOrigin {
+            service: crate::model::ObjectRef::new(ns, name),
+            port_name: String::new(),
+            shaping: crate::model::ServiceShaping {
+                labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn shaping_settings_parse() {
+        let cfg = LanesConfig::parse(SHAPING).unwrap();
+        assert_eq!(cfg.config_flags(), CFG_F_SHADOW | CFG_F_SHADOW_LANES);
+        let gray = cfg.policies()[&lane_id("gray")];
+        assert_eq!(gray.flags, LANE_F_SHADOW);
+        let w = cfg.lane_warmup(lane_id("gray")).unwrap();
+        assert_eq!((w.duration.as_secs(), w.aggression(), w.min_percent()), (60, 2.0, 5.0));
+        let w = cfg.lane_warmup(lane_id("blue")).unwrap();
+        assert_eq!((w.duration.as_secs(), w.aggression(), w.min_percent()), (90, 1.0, 10.0));
+        assert_eq!(cfg.lane_warmup(lane_id("other")), None);
+        assert_eq!(
+            LanesConfig::parse("lanes:\n  gray: {mode: shadow}\n").unwrap().config_flags(),
+            CFG_F_SHADOW_LANES
+        );
+        assert_eq!(LanesConfig::parse("").unwrap().config_flags(), 0);
+    }
+
+    #[test]
+    fn routing_rules_first_match_per_caller_lane() {
+        let cfg = LanesConfig::parse(SHAPING).unwrap();
+        let cart = cfg.routes_for(&origin("shop", "cart", &[]));
+        assert_eq!(cart.len(), 1);
+        let p = cart[&lane_id("gray")];
+        assert_eq!(&p.chain[..p.chain_len as usize], &[lane_id("canary"), BASE_LANE]);
+        let other = cfg.routes_for(&origin("shop", "pay", &[]));
+        assert_eq!(other[&lane_id("gray")].chain[0], lane_id("blue"));
+        let edge = cfg.routes_for(&origin("web", "front", &[("tier", "edge")]));
+        assert_eq!(edge[&BASE_LANE].flags, LANE_F_STRICT);
+        assert!(cfg.routes_for(&origin("web", "front", &[("tier", "core")])).is_empty());
+        assert_eq!(cfg.lane_names()[&lane_id("canary")], "canary");
+    }
+
+    #[test]
+    fn bad_shaping_values_are_rejected_with_the_field() {
+        for (text, want) in [
+            ("lanes:\n  gray: {warmup: -5s}\n", "lane \"gray\": field warmup: duration \"-5s\": negative"),
+            ("lanes:\n  gray: {warmup: soon}\n", "field warmup: duration \"soon\""),
+            ("lanes:\n  gray: {warmup: 60s, aggression: 0}\n", "field aggression: 0: must be greater than 0"),
+            (
+                "lanes:\n  gray: {warmup: 60s, warmup_min: 150}\n",
+                "field warmup_min: warmup_min \"150\": more than 100%",
+            ),
+            ("lanes:\n  gray: {aggression: 2}\n", "need a warmup duration"),
+            ("lanes:\n  gray: {mode: dry}\n", "unknown variant `dry`"),
+            ("mode: off\n", "unknown variant `off`"),
+            ("rules:\n  - {from: gray, to: [base]}\n", "rules[0]: no Service selector"),
+            ("rules:\n  - {from: gray, name: a, to: []}\n", "rules[0]: field to: empty chain"),
+            ("rules:\n  - {from: 'gr ay', name: a, to: [base]}\n", "rules[0]: field from"),
+            ("rules:\n  - {from: gray, name: a, to: [x, x]}\n", "appears more than once"),
+            ("rules:\n  - {from: gray, nme: a, to: [x]}\n", "unknown field `nme`"),
+        ] {
+            let e = err(text);
+            assert!(e.contains(want), "{text:?}: got {e}, want {want}");
+        }
     }
 
     #[test]
     fn round_trips_through_yaml() {
+        let cfg = LanesConfig::parse(SHAPING).unwrap();
+        let text = serde_yaml::to_string(&cfg).unwrap();
+        assert_eq!(LanesConfig::parse(&text).unwrap(), cfg);
         let cfg = LanesConfig::parse(EXAMPLE).unwrap();
         let text = serde_yaml::to_string(&cfg).unwrap();
         assert_eq!(LanesConfig::parse(&text).unwrap(), cfg);

@@ -13,6 +13,7 @@ pub mod lanes_config;
 pub mod model;
 pub mod net;
 pub mod reconcile;
+pub mod shaping;
 pub mod source;
 pub mod sys;
 

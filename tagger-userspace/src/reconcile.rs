@@ -22,6 +22,7 @@
 //! entry only at start, after a failed write and periodically.
 
 pub mod incremental;
+pub mod shaping;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -31,8 +32,9 @@ use std::{
 
 use tagger_common::{
     BASE_LANE, Backend, FrontendKey, LanePolicy, MAP_BACKEND_SETS, MAP_BACKEND_SLOTS, MAP_FRONTENDS,
-    MAP_LANES, MAP_PODS, MAX_BACKEND_SETS, MAX_BACKENDS, MAX_CGROUP_LEVEL, MAX_CHAIN, MAX_FRONTENDS,
-    MAX_LANES, MAX_PODS, PodEntry, Service, SetKey,
+    MAP_LANES, MAP_PODS, MAP_ROUTES, MAP_WARM, MAX_BACKEND_SETS, MAX_BACKENDS, MAX_CGROUP_LEVEL, MAX_CHAIN,
+    MAX_FRONTENDS, MAX_LANES, MAX_PODS, MAX_ROUTES, MAX_WARM, PodEntry, RouteKey, Service, SetKey,
+    SvcShaping, WarmEntry, WarmKey,
 };
 
 use crate::{
@@ -56,17 +58,42 @@ pub struct DatapathState {
     pub sets: BTreeMap<SetKey, Vec<Backend>>,
     /// Lane id → policy.
     pub lanes: BTreeMap<u32, LanePolicy>,
+    /// svc_id → shaping settings.
+    pub shaping: BTreeMap<u32, SvcShaping>,
+    /// (svc_id, caller lane) → routing rule chain.
+    pub routes: BTreeMap<RouteKey, LanePolicy>,
+    /// Warming backends.
+    pub warm: BTreeMap<WarmKey, WarmEntry>,
+    /// `DatapathConfig::flags` (shadow mode).
+    pub config_flags: u32,
 }
 
 impl DatapathState {
-    /// The desired state from the model's outputs.
+    /// The desired state from the model's outputs (from scratch: no backend is warming).
     #[must_use]
     pub fn desired(pods: BTreeMap<u64, PodEntry>, services: &DesiredServices, lanes: &LanesConfig) -> Self {
+        let mut shaping = BTreeMap::new();
+        let mut routes = BTreeMap::new();
+        let mut frontends = services.frontends.clone();
+        for service in frontends.values_mut() {
+            let Some(origin) = services.origins.get(&service.svc_id) else { continue };
+            let s = self::shaping::svc_shaping(origin, false);
+            let r = self::shaping::svc_routes(service.svc_id, origin, lanes);
+            service.flags = self::shaping::shaped_flags(service.flags, s.is_some(), !r.is_empty());
+            if let Some(s) = s {
+                shaping.insert(service.svc_id, s);
+            }
+            routes.extend(r);
+        }
         Self {
             pods,
-            frontends: services.frontends.clone(),
+            frontends,
             sets: services.sets.clone(),
             lanes: lanes.policies(),
+            shaping,
+            routes,
+            warm: BTreeMap::new(),
+            config_flags: lanes.config_flags(),
         }
     }
 
@@ -86,6 +113,10 @@ impl DatapathState {
             frontends: tables.frontends()?,
             sets,
             lanes: tables.lane_policies()?,
+            shaping: tables.shapings()?,
+            routes: tables.routes()?,
+            warm: tables.warm_entries()?,
+            config_flags: tables.config()?.flags,
         })
     }
 
@@ -105,6 +136,10 @@ impl DatapathState {
         self.pods == other.pods
             && self.frontends == other.frontends
             && self.lanes == other.lanes
+            && self.shaping == other.shaping
+            && self.routes == other.routes
+            && self.warm == other.warm
+            && self.config_flags == other.config_flags
             && self.sets.len() == other.sets.len()
             && self.sets.iter().all(|(k, v)| other.sets.get(k).is_some_and(|o| same_members(v, o)))
     }
@@ -122,13 +157,30 @@ pub struct DesiredRef<'a> {
     pub sets: &'a BTreeMap<SetKey, Vec<Backend>>,
     /// Lane id → policy.
     pub lanes: &'a BTreeMap<u32, LanePolicy>,
+    /// svc_id → shaping settings.
+    pub shaping: &'a BTreeMap<u32, SvcShaping>,
+    /// (svc_id, caller lane) → routing rule chain.
+    pub routes: &'a BTreeMap<RouteKey, LanePolicy>,
+    /// Warming backends.
+    pub warm: &'a BTreeMap<WarmKey, WarmEntry>,
+    /// `DatapathConfig::flags`.
+    pub config_flags: u32,
 }
 
 impl DatapathState {
     /// This state as the desired contents of a plan.
     #[must_use]
     pub fn as_desired(&self) -> DesiredRef<'_> {
-        DesiredRef { pods: &self.pods, frontends: &self.frontends, sets: &self.sets, lanes: &self.lanes }
+        DesiredRef {
+            pods: &self.pods,
+            frontends: &self.frontends,
+            sets: &self.sets,
+            lanes: &self.lanes,
+            shaping: &self.shaping,
+            routes: &self.routes,
+            warm: &self.warm,
+            config_flags: self.config_flags,
+        }
     }
 }
 
@@ -145,6 +197,14 @@ pub struct Scope {
     pub sets: BTreeSet<SetKey>,
     /// Lane policies.
     pub lanes: BTreeSet<u32>,
+    /// Shaping entries, by svc_id.
+    pub shaping: BTreeSet<u32>,
+    /// Routing rule chains.
+    pub routes: BTreeSet<RouteKey>,
+    /// Warming backends.
+    pub warm: BTreeSet<WarmKey>,
+    /// The global flags.
+    pub config: bool,
 }
 
 impl Scope {
@@ -156,13 +216,24 @@ impl Scope {
             frontends: current.frontends.keys().chain(desired.frontends.keys()).copied().collect(),
             sets: current.sets.keys().chain(desired.sets.keys()).copied().collect(),
             lanes: current.lanes.keys().chain(desired.lanes.keys()).copied().collect(),
+            shaping: current.shaping.keys().chain(desired.shaping.keys()).copied().collect(),
+            routes: current.routes.keys().chain(desired.routes.keys()).copied().collect(),
+            warm: current.warm.keys().chain(desired.warm.keys()).copied().collect(),
+            config: true,
         }
     }
 
     /// Whether the scope holds no entry.
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.pods.is_empty() && self.frontends.is_empty() && self.sets.is_empty() && self.lanes.is_empty()
+        self.pods.is_empty()
+            && self.frontends.is_empty()
+            && self.sets.is_empty()
+            && self.lanes.is_empty()
+            && self.shaping.is_empty()
+            && self.routes.is_empty()
+            && self.warm.is_empty()
+            && !self.config
     }
 
     /// Adds another scope's entries.
@@ -171,6 +242,10 @@ impl Scope {
         self.frontends.extend(other.frontends);
         self.sets.extend(other.sets);
         self.lanes.extend(other.lanes);
+        self.shaping.extend(other.shaping);
+        self.routes.extend(other.routes);
+        self.warm.extend(other.warm);
+        self.config |= other.config;
     }
 }
 
@@ -306,6 +381,47 @@ pub enum Op {
         /// Lane id.
         lane: u32,
     },
+    /// Sets the global flags.
+    SetConfigFlags {
+        /// `CFG_F_*` bits.
+        flags: u32,
+    },
+    /// Sets a frontend's shaping settings.
+    SetShaping {
+        /// The frontend's id.
+        svc_id: u32,
+        /// The settings.
+        shaping: SvcShaping,
+    },
+    /// Sets a routing rule chain.
+    SetRoute {
+        /// (svc_id, caller lane).
+        key: RouteKey,
+        /// The chain.
+        chain: LanePolicy,
+    },
+    /// Marks a backend as warming.
+    SetWarm {
+        /// The backend of a frontend.
+        key: WarmKey,
+        /// Its ready time and curve.
+        entry: WarmEntry,
+    },
+    /// Removes a frontend's shaping settings.
+    RemoveShaping {
+        /// The frontend's id.
+        svc_id: u32,
+    },
+    /// Removes a routing rule chain.
+    RemoveRoute {
+        /// (svc_id, caller lane).
+        key: RouteKey,
+    },
+    /// Forgets a warming backend.
+    RemoveWarm {
+        /// The backend of a frontend.
+        key: WarmKey,
+    },
 }
 
 impl Op {
@@ -319,6 +435,9 @@ impl Op {
                 | Op::RemoveFrontend { .. }
                 | Op::RemoveSet { .. }
                 | Op::RemoveLanePolicy { .. }
+                | Op::RemoveShaping { .. }
+                | Op::RemoveRoute { .. }
+                | Op::RemoveWarm { .. }
         )
     }
 }
@@ -364,6 +483,35 @@ impl fmt::Display for Op {
             }
             Op::RemoveSet { key } => write!(f, "remove set svc {} lane {:#010x}", key.svc_id, key.lane),
             Op::RemoveLanePolicy { lane } => write!(f, "remove lane {lane:#010x} policy"),
+            Op::SetConfigFlags { flags } => write!(f, "set datapath flags {flags:#x}"),
+            Op::SetShaping { svc_id, shaping } => write!(
+                f,
+                "set svc {svc_id} shaping (flags {:#x}, canary lane {:#010x} {} bp)",
+                shaping.flags, shaping.canary_lane, shaping.canary_bp
+            ),
+            Op::SetRoute { key, chain } => write!(
+                f,
+                "set route svc {} from lane {:#010x} (flags {:#x}, chain {:x?})",
+                key.svc_id,
+                key.caller_lane,
+                chain.flags,
+                &chain.chain[..(chain.chain_len as usize).min(MAX_CHAIN)]
+            ),
+            Op::SetWarm { key, entry } => write!(
+                f,
+                "set warm-up of svc {} backend {:?}:{} ({} ms)",
+                key.svc_id,
+                key.addr,
+                u16::from_be(key.port),
+                entry.warmup_ns / 1_000_000
+            ),
+            Op::RemoveShaping { svc_id } => write!(f, "remove svc {svc_id} shaping"),
+            Op::RemoveRoute { key } => {
+                write!(f, "remove route svc {} from lane {:#010x}", key.svc_id, key.caller_lane)
+            }
+            Op::RemoveWarm { key } => {
+                write!(f, "remove warm-up of svc {} backend {:?}", key.svc_id, key.addr)
+            }
         }
     }
 }
@@ -408,6 +556,9 @@ pub fn plan_scoped(
     prune: bool,
 ) -> Vec<Op> {
     let mut ops = Vec::new();
+    if scope.config && current.config_flags != desired.config_flags {
+        ops.push(Op::SetConfigFlags { flags: desired.config_flags });
+    }
     for &lane in &scope.lanes {
         if let Some(policy) = desired.lanes.get(&lane)
             && current.lanes.get(&lane) != Some(policy)
@@ -422,6 +573,15 @@ pub fn plan_scoped(
             ops.push(Op::ReplaceSet { key: *key, backends: backends.clone() });
         }
     }
+    upserts(&mut ops, &scope.shaping, desired.shaping, &current.shaping, |svc_id, shaping| Op::SetShaping {
+        svc_id,
+        shaping,
+    });
+    upserts(&mut ops, &scope.routes, desired.routes, &current.routes, |key, chain| Op::SetRoute {
+        key,
+        chain,
+    });
+    upserts(&mut ops, &scope.warm, desired.warm, &current.warm, |key, entry| Op::SetWarm { key, entry });
     let appearing: BTreeSet<u32> = scope
         .frontends
         .iter()
@@ -477,7 +637,44 @@ pub fn plan_scoped(
             ops.push(Op::RemoveLanePolicy { lane });
         }
     }
+    removals(&mut ops, &scope.shaping, desired.shaping, &current.shaping, |svc_id| Op::RemoveShaping {
+        svc_id,
+    });
+    removals(&mut ops, &scope.routes, desired.routes, &current.routes, |key| Op::RemoveRoute { key });
+    removals(&mut ops, &scope.warm, desired.warm, &current.warm, |key| Op::RemoveWarm { key });
     ops
+}
+
+/// Writes of the entries of `scope` that `desired` has and `current` lacks or holds otherwise.
+fn upserts<K: Ord + Copy, V: PartialEq + Copy>(
+    ops: &mut Vec<Op>,
+    scope: &BTreeSet<K>,
+    desired: &BTreeMap<K, V>,
+    current: &BTreeMap<K, V>,
+    op: impl Fn(K, V) -> Op,
+) {
+    for key in scope {
+        if let Some(v) = desired.get(key)
+            && current.get(key) != Some(v)
+        {
+            ops.push(op(*key, *v));
+        }
+    }
+}
+
+/// Removals of the entries of `scope` that `current` has and `desired` does not.
+fn removals<K: Ord + Copy, V>(
+    ops: &mut Vec<Op>,
+    scope: &BTreeSet<K>,
+    desired: &BTreeMap<K, V>,
+    current: &BTreeMap<K, V>,
+    op: impl Fn(K) -> Op,
+) {
+    for key in scope {
+        if current.contains_key(key) && !desired.contains_key(key) {
+            ops.push(op(*key));
+        }
+    }
 }
 
 /// Whether two backend lists hold the same backends, in any order.
@@ -516,6 +713,13 @@ impl DatapathWriter for Tables {
             Op::RemoveFrontend { key, .. } => self.remove_frontend(key),
             Op::RemoveSet { key } => self.remove_backend_set(key.svc_id, key.lane),
             Op::RemoveLanePolicy { lane } => self.remove_lane_policy(*lane),
+            Op::SetConfigFlags { flags } => self.set_config_flags(*flags),
+            Op::SetShaping { svc_id, shaping } => self.set_shaping(*svc_id, shaping),
+            Op::SetRoute { key, chain } => self.set_route(*key, chain),
+            Op::SetWarm { key, entry } => self.set_warm(*key, entry),
+            Op::RemoveShaping { svc_id } => self.remove_shaping(*svc_id),
+            Op::RemoveRoute { key } => self.remove_route(*key),
+            Op::RemoveWarm { key } => self.remove_warm(*key),
         }
     }
 }
@@ -548,6 +752,25 @@ impl DatapathState {
             }
             Op::RemoveLanePolicy { lane } => {
                 self.lanes.remove(&lane);
+            }
+            Op::SetConfigFlags { flags } => self.config_flags = flags,
+            Op::SetShaping { svc_id, shaping } => {
+                self.shaping.insert(svc_id, shaping);
+            }
+            Op::SetRoute { key, chain } => {
+                self.routes.insert(key, chain);
+            }
+            Op::SetWarm { key, entry } => {
+                self.warm.insert(key, entry);
+            }
+            Op::RemoveShaping { svc_id } => {
+                self.shaping.remove(&svc_id);
+            }
+            Op::RemoveRoute { key } => {
+                self.routes.remove(&key);
+            }
+            Op::RemoveWarm { key } => {
+                self.warm.remove(&key);
             }
         }
         Ok(())
@@ -604,10 +827,31 @@ impl DatapathState {
                     return Err(full(MAP_PODS, MAX_PODS));
                 }
             }
+            Op::SetRoute { key, chain } => {
+                if chain.chain_len as usize > MAX_CHAIN {
+                    return Err(Error::Invalid {
+                        what: "routing rule",
+                        reason: format!("chain of {} lanes; at most {MAX_CHAIN}", chain.chain_len),
+                    });
+                }
+                if !self.routes.contains_key(key) && self.routes.len() >= MAX_ROUTES as usize {
+                    return Err(full(MAP_ROUTES, MAX_ROUTES));
+                }
+            }
+            Op::SetWarm { key, .. } => {
+                if !self.warm.contains_key(key) && self.warm.len() >= MAX_WARM as usize {
+                    return Err(full(MAP_WARM, MAX_WARM));
+                }
+            }
             Op::UnregisterPod { .. }
             | Op::RemoveFrontend { .. }
             | Op::RemoveSet { .. }
-            | Op::RemoveLanePolicy { .. } => {}
+            | Op::RemoveLanePolicy { .. }
+            | Op::SetConfigFlags { .. }
+            | Op::SetShaping { .. }
+            | Op::RemoveShaping { .. }
+            | Op::RemoveRoute { .. }
+            | Op::RemoveWarm { .. } => {}
         }
         Ok(())
     }
@@ -687,6 +931,13 @@ pub fn apply_plan<W: DatapathWriter + ?Sized>(writer: &mut W, ops: &[Op]) -> App
         }
         match op {
             Op::ReplaceSet { key, .. } | Op::RemoveSet { key } => {
+                unwritten_sets.insert(key.svc_id);
+            }
+            // A frontend must not appear with its flags pointing at entries that are not there.
+            Op::SetShaping { svc_id, .. } => {
+                unwritten_sets.insert(*svc_id);
+            }
+            Op::SetRoute { key, .. } => {
                 unwritten_sets.insert(key.svc_id);
             }
             Op::SetLanePolicy { lane, .. } => {

@@ -15,6 +15,7 @@ pub mod fake_api;
 pub mod netns;
 pub mod scenario;
 pub mod signals;
+pub mod stats;
 pub mod topology;
 
 use std::sync::atomic::{AtomicU32, Ordering};

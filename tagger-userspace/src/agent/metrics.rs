@@ -14,7 +14,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
-use tagger_common::{BASE_LANE, Outcome};
+use tagger_common::{BASE_LANE, Outcome, STAT_F_SHADOW};
 
 use super::AgentStatus;
 use crate::datapath::Datapath;
@@ -190,6 +190,12 @@ impl Collector for DatapathCollector {
             for (outcome, n) in &counters.by_outcome {
                 family.get_or_create(&OutcomeLabel { outcome: outcome.name().to_owned() }).inc_by(*n);
             }
+            // Shadow decisions (computed, not applied) as `shadow_<outcome>`, only once seen.
+            for (outcome, n) in counters.shadow.iter().filter(|(_, n)| **n > 0) {
+                family
+                    .get_or_create(&OutcomeLabel { outcome: format!("shadow_{}", outcome.name()) })
+                    .inc_by(*n);
+            }
             family.encode(encoder.encode_descriptor(
                 "datapath_decisions",
                 "Hook invocations by outcome (steered, fell_back, refused_strict, no_backend, not_service, ...)",
@@ -212,7 +218,11 @@ impl Collector for DatapathCollector {
                     .get(&row.key.svc_id)
                     .cloned()
                     .unwrap_or_else(|| (String::new(), format!("svc-{}", row.key.svc_id), String::new()));
-                let outcome = Outcome::ALL.get(row.key.outcome as usize).map_or("unknown", |o| o.name());
+                let shadow = row.key.outcome & STAT_F_SHADOW != 0;
+                let outcome = Outcome::ALL
+                    .get((row.key.outcome & !STAT_F_SHADOW) as usize)
+                    .map_or("unknown", |o| o.name());
+                let outcome = if shadow { format!("shadow_{outcome}") } else { outcome.to_owned() };
                 family
                     .get_or_create(&ServiceLabels {
                         namespace,
@@ -220,7 +230,7 @@ impl Collector for DatapathCollector {
                         port,
                         caller_lane: lane(row.key.caller_lane),
                         backend_lane: lane(row.key.backend_lane),
-                        outcome: outcome.to_owned(),
+                        outcome,
                     })
                     .inc_by(row.count);
             }

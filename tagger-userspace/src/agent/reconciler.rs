@@ -83,7 +83,8 @@ impl Reconciler {
             lanes = current.lanes.len(),
             "adopted datapath state"
         );
-        let model = Incremental::new(ids, config.lane_keys.clone(), Limits::DATAPATH);
+        let mut model = Incremental::new(ids, config.lane_keys.clone(), Limits::DATAPATH);
+        model.adopt_warm(current.warm.clone());
         Ok(Self {
             datapath,
             config,
@@ -248,8 +249,13 @@ impl Reconciler {
         let mut last_check = Instant::now();
         loop {
             let until_check = RESYNC.saturating_sub(last_check.elapsed());
-            let timeout =
+            let mut timeout =
                 if self.model.pending_pods() > 0 { PENDING_RETRY.min(until_check) } else { until_check };
+            // Wake when a warm-up ends, to drop its entry (a few ms late is fine: the kernel
+            // already gives full weight).
+            if let Some(warm) = self.model.next_warm_expiry() {
+                timeout = timeout.min(warm + Duration::from_millis(10));
+            }
             let timed_out = match wake.recv_timeout(timeout) {
                 Ok(Wake::Stop) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
                 Ok(Wake::Changed) => false,

@@ -10,9 +10,10 @@ use std::{
 use anyhow::{anyhow, bail};
 use serde::Serialize;
 use tagger_common::{
-    BASE_LANE, Backend, FAMILY_V6, LaneTables, Outcome, Resolution, Service,
+    BASE_LANE, Backend, CANARY_FULL, FAMILY_V6, LaneTables, Outcome, Resolution, SHAPE_F_CANARY,
+    SHAPE_F_STICKY, SHAPE_F_WARMUP, SVC_F_ROUTED, Service, WEIGHT_FULL, WarmEntry, WarmKey,
     resolve::{lane_is_strict, svc_is_strict},
-    resolve_lane,
+    resolve_shaped, shaping_of, sticky_draw, warm_weight,
 };
 
 use super::{
@@ -25,15 +26,34 @@ use crate::{
     net::{Proto, backend_addr, frontend_key},
 };
 
-/// What explaining needs beyond lane resolution: the members of a set.
+/// What explaining needs beyond lane resolution: the members of a set, warm-up entries, the
+/// shadow flags and the clock the datapath reads.
 pub trait ExplainTables: LaneTables {
     /// The backends of the live set of (Service, lane), in slot order.
     fn backends(&self, svc_id: u32, lane: u32) -> crate::Result<Vec<Backend>>;
+    /// A backend's warm-up entry, if it is warming.
+    fn warm(&self, _key: &WarmKey) -> Option<WarmEntry> {
+        None
+    }
+    /// `DatapathConfig::flags`.
+    fn config_flags(&self) -> u32 {
+        0
+    }
+    /// The kernel monotonic clock (`bpf_ktime_get_ns`), nanoseconds.
+    fn now_ns(&self) -> u64 {
+        crate::shaping::monotonic_now_ns()
+    }
 }
 
 impl ExplainTables for Tables {
     fn backends(&self, svc_id: u32, lane: u32) -> crate::Result<Vec<Backend>> {
         Tables::backends(self, svc_id, lane)
+    }
+    fn warm(&self, key: &WarmKey) -> Option<WarmEntry> {
+        Tables::warm(self, key).ok().flatten()
+    }
+    fn config_flags(&self) -> u32 {
+        self.config().map_or(0, |c| c.flags)
     }
 }
 
@@ -84,6 +104,12 @@ pub struct Explanation {
     pub backend_lane: Option<LaneRef>,
     /// The backend set chosen from: one member is picked at random per connection.
     pub backends: Vec<BackendView>,
+    /// The Service's canary share for base callers (null: none).
+    pub canary: Option<CanaryView>,
+    /// Whether a routing rule for (Service, caller lane) decided.
+    pub routed: bool,
+    /// Whether the caller is in shadow mode: the decision is counted, not applied.
+    pub shadow: bool,
     /// The explanation for people, in order.
     pub steps: Vec<Step>,
 }
@@ -119,11 +145,27 @@ pub struct ChainStep {
     pub chosen: bool,
 }
 
+/// A Service's canary share.
+#[derive(Debug, Serialize)]
+pub struct CanaryView {
+    /// The canary lane.
+    pub lane: LaneRef,
+    /// Share of base callers' new connections, percent.
+    pub percent: f64,
+    /// Whether the choice is per caller pod.
+    pub sticky: bool,
+    /// Sticky: whether this pod is in the share (null: not sticky, or not a base caller).
+    pub this_pod: Option<bool>,
+}
+
 /// A backend of the chosen set.
 #[derive(Debug, Serialize)]
 pub struct BackendView {
     /// `ip:port`.
     pub address: String,
+    /// Warm-up weight, percent of a warm backend's (absent: warm, full weight).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warmup_weight_percent: Option<f64>,
     /// Whether a socket to the destination's family can reach it (if picked while false, the
     /// connection fails open as `family_mismatch`).
     pub reachable: bool,
@@ -197,6 +239,9 @@ pub fn explain<T: ExplainTables>(
         outcome: Outcome::NotService.name(),
         backend_lane: None,
         backends: Vec::new(),
+        canary: None,
+        routed: false,
+        shadow: false,
         steps: Vec::new(),
     };
     let Some(svc) = frontend else {
@@ -227,13 +272,21 @@ pub fn explain<T: ExplainTables>(
         result: if strict_svc { "strict: no fallback for this Service".into() } else { "none".into() },
     });
 
-    // The decision: the same function the programs run.
-    let resolution = resolve_lane(t, &svc, lane);
+    // The decision: the same function the programs run. A non-sticky canary draw is random
+    // per connection: the default way is explained and the share shown beside it.
+    let shaping = shaping_of(t, &svc);
+    let pod = ex.caller.pod_cgroup_id.unwrap_or(0);
+    let resolution = resolve_shaped(t, &svc, lane, shaping.as_ref(), |s| {
+        if s.flags & SHAPE_F_STICKY != 0 { sticky_draw(pod, svc.svc_id) } else { CANARY_FULL }
+    });
+    steps.extend(shaping_steps(t, names, svc, lane, pod, shaping.as_ref(), &mut ex));
 
     let own = set_view(t, names, svc.svc_id, lane);
     steps.push(Step { check: "own_lane", result: set_words(names, &own) });
     ex.own_set = Some(own);
-    if !matches!(resolution, Resolution::Own { .. }) {
+    if !matches!(resolution, Resolution::Own { .. } | Resolution::Routed { .. } | Resolution::Canary { .. })
+        && !ex.routed
+    {
         if lane == BASE_LANE {
             steps.push(Step {
                 check: "base_caller",
@@ -264,7 +317,8 @@ pub fn explain<T: ExplainTables>(
     steps.push(Step { check: "decision", result: sentence });
     if let Some(to) = chosen {
         ex.backend_lane = Some(names.lane(to));
-        let (backends, words) = chosen_backends(t, svc.svc_id, to, dest)?;
+        let warmup = shaping.is_some_and(|s| s.flags & SHAPE_F_WARMUP != 0);
+        let (backends, words) = chosen_backends(t, svc.svc_id, to, dest, warmup)?;
         ex.backends = backends;
         steps.push(Step { check: "backends", result: words });
     }
@@ -314,6 +368,14 @@ fn decision(names: &Names, caller_lane: u32, resolution: Resolution) -> (Outcome
         Resolution::FellBack { lane, set, .. } => {
             (Outcome::FellBack, Some(lane), format!("fell_back: {}", pick(lane, set.count)))
         }
+        Resolution::Routed { lane, set, chain_step } => (
+            Outcome::Routed,
+            Some(lane),
+            format!("routed: rule step {}: {}", chain_step + 1, pick(lane, set.count)),
+        ),
+        Resolution::Canary { lane, set } => {
+            (Outcome::Canary, Some(lane), format!("canary: {}", pick(lane, set.count)))
+        }
         Resolution::RefusedStrict => (
             Outcome::RefusedStrict,
             None,
@@ -334,7 +396,9 @@ fn chosen_backends<T: ExplainTables>(
     svc_id: u32,
     lane: u32,
     dest: Destination,
+    warmup: bool,
 ) -> crate::Result<(Vec<BackendView>, String)> {
+    let now = t.now_ns();
     let dest_v6 = match dest.addr.ip() {
         IpAddr::V4(_) => false,
         IpAddr::V6(v6) => v6.to_ipv4_mapped().is_none(),
@@ -344,10 +408,21 @@ fn chosen_backends<T: ExplainTables>(
         .iter()
         .map(|b| BackendView {
             address: backend_addr(b).to_string(),
+            warmup_weight_percent: warmup
+                .then(|| t.warm(&WarmKey { svc_id, port: b.port, _pad: 0, addr: b.addr }))
+                .flatten()
+                .map(|e| f64::from(warm_weight(&e, now)) * 100.0 / f64::from(WEIGHT_FULL))
+                .filter(|w| *w < 100.0),
             reachable: (b.family == FAMILY_V6) == dest_v6,
         })
         .collect();
-    let mut words: Vec<String> = backends.iter().map(|b| b.address.clone()).collect();
+    let mut words: Vec<String> = backends
+        .iter()
+        .map(|b| match b.warmup_weight_percent {
+            Some(w) => format!("{} (warming up: weight {w:.0}%)", b.address),
+            None => b.address.clone(),
+        })
+        .collect();
     let unreachable = backends.iter().filter(|b| !b.reachable).count();
     if unreachable > 0 {
         words.push(format!(
@@ -358,6 +433,65 @@ fn chosen_backends<T: ExplainTables>(
         ));
     }
     Ok((backends, words.join("\n")))
+}
+
+/// The canary, routing rule and shadow mode steps, filling their fields of `ex`.
+fn shaping_steps<T: ExplainTables>(
+    t: &T,
+    names: &Names,
+    svc: Service,
+    lane: u32,
+    pod: u64,
+    shaping: Option<&tagger_common::SvcShaping>,
+    ex: &mut Explanation,
+) -> Vec<Step> {
+    let mut steps = Vec::new();
+    if let Some(s) = shaping.filter(|s| s.flags & SHAPE_F_CANARY != 0) {
+        let sticky = s.flags & SHAPE_F_STICKY != 0;
+        let this_pod = (sticky && lane == BASE_LANE).then(|| sticky_draw(pod, svc.svc_id) < s.canary_bp);
+        let percent = f64::from(s.canary_bp) / 100.0;
+        let canary_lane = names.lane_label(s.canary_lane);
+        let who = match this_pod {
+            Some(true) => "sticky per pod: this pod is in the share",
+            Some(false) => "sticky per pod: this pod is not in the share",
+            None if sticky => "sticky per pod",
+            None => "drawn per connection",
+        };
+        let applies = if lane == BASE_LANE { "" } else { " (applies to base callers only)" };
+        steps.push(Step {
+            check: "canary",
+            result: format!(
+                "{percent}% of base callers' new connections go to lane {canary_lane}, {who}{applies}"
+            ),
+        });
+        ex.canary = Some(CanaryView { lane: names.lane(s.canary_lane), percent, sticky, this_pod });
+    }
+    if svc.flags & SVC_F_ROUTED != 0
+        && let Some(route) = t.route(svc.svc_id, lane)
+    {
+        ex.routed = true;
+        let strict = if lane_is_strict(Some(&route)) { ", strict" } else { "" };
+        steps.push(Step {
+            check: "routing_rule",
+            result: format!(
+                "a routing rule sends this lane's callers along {}{strict}",
+                names.chain_label(policy_chain(&route))
+            ),
+        });
+    }
+    ex.shadow = tagger_common::is_shadow(ex_flags(t), || t.lane_policy(lane));
+    if ex.shadow {
+        steps.push(Step {
+            check: "shadow",
+            result: "shadow mode: the decision below is counted as shadow and not applied; the connection goes to the Service address".into(),
+        });
+    }
+
+    steps
+}
+
+fn ex_flags<T: ExplainTables>(t: &T) -> u32 {
+    t.config_flags()
 }
 
 /// The explanation as a table.
@@ -403,6 +537,10 @@ mod tests {
     struct Fake {
         sets: BTreeMap<(u32, u32), Vec<Backend>>,
         lanes: BTreeMap<u32, LanePolicy>,
+        routes: BTreeMap<(u32, u32), LanePolicy>,
+        shaping: Option<tagger_common::SvcShaping>,
+        warm: BTreeMap<WarmKey, WarmEntry>,
+        flags: u32,
     }
 
     impl Fake {
@@ -427,12 +565,85 @@ mod tests {
         fn lane_policy(&self, lane: u32) -> Option<LanePolicy> {
             self.lanes.get(&lane).copied()
         }
+        fn route(&self, svc_id: u32, caller_lane: u32) -> Option<LanePolicy> {
+            self.routes.get(&(svc_id, caller_lane)).copied()
+        }
+        fn shaping(&self, _svc_id: u32) -> Option<tagger_common::SvcShaping> {
+            self.shaping
+        }
     }
 
     impl ExplainTables for Fake {
         fn backends(&self, svc_id: u32, lane: u32) -> crate::Result<Vec<Backend>> {
             Ok(self.sets.get(&(svc_id, lane)).cloned().unwrap_or_default())
         }
+        fn warm(&self, key: &WarmKey) -> Option<WarmEntry> {
+            self.warm.get(key).copied()
+        }
+        fn config_flags(&self) -> u32 {
+            self.flags
+        }
+        fn now_ns(&self) -> u64 {
+            5_000_000_000
+        }
+    }
+
+    fn canary(flags: u32) -> tagger_common::SvcShaping {
+        tagger_common::SvcShaping { flags, canary_lane: lane_id("gray"), canary_bp: 1000, _pad: 0 }
+    }
+
+    #[test]
+    fn a_sticky_canary_says_whether_this_pod_is_in() {
+        use tagger_common::SVC_F_SHAPED;
+        let mut t = Fake::default().set("gray", &["10.244.0.3:8080"]).set("base", &["10.244.0.2:8080"]);
+        t.shaping = Some(canary(SHAPE_F_CANARY | SHAPE_F_STICKY));
+        let shaped = Some(Service { svc_id: 1, flags: SVC_F_SHAPED });
+        // Find one pod in and one out of the 10% share.
+        let inside = (1..10_000).find(|id| sticky_draw(*id, 1) < 1000).unwrap();
+        let outside = (1..10_000).find(|id| sticky_draw(*id, 1) >= 1000).unwrap();
+        let mut c = caller("base");
+        c.pod_cgroup_id = Some(inside);
+        let ex = explain(&t, &names(), c, dest(), shaped).unwrap();
+        assert_eq!(ex.outcome, "canary");
+        assert_eq!(ex.canary.as_ref().unwrap().this_pod, Some(true));
+        assert_eq!(ex.backends[0].address, "10.244.0.3:8080");
+        assert!(render_table(&ex).contains("10% of base callers' new connections go to lane gray"));
+        let mut c = caller("base");
+        c.pod_cgroup_id = Some(outside);
+        let ex = explain(&t, &names(), c, dest(), shaped).unwrap();
+        assert_eq!((ex.outcome, ex.canary.unwrap().this_pod), ("steered", Some(false)));
+        // Not sticky: the default way is explained, the share shown beside it.
+        t.shaping = Some(canary(SHAPE_F_CANARY));
+        let ex = explain(&t, &names(), caller("base"), dest(), shaped).unwrap();
+        assert_eq!(ex.outcome, "steered");
+        assert!(render_table(&ex).contains("drawn per connection"));
+    }
+
+    #[test]
+    fn routing_rules_shadow_mode_and_warmup_weights_are_shown() {
+        use tagger_common::{CFG_F_SHADOW, SVC_F_ROUTED, SVC_F_SHAPED};
+        let mut t = Fake::default()
+            .set("gray", &["10.244.0.3:8080"])
+            .set("blue", &["10.244.0.5:8080", "10.244.0.6:8080"]);
+        let mut rule = LanePolicy { chain_len: 1, ..LanePolicy::default() };
+        rule.chain[0] = lane_id("blue");
+        t.routes.insert((1, lane_id("gray")), rule);
+        let warming = backend("10.244.0.6:8080".parse().unwrap());
+        let w = crate::shaping::Warmup::new(std::time::Duration::from_secs(10), 1.0, 10.0);
+        t.warm.insert(WarmKey { svc_id: 1, port: warming.port, _pad: 0, addr: warming.addr }, w.entry(0));
+        t.shaping = Some(tagger_common::SvcShaping { flags: SHAPE_F_WARMUP, ..Default::default() });
+        t.flags = CFG_F_SHADOW;
+        let svc = Some(Service { svc_id: 1, flags: SVC_F_ROUTED | SVC_F_SHAPED });
+        let ex = explain(&t, &names(), caller("gray"), dest(), svc).unwrap();
+        assert_eq!(ex.outcome, "routed");
+        assert!(ex.routed && ex.shadow);
+        assert_eq!(ex.backends[0].warmup_weight_percent, None);
+        // 5 s into a 10 s linear warm-up from 10%: 55%.
+        let weight = ex.backends[1].warmup_weight_percent.unwrap();
+        assert!((weight - 55.0).abs() < 0.5, "{weight}");
+        let text = render_table(&ex);
+        assert!(text.contains("routing rule") && text.contains("shadow mode"), "{text}");
+        assert!(text.contains("warming up: weight 55%"), "{text}");
     }
 
     fn names() -> Names {

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
-use tagger_common::{SVC_F_STRICT, Service, resolve::svc_is_strict};
+use tagger_common::{SVC_F_ROUTED, SVC_F_SHAPED, SVC_F_STRICT, Service, resolve::svc_is_strict};
 
 use super::{
     args::Format,
@@ -31,7 +31,8 @@ pub struct ServiceRow {
     pub frontends: Vec<String>,
     /// Names, when the agent published them.
     pub service: Option<ServiceName>,
-    /// Flag names (`strict`).
+    /// Flag names (`strict`; `shaped`: canary or warm-up in force, see `tagger explain`;
+    /// `routed`: a routing rule applies to some caller lane).
     pub flags: Vec<&'static str>,
     /// Whether the Service forbids fallback.
     pub strict: bool,
@@ -65,8 +66,10 @@ pub struct LanePolicyRow {
 
 fn flag_names(svc: Service) -> Vec<&'static str> {
     let mut v = Vec::new();
-    if svc.flags & SVC_F_STRICT != 0 {
-        v.push("strict");
+    for (bit, name) in [(SVC_F_STRICT, "strict"), (SVC_F_SHAPED, "shaped"), (SVC_F_ROUTED, "routed")] {
+        if svc.flags & bit != 0 {
+            v.push(name);
+        }
     }
     v
 }

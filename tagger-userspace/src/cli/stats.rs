@@ -9,7 +9,7 @@ use std::{
 };
 
 use serde::Serialize;
-use tagger_common::{Outcome, StatKey};
+use tagger_common::{Outcome, STAT_F_SHADOW, StatKey};
 
 use super::{
     args::{Format, StatsArgs},
@@ -26,6 +26,9 @@ pub struct StatsReport {
     pub counters: BTreeMap<&'static str, u64>,
     /// Per-second rate per outcome name since the previous snapshot (null without one).
     pub rates: Option<BTreeMap<&'static str, f64>>,
+    /// Shadow decisions (computed, counted, not applied) per outcome name (every outcome is
+    /// present).
+    pub shadow: BTreeMap<&'static str, u64>,
     /// Per-Service rows, by Service, caller lane, backend lane, outcome.
     pub per_service: Vec<ServiceStatRow>,
 }
@@ -45,6 +48,8 @@ pub struct ServiceStatRow {
     pub backend_lane: Option<LaneRef>,
     /// Outcome name.
     pub outcome: &'static str,
+    /// A shadow decision: computed and counted, the connection left unchanged.
+    pub shadow: bool,
     /// Decisions counted (rows are kept in an LRU map: the least recently used may be evicted).
     pub count: u64,
     /// Per second since the previous snapshot (null without one).
@@ -65,10 +70,13 @@ pub fn outcome_meaning(o: Outcome) -> &'static str {
         Outcome::RevNatFull => "reverse translation entry not written (connection still steered)",
         Outcome::RevNatApplied => "getpeername/recvmsg shown the Service address",
         Outcome::UnknownPod => "caller in no registered pod cgroup: treated as base",
+        Outcome::Routed => "a routing rule for (Service, caller lane) chose the backend lane",
+        Outcome::Canary => "base caller's connection in the Service's canary share",
     }
 }
 
 fn outcome_of(n: u32) -> Option<Outcome> {
+    let n = n & !STAT_F_SHADOW;
     Outcome::ALL.into_iter().find(|o| *o as u32 == n)
 }
 
@@ -77,6 +85,8 @@ fn outcome_of(n: u32) -> Option<Outcome> {
 pub struct Snapshot {
     /// Global counters.
     pub counters: BTreeMap<Outcome, u64>,
+    /// Global counters of shadow decisions.
+    pub shadow: BTreeMap<Outcome, u64>,
     /// Per-Service rows.
     pub rows: BTreeMap<StatKey, u64>,
     /// When it was taken.
@@ -86,9 +96,9 @@ pub struct Snapshot {
 impl Snapshot {
     /// Reads the counters.
     pub fn read(tables: &Tables) -> crate::Result<Self> {
-        let counters = tables.counters()?.by_outcome;
+        let snap = tables.counters()?;
         let rows = tables.service_stats()?.into_iter().map(|s| (s.key, s.count)).collect();
-        Ok(Self { counters, rows, at: Some(Instant::now()) })
+        Ok(Self { counters: snap.by_outcome, shadow: snap.shadow, rows, at: Some(Instant::now()) })
     }
 }
 
@@ -114,6 +124,7 @@ pub fn report(
     };
     let counters =
         Outcome::ALL.iter().map(|&o| (o.name(), now.counters.get(&o).copied().unwrap_or(0))).collect();
+    let shadow = Outcome::ALL.iter().map(|&o| (o.name(), now.shadow.get(&o).copied().unwrap_or(0))).collect();
     let rates = secs.zip(before).map(|(secs, before)| {
         Outcome::ALL
             .iter()
@@ -136,6 +147,7 @@ pub fn report(
                 caller_lane: names.lane(key.caller_lane),
                 backend_lane: (!chose_none).then(|| names.lane(key.backend_lane)),
                 outcome: outcome.map_or("unknown", Outcome::name),
+                shadow: key.outcome & STAT_F_SHADOW != 0,
                 count,
                 rate_per_second: secs
                     .zip(before)
@@ -151,11 +163,12 @@ pub fn report(
                 names.lane_label(r.caller_lane.id),
                 r.backend_lane.as_ref().map(|l| names.lane_label(l.id)),
                 r.outcome,
+                r.shadow,
             )
         };
         key(a).cmp(&key(b))
     });
-    StatsReport { interval_seconds: secs, counters, rates, per_service }
+    StatsReport { interval_seconds: secs, counters, rates, shadow, per_service }
 }
 
 /// The report as tables.
@@ -177,6 +190,20 @@ pub fn render_tables(names: &Names, r: &StatsReport) -> String {
         t.add_row(row);
     }
     let mut out = format!("{t}\n");
+    let shadowed: Vec<Outcome> =
+        Outcome::ALL.into_iter().filter(|o| r.shadow.get(o.name()).is_some_and(|&n| n > 0)).collect();
+    if !shadowed.is_empty() {
+        let mut t = table(&["shadow outcome", "count", "meaning"], &[1]);
+        for o in shadowed {
+            t.add_row(vec![
+                o.name().to_owned(),
+                r.shadow[o.name()].to_string(),
+                format!("would be: {}", outcome_meaning(o)),
+            ]);
+        }
+        let _ =
+            writeln!(out, "shadow mode: decisions computed and counted, connections left unchanged\n{t}\n");
+    }
     let mut header = vec!["service", "frontend", "caller lane", "backend lane", "outcome", "count"];
     if with_rates {
         header.push("rate/s");
@@ -188,7 +215,7 @@ pub fn render_tables(names: &Names, r: &StatsReport) -> String {
             row.frontends.join("\n"),
             names.lane_label(row.caller_lane.id),
             row.backend_lane.as_ref().map_or_else(|| "-".to_owned(), |l| names.lane_label(l.id)),
-            row.outcome.to_owned(),
+            if row.shadow { format!("{} (shadow)", row.outcome) } else { row.outcome.to_owned() },
             row.count.to_string(),
         ];
         if with_rates {
@@ -282,9 +309,11 @@ mod tests {
             backend_lane: 0,
             outcome: Outcome::RefusedStrict as u32,
         };
+        let shadow_key = StatKey { outcome: Outcome::FellBack as u32 | STAT_F_SHADOW, ..key };
         Snapshot {
             counters: BTreeMap::from([(Outcome::Steered, steered)]),
-            rows: BTreeMap::from([(key, row_count), (refused, 1)]),
+            shadow: BTreeMap::from([(Outcome::FellBack, 7)]),
+            rows: BTreeMap::from([(key, row_count), (refused, 1), (shadow_key, 7)]),
             at: Some(base + Duration::from_secs(secs_later)),
         }
     }
@@ -305,6 +334,11 @@ mod tests {
         assert!(refused.backend_lane.is_none(), "no backend was chosen");
         let text = render_tables(&names, &r);
         assert!(text.contains("demo/a:http") && text.contains("steered"), "{text}");
+        assert_eq!(r.shadow["fell_back"], 7);
+        let shadow = r.per_service.iter().find(|row| row.shadow).unwrap();
+        assert_eq!((shadow.outcome, shadow.count), ("fell_back", 7));
+        assert!(!r.per_service.iter().any(|row| row.outcome == "steered" && row.shadow));
+        assert!(text.contains("shadow mode") && text.contains("fell_back (shadow)"), "{text}");
         assert!(!text.contains("rate/s"), "{text}");
     }
 

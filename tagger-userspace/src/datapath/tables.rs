@@ -6,9 +6,10 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashM
 use tagger_common::{
     BASE_LANE, Backend, BackendSet, DatapathConfig, FrontendKey, LaneName, LanePolicy, LaneTables,
     MAP_BACKEND_SETS, MAP_BACKEND_SLOTS, MAP_CONFIG, MAP_COUNTERS, MAP_FRONTENDS, MAP_LANE_NAMES, MAP_LANES,
-    MAP_POD_META, MAP_PODS, MAP_REVNAT, MAP_SERVICE_META, MAP_SVC_STATS, MAX_BACKEND_SETS, MAX_BACKENDS,
-    MAX_CGROUP_LEVEL, MAX_FRONTENDS, MAX_LANES, MAX_PODS, Outcome, PodEntry, PodMeta, RevNatKey, RevNatValue,
-    Service, ServiceMeta, SetKey, SlotKey, StatKey, field_str, name_field,
+    MAP_POD_META, MAP_PODS, MAP_REVNAT, MAP_ROUTES, MAP_SERVICE_META, MAP_SHAPING, MAP_SVC_STATS, MAP_WARM,
+    MAX_BACKEND_SETS, MAX_BACKENDS, MAX_CGROUP_LEVEL, MAX_FRONTENDS, MAX_LANES, MAX_PODS, MAX_ROUTES,
+    MAX_WARM, Outcome, PodEntry, PodMeta, RevNatKey, RevNatValue, RouteKey, SHADOW_OFFSET, Service,
+    ServiceMeta, SetKey, SlotKey, StatKey, SvcShaping, WarmEntry, WarmKey, field_str, name_field,
 };
 
 use super::PinLayout;
@@ -28,6 +29,9 @@ pub struct Tables {
     pod_meta: HashMap<MapData, u64, PodMeta>,
     service_meta: HashMap<MapData, u32, ServiceMeta>,
     lane_names: HashMap<MapData, u32, LaneName>,
+    shaping: HashMap<MapData, u32, SvcShaping>,
+    routes: HashMap<MapData, RouteKey, LanePolicy>,
+    warm: HashMap<MapData, WarmKey, WarmEntry>,
 }
 
 /// How the maps are opened.
@@ -51,6 +55,8 @@ impl fmt::Debug for Tables {
 pub struct CounterSnapshot {
     /// Count per outcome.
     pub by_outcome: BTreeMap<Outcome, u64>,
+    /// Count per outcome of shadow decisions (computed, not applied).
+    pub shadow: BTreeMap<Outcome, u64>,
 }
 
 impl CounterSnapshot {
@@ -58,6 +64,12 @@ impl CounterSnapshot {
     #[must_use]
     pub fn get(&self, outcome: Outcome) -> u64 {
         self.by_outcome.get(&outcome).copied().unwrap_or(0)
+    }
+
+    /// The count of one outcome's shadow decisions.
+    #[must_use]
+    pub fn shadow(&self, outcome: Outcome) -> u64 {
+        self.shadow.get(&outcome).copied().unwrap_or(0)
     }
 }
 
@@ -139,6 +151,9 @@ impl Tables {
             pod_meta: open_typed!(layout, MAP_POD_META, access),
             service_meta: open_typed!(layout, MAP_SERVICE_META, access),
             lane_names: open_typed!(layout, MAP_LANE_NAMES, access),
+            shaping: open_typed!(layout, MAP_SHAPING, access),
+            routes: open_typed!(layout, MAP_ROUTES, access),
+            warm: open_typed!(layout, MAP_WARM, access),
         })
     }
 
@@ -248,6 +263,9 @@ impl Tables {
             (MAP_POD_META, self.pod_meta.keys().count(), tagger_common::MAX_PODS),
             (MAP_SERVICE_META, self.service_meta.keys().count(), MAX_FRONTENDS),
             (MAP_LANE_NAMES, self.lane_names.keys().count(), MAX_LANES),
+            (MAP_SHAPING, self.shaping.keys().count(), MAX_FRONTENDS),
+            (MAP_ROUTES, self.routes.keys().count(), MAX_ROUTES),
+            (MAP_WARM, self.warm.keys().count(), MAX_WARM),
         ]
     }
 
@@ -486,6 +504,88 @@ impl Tables {
         self.lanes.iter().map(|r| r.map_err(map_err(MAP_LANES, "iterate", ()))).collect()
     }
 
+    // ---- shaping ----------------------------------------------------------------------------
+
+    /// Sets the datapath's global flags (`CFG_F_*`), keeping the pod level range.
+    pub fn set_config_flags(&mut self, flags: u32) -> Result<()> {
+        let mut cfg = self.config()?;
+        if cfg.flags == flags {
+            return Ok(());
+        }
+        cfg.flags = flags;
+        self.set_config(cfg)
+    }
+
+    /// Sets a Service frontend's shaping settings (the frontend needs `SVC_F_SHAPED`).
+    pub fn set_shaping(&mut self, svc_id: u32, shaping: &SvcShaping) -> Result<()> {
+        self.shaping.insert(svc_id, shaping, 0).map_err(map_err(MAP_SHAPING, "insert", svc_id))
+    }
+
+    /// Removes a Service frontend's shaping settings.
+    pub fn remove_shaping(&mut self, svc_id: u32) -> Result<()> {
+        ignore_not_found(self.shaping.remove(&svc_id)).map_err(map_err(MAP_SHAPING, "remove", svc_id))
+    }
+
+    /// Every shaping entry.
+    pub fn shapings(&self) -> Result<BTreeMap<u32, SvcShaping>> {
+        self.shaping.iter().map(|r| r.map_err(map_err(MAP_SHAPING, "iterate", ()))).collect()
+    }
+
+    /// Sets the routing rule chain of (Service, caller lane) (the frontend needs `SVC_F_ROUTED`).
+    pub fn set_route(&mut self, key: RouteKey, chain: &LanePolicy) -> Result<()> {
+        self.routes.insert(key, chain, 0).map_err(|e| {
+            if is_full(&e) {
+                Error::MapFull {
+                    map: MAP_ROUTES,
+                    wanted: u64::from(MAX_ROUTES) + 1,
+                    capacity: u64::from(MAX_ROUTES),
+                }
+            } else {
+                map_err(MAP_ROUTES, "insert", key)(e)
+            }
+        })
+    }
+
+    /// Removes a routing rule chain.
+    pub fn remove_route(&mut self, key: RouteKey) -> Result<()> {
+        ignore_not_found(self.routes.remove(&key)).map_err(map_err(MAP_ROUTES, "remove", key))
+    }
+
+    /// Every routing rule chain.
+    pub fn routes(&self) -> Result<BTreeMap<RouteKey, LanePolicy>> {
+        self.routes.iter().map(|r| r.map_err(map_err(MAP_ROUTES, "iterate", ()))).collect()
+    }
+
+    /// Marks a backend of a frontend as warming up.
+    pub fn set_warm(&mut self, key: WarmKey, entry: &WarmEntry) -> Result<()> {
+        self.warm.insert(key, entry, 0).map_err(|e| {
+            if is_full(&e) {
+                Error::MapFull {
+                    map: MAP_WARM,
+                    wanted: u64::from(MAX_WARM) + 1,
+                    capacity: u64::from(MAX_WARM),
+                }
+            } else {
+                map_err(MAP_WARM, "insert", key)(e)
+            }
+        })
+    }
+
+    /// Forgets a warming backend (it has full weight).
+    pub fn remove_warm(&mut self, key: WarmKey) -> Result<()> {
+        ignore_not_found(self.warm.remove(&key)).map_err(map_err(MAP_WARM, "remove", key))
+    }
+
+    /// One warming backend's entry.
+    pub fn warm(&self, key: &WarmKey) -> Result<Option<WarmEntry>> {
+        get_opt(self.warm.get(key, 0)).map_err(map_err(MAP_WARM, "get", key))
+    }
+
+    /// Every warming backend.
+    pub fn warm_entries(&self) -> Result<BTreeMap<WarmKey, WarmEntry>> {
+        self.warm.iter().map(|r| r.map_err(map_err(MAP_WARM, "iterate", ()))).collect()
+    }
+
     // ---- reverse translation and counters ---------------------------------------------------
 
     /// Number of reverse-translation entries.
@@ -501,6 +601,12 @@ impl Tables {
             let values =
                 self.counters.get(&(outcome as u32), 0).map_err(map_err(MAP_COUNTERS, "get", outcome))?;
             snap.by_outcome.insert(outcome, values.iter().sum());
+            let shadow = self.counters.get(&(SHADOW_OFFSET + outcome as u32), 0).map_err(map_err(
+                MAP_COUNTERS,
+                "get",
+                outcome,
+            ))?;
+            snap.shadow.insert(outcome, shadow.iter().sum());
         }
         Ok(snap)
     }
@@ -529,5 +635,13 @@ impl LaneTables for Tables {
 
     fn lane_policy(&self, lane: u32) -> Option<LanePolicy> {
         get_opt(self.lanes.get(&lane, 0)).ok().flatten()
+    }
+
+    fn route(&self, svc_id: u32, caller_lane: u32) -> Option<LanePolicy> {
+        get_opt(self.routes.get(&RouteKey { svc_id, caller_lane }, 0)).ok().flatten()
+    }
+
+    fn shaping(&self, svc_id: u32) -> Option<SvcShaping> {
+        get_opt(self.shaping.get(&svc_id, 0)).ok().flatten()
     }
 }

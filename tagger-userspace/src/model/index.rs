@@ -706,13 +706,15 @@ impl ServiceIndex {
                     }
                 }
             }
-            let same = self
-                .out
-                .origins
-                .get(&svc_id)
-                .is_some_and(|o| o.service == service_ref && o.port_name.as_str() == &*f.port_name);
+            let same = self.out.origins.get(&svc_id).is_some_and(|o| {
+                o.service == service_ref && o.port_name.as_str() == &*f.port_name && o.shaping == f.shaping
+            });
             if !same {
-                let origin = FrontendOrigin { service: service_ref.clone(), port_name: f.port_name.into() };
+                let origin = FrontendOrigin {
+                    service: service_ref.clone(),
+                    port_name: f.port_name.into(),
+                    shaping: f.shaping,
+                };
                 self.out.origins.insert(svc_id, origin);
                 self.delta.origins.insert(svc_id);
             }

@@ -19,10 +19,20 @@ use k8s_openapi::api::{
 use tagger_common::SVC_F_STRICT;
 
 use super::{LocalPod, ObjectRef, WarningKind, Warnings};
-use crate::net::Proto;
+use crate::{
+    net::Proto,
+    shaping::{Canary, ShapingError, Warmup, parse_canary, parse_warmup},
+};
 
 /// The Service annotation that makes a Service strict (`"true"` / `"false"`).
 pub const STRICT_ANNOTATION: &str = "tagger.io/strict";
+
+/// The Service annotation giving base callers' canary share: `LANE=PERCENT[, sticky]`.
+pub const CANARY_ANNOTATION: &str = "tagger.io/canary";
+
+/// The Service annotation giving its backends' warm-up:
+/// `DURATION[, aggression=A][, min=P%]`.
+pub const WARMUP_ANNOTATION: &str = "tagger.io/warmup";
 
 /// The label linking an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -49,6 +59,20 @@ pub struct ServiceSpec {
     pub ports: Vec<PortSpec>,
     /// `SVC_F_*` flags from the annotations.
     pub flags: u32,
+    /// Shaping annotations and the labels routing rules select on.
+    pub shaping: ServiceShaping,
+}
+
+/// What traffic shaping reads of a Service: its canary and warm-up annotations (an invalid
+/// one is counted and read as absent) and its labels (routing rules select on them).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceShaping {
+    /// `tagger.io/canary`.
+    pub canary: Option<Canary>,
+    /// `tagger.io/warmup` (absent, or a zero duration: none).
+    pub warmup: Option<Warmup>,
+    /// The Service's labels.
+    pub labels: Labels,
 }
 
 /// A Service port.
@@ -79,7 +103,8 @@ fn decode_service(svc_ref: &ObjectRef, svc: &K8sService, warnings: &mut Warnings
         return None;
     }
     let flags = service_flags(svc_ref, svc, warnings);
-    Some(ServiceSpec { ips, ports, flags })
+    let shaping = service_shaping(svc_ref, svc, warnings);
+    Some(ServiceSpec { ips, ports, flags, shaping })
 }
 
 /// What the model reads of an EndpointSlice, with endpoint pods named by `P` (an
@@ -330,6 +355,25 @@ fn service_flags(svc_ref: &ObjectRef, svc: &K8sService, warnings: &mut Warnings)
             0
         }
     }
+}
+
+/// The shaping annotations and labels of a Service; an invalid annotation is counted and the
+/// Service is handled as without it.
+fn service_shaping(svc_ref: &ObjectRef, svc: &K8sService, warnings: &mut Warnings) -> ServiceShaping {
+    let annotations = svc.metadata.annotations.as_ref();
+    let get = |key: &str| annotations.and_then(|a| a.get(key)).map(String::as_str);
+    let mut invalid = |key: &str, value: &str, e: &ShapingError| {
+        warnings.add(
+            WarningKind::InvalidAnnotation,
+            format_args!("Service {svc_ref}: {key}={value:?}: {e}; ignored"),
+        );
+    };
+    let canary = get(CANARY_ANNOTATION)
+        .and_then(|v| parse_canary(v).map_err(|e| invalid(CANARY_ANNOTATION, v, &e)).ok());
+    let warmup = get(WARMUP_ANNOTATION)
+        .and_then(|v| parse_warmup(v).map_err(|e| invalid(WARMUP_ANNOTATION, v, &e)).ok().flatten());
+    let labels = svc.metadata.labels.clone().unwrap_or_default();
+    ServiceShaping { canary, warmup, labels }
 }
 
 fn valid_port(port: i32) -> Option<u16> {

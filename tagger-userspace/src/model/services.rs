@@ -35,7 +35,7 @@ use std::{
 use tagger_common::{Backend, FrontendKey, MAX_BACKEND_SETS, MAX_BACKENDS, MAX_FRONTENDS, Service, SetKey};
 
 use super::{
-    ClusterState, FrontendIds, ObjectRef, ServiceInput, SliceInput, WarningKind, Warnings,
+    ClusterState, FrontendIds, ObjectRef, ServiceInput, ServiceShaping, SliceInput, WarningKind, Warnings,
     index::ServiceIndex,
 };
 use crate::net::{backend, frontend_key};
@@ -95,6 +95,8 @@ pub struct FrontendOrigin {
     pub service: ObjectRef,
     /// The Service port's name (`""` when unnamed).
     pub port_name: String,
+    /// The Service's shaping annotations and labels.
+    pub shaping: ServiceShaping,
 }
 
 /// The desired frontends and backend sets of `state` within the datapath's capacities.
@@ -144,6 +146,7 @@ pub(crate) struct FrontendModel {
     pub key: FrontendKey,
     pub port_name: Box<str>,
     pub flags: u32,
+    pub shaping: ServiceShaping,
     /// Lane → its backends, sorted (no empty set).
     pub sets: BTreeMap<u32, Vec<Backend>>,
 }
@@ -232,7 +235,13 @@ pub(crate) fn service_model<'a, P: Copy + Ord + 'a>(
                     &mut warnings,
                 );
             }
-            frontends.push(FrontendModel { key, port_name: p.name.clone(), flags: spec.flags, sets });
+            frontends.push(FrontendModel {
+                key,
+                port_name: p.name.clone(),
+                flags: spec.flags,
+                shaping: spec.shaping.clone(),
+                sets,
+            });
         }
     }
     ServiceModel { frontends, warnings, pods }

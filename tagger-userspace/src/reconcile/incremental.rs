@@ -14,15 +14,18 @@ use std::{
     mem,
 };
 
-use tagger_common::{LanePolicy, PodEntry};
+use tagger_common::{FrontendKey, LanePolicy, PodEntry, RouteKey, Service, SetKey, SvcShaping};
 
-use super::{DatapathState, DesiredRef, Scope};
+use super::{
+    DatapathState, DesiredRef, Scope,
+    shaping::{WarmTracker, backend_warmup, shaped_flags, svc_routes, svc_shaping},
+};
 use crate::{
     cgroup::CgroupRef,
     lanes_config::LanesConfig,
     model::{
         Change, ClusterIndex, DesiredPod, DesiredPods, FrontendIds, FrontendOrigin, Limits, ObjectRef,
-        QosClass, WarningKind, Warnings, desired_pods, pod_entries,
+        QosClass, ServiceDelta, WarningKind, Warnings, desired_pods, pod_entries,
     },
 };
 
@@ -78,6 +81,14 @@ pub struct Incremental {
     found: HashMap<ObjectRef, Found>,
     pending: usize,
     started: bool,
+    /// The frontends with their shaping flags; the shaping entries, routes and global flags.
+    frontends: BTreeMap<FrontendKey, Service>,
+    svc_keys: HashMap<u32, FrontendKey>,
+    shaping: BTreeMap<u32, SvcShaping>,
+    routes: BTreeMap<RouteKey, LanePolicy>,
+    config_flags: u32,
+    warm: WarmTracker,
+    clock: fn() -> u64,
 }
 
 impl Incremental {
@@ -96,7 +107,25 @@ impl Incremental {
             found: HashMap::new(),
             pending: 0,
             started: false,
+            frontends: BTreeMap::new(),
+            svc_keys: HashMap::new(),
+            shaping: BTreeMap::new(),
+            routes: BTreeMap::new(),
+            config_flags: 0,
+            warm: WarmTracker::default(),
+            clock: crate::shaping::monotonic_now_ns,
         }
+    }
+
+    /// Keeps the warm-up entries found in the maps at start (backends that were warming when
+    /// the agent restarted keep their ready times).
+    pub fn adopt_warm(&mut self, entries: BTreeMap<tagger_common::WarmKey, tagger_common::WarmEntry>) {
+        self.warm.adopt(entries);
+    }
+
+    /// Replaces the monotonic clock that dates backends becoming ready (for tests).
+    pub fn set_clock(&mut self, clock: fn() -> u64) {
+        self.clock = clock;
     }
 
     /// Takes the sources' changes (cheap: nothing is computed until [`Self::update`]).
@@ -128,10 +157,13 @@ impl Incremental {
         let services = self.index.services_mut();
         services.compute(&mut self.ids);
         let delta = services.take_delta();
-        update.scope.frontends = delta.frontends;
+        let lane_names = services.take_lane_names();
+        let lanes_changed = self.lanes.as_ref() != Some(lanes);
+        self.update_shaping(&delta, lanes, full || lanes_changed, full, &mut update.scope);
+        update.scope.frontends.extend(delta.frontends);
         update.scope.sets = delta.sets;
         update.origins = delta.origins;
-        update.lane_names = services.take_lane_names();
+        update.lane_names = lane_names;
 
         let changed = self.index.take_local_changes();
         if full || recheck != Recheck::None || !changed.is_empty() {
@@ -154,6 +186,95 @@ impl Incremental {
             update.lanes_changed = true;
         }
         update
+    }
+
+    /// Recomputes the shaping of the frontends a change touched (of all with `all`): warm-up
+    /// ready times, shaping entries, routing rule chains and the frontends' flags.
+    fn update_shaping(
+        &mut self,
+        delta: &ServiceDelta,
+        lanes: &LanesConfig,
+        all: bool,
+        seed: bool,
+        scope: &mut Scope,
+    ) {
+        let out = self.index.services().desired();
+        let now = (self.clock)();
+        let mut touched: BTreeSet<u32> = BTreeSet::new();
+        for key in &delta.frontends {
+            if let Some(old) = self.frontends.get(key) {
+                touched.insert(old.svc_id);
+                if self.svc_keys.get(&old.svc_id) == Some(key) {
+                    self.svc_keys.remove(&old.svc_id);
+                }
+            }
+            if let Some(new) = out.frontends.get(key) {
+                touched.insert(new.svc_id);
+                self.svc_keys.insert(new.svc_id, *key);
+            }
+        }
+        touched.extend(delta.sets.iter().map(|k| k.svc_id));
+        touched.extend(delta.origins.iter().copied());
+        let mut sets: BTreeSet<SetKey> = delta.sets.clone();
+        if all {
+            touched.extend(out.frontends.values().map(|s| s.svc_id));
+            touched.extend(self.shaping.keys().copied());
+            touched.extend(self.routes.keys().map(|k| k.svc_id));
+            sets.extend(out.sets.keys().copied());
+        }
+        for key in sets {
+            let warmup = out.origins.get(&key.svc_id).and_then(|o| backend_warmup(o, key.lane, lanes));
+            self.warm.observe(key, out.sets.get(&key), warmup, now, seed, &mut scope.warm);
+        }
+        touched.extend(self.warm.expire(now, &mut scope.warm));
+        touched.extend(scope.warm.iter().map(|k| k.svc_id));
+        for svc_id in touched {
+            let origin = out.origins.get(&svc_id);
+            let shaping = origin.and_then(|o| svc_shaping(o, self.warm.warming(svc_id)));
+            let routes = origin.map(|o| svc_routes(svc_id, o, lanes)).unwrap_or_default();
+            if self.shaping.get(&svc_id) != shaping.as_ref() {
+                scope.shaping.insert(svc_id);
+                match shaping {
+                    Some(s) => self.shaping.insert(svc_id, s),
+                    None => self.shaping.remove(&svc_id),
+                };
+            }
+            let range = RouteKey { svc_id, caller_lane: 0 }..=RouteKey { svc_id, caller_lane: u32::MAX };
+            let stale: Vec<RouteKey> =
+                self.routes.range(range).map(|(k, _)| *k).filter(|k| !routes.contains_key(k)).collect();
+            for k in stale {
+                self.routes.remove(&k);
+                scope.routes.insert(k);
+            }
+            for (k, v) in &routes {
+                if self.routes.get(k) != Some(v) {
+                    self.routes.insert(*k, *v);
+                    scope.routes.insert(*k);
+                }
+            }
+            if let Some(key) = self.svc_keys.get(&svc_id)
+                && let Some(base) = out.frontends.get(key)
+            {
+                let patched = Service {
+                    flags: shaped_flags(base.flags, shaping.is_some(), !routes.is_empty()),
+                    ..*base
+                };
+                if self.frontends.get(key) != Some(&patched) {
+                    self.frontends.insert(*key, patched);
+                    scope.frontends.insert(*key);
+                }
+            }
+        }
+        for key in &delta.frontends {
+            if !out.frontends.contains_key(key) && self.frontends.remove(key).is_some() {
+                scope.frontends.insert(*key);
+            }
+        }
+        let flags = lanes.config_flags();
+        if flags != self.config_flags || seed {
+            self.config_flags = flags;
+            scope.config = true;
+        }
     }
 
     /// Recomputes the local pods' entries; returns whether their names changed.
@@ -216,9 +337,13 @@ impl Incremental {
         let services = self.index.services().desired();
         DesiredRef {
             pods: &self.entries,
-            frontends: &services.frontends,
+            frontends: &self.frontends,
             sets: &services.sets,
             lanes: &self.policies,
+            shaping: &self.shaping,
+            routes: &self.routes,
+            warm: self.warm.entries(),
+            config_flags: self.config_flags,
         }
     }
 
@@ -231,6 +356,10 @@ impl Incremental {
             frontends: d.frontends.clone(),
             sets: d.sets.clone(),
             lanes: d.lanes.clone(),
+            shaping: d.shaping.clone(),
+            routes: d.routes.clone(),
+            warm: d.warm.clone(),
+            config_flags: d.config_flags,
         }
     }
 
@@ -263,6 +392,19 @@ impl Incremental {
     #[must_use]
     pub fn pending_pods(&self) -> usize {
         self.pending
+    }
+
+    /// Time until the first warming backend's warm-up is over (its entry and, with the last
+    /// one, the frontend's warm-up flag can go): the agent wakes for it.
+    #[must_use]
+    pub fn next_warm_expiry(&self) -> Option<std::time::Duration> {
+        let now = (self.clock)();
+        self.warm
+            .entries()
+            .values()
+            .map(|e| e.ready_ns.saturating_add(e.warmup_ns).saturating_sub(now))
+            .min()
+            .map(std::time::Duration::from_nanos)
     }
 
     /// The warning counts of the current state.

@@ -49,14 +49,15 @@ fn one_service() -> DatapathState {
             (SetKey { svc_id: 1, lane: GRAY }, vec![be(3)]),
         ]),
         lanes: BTreeMap::from([(GRAY, chain(&[0], 0))]),
+        ..DatapathState::default()
     }
 }
 
 /// The phase of an op in a plan from `current` (see [`plan`]).
 fn rank(op: &Op, current: &DatapathState, ops: &[Op]) -> u8 {
     match op {
-        Op::SetLanePolicy { .. } => 0,
-        Op::ReplaceSet { .. } => 1,
+        Op::SetConfigFlags { .. } | Op::SetLanePolicy { .. } => 0,
+        Op::ReplaceSet { .. } | Op::SetShaping { .. } | Op::SetRoute { .. } | Op::SetWarm { .. } => 1,
         Op::RemoveSet { key } if is_clearing(*key, current, ops) => 1,
         Op::UpsertFrontend { .. } => 2,
         Op::RegisterPod { .. } => 3,
@@ -64,6 +65,7 @@ fn rank(op: &Op, current: &DatapathState, ops: &[Op]) -> u8 {
         Op::RemoveFrontend { .. } => 5,
         Op::RemoveSet { .. } => 6,
         Op::RemoveLanePolicy { .. } => 7,
+        Op::RemoveShaping { .. } | Op::RemoveRoute { .. } | Op::RemoveWarm { .. } => 8,
     }
 }
 
@@ -616,6 +618,10 @@ impl DatapathWriter for Checker<'_> {
             Op::ReplaceSet { key, .. } | Op::RemoveSet { key } => format!("set {key:?}"),
             Op::UpsertFrontend { key, .. } | Op::RemoveFrontend { key, .. } => format!("frontend {key:?}"),
             Op::RegisterPod { cgroup_id, .. } | Op::UnregisterPod { cgroup_id } => format!("pod {cgroup_id}"),
+            Op::SetConfigFlags { .. } => "config".to_owned(),
+            Op::SetShaping { svc_id, .. } | Op::RemoveShaping { svc_id } => format!("shaping {svc_id}"),
+            Op::SetRoute { key, .. } | Op::RemoveRoute { key } => format!("route {key:?}"),
+            Op::SetWarm { key, .. } | Op::RemoveWarm { key } => format!("warm {key:?}"),
         };
         assert!(self.seen.insert(target), "{op} written twice");
         match op {
@@ -662,6 +668,15 @@ impl DatapathWriter for Checker<'_> {
             Op::UnregisterPod { cgroup_id } => assert!(state.pods.contains_key(cgroup_id), "no-op {op}"),
             Op::RemoveFrontend { key, previous } => assert_eq!(state.frontends.get(key), Some(previous)),
             Op::RemoveLanePolicy { lane } => assert!(state.lanes.contains_key(lane), "no-op {op}"),
+            Op::SetConfigFlags { flags } => assert_ne!(state.config_flags, *flags, "no-op {op}"),
+            Op::SetShaping { svc_id, shaping } => {
+                assert_ne!(state.shaping.get(svc_id), Some(shaping), "no-op {op}");
+            }
+            Op::SetRoute { key, chain } => assert_ne!(state.routes.get(key), Some(chain), "no-op {op}"),
+            Op::SetWarm { key, entry } => assert_ne!(state.warm.get(key), Some(entry), "no-op {op}"),
+            Op::RemoveShaping { svc_id } => assert!(state.shaping.contains_key(svc_id), "no-op {op}"),
+            Op::RemoveRoute { key } => assert!(state.routes.contains_key(key), "no-op {op}"),
+            Op::RemoveWarm { key } => assert!(state.warm.contains_key(key), "no-op {op}"),
         }
         self.state.apply(op)
     }

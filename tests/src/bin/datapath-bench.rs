@@ -436,9 +436,10 @@ impl Bench {
         };
         let v4: Vec<SocketAddr> = backends.iter().map(|b| echo(b, false)).collect();
         let v6: Vec<SocketAddr> = backends.iter().map(|b| echo(b, true)).collect();
+        let flags = shape_bench_services(&mut sb, &v4, &v6);
         for proto in [Proto::Tcp, Proto::Udp] {
-            sb.service(addr(VIP4), proto, 1, 0, &[("gray", &v4), ("base", &v4)]);
-            sb.service(addr(VIP6), proto, 2, 0, &[("gray", &v6), ("base", &v6)]);
+            sb.service(addr(VIP4), proto, 1, flags, &[("gray", &v4), ("base", &v4)]);
+            sb.service(addr(VIP6), proto, 2, flags, &[("gray", &v6), ("base", &v6)]);
         }
         let config = json!({
             "quick": o.quick, "clients": o.clients, "secs": o.secs, "warmup": o.warmup,
@@ -1126,4 +1127,51 @@ fn populate_other_workloads(api: &FakeApiServer, pods: usize, services: usize, e
         "    fake API server loaded with the other workloads in {:.1} s",
         started.elapsed().as_secs_f64()
     );
+}
+/// `TAGGER_BENCH_SHAPING=warmup|routed|canary`: the benchmarked Services (ids 1 and 2) use that
+/// traffic shaping feature, to measure its hook cost (`warmup`: one of the two backends just
+/// became ready, weight 10%, the costliest pick; `routed`: a rule sends gray callers to base;
+/// `canary`: a sticky canary, which the gray caller does not take but still reads). Returns the
+/// frontends' flags.
+fn shape_bench_services(sb: &mut Sandbox, v4: &[SocketAddr], v6: &[SocketAddr]) -> u32 {
+    use tagger_common::{
+        LanePolicy, RouteKey, SHAPE_F_CANARY, SHAPE_F_STICKY, SHAPE_F_WARMUP, SVC_F_ROUTED, SVC_F_SHAPED,
+        SvcShaping, WarmKey, lane_id,
+    };
+    let Ok(feature) = std::env::var("TAGGER_BENCH_SHAPING") else { return 0 };
+    eprintln!("    shaping: {feature}");
+    let t = sb.dp.dp.tables_mut();
+    match feature.as_str() {
+        "warmup" => {
+            let w = tagger::shaping::Warmup::new(Duration::from_hours(1), 1.0, 10.0);
+            for (svc_id, addrs) in [(1, v4), (2, v6)] {
+                t.set_shaping(svc_id, &SvcShaping { flags: SHAPE_F_WARMUP, ..SvcShaping::default() })
+                    .expect("shaping");
+                let b = backend(addrs[0]);
+                let key = WarmKey { svc_id, port: b.port, _pad: 0, addr: b.addr };
+                t.set_warm(key, &w.entry(tagger::shaping::monotonic_now_ns())).expect("warm");
+            }
+            SVC_F_SHAPED
+        }
+        "canary" => {
+            let s = SvcShaping {
+                flags: SHAPE_F_CANARY | SHAPE_F_STICKY,
+                canary_lane: lane_id("gray"),
+                canary_bp: 1000,
+                _pad: 0,
+            };
+            for svc_id in [1, 2] {
+                t.set_shaping(svc_id, &s).expect("shaping");
+            }
+            SVC_F_SHAPED
+        }
+        "routed" => {
+            let chain = LanePolicy { chain_len: 1, ..LanePolicy::default() };
+            for svc_id in [1, 2] {
+                t.set_route(RouteKey { svc_id, caller_lane: lane_id("gray") }, &chain).expect("route");
+            }
+            SVC_F_ROUTED
+        }
+        other => panic!("TAGGER_BENCH_SHAPING={other}: expected warmup, routed or canary"),
+    }
 }

@@ -85,7 +85,11 @@ fn one_service_with_lanes() {
     assert_eq!((svc.svc_id, svc.flags), (1, 0));
     assert_eq!(
         d.origins[&1],
-        FrontendOrigin { service: ObjectRef::new("shop", "web"), port_name: "http".into() }
+        FrontendOrigin {
+            service: ObjectRef::new("shop", "web"),
+            port_name: "http".into(),
+            shaping: super::ServiceShaping::default(),
+        }
     );
     assert_eq!(
         sets_of(&d, "10.96.0.10:80", Proto::Tcp),
