@@ -9,6 +9,9 @@
 //!     fallback: [gray, base]
 //!   payments-canary:
 //!     strict: true                # no fallback: connect fails with EPERM
+//!   blue:
+//!     rehome: true                # when blue has ready backends again, reset connections
+//!                                 # that had fallen back from it (off by default)
 //! ```
 //!
 //! Lanes not listed fall back to base; so does every lane when the file is empty. A chain is
@@ -24,7 +27,7 @@ use std::{
 };
 
 use serde::{Deserialize, Deserializer, Serialize};
-use tagger_common::{BASE_LANE, LANE_F_STRICT, LanePolicy, MAX_CHAIN, MAX_LANES, lane_id};
+use tagger_common::{BASE_LANE, LANE_F_REHOME, LANE_F_STRICT, LanePolicy, MAX_CHAIN, MAX_LANES, lane_id};
 
 use crate::labels::validate_label_value;
 
@@ -139,6 +142,10 @@ pub struct LaneConfig {
     /// No fallback: a connect finding no backend of this lane fails (EPERM).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub strict: bool,
+    /// When the lane gets ready backends again, the agent resets the connections that had
+    /// fallen back from it, so they reconnect into the lane (rate-limited).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rehome: bool,
 }
 
 impl LanesConfig {
@@ -218,8 +225,8 @@ impl LaneConfig {
     /// validated config never needs that.
     #[must_use]
     pub fn policy(&self) -> LanePolicy {
-        let mut policy =
-            LanePolicy { flags: if self.strict { LANE_F_STRICT } else { 0 }, ..LanePolicy::default() };
+        let flags = if self.strict { LANE_F_STRICT } else { 0 } | if self.rehome { LANE_F_REHOME } else { 0 };
+        let mut policy = LanePolicy { flags, ..LanePolicy::default() };
         let chain = self.chain();
         for (slot, name) in policy.chain.iter_mut().zip(&chain) {
             *slot = lane_id(name);
@@ -347,6 +354,14 @@ lanes:
         assert_eq!(names[&BASE_LANE], "base");
         assert_eq!(names[&lane_id("gray")], "gray");
         assert_eq!(names[&lane_id("payments-canary")], "payments-canary");
+    }
+
+    #[test]
+    fn rehome_sets_its_flag_and_is_off_by_default() {
+        let cfg = LanesConfig::parse("lanes:\n  blue:\n    rehome: true\n  gray: {}\n").unwrap();
+        let p = cfg.policies();
+        assert_eq!(p[&lane_id("blue")].flags, LANE_F_REHOME);
+        assert_eq!(p[&lane_id("gray")].flags, 0);
     }
 
     #[test]

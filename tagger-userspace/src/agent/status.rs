@@ -27,6 +27,7 @@ pub struct AgentStatus {
     watch_restarts: AtomicU64,
     last_sync_unix: AtomicU64,
     pending_pods: AtomicU64,
+    connections_reset: AtomicU64,
     warnings: Mutex<BTreeMap<String, u64>>,
     ignored_kinds: Mutex<BTreeMap<String, u64>>,
     reconcile_seconds: Histogram,
@@ -44,6 +45,7 @@ impl Default for AgentStatus {
             watch_restarts: AtomicU64::default(),
             last_sync_unix: AtomicU64::default(),
             pending_pods: AtomicU64::default(),
+            connections_reset: AtomicU64::default(),
             warnings: Mutex::default(),
             ignored_kinds: Mutex::default(),
             // 50 µs to ~3.3 s.
@@ -94,6 +96,16 @@ impl AgentStatus {
     /// Counts a watch that failed and is being restarted.
     pub fn count_watch_restart(&self) {
         self.watch_restarts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts stale connections reset.
+    pub fn count_resets(&self, n: u64) {
+        self.connections_reset.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Stale connections reset since start.
+    pub fn connections_reset(&self) -> u64 {
+        self.connections_reset.load(Ordering::Relaxed)
     }
 
     /// Pods whose cgroup has not appeared yet.

@@ -28,6 +28,25 @@ pub struct StatsReport {
     pub rates: Option<BTreeMap<&'static str, f64>>,
     /// Per-Service rows, by Service, caller lane, backend lane, outcome.
     pub per_service: Vec<ServiceStatRow>,
+    /// Steered connections open now, per (Service, caller lane, backend lane).
+    pub active_connections: Vec<ActiveRow>,
+    /// Steered connections open now, per backend (`ip:port`).
+    pub backend_connections: BTreeMap<String, u64>,
+}
+
+/// Open steered connections of one (Service, caller lane, backend lane).
+#[derive(Debug, Serialize)]
+pub struct ActiveRow {
+    /// The Service id.
+    pub svc_id: u32,
+    /// Names, when published.
+    pub service: Option<ServiceName>,
+    /// Lane of the calling pods.
+    pub caller_lane: LaneRef,
+    /// Lane of the backends.
+    pub backend_lane: LaneRef,
+    /// Connections open now (TCP established, connected UDP).
+    pub connections: u64,
 }
 
 /// One (Service, caller lane, backend lane, outcome) row.
@@ -81,6 +100,8 @@ pub struct Snapshot {
     pub rows: BTreeMap<StatKey, u64>,
     /// When it was taken.
     pub at: Option<Instant>,
+    /// Open steered connections.
+    pub gauges: crate::lifecycle::Gauges,
 }
 
 impl Snapshot {
@@ -88,7 +109,8 @@ impl Snapshot {
     pub fn read(tables: &Tables) -> crate::Result<Self> {
         let counters = tables.counters()?.by_outcome;
         let rows = tables.service_stats()?.into_iter().map(|s| (s.key, s.count)).collect();
-        Ok(Self { counters, rows, at: Some(Instant::now()) })
+        let gauges = crate::lifecycle::Gauges::of(&tables.connections()?);
+        Ok(Self { counters, rows, at: Some(Instant::now()), gauges })
     }
 }
 
@@ -155,7 +177,28 @@ pub fn report(
         };
         key(a).cmp(&key(b))
     });
-    StatsReport { interval_seconds: secs, counters, rates, per_service }
+    let active_connections = now
+        .gauges
+        .per_service_lane
+        .iter()
+        .map(|(&(svc_id, caller, backend), &connections)| ActiveRow {
+            svc_id,
+            service: names.service(svc_id),
+            caller_lane: names.lane(caller),
+            backend_lane: names.lane(backend),
+            connections,
+        })
+        .collect();
+    let backend_connections =
+        now.gauges.per_backend.iter().map(|(b, &n)| (crate::net::backend_addr(b).to_string(), n)).collect();
+    StatsReport {
+        interval_seconds: secs,
+        counters,
+        rates,
+        per_service,
+        active_connections,
+        backend_connections,
+    }
 }
 
 /// The report as tables.
@@ -199,6 +242,23 @@ pub fn render_tables(names: &Names, r: &StatsReport) -> String {
     if r.per_service.is_empty() {
         out.push_str("no per-Service decision counted yet\n");
     } else {
+        let _ = writeln!(out, "{t}");
+    }
+    if !r.active_connections.is_empty() {
+        let mut t = table(&["service", "caller lane", "backend lane", "open connections"], &[3]);
+        for row in &r.active_connections {
+            t.add_row(vec![
+                row.service.as_ref().map_or_else(|| format!("svc {}", row.svc_id), ToString::to_string),
+                names.lane_label(row.caller_lane.id),
+                names.lane_label(row.backend_lane.id),
+                row.connections.to_string(),
+            ]);
+        }
+        let _ = writeln!(out, "{t}");
+        let mut t = table(&["backend", "open connections"], &[1]);
+        for (b, n) in &r.backend_connections {
+            t.add_row(vec![b.clone(), n.to_string()]);
+        }
         let _ = writeln!(out, "{t}");
     }
     out
@@ -286,6 +346,7 @@ mod tests {
             counters: BTreeMap::from([(Outcome::Steered, steered)]),
             rows: BTreeMap::from([(key, row_count), (refused, 1)]),
             at: Some(base + Duration::from_secs(secs_later)),
+            gauges: crate::lifecycle::Gauges::default(),
         }
     }
 

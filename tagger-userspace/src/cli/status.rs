@@ -43,6 +43,8 @@ pub struct StatusReport {
     pub config: Option<ConfigStatus>,
     /// Whether the agent answers.
     pub agent: AgentProbe,
+    /// How stale connections are reset on this kernel (see `tagger::lifecycle`).
+    pub reset_mechanism: String,
 }
 
 /// A program's link.
@@ -175,6 +177,7 @@ pub fn collect(dir: &Path, agent_addr: &str) -> anyhow::Result<StatusReport> {
         maps_error,
         config,
         agent: probe_agent(agent_addr),
+        reset_mechanism: crate::lifecycle::Mechanism::probe().name(),
     })
 }
 
@@ -347,6 +350,7 @@ fn print_tables(r: &StatusReport) {
         }
     };
     println!("agent at {}: {agent}", r.agent.address);
+    println!("stale connection reset: {}", r.reset_mechanism);
 }
 
 /// A fill ratio for people; a non-empty map never reads as 0.0%.

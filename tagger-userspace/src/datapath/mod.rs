@@ -24,7 +24,7 @@ use std::{
 
 use aya::{
     EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+    programs::{CgroupAttachMode, Program, ProgramError, links::FdLink},
 };
 pub use tables::{Access, CounterSnapshot, ServiceStat, Tables};
 use tagger_common::ALL_MAPS;
@@ -38,9 +38,20 @@ use crate::{
 /// The datapath object, built by `build.rs` from tagger-ebpf.
 static DATAPATH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tagger-ebpf"));
 
-/// The cgroup socket-address programs, by the name of their function in tagger-ebpf.
-pub const PROGRAMS: [&str; 8] =
-    ["connect4", "connect6", "sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6", "getpeername4", "getpeername6"];
+/// The programs attached to the cgroup, by the name of their function in tagger-ebpf: the
+/// socket-address programs, then connection tracking (`conn_track`: sockops; `conn_release`: cgroup sock_release, for UDP).
+pub const PROGRAMS: [&str; 10] = [
+    "connect4",
+    "connect6",
+    "sendmsg4",
+    "sendmsg6",
+    "recvmsg4",
+    "recvmsg6",
+    "getpeername4",
+    "getpeername6",
+    "conn_track",
+    "conn_release",
+];
 
 /// Where the datapath's pins live.
 #[derive(Clone, Debug)]
@@ -215,29 +226,34 @@ fn attach(layout: &PinLayout, cgroup: &CgroupRef, programs: &[&'static str]) -> 
     let mut ebpf = loader.load(DATAPATH_OBJECT).map_err(Box::new)?;
     let cgroup_dir = fs::File::open(&cgroup.path).map_err(|e| Error::io(&cgroup.path, e))?;
     for &name in programs {
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or_else(|| Error::Invalid {
-                what: "datapath object",
-                reason: format!("program {name} missing"),
-            })?
-            .try_into()
-            .map_err(|source| Error::Program { program: name, source: Box::new(source) })?;
-        program.load().map_err(|source| Error::Program { program: name, source: Box::new(source) })?;
-        let link_id = program
-            .attach(&cgroup_dir, CgroupAttachMode::Single)
-            .map_err(|source| Error::Program { program: name, source: Box::new(source) })?;
-        let link = program
-            .take_link(link_id)
-            .map_err(|source| Error::Program { program: name, source: Box::new(source) })?;
-        let fd_link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| Error::Pin {
-            path: layout.link(name),
-            reason: e.to_string(),
+        let program = ebpf.program_mut(name).ok_or_else(|| Error::Invalid {
+            what: "datapath object",
+            reason: format!("program {name} missing"),
         })?;
+        let fd_link = load_and_attach(program, &cgroup_dir)
+            .map_err(|source| Error::Program { program: name, source: Box::new(source) })?;
         let path = layout.link(name);
         fd_link.pin(&path).map_err(|e| Error::Pin { path: path.clone(), reason: e.to_string() })?;
     }
     Ok(())
+}
+
+/// Loads one cgroup program and attaches it with a link (kernel >= 5.7 for every type used).
+fn load_and_attach(program: &mut Program, cgroup_dir: &fs::File) -> Result<FdLink, ProgramError> {
+    macro_rules! attach_as {
+        ($p:expr) => {{
+            $p.load()?;
+            let id = $p.attach(cgroup_dir, CgroupAttachMode::Single)?;
+            let link = $p.take_link(id)?;
+            FdLink::try_from(link).map_err(|e| ProgramError::IOError(io::Error::other(e.to_string())))
+        }};
+    }
+    match program {
+        Program::CgroupSockAddr(p) => attach_as!(p),
+        Program::SockOps(p) => attach_as!(p),
+        Program::CgroupSock(p) => attach_as!(p),
+        _ => Err(ProgramError::IOError(io::Error::other("unexpected program type"))),
+    }
 }
 
 /// Refuses a pin directory that is not on bpffs (pins elsewhere fail, or worse, vanish).

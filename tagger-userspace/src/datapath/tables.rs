@@ -5,10 +5,11 @@ use std::{collections::BTreeMap, fmt};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap};
 use tagger_common::{
     BASE_LANE, Backend, BackendSet, DatapathConfig, FrontendKey, LaneName, LanePolicy, LaneTables,
-    MAP_BACKEND_SETS, MAP_BACKEND_SLOTS, MAP_CONFIG, MAP_COUNTERS, MAP_FRONTENDS, MAP_LANE_NAMES, MAP_LANES,
-    MAP_POD_META, MAP_PODS, MAP_REVNAT, MAP_SERVICE_META, MAP_SVC_STATS, MAX_BACKEND_SETS, MAX_BACKENDS,
-    MAX_CGROUP_LEVEL, MAX_FRONTENDS, MAX_LANES, MAX_PODS, Outcome, PodEntry, PodMeta, RevNatKey, RevNatValue,
-    Service, ServiceMeta, SetKey, SlotKey, StatKey, field_str, name_field,
+    MAP_BACKEND_SETS, MAP_BACKEND_SLOTS, MAP_CONFIG, MAP_CONNS, MAP_COUNTERS, MAP_FRONTENDS, MAP_LANE_NAMES,
+    MAP_LANES, MAP_POD_META, MAP_PODS, MAP_REVNAT, MAP_SERVICE_META, MAP_SVC_STATS, MAX_BACKEND_SETS,
+    MAX_BACKENDS, MAX_CGROUP_LEVEL, MAX_FRONTENDS, MAX_LANES, MAX_PODS, Outcome, PodEntry, PodMeta,
+    RevNatKey, RevNatValue, Service, ServiceMeta, SetKey, SlotKey, SockRecord, StatKey, field_str,
+    name_field,
 };
 
 use super::PinLayout;
@@ -28,6 +29,7 @@ pub struct Tables {
     pod_meta: HashMap<MapData, u64, PodMeta>,
     service_meta: HashMap<MapData, u32, ServiceMeta>,
     lane_names: HashMap<MapData, u32, LaneName>,
+    conns: HashMap<MapData, u64, SockRecord>,
 }
 
 /// How the maps are opened.
@@ -139,6 +141,7 @@ impl Tables {
             pod_meta: open_typed!(layout, MAP_POD_META, access),
             service_meta: open_typed!(layout, MAP_SERVICE_META, access),
             lane_names: open_typed!(layout, MAP_LANE_NAMES, access),
+            conns: open_typed!(layout, MAP_CONNS, access),
         })
     }
 
@@ -248,6 +251,7 @@ impl Tables {
             (MAP_POD_META, self.pod_meta.keys().count(), tagger_common::MAX_PODS),
             (MAP_SERVICE_META, self.service_meta.keys().count(), MAX_FRONTENDS),
             (MAP_LANE_NAMES, self.lane_names.keys().count(), MAX_LANES),
+            (MAP_CONNS, self.conns.keys().count(), tagger_common::MAX_CONNS),
         ]
     }
 
@@ -503,6 +507,18 @@ impl Tables {
             snap.by_outcome.insert(outcome, values.iter().sum());
         }
         Ok(snap)
+    }
+
+    /// The steered connections currently tracked, by socket cookie.
+    pub fn connections(&self) -> Result<Vec<(u64, SockRecord)>> {
+        // An entry removed while iterating (a connection closing) ends the walk early at worst;
+        // the gauges are a snapshot either way.
+        Ok(self.conns.iter().filter_map(std::result::Result::ok).collect())
+    }
+
+    /// Forgets one tracked connection (after resetting it).
+    pub fn forget_connection(&mut self, cookie: u64) -> Result<()> {
+        ignore_not_found(self.conns.remove(&cookie)).map_err(map_err(MAP_CONNS, "remove", cookie))
     }
 
     /// Per-(Service, caller lane, backend lane, outcome) statistics.
