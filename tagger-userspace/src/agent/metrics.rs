@@ -177,6 +177,51 @@ impl Collector for AgentCollector {
     }
 }
 
+/// The active-connection gauges, from the tracked connections.
+fn encode_connections(
+    encoder: &mut DescriptorEncoder,
+    conns: &[(u64, tagger_common::SockRecord)],
+    names: &std::collections::BTreeMap<u32, (String, String, String)>,
+    lane: &impl Fn(u32) -> String,
+) -> Result<(), std::fmt::Error> {
+    let g = crate::lifecycle::Gauges::of(conns);
+    let family = Family::<ConnLabels, Gauge>::default();
+    for ((svc_id, caller, backend_lane), n) in g.per_service_lane {
+        let (namespace, service, port) = names
+            .get(&svc_id)
+            .cloned()
+            .unwrap_or_else(|| (String::new(), format!("svc-{svc_id}"), String::new()));
+        family
+            .get_or_create(&ConnLabels {
+                namespace,
+                service,
+                port,
+                caller_lane: lane(caller),
+                backend_lane: lane(backend_lane),
+            })
+            .set(clamp(n));
+    }
+    family.encode(encoder.encode_descriptor(
+        "active_connections",
+        "Steered connections open now (TCP established, connected UDP), per Service and lanes",
+        None,
+        family.metric_type(),
+    )?)?;
+    let family = Family::<BackendLabel, Gauge>::default();
+    for (b, n) in g.per_backend {
+        family
+            .get_or_create(&BackendLabel { backend: crate::net::backend_addr(&b).to_string() })
+            .set(clamp(n));
+    }
+    family.encode(encoder.encode_descriptor(
+        "backend_active_connections",
+        "Steered connections open now, per backend",
+        None,
+        family.metric_type(),
+    )?)?;
+    Ok(())
+}
+
 fn clamp(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -246,41 +291,7 @@ impl Collector for DatapathCollector {
             )?)?;
         }
         if let Ok(conns) = t.connections() {
-            let g = crate::lifecycle::Gauges::of(&conns);
-            let family = Family::<ConnLabels, Gauge>::default();
-            for ((svc_id, caller, backend_lane), n) in g.per_service_lane {
-                let (namespace, service, port) = names
-                    .get(&svc_id)
-                    .cloned()
-                    .unwrap_or_else(|| (String::new(), format!("svc-{svc_id}"), String::new()));
-                family
-                    .get_or_create(&ConnLabels {
-                        namespace,
-                        service,
-                        port,
-                        caller_lane: lane(caller),
-                        backend_lane: lane(backend_lane),
-                    })
-                    .set(clamp(n));
-            }
-            family.encode(encoder.encode_descriptor(
-                "active_connections",
-                "Steered connections open now (TCP established, connected UDP), per Service and lanes",
-                None,
-                family.metric_type(),
-            )?)?;
-            let family = Family::<BackendLabel, Gauge>::default();
-            for (b, n) in g.per_backend {
-                family
-                    .get_or_create(&BackendLabel { backend: crate::net::backend_addr(&b).to_string() })
-                    .set(clamp(n));
-            }
-            family.encode(encoder.encode_descriptor(
-                "backend_active_connections",
-                "Steered connections open now, per backend",
-                None,
-                family.metric_type(),
-            )?)?;
+            encode_connections(&mut encoder, &conns, &names, &lane)?;
         }
         let entries = Family::<MapLabel, Gauge>::default();
         let capacity = Family::<MapLabel, Gauge>::default();

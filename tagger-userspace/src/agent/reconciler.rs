@@ -331,7 +331,7 @@ fn probe_resets() -> bool {
     let mechanism = crate::lifecycle::Mechanism::probe();
     match &mechanism {
         crate::lifecycle::Mechanism::SockDestroy => {
-            info!(mechanism = %mechanism.name(), "stale connections will be reset")
+            info!(mechanism = %mechanism.name(), "stale connections will be reset");
         }
         crate::lifecycle::Mechanism::Unavailable(_) => {
             warn!(mechanism = %mechanism.name(), "stale connections cannot be reset on this kernel");

@@ -14,6 +14,8 @@ use std::{
 };
 
 const NETLINK_SOCK_DIAG: i32 = 4;
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
 const NLMSG_ERROR: u16 = 2;
@@ -210,7 +212,7 @@ fn destroy_here(cookies: &BTreeSet<u64>) -> io::Result<Vec<u64>> {
     let mut diag = Diag::open()?;
     let mut found = Vec::new();
     for protocol in [tagger_common::IPPROTO_TCP, tagger_common::IPPROTO_UDP] {
-        for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        for family in [AF_INET, AF_INET6] {
             diag.dump(family, protocol, &mut found)?;
         }
     }
@@ -248,7 +250,7 @@ pub fn destroy_in(netns: &File, cookies: &BTreeSet<u64>) -> io::Result<Vec<u64>>
 pub fn probe() -> io::Result<()> {
     let mut diag = Diag::open()?;
     let req = ReqV2 {
-        family: libc::AF_INET as u8,
+        family: AF_INET,
         protocol: tagger_common::IPPROTO_TCP,
         states: u32::MAX,
         id: SockId { cookie: [u32::MAX, u32::MAX], ..SockId::default() },
@@ -273,6 +275,12 @@ mod tests {
         assert_eq!(size_of::<ReqV2>(), 56);
         assert_eq!(size_of::<DiagMsg>(), 72);
         assert_eq!(size_of::<Request>(), 72);
+    }
+
+    #[test]
+    fn family_constants_match_libc() {
+        assert_eq!(i32::from(AF_INET), libc::AF_INET);
+        assert_eq!(i32::from(AF_INET6), libc::AF_INET6);
     }
 
     #[test]
