@@ -10,7 +10,12 @@ use std::{
 
 use tagger::{lifecycle, net::Proto};
 use tagger_common::{LANE_F_REHOME, lane_id};
-use tagger_tests::{client::HoldClient, hold::HoldServer, scenario::Sandbox};
+use tagger_tests::{
+    agent::{AgentSandbox, pod_in_lane, set_size},
+    client::HoldClient,
+    hold::HoldServer,
+    scenario::Sandbox,
+};
 
 /// Port of the holding backends (the sandbox's ordinary backends use 8080).
 const HOLD_PORT: u16 = 9090;
@@ -147,4 +152,36 @@ fn rehome_resets_fallen_back_connections_when_their_lane_returns() {
     expect_ok(&gray_client, "gray-1", vip);
     // Blue has no rehome policy (and no blue backends): untouched.
     assert_eq!(blue_client.next_line(QUIET), None);
+}
+
+#[test]
+fn the_agent_resets_a_gray_connection_when_its_endpoint_goes_not_ready() {
+    let wait = Duration::from_secs(10);
+    let mut sb = AgentSandbox::new();
+    sb.backend("h-base", None);
+    sb.backend("h-gray", Some("gray"));
+    sb.caller("gw", Some("gray"));
+    let vip: SocketAddr = "10.96.10.9:80".parse().unwrap();
+    sb.cluster.service("h", &[vip.ip()], vip.port(), HOLD_PORT, &["h-base", "h-gray"]);
+    let _servers: Vec<HoldServer> =
+        ["h-base", "h-gray"].iter().map(|n| HoldServer::start(&sb.netns[*n], n, HOLD_PORT)).collect();
+    sb.start_agent_on_file(&[]);
+    let cg = sb.pod_cgroup("gw");
+    sb.wait_for("gw registered and both sets", wait, |t| {
+        pod_in_lane(t, &cg, "gray")
+            && set_size(t, vip, "base") == Some(1)
+            && set_size(t, vip, "gray") == Some(1)
+    });
+    let client = HoldClient::start(&cg, &sb.netns["gw"].ns, "hold-tcp", vip);
+    expect_ok(&client, "h-gray", vip);
+
+    // The gray endpoint goes not ready: the agent empties the set and resets the connection.
+    sb.cluster.pods.get_mut("h-gray").unwrap().ready = false;
+    sb.write_source_file();
+    let line = client.next_line(wait).expect("the agent did not reset the gray connection");
+    assert!(line.starts_with(&format!("closed\t{}", libc::ECONNABORTED)), "{line}");
+    expect_ok(&client, "h-base", vip);
+    let log = sb.agent_log();
+    assert!(log.contains("stale connections will be reset"), "{log}");
+    assert!(log.contains("reset stale connection"), "{log}");
 }
