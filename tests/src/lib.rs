@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod backend;
+pub mod capture;
 pub mod cgroup;
 pub mod client;
 pub mod cluster;
