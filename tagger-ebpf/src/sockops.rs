@@ -31,11 +31,9 @@ use crate::maps::{CONNS, socks_ptr};
 pub fn conn_track(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         // A steered socket sends its SYN: ask for the header-option callbacks.
-        BPF_SOCK_OPS_TCP_CONNECT_CB => {
-            if !record_of(&ctx).is_null() {
-                #[expect(clippy::cast_possible_wrap, reason = "small flag bits")]
-                let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
-            }
+        BPF_SOCK_OPS_TCP_CONNECT_CB if !record_of(&ctx).is_null() => {
+            #[expect(clippy::cast_possible_wrap, reason = "small flag bits")]
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
         }
         BPF_SOCK_OPS_HDR_OPT_LEN_CB if is_syn(&ctx) => {
             // SAFETY: the helper takes this program's context.

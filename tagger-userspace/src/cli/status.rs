@@ -323,6 +323,10 @@ fn print_tables(r: &StatusReport) {
         let (entries, capacity, fill) = match (m.pinned, m.entries, m.capacity, m.fill_ratio) {
             (false, ..) => ("NOT PINNED".to_owned(), String::new(), String::new()),
             (true, Some(n), Some(cap), Some(ratio)) => (n.to_string(), cap.to_string(), percent(n, ratio)),
+            // Socket storage has no entries to count: each lives in its socket.
+            (true, ..) if m.map == tagger_common::MAP_SOCK => {
+                ("(per socket)".to_owned(), String::new(), String::new())
+            }
             (true, ..) if r.maps_error.is_none() => ("(array)".to_owned(), String::new(), String::new()),
             (true, ..) => ("?".to_owned(), String::new(), String::new()),
         };
