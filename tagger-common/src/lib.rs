@@ -10,6 +10,7 @@ pub mod lane;
 pub mod maps;
 pub mod resolve;
 pub mod shaping;
+pub mod wire;
 
 pub use lane::{BASE_LANE, lane_id};
 pub use maps::*;

@@ -31,9 +31,17 @@ pub const MAP_POD_META: &str = "TAGGER_PMETA_V1";
 pub const MAP_SERVICE_META: &str = "TAGGER_SMETA_V1";
 /// Lane id (`u32`) → [`LaneName`] (not read by the programs).
 pub const MAP_LANE_NAMES: &str = "TAGGER_LNAME_V1";
+/// Socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`) → [`SockRecord`]: how the connect hook
+/// steered the socket. Read back by `getpeername`/`recvmsg` on connected sockets and by the
+/// sockops program; freed by the kernel with the socket.
+pub const MAP_SOCK: &str = "TAGGER_SOCK_V1";
+/// Socket cookie (`u64`) → [`SockRecord`]: the steered connections currently tracked (TCP from
+/// establishment to close, connected UDP from connect to release). Userspace reads it for the
+/// active-connection gauges and to reset connections to backends that left their set.
+pub const MAP_CONNS: &str = "TAGGER_CONN_V1";
 
 /// Every map the datapath pins, in a fixed order (used for pin management and `status`).
-pub const ALL_MAPS: [&str; 15] = [
+pub const ALL_MAPS: [&str; 17] = [
     MAP_PODS,
     MAP_FRONTENDS,
     MAP_BACKEND_SETS,
@@ -49,6 +57,8 @@ pub const ALL_MAPS: [&str; 15] = [
     crate::shaping::MAP_SHAPING,
     crate::shaping::MAP_ROUTES,
     crate::shaping::MAP_WARM,
+    MAP_SOCK,
+    MAP_CONNS,
 ];
 
 /// Pod cgroups registered on one node.
@@ -68,6 +78,9 @@ pub const MAX_LANES: u32 = 1_024;
 pub const MAX_REVNAT: u32 = 131_072;
 /// (Service, lane, outcome) statistics rows (LRU).
 pub const MAX_SVC_STATS: u32 = 65_536;
+/// Steered connections tracked at once (LRU: beyond it the oldest are forgotten, and can then
+/// no longer be reset).
+pub const MAX_CONNS: u32 = 131_072;
 /// Longest fallback chain of a lane.
 pub const MAX_CHAIN: usize = 8;
 /// Deepest cgroup level the datapath searches for a pod cgroup.
@@ -194,6 +207,10 @@ pub struct Backend {
 /// `LanePolicy::flags`: no fallback for this lane.
 pub const LANE_F_STRICT: u32 = 1;
 
+/// `LanePolicy::flags`: when the lane gets ready backends again, reset the connections that had
+/// fallen back from it, so they reconnect into the lane (`rehome: true`).
+pub const LANE_F_REHOME: u32 = 1 << 2;
+
 /// A lane's policy. Lanes without an entry fall back to base.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -248,6 +265,36 @@ pub struct RevNatValue {
     pub _pad: u16,
     /// [`Service::svc_id`].
     pub svc_id: u32,
+}
+
+/// `SockRecord::flags`: the connection fell back from the caller's lane.
+pub const SOCK_F_FELL_BACK: u8 = 1;
+
+/// How the datapath steered one socket ([`MAP_SOCK`], [`MAP_CONNS`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRecord {
+    /// Service address the application addressed, network order words (IPv4 mapped).
+    pub vip: [u32; 4],
+    /// The backend the socket was steered to.
+    pub backend: Backend,
+    /// Service port, network byte order.
+    pub vport: u16,
+    /// [`IPPROTO_TCP`] or [`IPPROTO_UDP`].
+    pub proto: u8,
+    /// `SOCK_F_*` bits.
+    pub flags: u8,
+    /// [`Service::svc_id`].
+    pub svc_id: u32,
+    /// Lane of the caller pod.
+    pub caller_lane: u32,
+    /// Lane of the backend's set.
+    pub backend_lane: u32,
+    /// Zero.
+    pub _pad: u32,
+    /// Cgroup id of the caller's pod (0: not a registered pod); lets userspace find the pod's
+    /// network namespace to reset the socket.
+    pub pod_cgroup: u64,
 }
 
 /// Key of the per-Service statistics.
@@ -424,6 +471,7 @@ mod pod_impls {
     unsafe impl aya::Pod for super::PodMeta {}
     unsafe impl aya::Pod for super::ServiceMeta {}
     unsafe impl aya::Pod for super::LaneName {}
+    unsafe impl aya::Pod for super::SockRecord {}
 }
 
 #[cfg(test)]
@@ -446,6 +494,7 @@ mod tests {
         assert_eq!(size_of::<RevNatValue>(), 24);
         assert_eq!(size_of::<StatKey>(), 16);
         assert_eq!(size_of::<DatapathConfig>(), 16);
+        assert_eq!(size_of::<SockRecord>(), 64);
     }
 
     #[test]

@@ -14,6 +14,7 @@
 
 mod maps;
 mod shaping;
+mod sockops;
 
 use aya_ebpf::{
     EbpfContext,
@@ -23,12 +24,12 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use tagger_common::{
-    BASE_LANE, Backend, FAMILY_V6, FrontendKey, LaneTables, Outcome, Resolution, RevNatKey, RevNatValue,
-    SlotKey, is_v4_mapped, shaping_of, v4_mapped,
+    BASE_LANE, Backend, FAMILY_V6, FrontendKey, IPPROTO_UDP, LaneTables, Outcome, Resolution, RevNatKey,
+    RevNatValue, SOCK_F_FELL_BACK, SlotKey, SockRecord, is_v4_mapped, shaping_of, v4_mapped,
 };
 
 use crate::maps::{
-    BACKEND_SLOTS, CONFIG, FRONTENDS, PODS, REVNAT, Tables, count, count_service, insert_revnat,
+    BACKEND_SLOTS, CONFIG, CONNS, FRONTENDS, PODS, REVNAT, SOCKS, Tables, count, count_service, insert_revnat,
 };
 
 /// Return value that lets the syscall proceed.
@@ -203,6 +204,7 @@ fn try_steer(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
     };
     let who = caller();
     let caller = who.lane;
+    let pod_cgroup = who.pod;
     let tables = Tables;
     let shaping = shaping_of(&tables, &svc);
     let resolution = shaping::resolve(&tables, &svc, &who, shaping.as_ref());
@@ -239,23 +241,61 @@ fn try_steer(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
         return PROCEED;
     }
     set_user_addr(sa, v6, &backend.addr, backend.port);
-    remember(ctx, hook, &backend, &addr, port, svc.svc_id);
+    let record = SockRecord {
+        vip: addr,
+        backend,
+        vport: port,
+        proto,
+        flags: if matches!(outcome, Outcome::FellBack) { SOCK_F_FELL_BACK } else { 0 },
+        svc_id: svc.svc_id,
+        caller_lane: caller,
+        backend_lane: lane,
+        _pad: 0,
+        pod_cgroup,
+    };
+    remember(ctx, hook, &record);
     count(outcome);
     count_service(svc.svc_id, caller, lane, outcome);
     PROCEED
 }
 
-/// Records what the socket must keep seeing: the Service address, keyed by the socket and the
-/// backend it now talks to.
+/// Records what the socket must keep seeing. A connected socket keeps its record in socket
+/// storage (freed with the socket; no shared-table insert on the connect path), and a connected
+/// UDP socket is tracked at once (TCP is tracked by sockops when established). An unconnected
+/// UDP `sendmsg` may address many Services from one socket: keyed by socket and backend in the
+/// LRU reverse table.
 #[inline(always)]
-fn remember(ctx: &SockAddrContext, _hook: Hook, backend: &Backend, vip: &[u32; 4], vport: u16, svc_id: u32) {
+fn remember(ctx: &SockAddrContext, hook: Hook, record: &SockRecord) {
+    if hook == Hook::Connect {
+        let mut init = *record;
+        // SAFETY: the helper takes the context's socket, valid for the invocation; the returned
+        // pointer is this socket's storage (or null) and is written once, at once.
+        let stored = unsafe { SOCKS.get_or_insert_ptr_mut(ctx, Some(&mut init)) };
+        if !stored.is_null() {
+            // A socket connecting again (UDP may) replaces its record.
+            // SAFETY: non-null storage of this socket, sized for a SockRecord.
+            unsafe { *stored = *record };
+            if record.proto == IPPROTO_UDP {
+                track_udp(ctx, record);
+            }
+            return;
+        }
+    }
     // SAFETY: `bpf_get_socket_cookie` accepts a sock_addr context and has no other precondition.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let key = RevNatKey { cookie, addr: backend.addr, port: backend.port, _pad: [0; 6] };
-    let value = RevNatValue { addr: *vip, port: vport, _pad: 0, svc_id };
+    let key = RevNatKey { cookie, addr: record.backend.addr, port: record.backend.port, _pad: [0; 6] };
+    let value = RevNatValue { addr: record.vip, port: record.vport, _pad: 0, svc_id: record.svc_id };
     if insert_revnat(&key, &value).is_err() {
         count(Outcome::RevNatFull);
     }
+}
+
+/// Tracks a connected UDP socket until it is released (see `sockops::conn_release`).
+#[inline(always)]
+fn track_udp(ctx: &SockAddrContext, record: &SockRecord) {
+    // SAFETY: as in `remember`.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = CONNS.insert(&cookie, record, 0);
 }
 
 /// `getpeername` and `recvmsg`: show the Service address instead of the backend's.
@@ -264,6 +304,18 @@ fn try_reverse(ctx: &SockAddrContext, v6: bool) -> i32 {
     let sa = ctx.sock_addr;
     let addr = user_addr(sa, v6);
     let port = user_port(sa);
+    // SAFETY: no creation (null value, no flags); the pointer is this socket's storage or null,
+    // read at once.
+    let stored = unsafe { SOCKS.get_ptr_mut(ctx) };
+    if !stored.is_null() {
+        // SAFETY: non-null storage of this socket; SockRecord is Copy.
+        let record = unsafe { *stored };
+        if record.backend.addr == addr && record.backend.port == port {
+            set_user_addr(sa, v6, &record.vip, record.vport);
+            count(Outcome::RevNatApplied);
+            return PROCEED;
+        }
+    }
     // SAFETY: as in `remember`.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = RevNatKey { cookie, addr, port, _pad: [0; 6] };

@@ -2,15 +2,16 @@
 //! `tagger-common`, so userspace opens exactly these pins.
 
 use aya_ebpf::{
-    macros::map,
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray},
 };
 use tagger_common::{
     BPF_F_NO_PREALLOC, Backend, BackendSet, DatapathConfig, FrontendKey, LaneName, LanePolicy, LaneTables,
-    MAX_BACKEND_SETS, MAX_BACKEND_SLOTS, MAX_FRONTENDS, MAX_LANES, MAX_PODS, MAX_REVNAT, MAX_ROUTES,
-    MAX_SVC_STATS, MAX_WARM, OUTCOME_SLOTS, Outcome, PodEntry, PodMeta, RevNatKey, RevNatValue, RouteKey,
-    SHADOW_OFFSET, STAT_F_SHADOW, Service, ServiceMeta, SetKey, SlotKey, StatKey, SvcShaping, WarmEntry,
-    WarmKey,
+    MAX_BACKEND_SETS, MAX_BACKEND_SLOTS, MAX_CONNS, MAX_FRONTENDS, MAX_LANES, MAX_PODS, MAX_REVNAT,
+    MAX_ROUTES, MAX_SVC_STATS, MAX_WARM, OUTCOME_SLOTS, Outcome, PodEntry, PodMeta, RevNatKey, RevNatValue,
+    RouteKey, SHADOW_OFFSET, STAT_F_SHADOW, Service, ServiceMeta, SetKey, SlotKey, SockRecord, StatKey,
+    SvcShaping, WarmEntry, WarmKey,
 };
 
 #[map(name = "TAGGER_PODS_V1")]
@@ -33,6 +34,13 @@ pub static LANES: HashMap<u32, LanePolicy> = HashMap::with_max_entries(MAX_LANES
 
 #[map(name = "TAGGER_RNAT_V1")]
 pub static REVNAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::with_max_entries(MAX_REVNAT, 0);
+
+/// Per-socket steering record (BTF-defined: socket storage maps need BTF key and value types).
+#[btf_map(name = "TAGGER_SOCK_V1")]
+pub static SOCKS: SkStorage<SockRecord> = SkStorage::new();
+
+#[map(name = "TAGGER_CONN_V1")]
+pub static CONNS: LruHashMap<u64, SockRecord> = LruHashMap::with_max_entries(MAX_CONNS, 0);
 
 #[map(name = "TAGGER_CNT_V2")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(OUTCOME_SLOTS, 0);
@@ -136,4 +144,10 @@ fn count_row(key: StatKey) {
 #[inline(always)]
 pub fn insert_revnat(key: &RevNatKey, value: &RevNatValue) -> Result<(), i32> {
     REVNAT.insert(key, value, 0)
+}
+
+/// The socket storage map as the helpers' `map` argument.
+#[inline(always)]
+pub fn socks_ptr() -> *mut core::ffi::c_void {
+    core::ptr::from_ref(&SOCKS).cast_mut().cast()
 }

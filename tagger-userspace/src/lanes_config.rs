@@ -9,6 +9,9 @@
 //!     fallback: [gray, base]
 //!   payments-canary:
 //!     strict: true                # no fallback: connect fails with EPERM
+//!   blue:
+//!     rehome: true                # when blue has ready backends again, reset connections
+//!                                 # that had fallen back from it (off by default)
 //! ```
 //!
 //! Lanes not listed fall back to base; so does every lane when the file is empty. A chain is
@@ -46,8 +49,8 @@ use std::{
 
 use serde::{Deserialize, Deserializer, Serialize};
 use tagger_common::{
-    BASE_LANE, CFG_F_SHADOW, CFG_F_SHADOW_LANES, LANE_F_SHADOW, LANE_F_STRICT, LanePolicy, MAX_CHAIN,
-    MAX_LANES, lane_id,
+    BASE_LANE, CFG_F_SHADOW, CFG_F_SHADOW_LANES, LANE_F_REHOME, LANE_F_SHADOW, LANE_F_STRICT, LanePolicy,
+    MAX_CHAIN, MAX_LANES, lane_id,
 };
 
 use crate::{
@@ -290,6 +293,10 @@ pub struct LaneConfig {
     /// No fallback: a connect finding no backend of this lane fails (EPERM).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub strict: bool,
+    /// When the lane gets ready backends again, the agent resets the connections that had
+    /// fallen back from it, so they reconnect into the lane (rate-limited).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rehome: bool,
     /// `shadow`: this lane's callers' decisions are computed and counted, not applied.
     #[serde(default, skip_serializing_if = "Mode::is_enforce")]
     pub mode: Mode,
@@ -433,7 +440,8 @@ impl LaneConfig {
     /// validated config never needs that.
     #[must_use]
     pub fn policy(&self) -> LanePolicy {
-        let mut flags = if self.strict { LANE_F_STRICT } else { 0 };
+        let mut flags =
+            if self.strict { LANE_F_STRICT } else { 0 } | if self.rehome { LANE_F_REHOME } else { 0 };
         if self.mode == Mode::Shadow {
             flags |= LANE_F_SHADOW;
         }
@@ -585,6 +593,14 @@ lanes:
         assert_eq!(names[&BASE_LANE], "base");
         assert_eq!(names[&lane_id("gray")], "gray");
         assert_eq!(names[&lane_id("payments-canary")], "payments-canary");
+    }
+
+    #[test]
+    fn rehome_sets_its_flag_and_is_off_by_default() {
+        let cfg = LanesConfig::parse("lanes:\n  blue:\n    rehome: true\n  gray: {}\n").unwrap();
+        let p = cfg.policies();
+        assert_eq!(p[&lane_id("blue")].flags, LANE_F_REHOME);
+        assert_eq!(p[&lane_id("gray")].flags, 0);
     }
 
     #[test]

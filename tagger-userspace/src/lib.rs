@@ -10,6 +10,7 @@ pub mod error;
 pub mod fs;
 pub mod labels;
 pub mod lanes_config;
+pub mod lifecycle;
 pub mod model;
 pub mod net;
 pub mod reconcile;

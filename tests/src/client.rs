@@ -170,3 +170,49 @@ impl Drop for LoopClient {
         }
     }
 }
+
+/// A client holding one connection open at a time (`testpod ... hold-tcp|hold-udp|hold-udp-unconnected
+/// ADDR`): it prints `ok <reply> <peer>` when connected, `closed <errno>` when the connection
+/// fails, then reconnects. Lines arrive on a channel, so tests can wait with a deadline.
+#[derive(Debug)]
+pub struct HoldClient {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl HoldClient {
+    /// Starts the client (`mode`: `hold-tcp`, `hold-udp` or `hold-udp-unconnected`).
+    #[must_use]
+    pub fn start(cgroup: &Path, netns: &Netns, mode: &str, addr: SocketAddr) -> Self {
+        let mut child = Command::new(testpod_bin())
+            .args(["--cgroup", &cgroup.to_string_lossy(), "--netns", netns.name(), mode, &addr.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn testpod");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stdout.lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// The next line within `timeout`, if any.
+    #[must_use]
+    pub fn next_line(&self, timeout: std::time::Duration) -> Option<String> {
+        self.lines.recv_timeout(timeout).ok()
+    }
+}
+
+impl Drop for HoldClient {
+    fn drop(&mut self) {
+        // Only our own child, by its pid.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

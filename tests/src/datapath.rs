@@ -53,7 +53,7 @@ impl TestDatapath {
             panic!("installing the datapath: {e}")
         });
         assert!(
-            matches!(installed, Installed::Attached { ref programs } if programs.len() == 8),
+            matches!(installed, Installed::Attached { ref programs } if programs.len() == tagger::datapath::PROGRAMS.len()),
             "{installed:?}"
         );
         Self { dp, dir }

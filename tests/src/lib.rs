@@ -7,11 +7,13 @@
 
 pub mod agent;
 pub mod backend;
+pub mod capture;
 pub mod cgroup;
 pub mod client;
 pub mod cluster;
 pub mod datapath;
 pub mod fake_api;
+pub mod hold;
 pub mod netns;
 pub mod scenario;
 pub mod signals;

@@ -173,14 +173,17 @@ fn an_upgrade_to_a_new_map_layout_switches_programs_with_no_failed_connection() 
     let tagger::datapath::Installed::Upgrading { from, attached, replacing } = installed else {
         panic!("expected an upgrade, got {installed:?}")
     };
-    assert_eq!((from.as_deref(), attached.len(), replacing.len()), (Some("00000000000000aa"), 0, 8));
+    assert_eq!(
+        (from.as_deref(), attached.len(), replacing.len()),
+        (Some("00000000000000aa"), 0, tagger::datapath::PROGRAMS.len())
+    );
     assert!(dp.tables().pods().unwrap().is_empty(), "the new layout's maps start empty");
     assert_eq!(linked_programs(&pins.0), before, "nothing switches before the maps are filled");
     std::thread::sleep(std::time::Duration::from_millis(200));
 
     // Filled, then switched: same links, new programs, old maps gone, the build recorded.
     fill(&mut dp);
-    assert_eq!(dp.finish_upgrade().unwrap().len(), 8);
+    assert_eq!(dp.finish_upgrade().unwrap().len(), tagger::datapath::PROGRAMS.len());
     let after = linked_programs(&pins.0);
     for (b, a) in before.iter().zip(&after) {
         assert_eq!(b.0, a.0, "the link stays");

@@ -55,6 +55,20 @@ struct ServiceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnLabels {
+    namespace: String,
+    service: String,
+    port: String,
+    caller_lane: String,
+    backend_lane: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabel {
+    backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MapLabel {
     map: String,
 }
@@ -96,6 +110,12 @@ impl Collector for AgentCollector {
             "agent_reconcile_errors",
             "Datapath writes that failed or were skipped",
             snap.reconcile_errors,
+        )?;
+        counter(
+            &mut encoder,
+            "agent_connections_reset",
+            "Tracked connections reset because their backend left its set or their lane came back (rehome)",
+            s.connections_reset(),
         )?;
         counter(
             &mut encoder,
@@ -161,6 +181,51 @@ impl Collector for AgentCollector {
             ignored.metric_type(),
         )?)
     }
+}
+
+/// The active-connection gauges, from the tracked connections.
+fn encode_connections(
+    encoder: &mut DescriptorEncoder,
+    conns: &[(u64, tagger_common::SockRecord)],
+    names: &std::collections::BTreeMap<u32, (String, String, String)>,
+    lane: &impl Fn(u32) -> String,
+) -> Result<(), std::fmt::Error> {
+    let g = crate::lifecycle::Gauges::of(conns);
+    let family = Family::<ConnLabels, Gauge>::default();
+    for ((svc_id, caller, backend_lane), n) in g.per_service_lane {
+        let (namespace, service, port) = names
+            .get(&svc_id)
+            .cloned()
+            .unwrap_or_else(|| (String::new(), format!("svc-{svc_id}"), String::new()));
+        family
+            .get_or_create(&ConnLabels {
+                namespace,
+                service,
+                port,
+                caller_lane: lane(caller),
+                backend_lane: lane(backend_lane),
+            })
+            .set(clamp(n));
+    }
+    family.encode(encoder.encode_descriptor(
+        "active_connections",
+        "Steered connections open now (TCP established, connected UDP), per Service and lanes",
+        None,
+        family.metric_type(),
+    )?)?;
+    let family = Family::<BackendLabel, Gauge>::default();
+    for (b, n) in g.per_backend {
+        family
+            .get_or_create(&BackendLabel { backend: crate::net::backend_addr(&b).to_string() })
+            .set(clamp(n));
+    }
+    family.encode(encoder.encode_descriptor(
+        "backend_active_connections",
+        "Steered connections open now, per backend",
+        None,
+        family.metric_type(),
+    )?)?;
+    Ok(())
 }
 
 fn clamp(v: u64) -> i64 {
@@ -240,6 +305,9 @@ impl Collector for DatapathCollector {
                 None,
                 family.metric_type(),
             )?)?;
+        }
+        if let Ok(conns) = t.connections() {
+            encode_connections(&mut encoder, &conns, &names, &lane)?;
         }
         let entries = Family::<MapLabel, Gauge>::default();
         let capacity = Family::<MapLabel, Gauge>::default();

@@ -30,7 +30,7 @@ use crate::{
     lanes_config::LanesConfig,
     model::{Change, DesiredPod, Limits, pod_cgroup_candidates},
     reconcile::{
-        DatapathState, Mirror, Scope, apply_plan,
+        DatapathState, Mirror, Op, Scope, apply_plan,
         incremental::{Incremental, Recheck, Update},
     },
 };
@@ -67,6 +67,8 @@ pub struct Reconciler {
     last_warnings: BTreeMap<String, u64>,
     /// The next pass plans every entry (a write failed).
     full_next: bool,
+    /// Whether stale connections can be reset on this kernel.
+    resets: bool,
 }
 
 impl Reconciler {
@@ -95,6 +97,7 @@ impl Reconciler {
             availability: LaneAvailability::default(),
             last_warnings: BTreeMap::default(),
             full_next: false,
+            resets: probe_resets(),
         })
     }
 
@@ -129,6 +132,9 @@ impl Reconciler {
             self.current.plan(desired, &update.scope, true)
         };
         let report = apply_plan(self.datapath.tables_mut(), &ops);
+        if self.resets && ops.iter().any(changes_steering) {
+            self.reset_stale();
+        }
         self.full_next = false;
         if full && report.is_complete() && self.datapath.upgrade_pending() {
             // This build's maps now hold the desired state: its programs take over the links.
@@ -163,6 +169,29 @@ impl Reconciler {
         self.status.count_reconcile(failed as u64);
         self.status.applied_full_sync();
         Some(ReconcileReport { applied: report.applied, failed, pending_pods: pending, pruned: true, full })
+    }
+
+    /// Resets tracked connections made stale by what was just applied.
+    fn reset_stale(&mut self) {
+        match crate::lifecycle::reset_stale(self.datapath.tables_mut(), &self.config.cgroup_root) {
+            Ok(report) => {
+                for (cookie, rec, why) in &report.reset {
+                    info!(
+                        cookie,
+                        svc_id = rec.svc_id,
+                        caller_lane = rec.caller_lane,
+                        backend_lane = rec.backend_lane,
+                        ?why,
+                        "reset stale connection"
+                    );
+                }
+                self.status.count_resets(report.reset.len() as u64);
+                for e in report.errors {
+                    warn!("resetting stale connections: {e}");
+                }
+            }
+            Err(e) => warn!("resetting stale connections: {e}"),
+        }
     }
 
     /// Publishes the names of what changed (of everything on a full pass).
@@ -302,6 +331,28 @@ impl Reconciler {
 /// datapath load's transient memory would stay resident beside the reconciler's model, about
 /// 20 MiB at 100,000 endpoints. Call it before the agent's threads start. (musl, the container
 /// image's libc, has no per-thread arenas.)
+/// Whether an applied op can make tracked connections stale (a set changed or went, a lane
+/// policy changed: rehome).
+fn changes_steering(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::ReplaceSet { .. } | Op::RemoveSet { .. } | Op::SetLanePolicy { .. } | Op::RemoveFrontend { .. }
+    )
+}
+
+fn probe_resets() -> bool {
+    let mechanism = crate::lifecycle::Mechanism::probe();
+    match &mechanism {
+        crate::lifecycle::Mechanism::SockDestroy => {
+            info!(mechanism = %mechanism.name(), "stale connections will be reset");
+        }
+        crate::lifecycle::Mechanism::Unavailable(_) => {
+            warn!(mechanism = %mechanism.name(), "stale connections cannot be reset on this kernel");
+        }
+    }
+    mechanism == crate::lifecycle::Mechanism::SockDestroy
+}
+
 pub(super) fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt(3) only sets an allocator parameter; M_ARENA_MAX takes effect for arenas

@@ -28,6 +28,7 @@ pub struct AgentStatus {
     api_unreachable: AtomicBool,
     last_sync_unix: AtomicU64,
     pending_pods: AtomicU64,
+    connections_reset: AtomicU64,
     warnings: Mutex<BTreeMap<String, u64>>,
     ignored_kinds: Mutex<BTreeMap<String, u64>>,
     reconcile_seconds: Histogram,
@@ -46,6 +47,7 @@ impl Default for AgentStatus {
             api_unreachable: AtomicBool::default(),
             last_sync_unix: AtomicU64::default(),
             pending_pods: AtomicU64::default(),
+            connections_reset: AtomicU64::default(),
             warnings: Mutex::default(),
             ignored_kinds: Mutex::default(),
             // 50 µs to ~3.3 s.
@@ -106,6 +108,16 @@ impl AgentStatus {
     /// Whether the Kubernetes API server answered last (true for the file source).
     pub fn api_reachable(&self) -> bool {
         !self.api_unreachable.load(Ordering::Relaxed)
+    }
+
+    /// Counts stale connections reset.
+    pub fn count_resets(&self, n: u64) {
+        self.connections_reset.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Stale connections reset since start.
+    pub fn connections_reset(&self) -> u64 {
+        self.connections_reset.load(Ordering::Relaxed)
     }
 
     /// Pods whose cgroup has not appeared yet.

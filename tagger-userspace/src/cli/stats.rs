@@ -31,6 +31,25 @@ pub struct StatsReport {
     pub shadow: BTreeMap<&'static str, u64>,
     /// Per-Service rows, by Service, caller lane, backend lane, outcome.
     pub per_service: Vec<ServiceStatRow>,
+    /// Steered connections open now, per (Service, caller lane, backend lane).
+    pub active_connections: Vec<ActiveRow>,
+    /// Steered connections open now, per backend (`ip:port`).
+    pub backend_connections: BTreeMap<String, u64>,
+}
+
+/// Open steered connections of one (Service, caller lane, backend lane).
+#[derive(Debug, Serialize)]
+pub struct ActiveRow {
+    /// The Service id.
+    pub svc_id: u32,
+    /// Names, when published.
+    pub service: Option<ServiceName>,
+    /// Lane of the calling pods.
+    pub caller_lane: LaneRef,
+    /// Lane of the backends.
+    pub backend_lane: LaneRef,
+    /// Connections open now (TCP established, connected UDP).
+    pub connections: u64,
 }
 
 /// One (Service, caller lane, backend lane, outcome) row.
@@ -91,6 +110,8 @@ pub struct Snapshot {
     pub rows: BTreeMap<StatKey, u64>,
     /// When it was taken.
     pub at: Option<Instant>,
+    /// Open steered connections.
+    pub gauges: crate::lifecycle::Gauges,
 }
 
 impl Snapshot {
@@ -98,7 +119,8 @@ impl Snapshot {
     pub fn read(tables: &Tables) -> crate::Result<Self> {
         let snap = tables.counters()?;
         let rows = tables.service_stats()?.into_iter().map(|s| (s.key, s.count)).collect();
-        Ok(Self { counters: snap.by_outcome, shadow: snap.shadow, rows, at: Some(Instant::now()) })
+        let gauges = crate::lifecycle::Gauges::of(&tables.connections()?);
+        Ok(Self { counters: snap.by_outcome, shadow: snap.shadow, rows, at: Some(Instant::now()), gauges })
     }
 }
 
@@ -168,7 +190,29 @@ pub fn report(
         };
         key(a).cmp(&key(b))
     });
-    StatsReport { interval_seconds: secs, counters, rates, shadow, per_service }
+    let active_connections = now
+        .gauges
+        .per_service_lane
+        .iter()
+        .map(|(&(svc_id, caller, backend), &connections)| ActiveRow {
+            svc_id,
+            service: names.service(svc_id),
+            caller_lane: names.lane(caller),
+            backend_lane: names.lane(backend),
+            connections,
+        })
+        .collect();
+    let backend_connections =
+        now.gauges.per_backend.iter().map(|(b, &n)| (crate::net::backend_addr(b).to_string(), n)).collect();
+    StatsReport {
+        interval_seconds: secs,
+        counters,
+        rates,
+        shadow,
+        per_service,
+        active_connections,
+        backend_connections,
+    }
 }
 
 /// The report as tables.
@@ -226,6 +270,23 @@ pub fn render_tables(names: &Names, r: &StatsReport) -> String {
     if r.per_service.is_empty() {
         out.push_str("no per-Service decision counted yet\n");
     } else {
+        let _ = writeln!(out, "{t}");
+    }
+    if !r.active_connections.is_empty() {
+        let mut t = table(&["service", "caller lane", "backend lane", "open connections"], &[3]);
+        for row in &r.active_connections {
+            t.add_row(vec![
+                row.service.as_ref().map_or_else(|| format!("svc {}", row.svc_id), ToString::to_string),
+                names.lane_label(row.caller_lane.id),
+                names.lane_label(row.backend_lane.id),
+                row.connections.to_string(),
+            ]);
+        }
+        let _ = writeln!(out, "{t}");
+        let mut t = table(&["backend", "open connections"], &[1]);
+        for (b, n) in &r.backend_connections {
+            t.add_row(vec![b.clone(), n.to_string()]);
+        }
         let _ = writeln!(out, "{t}");
     }
     out
@@ -315,6 +376,7 @@ mod tests {
             shadow: BTreeMap::from([(Outcome::FellBack, 7)]),
             rows: BTreeMap::from([(key, row_count), (refused, 1), (shadow_key, 7)]),
             at: Some(base + Duration::from_secs(secs_later)),
+            gauges: crate::lifecycle::Gauges::default(),
         }
     }
 

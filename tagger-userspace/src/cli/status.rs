@@ -43,6 +43,8 @@ pub struct StatusReport {
     pub config: Option<ConfigStatus>,
     /// Whether the agent answers.
     pub agent: AgentProbe,
+    /// How stale connections are reset on this kernel (see `tagger::lifecycle`).
+    pub reset_mechanism: String,
 }
 
 /// A program's link.
@@ -180,6 +182,7 @@ pub fn collect(dir: &Path, agent_addr: &str, cgroup_root: Option<&Path>) -> anyh
         maps_error,
         config,
         agent: probe_agent(agent_addr),
+        reset_mechanism: crate::lifecycle::Mechanism::probe().name(),
     })
 }
 
@@ -325,6 +328,10 @@ fn print_tables(r: &StatusReport) {
         let (entries, capacity, fill) = match (m.pinned, m.entries, m.capacity, m.fill_ratio) {
             (false, ..) => ("NOT PINNED".to_owned(), String::new(), String::new()),
             (true, Some(n), Some(cap), Some(ratio)) => (n.to_string(), cap.to_string(), percent(n, ratio)),
+            // Socket storage has no entries to count: each lives in its socket.
+            (true, ..) if m.map == tagger_common::MAP_SOCK => {
+                ("(per socket)".to_owned(), String::new(), String::new())
+            }
             (true, ..) if r.maps_error.is_none() => ("(array)".to_owned(), String::new(), String::new()),
             (true, ..) => ("?".to_owned(), String::new(), String::new()),
         };
@@ -352,6 +359,7 @@ fn print_tables(r: &StatusReport) {
         }
     };
     println!("agent at {}: {agent}", r.agent.address);
+    println!("stale connection reset: {}", r.reset_mechanism);
 }
 
 /// A fill ratio for people; a non-empty map never reads as 0.0%.

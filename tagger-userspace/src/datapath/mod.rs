@@ -35,7 +35,7 @@ use std::{
 
 use aya::{
     EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+    programs::{CgroupAttachMode, Program, ProgramError, links::FdLink},
 };
 pub use tables::{Access, CounterSnapshot, ServiceStat, Tables};
 use tagger_common::ALL_MAPS;
@@ -49,9 +49,20 @@ use crate::{
 /// The datapath object, built by `build.rs` from tagger-ebpf.
 static DATAPATH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tagger-ebpf"));
 
-/// The cgroup socket-address programs, by the name of their function in tagger-ebpf.
-pub const PROGRAMS: [&str; 8] =
-    ["connect4", "connect6", "sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6", "getpeername4", "getpeername6"];
+/// The programs attached to the cgroup, by the name of their function in tagger-ebpf: the
+/// socket-address programs, then connection tracking (`conn_track`: sockops; `conn_release`: cgroup sock_release, for UDP).
+pub const PROGRAMS: [&str; 10] = [
+    "connect4",
+    "connect6",
+    "sendmsg4",
+    "sendmsg6",
+    "recvmsg4",
+    "recvmsg6",
+    "getpeername4",
+    "getpeername6",
+    "conn_track",
+    "conn_release",
+];
 
 /// Where the datapath's pins live.
 #[derive(Clone, Debug)]
@@ -363,18 +374,26 @@ fn load(layout: &PinLayout) -> Result<aya::Ebpf> {
     }
     let mut ebpf = loader.load(DATAPATH_OBJECT).map_err(Box::new)?;
     for name in PROGRAMS {
-        let program = sock_addr_program(&mut ebpf, name)?;
-        program.load().map_err(|source| Error::Program { program: name, source: Box::new(source) })?;
+        let program = program_mut(&mut ebpf, name)?;
+        load_program(program).map_err(|source| Error::Program { program: name, source: Box::new(source) })?;
     }
     Ok(ebpf)
 }
 
-/// One of the object's cgroup socket-address programs.
-fn sock_addr_program<'a>(ebpf: &'a mut aya::Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr> {
+/// One of the object's programs.
+fn program_mut<'a>(ebpf: &'a mut aya::Ebpf, name: &'static str) -> Result<&'a mut Program> {
     ebpf.program_mut(name)
-        .ok_or_else(|| Error::Invalid { what: "datapath object", reason: format!("program {name} missing") })?
-        .try_into()
-        .map_err(|source| Error::Program { program: name, source: Box::new(source) })
+        .ok_or_else(|| Error::Invalid { what: "datapath object", reason: format!("program {name} missing") })
+}
+
+/// Loads one of the datapath's cgroup programs into the kernel (the verifier runs here).
+fn load_program(program: &mut Program) -> Result<(), ProgramError> {
+    match program {
+        Program::CgroupSockAddr(p) => p.load(),
+        Program::SockOps(p) => p.load(),
+        Program::CgroupSock(p) => p.load(),
+        _ => Err(ProgramError::IOError(io::Error::other("unexpected program type"))),
+    }
 }
 
 /// Attaches the loaded `programs` to the cgroup and pins their links.
@@ -386,21 +405,30 @@ fn attach(
 ) -> Result<()> {
     let cgroup_dir = fs::File::open(&cgroup.path).map_err(|e| Error::io(&cgroup.path, e))?;
     for &name in programs {
-        let program = sock_addr_program(ebpf, name)?;
-        let link_id = program
-            .attach(&cgroup_dir, CgroupAttachMode::Single)
+        let program = program_mut(ebpf, name)?;
+        let fd_link = attach_loaded(program, &cgroup_dir)
             .map_err(|source| Error::Program { program: name, source: Box::new(source) })?;
-        let link = program
-            .take_link(link_id)
-            .map_err(|source| Error::Program { program: name, source: Box::new(source) })?;
-        let fd_link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| Error::Pin {
-            path: layout.link(name),
-            reason: e.to_string(),
-        })?;
         let path = layout.link(name);
         fd_link.pin(&path).map_err(|e| Error::Pin { path: path.clone(), reason: e.to_string() })?;
     }
     Ok(())
+}
+
+/// Attaches one loaded cgroup program with a link (kernel >= 5.7 for every type used).
+fn attach_loaded(program: &mut Program, cgroup_dir: &fs::File) -> Result<FdLink, ProgramError> {
+    macro_rules! attach_as {
+        ($p:expr) => {{
+            let id = $p.attach(cgroup_dir, CgroupAttachMode::Single)?;
+            let link = $p.take_link(id)?;
+            FdLink::try_from(link).map_err(|e| ProgramError::IOError(io::Error::other(e.to_string())))
+        }};
+    }
+    match program {
+        Program::CgroupSockAddr(p) => attach_as!(p),
+        Program::SockOps(p) => attach_as!(p),
+        Program::CgroupSock(p) => attach_as!(p),
+        _ => Err(ProgramError::IOError(io::Error::other("unexpected program type"))),
+    }
 }
 
 /// Refuses a pin directory that is not on bpffs (pins elsewhere fail, or worse, vanish).

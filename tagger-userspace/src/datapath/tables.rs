@@ -5,11 +5,12 @@ use std::{collections::BTreeMap, fmt};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap};
 use tagger_common::{
     BASE_LANE, Backend, BackendSet, DatapathConfig, FrontendKey, LaneName, LanePolicy, LaneTables,
-    MAP_BACKEND_SETS, MAP_BACKEND_SLOTS, MAP_CONFIG, MAP_COUNTERS, MAP_FRONTENDS, MAP_LANE_NAMES, MAP_LANES,
-    MAP_POD_META, MAP_PODS, MAP_REVNAT, MAP_ROUTES, MAP_SERVICE_META, MAP_SHAPING, MAP_SVC_STATS, MAP_WARM,
-    MAX_BACKEND_SETS, MAX_BACKENDS, MAX_CGROUP_LEVEL, MAX_FRONTENDS, MAX_LANES, MAX_PODS, MAX_ROUTES,
-    MAX_WARM, Outcome, PodEntry, PodMeta, RevNatKey, RevNatValue, RouteKey, SHADOW_OFFSET, Service,
-    ServiceMeta, SetKey, SlotKey, StatKey, SvcShaping, WarmEntry, WarmKey, field_str, name_field,
+    MAP_BACKEND_SETS, MAP_BACKEND_SLOTS, MAP_CONFIG, MAP_CONNS, MAP_COUNTERS, MAP_FRONTENDS, MAP_LANE_NAMES,
+    MAP_LANES, MAP_POD_META, MAP_PODS, MAP_REVNAT, MAP_ROUTES, MAP_SERVICE_META, MAP_SHAPING, MAP_SVC_STATS,
+    MAP_WARM, MAX_BACKEND_SETS, MAX_BACKENDS, MAX_CGROUP_LEVEL, MAX_FRONTENDS, MAX_LANES, MAX_PODS,
+    MAX_ROUTES, MAX_WARM, Outcome, PodEntry, PodMeta, RevNatKey, RevNatValue, RouteKey, SHADOW_OFFSET,
+    Service, ServiceMeta, SetKey, SlotKey, SockRecord, StatKey, SvcShaping, WarmEntry, WarmKey, field_str,
+    name_field,
 };
 
 use super::PinLayout;
@@ -32,6 +33,7 @@ pub struct Tables {
     shaping: HashMap<MapData, u32, SvcShaping>,
     routes: HashMap<MapData, RouteKey, LanePolicy>,
     warm: HashMap<MapData, WarmKey, WarmEntry>,
+    conns: HashMap<MapData, u64, SockRecord>,
 }
 
 /// How the maps are opened.
@@ -154,6 +156,7 @@ impl Tables {
             shaping: open_typed!(layout, MAP_SHAPING, access),
             routes: open_typed!(layout, MAP_ROUTES, access),
             warm: open_typed!(layout, MAP_WARM, access),
+            conns: open_typed!(layout, MAP_CONNS, access),
         })
     }
 
@@ -266,6 +269,7 @@ impl Tables {
             (MAP_SHAPING, self.shaping.keys().count(), MAX_FRONTENDS),
             (MAP_ROUTES, self.routes.keys().count(), MAX_ROUTES),
             (MAP_WARM, self.warm.keys().count(), MAX_WARM),
+            (MAP_CONNS, self.conns.keys().count(), tagger_common::MAX_CONNS),
         ]
     }
 
@@ -609,6 +613,18 @@ impl Tables {
             snap.shadow.insert(outcome, shadow.iter().sum());
         }
         Ok(snap)
+    }
+
+    /// The steered connections currently tracked, by socket cookie.
+    pub fn connections(&self) -> Result<Vec<(u64, SockRecord)>> {
+        // An entry removed while iterating (a connection closing) ends the walk early at worst;
+        // the gauges are a snapshot either way.
+        Ok(self.conns.iter().filter_map(std::result::Result::ok).collect())
+    }
+
+    /// Forgets one tracked connection (after resetting it).
+    pub fn forget_connection(&mut self, cookie: u64) -> Result<()> {
+        ignore_not_found(self.conns.remove(&cookie)).map_err(map_err(MAP_CONNS, "remove", cookie))
     }
 
     /// Per-(Service, caller lane, backend lane, outcome) statistics.

@@ -642,8 +642,16 @@ impl Bench {
         let full = usize::try_from(tagger_common::MAX_REVNAT).expect("capacity") * 99 / 100;
         let deadline = Instant::now() + Duration::from_mins(1);
         let o = Opts { secs: 2.0, warmup: 0.0, ..self.o.clone() };
+        let mut last = usize::MAX;
+        // Connected sockets keep their record in socket storage, so only unconnected UDP fills
+        // the LRU now: stop when a round adds nothing.
         while self.sb.dp.dp.tables().revnat_entries() < full && Instant::now() < deadline {
-            eprintln!("    filling TAGGER_RNAT_V1 ({} entries)", self.sb.dp.dp.tables().revnat_entries());
+            let entries = self.sb.dp.dp.tables().revnat_entries();
+            if entries == last {
+                break;
+            }
+            last = entries;
+            eprintln!("    filling TAGGER_RNAT_V1 ({entries} entries)");
             let (cg, ns, to) = self.route(Method::Tagger);
             let _ = measure(cg, ns, "crr", &to, self.o.clients, &o, false);
         }

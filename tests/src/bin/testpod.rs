@@ -13,6 +13,9 @@
 //!        `testpod --cgroup DIR --netns NAME serve LISTEN_ADDR NAME LANE [NEXT_ADDR]` (an HTTP
 //!        server answering `NAME[LANE]`, or `NAME[LANE] -> <what NEXT_ADDR answered>`: a
 //!        service that calls the next one, from inside its pod)
+//!        `testpod --cgroup DIR --netns NAME (hold-tcp|hold-udp|hold-udp-unconnected) ADDR` (holds one
+//!        connection open; prints `ok` lines as above on connect, `closed <TAB> <errno>` when it
+//!        fails, and reconnects; runs until killed)
 //!        `testpod --cgroup DIR --netns NAME pool ADDR` (one pooled HTTP/1.1 keep-alive connection,
 //!        a request every 20 ms, reconnecting when the connection is reset; prints
 //!        `<ms since start> <TAB> ok|reset <TAB> <body or error>` whenever that changes, until
@@ -67,6 +70,7 @@ fn main() {
         "http" => (0..count()).for_each(|_| report(&mut out, http_once(addr))),
         "serve" => serve(addr, rest),
         "pool" => pool(&mut out, addr),
+        "hold-tcp" | "hold-udp" | "hold-udp-unconnected" => hold(&mut out, mode, addr),
         other => panic!("unknown mode {other}"),
     }
 }
@@ -201,6 +205,58 @@ fn tcp_loop(out: &mut impl std::io::Write, addr: SocketAddr) {
     }
     for (r, n) in replies {
         writeln!(out, "reply\t{n}\t{r}").expect("stdout");
+    }
+}
+
+/// Holds one connection open at a time, reporting each connect and each failure.
+fn hold(out: &mut impl std::io::Write, mode: &str, addr: SocketAddr) {
+    loop {
+        let r = match mode {
+            "hold-tcp" => hold_tcp(out, addr),
+            _ => hold_udp(out, addr, mode == "hold-udp"),
+        };
+        if let Err(e) = r {
+            writeln!(out, "closed\t{}\t{e}", e.raw_os_error().unwrap_or(0)).expect("stdout");
+            out.flush().expect("stdout");
+        }
+    }
+}
+
+fn hold_tcp(out: &mut impl std::io::Write, addr: SocketAddr) -> std::io::Result<()> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    let peer = s.peer_addr()?;
+    let mut line = String::new();
+    std::io::BufReader::new(&mut s).read_line(&mut line)?;
+    writeln!(out, "ok\t{}\t{peer}", line.trim_end()).expect("stdout");
+    out.flush().expect("stdout");
+    let mut buf = [0u8; 64];
+    loop {
+        if s.read(&mut buf)? == 0 {
+            return Err(std::io::Error::other("closed by the peer"));
+        }
+    }
+}
+
+fn hold_udp(out: &mut impl std::io::Write, addr: SocketAddr, connected: bool) -> std::io::Result<()> {
+    let bind: SocketAddr =
+        if addr.is_ipv4() { "0.0.0.0:0".parse() } else { "[::]:0".parse() }.expect("bind addr");
+    let s = UdpSocket::bind(bind)?;
+    let mut buf = [0u8; 1500];
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let (n, peer) = if connected {
+        s.connect(addr)?;
+        s.send(b"hi")?;
+        (s.recv(&mut buf)?, s.peer_addr()?)
+    } else {
+        s.send_to(b"hi", addr)?;
+        s.recv_from(&mut buf)?
+    };
+    writeln!(out, "ok\t{}\t{peer}", String::from_utf8_lossy(&buf[..n]).trim_end()).expect("stdout");
+    out.flush().expect("stdout");
+    s.set_read_timeout(None)?;
+    // Blocks until the socket fails (nothing else sends to it).
+    loop {
+        s.recv(&mut buf)?;
     }
 }
 

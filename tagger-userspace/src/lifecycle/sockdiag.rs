@@ -1,0 +1,291 @@
+//! Destroying sockets with netlink `SOCK_DIAG` (`SOCK_DESTROY`, kernel `CONFIG_INET_DIAG_DESTROY`),
+//! from inside a network namespace. The kernel aborts the socket: a TCP peer gets a RST and the
+//! application's next call fails with `ECONNABORTED`; a UDP socket reports `ECONNABORTED`.
+//!
+//! Sockets are found by dumping the namespace's TCP and UDP sockets and matching their cookies
+//! (the same cookie `bpf_get_socket_cookie` returns), so only the sockets asked for are touched.
+
+use std::{
+    collections::BTreeSet,
+    fs::File,
+    io,
+    mem::size_of,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+};
+
+const NETLINK_SOCK_DIAG: i32 = 4;
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const SOCK_DESTROY: u16 = 21;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+const NLM_F_DUMP: u16 = 0x300;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct NlMsgHdr {
+    len: u32,
+    kind: u16,
+    flags: u16,
+    seq: u32,
+    pid: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct SockId {
+    sport: u16,
+    dport: u16,
+    src: [u32; 4],
+    dst: [u32; 4],
+    ifindex: u32,
+    cookie: [u32; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct ReqV2 {
+    family: u8,
+    protocol: u8,
+    ext: u8,
+    pad: u8,
+    states: u32,
+    id: SockId,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct DiagMsg {
+    family: u8,
+    state: u8,
+    timer: u8,
+    retrans: u8,
+    id: SockId,
+    expires: u32,
+    rqueue: u32,
+    wqueue: u32,
+    uid: u32,
+    inode: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct Request {
+    hdr: NlMsgHdr,
+    req: ReqV2,
+}
+
+/// One socket found in a dump.
+#[derive(Clone, Copy, Debug)]
+struct Found {
+    family: u8,
+    protocol: u8,
+    id: SockId,
+}
+
+impl SockId {
+    fn cookie(&self) -> u64 {
+        u64::from(self.cookie[0]) | (u64::from(self.cookie[1]) << 32)
+    }
+}
+
+fn as_bytes<T: Copy>(v: &T) -> &[u8] {
+    // SAFETY: T is a repr(C) struct of integers without implicit padding (checked by the
+    // size assertions in the tests), so all its bytes are initialised.
+    unsafe { std::slice::from_raw_parts(std::ptr::from_ref(v).cast::<u8>(), size_of::<T>()) }
+}
+
+/// A `NETLINK_SOCK_DIAG` socket in the calling thread's network namespace.
+struct Diag {
+    fd: OwnedFd,
+    seq: u32,
+}
+
+impl Diag {
+    fn open() -> io::Result<Self> {
+        // SAFETY: plain socket(2); the result is checked.
+        let fd = unsafe {
+            libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, NETLINK_SOCK_DIAG)
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let tv = libc::timeval { tv_sec: 1, tv_usec: 0 };
+        // SAFETY: setsockopt with a correctly sized timeval.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                std::ptr::from_ref(&tv).cast(),
+                u32::try_from(size_of::<libc::timeval>()).unwrap_or(16),
+            );
+        }
+        Ok(Self { fd, seq: 0 })
+    }
+
+    fn send(&mut self, kind: u16, flags: u16, req: ReqV2) -> io::Result<u32> {
+        self.seq += 1;
+        let msg = Request {
+            hdr: NlMsgHdr {
+                len: u32::try_from(size_of::<Request>()).unwrap_or(0),
+                kind,
+                flags: NLM_F_REQUEST | flags,
+                seq: self.seq,
+                pid: 0,
+            },
+            req,
+        };
+        let bytes = as_bytes(&msg);
+        // SAFETY: sending an initialised buffer on our socket (to the kernel: no address needed
+        // for a netlink socket's default destination, pid 0).
+        let n = unsafe { libc::send(self.fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(self.seq)
+    }
+
+    /// Reads replies to `seq` until DONE or an error/ack; calls `each` on every message body.
+    fn receive(&self, seq: u32, mut each: impl FnMut(&[u8])) -> io::Result<()> {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            // SAFETY: receiving into our buffer of that length.
+            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let n = usize::try_from(n).unwrap_or(0);
+            let mut off = 0;
+            while off + size_of::<NlMsgHdr>() <= n {
+                // SAFETY: at least a header's bytes remain; read unaligned.
+                let hdr: NlMsgHdr = unsafe { std::ptr::read_unaligned(buf[off..].as_ptr().cast()) };
+                let len = hdr.len as usize;
+                if len < size_of::<NlMsgHdr>() || off + len > n {
+                    return Err(io::Error::other("truncated netlink message"));
+                }
+                let body = &buf[off + size_of::<NlMsgHdr>()..off + len];
+                if hdr.seq == seq {
+                    match hdr.kind {
+                        NLMSG_DONE => return Ok(()),
+                        NLMSG_ERROR => {
+                            let err =
+                                body.get(..4).map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                            return if err == 0 { Ok(()) } else { Err(io::Error::from_raw_os_error(-err)) };
+                        }
+                        _ => each(body),
+                    }
+                }
+                off += (len + 3) & !3;
+            }
+        }
+    }
+
+    fn dump(&mut self, family: u8, protocol: u8, out: &mut Vec<Found>) -> io::Result<()> {
+        let req = ReqV2 { family, protocol, states: u32::MAX, ..ReqV2::default() };
+        let seq = self.send(SOCK_DIAG_BY_FAMILY, NLM_F_DUMP, req)?;
+        self.receive(seq, |body| {
+            if body.len() >= size_of::<DiagMsg>() {
+                // SAFETY: a full inet_diag_msg; read unaligned.
+                let msg: DiagMsg = unsafe { std::ptr::read_unaligned(body.as_ptr().cast()) };
+                out.push(Found { family: msg.family, protocol, id: msg.id });
+            }
+        })
+    }
+
+    fn destroy(&mut self, s: &Found) -> io::Result<()> {
+        let req =
+            ReqV2 { family: s.family, protocol: s.protocol, states: u32::MAX, id: s.id, ..ReqV2::default() };
+        let seq = self.send(SOCK_DESTROY, NLM_F_ACK, req)?;
+        self.receive(seq, |_| {})
+    }
+}
+
+/// Destroys the TCP and UDP sockets of the calling thread's network namespace whose cookies are
+/// in `cookies`; returns the cookies destroyed.
+fn destroy_here(cookies: &BTreeSet<u64>) -> io::Result<Vec<u64>> {
+    let mut diag = Diag::open()?;
+    let mut found = Vec::new();
+    for protocol in [tagger_common::IPPROTO_TCP, tagger_common::IPPROTO_UDP] {
+        for family in [AF_INET, AF_INET6] {
+            diag.dump(family, protocol, &mut found)?;
+        }
+    }
+    let mut done = Vec::new();
+    for s in found.iter().filter(|s| cookies.contains(&s.id.cookie())) {
+        match diag.destroy(s) {
+            Ok(()) => done.push(s.id.cookie()),
+            // Closed meanwhile.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Destroys the sockets with these cookies inside the network namespace `netns` (an open
+/// `/proc/<pid>/ns/net`), from a short-lived thread so the caller's namespace never changes.
+pub fn destroy_in(netns: &File, cookies: &BTreeSet<u64>) -> io::Result<Vec<u64>> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on this (scoped, short-lived) thread only, with a netns descriptor.
+            if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            destroy_here(cookies)
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("socket destroy thread panicked")))
+    })
+}
+
+/// Whether `SOCK_DESTROY` is available: asks to destroy a socket that cannot exist (cookie 0 of
+/// an unbound TCP tuple). `ENOENT` means the kernel looked it up, so destroy is supported;
+/// `EOPNOTSUPP` means the kernel lacks `CONFIG_INET_DIAG_DESTROY`.
+pub fn probe() -> io::Result<()> {
+    let mut diag = Diag::open()?;
+    let req = ReqV2 {
+        family: AF_INET,
+        protocol: tagger_common::IPPROTO_TCP,
+        states: u32::MAX,
+        id: SockId { cookie: [u32::MAX, u32::MAX], ..SockId::default() },
+        ..ReqV2::default()
+    };
+    let seq = diag.send(SOCK_DESTROY, NLM_F_ACK, req)?;
+    match diag.receive(seq, |_| {}) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Ok(()) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_match_the_kernel_abi() {
+        assert_eq!(size_of::<NlMsgHdr>(), 16);
+        assert_eq!(size_of::<SockId>(), 48);
+        assert_eq!(size_of::<ReqV2>(), 56);
+        assert_eq!(size_of::<DiagMsg>(), 72);
+        assert_eq!(size_of::<Request>(), 72);
+    }
+
+    #[test]
+    fn family_constants_match_libc() {
+        assert_eq!(i32::from(AF_INET), libc::AF_INET);
+        assert_eq!(i32::from(AF_INET6), libc::AF_INET6);
+    }
+
+    #[test]
+    fn cookie_words_are_low_then_high() {
+        let id = SockId { cookie: [0x1234_5678, 0x9], ..SockId::default() };
+        assert_eq!(id.cookie(), 0x9_1234_5678);
+    }
+}

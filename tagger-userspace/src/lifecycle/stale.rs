@@ -1,0 +1,116 @@
+//! Which tracked connections are stale: pure decisions over a snapshot of the maps.
+
+use std::collections::BTreeMap;
+
+use tagger_common::{Backend, LANE_F_REHOME, SOCK_F_FELL_BACK, SockRecord};
+
+/// Why a tracked connection is reset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Why {
+    /// Its backend is no longer in the (Service, lane) set it was chosen from.
+    BackendGone,
+    /// It fell back from its caller's lane, which has `rehome: true` and ready backends again.
+    Rehome,
+}
+
+/// What the decision needs to know of the current maps.
+pub trait View {
+    /// Members of the live set of (Service, lane) (empty when the set is gone); `None` when
+    /// they cannot be read (then nothing is decided for that set).
+    fn members(&mut self, svc_id: u32, lane: u32) -> Option<Vec<Backend>>;
+    /// Flags of the lane's policy (0 without one).
+    fn lane_flags(&mut self, lane: u32) -> u32;
+}
+
+/// The connections to reset and why, given the tracked ones. Sets and policies are looked up
+/// once per (Service, lane) and per lane.
+pub fn stale(conns: &[(u64, SockRecord)], view: &mut impl View) -> Vec<(u64, SockRecord, Why)> {
+    let mut sets: BTreeMap<(u32, u32), Option<Vec<Backend>>> = BTreeMap::new();
+    let mut flags: BTreeMap<u32, u32> = BTreeMap::new();
+    let mut out = Vec::new();
+    for &(cookie, rec) in conns {
+        let members = sets
+            .entry((rec.svc_id, rec.backend_lane))
+            .or_insert_with(|| view.members(rec.svc_id, rec.backend_lane));
+        let Some(members) = members else { continue };
+        if !members.contains(&rec.backend) {
+            out.push((cookie, rec, Why::BackendGone));
+            continue;
+        }
+        if rec.flags & SOCK_F_FELL_BACK != 0 && rec.caller_lane != rec.backend_lane {
+            let lane_flags =
+                *flags.entry(rec.caller_lane).or_insert_with(|| view.lane_flags(rec.caller_lane));
+            if lane_flags & LANE_F_REHOME != 0 {
+                let own = sets
+                    .entry((rec.svc_id, rec.caller_lane))
+                    .or_insert_with(|| view.members(rec.svc_id, rec.caller_lane));
+                if own.as_ref().is_some_and(|own| !own.is_empty()) {
+                    out.push((cookie, rec, Why::Rehome));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fake {
+        sets: BTreeMap<(u32, u32), Vec<Backend>>,
+        flags: BTreeMap<u32, u32>,
+    }
+
+    impl View for Fake {
+        fn members(&mut self, svc_id: u32, lane: u32) -> Option<Vec<Backend>> {
+            Some(self.sets.get(&(svc_id, lane)).cloned().unwrap_or_default())
+        }
+        fn lane_flags(&mut self, lane: u32) -> u32 {
+            self.flags.get(&lane).copied().unwrap_or(0)
+        }
+    }
+
+    fn b(n: u32) -> Backend {
+        Backend { addr: [0, 0, 0, n], port: 80, family: 4, _pad: 0 }
+    }
+
+    fn rec(backend: Backend, caller: u32, lane: u32, fell_back: bool) -> SockRecord {
+        SockRecord {
+            backend,
+            svc_id: 1,
+            caller_lane: caller,
+            backend_lane: lane,
+            flags: if fell_back { SOCK_F_FELL_BACK } else { 0 },
+            ..SockRecord::default()
+        }
+    }
+
+    #[test]
+    fn a_backend_missing_from_its_set_is_stale_others_are_not() {
+        let mut v =
+            Fake { sets: [((1, 0), vec![b(1)]), ((1, 7), vec![b(3)])].into(), flags: BTreeMap::new() };
+        let conns =
+            [(10, rec(b(1), 0, 0, false)), (11, rec(b(2), 7, 7, false)), (12, rec(b(3), 7, 7, false))];
+        let s = stale(&conns, &mut v);
+        assert_eq!(s.iter().map(|(c, _, w)| (*c, *w)).collect::<Vec<_>>(), [(11, Why::BackendGone)]);
+    }
+
+    #[test]
+    fn rehome_only_for_fallen_back_connections_of_a_rehome_lane_with_backends() {
+        let mut v = Fake {
+            sets: [((1, 0), vec![b(1)]), ((1, 7), vec![b(3)])].into(),
+            flags: [(7, LANE_F_REHOME)].into(),
+        };
+        let conns = [
+            (20, rec(b(1), 7, 0, true)),  // fell back from 7, which is ready again: rehome
+            (21, rec(b(1), 8, 0, true)),  // lane 8 has no rehome policy
+            (22, rec(b(1), 0, 0, false)), // base caller
+        ];
+        let s = stale(&conns, &mut v);
+        assert_eq!(s.iter().map(|(c, _, w)| (*c, *w)).collect::<Vec<_>>(), [(20, Why::Rehome)]);
+        // Lane 7 empty: nothing to return to.
+        v.sets.remove(&(1, 7));
+        assert!(stale(&conns, &mut v).is_empty());
+    }
+}

@@ -1,0 +1,187 @@
+//! Connection lifecycle on the real kernel: steered connections are tracked (sockops for TCP,
+//! the connect hook and `sock_release` for connected UDP), and the ones that went stale are
+//! reset through netlink SOCK_DESTROY inside the caller pod's namespace, while everything else
+//! is left alone.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use tagger::{lifecycle, net::Proto};
+use tagger_common::{LANE_F_REHOME, lane_id};
+use tagger_tests::{
+    agent::{AgentSandbox, pod_in_lane, set_size},
+    client::HoldClient,
+    hold::HoldServer,
+    scenario::Sandbox,
+};
+
+/// Port of the holding backends (the sandbox's ordinary backends use 8080).
+const HOLD_PORT: u16 = 9090;
+/// How long "untouched" is watched.
+const QUIET: Duration = Duration::from_millis(300);
+
+struct Lifecycle {
+    sb: Sandbox,
+    _servers: Vec<HoldServer>,
+}
+
+impl Lifecycle {
+    fn new(names: &[&str]) -> (Self, Vec<SocketAddr>) {
+        let mut sb = Sandbox::new();
+        let mut servers = Vec::new();
+        let mut addrs = Vec::new();
+        for name in names {
+            sb.backend(name);
+            let pod = &sb.backends[*name];
+            servers.push(HoldServer::start(pod, name, HOLD_PORT));
+            addrs.push(SocketAddr::new(IpAddr::V4(pod.ip4), HOLD_PORT));
+        }
+        (Self { sb, _servers: servers }, addrs)
+    }
+
+    fn reset(&mut self) -> lifecycle::ResetReport {
+        let root = self.sb.cgroup.path().to_owned();
+        let report = lifecycle::reset_stale(self.sb.dp.dp.tables_mut(), &root).expect("reset");
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        report
+    }
+}
+
+fn expect_ok(c: &HoldClient, backend: &str, vip: SocketAddr) {
+    let line = c.next_line(Duration::from_secs(3)).expect("no connect reported");
+    assert_eq!(line, format!("ok\t{backend}\t{vip}"), "the connection must reach {backend} showing the VIP");
+}
+
+fn wait_tracked(sb: &Sandbox, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while sb.dp.dp.tables().connections().unwrap().len() < n {
+        assert!(Instant::now() < deadline, "{n} connections never tracked");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn mechanism_probe_finds_sock_destroy() {
+    assert_eq!(lifecycle::Mechanism::probe(), lifecycle::Mechanism::SockDestroy);
+}
+
+#[test]
+fn removed_gray_backend_resets_gray_tcp_within_100ms_and_leaves_base_alone() {
+    let (mut lc, addrs) = Lifecycle::new(&["gray-1", "base-1"]);
+    let vip: SocketAddr = "10.96.5.1:80".parse().unwrap();
+    lc.sb.service(vip, Proto::Tcp, 1, 0, &[("gray", &[addrs[0]]), ("base", &[addrs[1]])]);
+    let gray = lc.sb.caller("gray", Some("gray"));
+    let base = lc.sb.caller("base", Some("base"));
+    let gray_client = HoldClient::start(&gray.cgroup, &gray.pod.ns, "hold-tcp", vip);
+    let base_client = HoldClient::start(&base.cgroup, &base.pod.ns, "hold-tcp", vip);
+    expect_ok(&gray_client, "gray-1", vip);
+    expect_ok(&base_client, "base-1", vip);
+    wait_tracked(&lc.sb, 2);
+    let conns = lc.sb.dp.dp.tables().connections().unwrap();
+    assert!(conns.iter().any(|(_, r)| r.caller_lane == lane_id("gray") && r.backend_lane == lane_id("gray")));
+    assert!(conns.iter().any(|(_, r)| r.caller_lane == lane_id("base") && r.backend_lane == lane_id("base")));
+
+    // The gray endpoint goes: the set empties, then the agent resets what was steered to it.
+    let start = Instant::now();
+    lc.sb.dp.dp.tables_mut().replace_backends(1, lane_id("gray"), &[]).unwrap();
+    let report = lc.reset();
+    assert_eq!(report.reset.len(), 1, "{report:?}");
+    let line =
+        gray_client.next_line(Duration::from_millis(100)).expect("gray connection not reset in 100 ms");
+    let elapsed = start.elapsed();
+    assert!(line.starts_with(&format!("closed\t{}", libc::ECONNABORTED)), "{line}");
+    assert!(elapsed < Duration::from_millis(100), "reset took {elapsed:?}");
+    // The reconnect falls back to base.
+    expect_ok(&gray_client, "base-1", vip);
+    // The base caller's connection is untouched.
+    assert_eq!(base_client.next_line(QUIET), None, "the base connection must stay up");
+    // Nothing more to reset.
+    wait_tracked(&lc.sb, 2);
+    assert!(lc.reset().reset.is_empty());
+}
+
+#[test]
+fn connected_udp_is_reset_unconnected_udp_is_untouched() {
+    let (mut lc, addrs) = Lifecycle::new(&["gray-1", "base-1"]);
+    let vip: SocketAddr = "10.96.5.2:53".parse().unwrap();
+    lc.sb.service(vip, Proto::Udp, 1, 0, &[("gray", &[addrs[0]]), ("base", &[addrs[1]])]);
+    let gray = lc.sb.caller("gray", Some("gray"));
+    let connected = HoldClient::start(&gray.cgroup, &gray.pod.ns, "hold-udp", vip);
+    let unconnected = HoldClient::start(&gray.cgroup, &gray.pod.ns, "hold-udp-unconnected", vip);
+    expect_ok(&connected, "gray-1", vip);
+    expect_ok(&unconnected, "gray-1", vip);
+    // Only the connected socket is tracked.
+    wait_tracked(&lc.sb, 1);
+    assert_eq!(lc.sb.dp.dp.tables().connections().unwrap().len(), 1);
+
+    lc.sb.dp.dp.tables_mut().replace_backends(1, lane_id("gray"), &[]).unwrap();
+    let report = lc.reset();
+    assert_eq!(report.reset.len(), 1, "{report:?}");
+    let line = connected.next_line(Duration::from_millis(100)).expect("connected UDP not reset in 100 ms");
+    assert!(line.starts_with(&format!("closed\t{}", libc::ECONNABORTED)), "{line}");
+    expect_ok(&connected, "base-1", vip);
+    assert_eq!(unconnected.next_line(QUIET), None, "an unconnected UDP socket is never touched");
+}
+
+#[test]
+fn rehome_resets_fallen_back_connections_when_their_lane_returns() {
+    let (mut lc, addrs) = Lifecycle::new(&["gray-1", "base-1"]);
+    let vip: SocketAddr = "10.96.5.3:80".parse().unwrap();
+    lc.sb.service(vip, Proto::Tcp, 1, 0, &[("gray", &[]), ("base", &[addrs[1]])]);
+    lc.sb.lane_policy("gray", &["base"], LANE_F_REHOME);
+    lc.sb.lane_policy("blue", &["base"], 0);
+    let gray = lc.sb.caller("gray", Some("gray"));
+    let blue = lc.sb.caller("blue", Some("blue"));
+    let gray_client = HoldClient::start(&gray.cgroup, &gray.pod.ns, "hold-tcp", vip);
+    let blue_client = HoldClient::start(&blue.cgroup, &blue.pod.ns, "hold-tcp", vip);
+    expect_ok(&gray_client, "base-1", vip);
+    expect_ok(&blue_client, "base-1", vip);
+    wait_tracked(&lc.sb, 2);
+    // Nothing is stale while gray has no backend.
+    assert!(lc.reset().reset.is_empty());
+
+    // Gray comes back: its fallen-back connection is reset and reconnects into gray.
+    lc.sb.dp.dp.tables_mut().replace_backends(1, lane_id("gray"), &[tagger::net::backend(addrs[0])]).unwrap();
+    let report = lc.reset();
+    assert_eq!(report.reset.len(), 1, "{report:?}");
+    assert_eq!(report.reset[0].2, lifecycle::Why::Rehome);
+    let line = gray_client.next_line(Duration::from_millis(100)).expect("not rehomed in 100 ms");
+    assert!(line.starts_with("closed\t"), "{line}");
+    expect_ok(&gray_client, "gray-1", vip);
+    // Blue has no rehome policy (and no blue backends): untouched.
+    assert_eq!(blue_client.next_line(QUIET), None);
+}
+
+#[test]
+fn the_agent_resets_a_gray_connection_when_its_endpoint_goes_not_ready() {
+    let wait = Duration::from_secs(10);
+    let mut sb = AgentSandbox::new();
+    sb.backend("h-base", None);
+    sb.backend("h-gray", Some("gray"));
+    sb.caller("gw", Some("gray"));
+    let vip: SocketAddr = "10.96.10.9:80".parse().unwrap();
+    sb.cluster.service("h", &[vip.ip()], vip.port(), HOLD_PORT, &["h-base", "h-gray"]);
+    let _servers: Vec<HoldServer> =
+        ["h-base", "h-gray"].iter().map(|n| HoldServer::start(&sb.netns[*n], n, HOLD_PORT)).collect();
+    sb.start_agent_on_file(&[]);
+    let cg = sb.pod_cgroup("gw");
+    sb.wait_for("gw registered and both sets", wait, |t| {
+        pod_in_lane(t, &cg, "gray")
+            && set_size(t, vip, "base") == Some(1)
+            && set_size(t, vip, "gray") == Some(1)
+    });
+    let client = HoldClient::start(&cg, &sb.netns["gw"].ns, "hold-tcp", vip);
+    expect_ok(&client, "h-gray", vip);
+
+    // The gray endpoint goes not ready: the agent empties the set and resets the connection.
+    sb.cluster.pods.get_mut("h-gray").unwrap().ready = false;
+    sb.write_source_file();
+    let line = client.next_line(wait).expect("the agent did not reset the gray connection");
+    assert!(line.starts_with(&format!("closed\t{}", libc::ECONNABORTED)), "{line}");
+    expect_ok(&client, "h-base", vip);
+    let log = sb.agent_log();
+    assert!(log.contains("stale connections will be reset"), "{log}");
+    assert!(log.contains("reset stale connection"), "{log}");
+}
