@@ -46,6 +46,107 @@ impl Drop for ServiceProcess {
     }
 }
 
+/// `testpod pool`: one pooled keep-alive connection, a request every 20 ms; its lines (time,
+/// outcome, body) arrive on a channel.
+struct Pool {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    started: std::time::Instant,
+}
+
+impl Pool {
+    fn start(sb: &AgentSandbox, gateway: &str, service: &str) -> Self {
+        let mut child = Command::new(testpod_bin())
+            .args([
+                "--cgroup",
+                &sb.pod_cgroup(gateway).to_string_lossy(),
+                "--netns",
+                sb.netns[gateway].ns.name(),
+            ])
+            .args(["pool", service])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start testpod pool");
+        let stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(stdout).map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let started = std::time::Instant::now();
+        let first = lines.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
+        assert_eq!(first, "started", "testpod pool did not start");
+        Self { child, lines, started }
+    }
+
+    /// Milliseconds since the pool started (its lines carry the same clock, give or take the
+    /// moment it printed `started`).
+    fn elapsed_ms(&self) -> u128 {
+        self.started.elapsed().as_millis()
+    }
+
+    /// The first line matching `done` within `timeout`.
+    fn wait_for(&self, timeout: Duration, done: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = std::time::Instant::now() + timeout;
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) if done(&line) => return Some(line),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // Only our own child, by its pid.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Follows the pooled connection after the cluster change written at `changed_ms` (the agent
+/// notices the file within 100 ms): it must be reset and its reconnect land on `after`.
+fn pooled_move(pool: &Pool, before: Option<&str>, changed_ms: u128, was: &str, after: &str) -> Check {
+    let field = |line: &str, i: usize| line.split('\t').nth(i).unwrap_or("").to_owned();
+    let before_body = before.map(|l| field(l, 2)).unwrap_or_default();
+    let reset = pool.wait_for(Duration::from_secs(3), |l| l.contains("\treset\t"));
+    let moved = reset.as_ref().and_then(|_| pool.wait_for(Duration::from_secs(3), |l| l.contains("\tok\t")));
+    let reset_after =
+        reset.as_ref().and_then(|l| field(l, 0).parse::<u128>().ok()).map(|t| t.saturating_sub(changed_ms));
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(["gw-gray's pooled connection to A", "when"]);
+    t.add_row([format!("served by {before_body}"), "before".to_owned()]);
+    match (&reset, reset_after) {
+        (Some(l), Some(ms)) => t.add_row([
+            format!("reset by tagger ({})", field(l, 2)),
+            format!("{ms} ms after the cluster change"),
+        ]),
+        _ => t.add_row(["not reset".to_owned(), "within 3 s".to_owned()]),
+    };
+    if let Some(l) = &moved {
+        t.add_row([format!("reconnected: served by {}", field(l, 2)), "next request".to_owned()]);
+    }
+    println!("{t}");
+    let after_body = moved.as_deref().map(|l| field(l, 2)).unwrap_or_default();
+    let ok = before_body == was && after_body == after && reset_after.is_some();
+    Check {
+        step: "2. pooled connection gw-gray → A".into(),
+        expected: format!("reset, then {after}"),
+        observed: match reset_after {
+            Some(ms) => format!("reset after {ms} ms, then {after_body}"),
+            None => format!("not reset; still {before_body}"),
+        },
+        ok,
+    }
+}
+
 /// One line of the final report.
 struct Check {
     step: String,
@@ -130,12 +231,18 @@ fn run(keep: bool) -> bool {
     tagger_tests::signals::check();
 
     say("Step 2 — the gray version of A is deleted: gray callers fall back to base A at the next connection");
+    // A pooled (keep-alive) connection, as HTTP clients and connection pools keep them: it sits
+    // on a-gray, whose process keeps running (a terminating pod) after its endpoint goes.
+    let pool = Pool::start(&sb, "gw-gray", A);
+    let pooled_before = pool.wait_for(Duration::from_secs(5), |l| l.contains("\tok\t"));
     sb.cluster.pods.remove("a-gray");
     sb.cluster.services.get_mut("a").expect("a").backends.retain(|b| b != "a-gray");
     sb.write_source_file();
+    let changed_ms = pool.elapsed_ms();
     sb.wait_for("A's gray set to empty", Duration::from_secs(10), |t| {
         set_size(t, addr(A), "gray") == Some(0)
     });
+    checks.push(pooled_move(&pool, pooled_before.as_deref(), changed_ms, gray_path, base_path));
     checks.push(traffic(&sb, "2. gw-gray → A (a-gray gone)", "gw-gray", A, base_path));
     checks.push(traffic(&sb, "2. gw-base → A", "gw-base", A, base_path));
     checks.push(show_cli(&sb, &["explain", "--pod", "demo/gw-gray", A], "fall"));
