@@ -12,6 +12,7 @@ pub mod client;
 pub mod cluster;
 pub mod datapath;
 pub mod fake_api;
+pub mod kernel;
 pub mod netns;
 pub mod scenario;
 pub mod topology;
