@@ -221,9 +221,15 @@ proptest! {
             prop_assert!(cfg.validate().is_ok());
             let policies = cfg.policies();
             prop_assert!(policies.len() <= MAX_LANES as usize);
-            prop_assert_eq!(cfg.lane_names().len(), policies.len());
-            for p in policies.values() {
+            // Every lane and every chain entry has a name (ids never collide: the config
+            // would have been rejected).
+            let names = cfg.lane_names();
+            for (id, p) in &policies {
+                prop_assert!(names.contains_key(id));
                 prop_assert!(p.chain_len as usize <= MAX_CHAIN);
+                for entry in &p.chain[..p.chain_len as usize] {
+                    prop_assert!(names.contains_key(entry), "chain entry {:#x} has no name", entry);
+                }
             }
             let again = serde_yaml::to_string(&cfg).unwrap();
             prop_assert_eq!(LanesConfig::parse(&again).unwrap(), cfg);

@@ -25,8 +25,8 @@ struct Cli {
 enum Task {
     /// Install what building and testing need (idempotent).
     Setup,
-    /// Bootstrap, then run formatting and lint checks, unit tests and, as root, the kernel
-    /// integration tests.
+    /// Bootstrap, then run formatting, lint and `cargo deny` checks, unit tests and, as root, the
+    /// kernel integration tests on this kernel and then in qemu on Debian's 6.1 and 6.12.
     Test {
         /// Skip `cargo fmt --check` and clippy.
         #[arg(long)]
@@ -37,6 +37,10 @@ enum Task {
         /// (6.1, 6.12; repeatable, or `all`) instead of on the host.
         #[arg(long, value_name = "SERIES")]
         kernel: Vec<String>,
+        /// Skip the kernel matrix (the kernel tests in qemu on Debian's 6.1 and 6.12) that a
+        /// full run does after the host's tests.
+        #[arg(long)]
+        no_kernel_matrix: bool,
         /// Time limit of each qemu guest, in minutes.
         #[arg(long, default_value_t = 40, value_name = "MINUTES")]
         kernel_timeout: u64,
@@ -72,9 +76,13 @@ fn main() -> Result<()> {
             cleanup::leftovers();
             Ok(())
         }
-        Task::Test { no_lint, filter, kernel, kernel_timeout } => {
+        Task::Test { no_lint, filter, kernel, no_kernel_matrix, kernel_timeout } => {
             if kernel.is_empty() {
-                test(no_lint, filter.as_deref())
+                test(no_lint, filter.as_deref())?;
+                if no_kernel_matrix {
+                    return Ok(());
+                }
+                kernel_matrix(&["all".to_owned()], filter.as_deref(), kernel_timeout)
             } else {
                 kernel_matrix(&kernel, filter.as_deref(), kernel_timeout)
             }

@@ -19,6 +19,9 @@ use super::{cpio::Cpio, kernels::Kernel};
 /// Modules the tests need beyond what the cloud kernels build in (their dependencies follow).
 const MODULES: [&str; 2] = ["veth", "bridge"];
 
+/// The system CA bundle (Debian's ca-certificates).
+const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
 /// Marker lines the guest prints on the serial console; xtask parses them.
 pub const MARK: &str = "TAGGER-MATRIX";
 
@@ -56,6 +59,12 @@ pub fn build(kernel: &Kernel, contents: &Contents<'_>, stage: &Path, out: &Path)
         bail!("{} is not static: install Debian's busybox-static", busybox.display());
     }
     files.insert("/bin/busybox".into(), (0o755, busybox));
+    // The agent's kube client (rustls with the platform verifier) refuses to start without a
+    // system CA bundle, even when the kubeconfig brings its own CA: give the guest the host's.
+    let bundle = PathBuf::from(CA_BUNDLE);
+    if bundle.is_file() {
+        files.insert(CA_BUNDLE.into(), (0o644, bundle));
+    }
     for lib in libs {
         // Keep the path the binaries were linked against (e.g. /lib64/ld-linux-x86-64.so.2).
         files.insert(lib.to_string_lossy().into_owned(), (0o755, fs::canonicalize(&lib)?));
