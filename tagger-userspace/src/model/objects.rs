@@ -362,12 +362,7 @@ fn decode_slice_ports(
     out
 }
 
-/// Endpoints read from one EndpointSlice: the API server's own validation limit, so a source
-/// that does not validate (a file, a misbehaving server) cannot make one object unbounded.
-pub const MAX_SLICE_ENDPOINTS: usize = 1000;
-
-/// The slice's ready endpoints with a valid first address of the slice's family, at most
-/// [`MAX_SLICE_ENDPOINTS`] of them (beyond: a counted [`WarningKind::Capacity`]).
+/// The slice's ready endpoints with a valid first address of the slice's family.
 fn ready_endpoints(
     slice_ref: &ObjectRef,
     slice: &EndpointSlice,
@@ -388,17 +383,7 @@ fn ready_endpoints(
         }
     };
     let mut out = Vec::new();
-    if slice.endpoints.len() > MAX_SLICE_ENDPOINTS {
-        warnings.add(
-            WarningKind::Capacity,
-            format_args!(
-                "EndpointSlice {slice_ref}: {} endpoints, over the API's limit of {MAX_SLICE_ENDPOINTS}; the rest \
-                 are left out",
-                slice.endpoints.len()
-            ),
-        );
-    }
-    for ep in slice.endpoints.iter().take(MAX_SLICE_ENDPOINTS).filter(|ep| is_ready(ep)) {
+    for ep in slice.endpoints.iter().filter(|ep| is_ready(ep)) {
         let Some(text) = ep.addresses.first() else { continue };
         let ip = match text.parse::<IpAddr>() {
             Ok(ip) if ip.is_ipv4() == v4 => ip,
@@ -434,27 +419,4 @@ fn endpoint_pod(slice_ref: &ObjectRef, ep: &Endpoint) -> Option<ObjectRef> {
 fn is_ready(ep: &Endpoint) -> bool {
     let c = ep.conditions.as_ref();
     c.and_then(|c| c.ready).unwrap_or(true) && !c.and_then(|c| c.terminating).unwrap_or(false)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{MAX_SLICE_ENDPOINTS, SliceInput, WarningKind};
-    use crate::model::testing::{endpoint, slice};
-
-    #[test]
-    fn a_slice_over_the_api_limit_is_cut_with_a_counted_warning() {
-        let many = (0..MAX_SLICE_ENDPOINTS + 5)
-            .map(|i| endpoint(&format!("10.1.{}.{}", i / 250, i % 250 + 1), None))
-            .collect();
-        let (key, s) = slice("n", "big", "svc", "IPv4", &[("", 80, "TCP")], many);
-        let input = SliceInput::new(&key, &s);
-        assert_eq!(input.endpoints.len(), MAX_SLICE_ENDPOINTS);
-        assert_eq!(input.warnings.count(WarningKind::Capacity), 1);
-
-        let few = (0..3).map(|i| endpoint(&format!("10.2.0.{}", i + 1), None)).collect();
-        let (key, s) = slice("n", "small", "svc", "IPv4", &[("", 80, "TCP")], few);
-        let input = SliceInput::new(&key, &s);
-        assert_eq!(input.endpoints.len(), 3);
-        assert!(input.warnings.is_empty());
-    }
 }
