@@ -51,6 +51,13 @@ pub fn build(kernel: &Kernel, contents: &Contents<'_>, stage: &Path, out: &Path)
         files.insert(format!("/t/{name}"), (0o755, strip(bin, stage)?));
         libs.extend(shared_libs(bin)?);
     }
+    // Stripped copies of earlier builds (other hashes) would pile up: keep only this set's.
+    let keep: BTreeSet<PathBuf> = files.values().map(|(_, p)| p.clone()).collect();
+    for e in fs::read_dir(stage)?.flatten() {
+        if !keep.contains(&e.path()) {
+            let _ = fs::remove_file(e.path());
+        }
+    }
     let ip = which("ip")?;
     libs.extend(shared_libs(&ip)?);
     files.insert("/usr/sbin/ip".into(), (0o755, ip));

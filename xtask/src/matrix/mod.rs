@@ -60,7 +60,10 @@ pub fn run(series: &[String], opts: &Options<'_>) -> Result<()> {
             "kernel {} ({}): boot under qemu -accel tcg and run the tests",
             s.name, kernel.release
         ));
-        let outcome = boot(s.name, &kernel.vmlinuz, &image, opts.timeout)?;
+        let outcome = boot(s.name, &kernel.vmlinuz, &image, opts.timeout);
+        // Rebuilt on every run; 125 MiB per kernel is not worth keeping.
+        let _ = std::fs::remove_file(&image);
+        let outcome = outcome?;
         summary.push(format!("{} ({}): {}", s.name, kernel.release, outcome.describe()));
         if let Err(e) = outcome.verdict(tests.len()) {
             failures.push(format!("kernel {}: {e}", s.name));
