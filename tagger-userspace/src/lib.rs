@@ -8,6 +8,8 @@ pub mod cli;
 pub mod datapath;
 pub mod error;
 pub mod fs;
+#[cfg(test)]
+mod fuzz;
 pub mod labels;
 pub mod lanes_config;
 pub mod lifecycle;

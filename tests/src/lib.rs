@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod datapath;
 pub mod fake_api;
 pub mod hold;
+pub mod kernel;
 pub mod netns;
 pub mod scenario;
 pub mod signals;

@@ -208,3 +208,33 @@ fn an_upgrade_to_a_new_map_layout_switches_programs_with_no_failed_connection() 
     drop(dp);
     assert_eq!(install_in_other_process(&pins.0, root.path()), "Adopted");
 }
+
+/// Every pin is readable and writable by its owner (root) only, and every pin directory is 0700:
+/// no other user on the node can open a map to read the cluster's layout or rewrite it.
+#[test]
+fn pins_are_created_0600_in_0700_directories_owned_by_root() {
+    use std::os::unix::fs::MetadataExt as _;
+
+    require_root();
+    let root = TestCgroup::new(&unique_name("root"));
+    let dp = tagger_tests::datapath::TestDatapath::install(root.path());
+    let mut pins = 0;
+    let mut stack = vec![dp.dir().to_owned()];
+    while let Some(dir) = stack.pop() {
+        let meta = std::fs::metadata(&dir).unwrap();
+        assert_eq!(meta.mode() & 0o7777, 0o700, "{}", dir.display());
+        assert_eq!(meta.uid(), 0, "{}", dir.display());
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else {
+                assert_eq!(meta.mode() & 0o7777, 0o600, "{}", entry.path().display());
+                assert_eq!(meta.uid(), 0, "{}", entry.path().display());
+                pins += 1;
+            }
+        }
+    }
+    // Every link pin and every map.
+    assert!(pins > tagger::datapath::PROGRAMS.len(), "only {pins} pins under {}", dp.dir().display());
+}

@@ -11,8 +11,10 @@ const LLVM: &str = "22";
 /// Debian packages: LLVM for bpf-linker, iproute2 for the test namespaces, bpftool for operators;
 /// buildah and musl-tools (musl-gcc, for ring's C code) for the container image (`cargo xtask
 /// image`); util-linux's setpriv and unshare confine the agent in the capability tests; haproxy
-/// and iptables are the baselines of `cargo xtask bench`, linux-perf its profiler.
-const APT_PACKAGES: [&str; 10] = [
+/// and iptables are the baselines of `cargo xtask bench`, linux-perf its profiler; the kernel
+/// matrix (`cargo xtask test --kernel`) boots Debian's kernels in qemu with a busybox-static
+/// initramfs (binutils strips the test binaries packed into it, xz unpacks 6.12's modules).
+const APT_PACKAGES: [&str; 14] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "iproute2",
@@ -23,6 +25,10 @@ const APT_PACKAGES: [&str; 10] = [
     "haproxy",
     "iptables",
     "linux-perf",
+    "qemu-system-x86",
+    "busybox-static",
+    "binutils",
+    "xz-utils",
 ];
 
 /// Installs everything missing.
@@ -31,6 +37,7 @@ pub fn run_all() -> Result<()> {
     toolchain_components()?;
     apt_packages()?;
     bpf_linker()?;
+    crate::deny::install()?;
     Ok(())
 }
 

@@ -6,7 +6,9 @@
 mod bench;
 mod bootstrap;
 mod cleanup;
+mod deny;
 mod image;
+mod matrix;
 mod shell;
 
 use anyhow::{Result, bail};
@@ -23,14 +25,25 @@ struct Cli {
 enum Task {
     /// Install what building and testing need (idempotent).
     Setup,
-    /// Bootstrap, then run formatting and lint checks, unit tests and, as root, the kernel
-    /// integration tests.
+    /// Bootstrap, then run formatting, lint and `cargo deny` checks, unit tests and, as root, the
+    /// kernel integration tests on this kernel and then in qemu on Debian's 6.1 and 6.12.
     Test {
         /// Skip `cargo fmt --check` and clippy.
         #[arg(long)]
         no_lint: bool,
         /// Only run tests whose name contains this string.
         filter: Option<String>,
+        /// Run only the kernel integration tests, inside qemu (TCG) on this Debian kernel series
+        /// (6.1, 6.12; repeatable, or `all`) instead of on the host.
+        #[arg(long, value_name = "SERIES")]
+        kernel: Vec<String>,
+        /// Skip the kernel matrix (the kernel tests in qemu on Debian's 6.1 and 6.12) that a
+        /// full run does after the host's tests.
+        #[arg(long)]
+        no_kernel_matrix: bool,
+        /// Time limit of each qemu guest, in minutes.
+        #[arg(long, default_value_t = 40, value_name = "MINUTES")]
+        kernel_timeout: u64,
     },
     /// Remove namespaces, cgroups and pins left by an interrupted test run.
     Clean,
@@ -63,7 +76,17 @@ fn main() -> Result<()> {
             cleanup::leftovers();
             Ok(())
         }
-        Task::Test { no_lint, filter } => test(no_lint, filter.as_deref()),
+        Task::Test { no_lint, filter, kernel, no_kernel_matrix, kernel_timeout } => {
+            if kernel.is_empty() {
+                test(no_lint, filter.as_deref())?;
+                if no_kernel_matrix {
+                    return Ok(());
+                }
+                kernel_matrix(&["all".to_owned()], filter.as_deref(), kernel_timeout)
+            } else {
+                kernel_matrix(&kernel, filter.as_deref(), kernel_timeout)
+            }
+        }
         Task::Demo { keep } => demo(keep),
         Task::Bench { quick, out } => bench::run(quick, out.as_deref()),
         Task::Image(args) => image::run_task(&args),
@@ -95,6 +118,7 @@ fn test(no_lint: bool, filter: Option<&str>) -> Result<()> {
         shell::cargo(&["fmt", "--all", "--", "--check"])?;
         shell::step("cargo clippy -D warnings");
         shell::cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+        deny::check()?;
     }
     shell::step("unit and kernel integration tests");
     let mut args = vec!["test", "--no-fail-fast"];
@@ -108,6 +132,20 @@ fn test(no_lint: bool, filter: Option<&str>) -> Result<()> {
     shell::step("the demo, as a smoke test (`cargo xtask demo`)");
     run_demo(false)?;
     image::test_step()
+}
+
+/// The kernel tests in qemu guests. Nothing is created on the host (no namespaces, cgroups or
+/// pins), so this does not clean leftovers either.
+fn kernel_matrix(series: &[String], filter: Option<&str>, timeout_min: u64) -> Result<()> {
+    require_root("test --kernel")?;
+    bootstrap::run_all()?;
+    let series: Vec<String> = if series.iter().any(|s| s == "all") {
+        matrix::SERIES.iter().map(|s| s.name.to_owned()).collect()
+    } else {
+        series.to_vec()
+    };
+    let opts = matrix::Options { filter, timeout: std::time::Duration::from_secs(timeout_min * 60) };
+    matrix::run(&series, &opts)
 }
 
 fn demo(keep: bool) -> Result<()> {

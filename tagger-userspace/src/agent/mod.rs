@@ -23,6 +23,9 @@ pub use args::{Args, Source};
 pub use inputs::{Inputs, InputsHandle};
 pub use reconciler::{ReconcileReport, Reconciler};
 pub use status::AgentStatus;
+
+#[cfg(test)]
+pub(crate) use poll::file_changes;
 use tracing::{error, info, warn};
 
 use crate::{datapath::Datapath, lanes_config::LanesConfig};

@@ -108,7 +108,7 @@ pub async fn watch_source_file(
 
 /// A file's objects as complete lists of every kind. Every pod's labels are listed (backend
 /// lanes); pods with `spec.nodeName` equal to `node` are this node's pods too.
-fn file_changes(snapshot: &file::Snapshot, node: &str) -> Vec<Change> {
+pub(crate) fn file_changes(snapshot: &file::Snapshot, node: &str) -> Vec<Change> {
     let mut local = Vec::new();
     let mut labels = Vec::new();
     for pod in &snapshot.pods {

@@ -749,7 +749,7 @@ fn assert_converged(model: &DatapathState, desired: &DatapathState, prune: bool,
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: crate::fuzz::cases(256), ..ProptestConfig::default() })]
 
     /// desired → plan → apply, from the previous state, always lands exactly on desired (or,
     /// without pruning, on desired plus what was already there), in a safe order.
@@ -877,7 +877,7 @@ fn recheck() -> impl Strategy<Value = Recheck> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: crate::fuzz::cases(256), ..ProptestConfig::default() })]
 
     /// The incremental model, fed the changes a source reports (events, bursts of them, and
     /// relists), always desires what the full computation from the whole cluster desires (up to
