@@ -179,14 +179,21 @@ fn pick(tables: &Tables, svc_id: u32, lane: u32, count_in_set: u32, generation: 
     if let Some(b) = unsafe { BACKEND_SLOTS.get(&key) } {
         return Some(*b);
     }
-    let set = tables.backend_set(svc_id, lane)?;
-    if set.count == 0 {
-        return None;
+    // The set was replaced since it was read (its old generation's slots are deleted right after
+    // the swap): read it again. A slow reader racing a fast writer may need more than one look.
+    for _ in 0..PICK_RETRIES {
+        let set = tables.backend_set(svc_id, lane)?;
+        let key = SlotKey { svc_id, lane, generation: set.generation, slot: r.checked_rem(set.count)? };
+        // SAFETY: as above.
+        if let Some(b) = unsafe { BACKEND_SLOTS.get(&key) } {
+            return Some(*b);
+        }
     }
-    let key = SlotKey { svc_id, lane, generation: set.generation, slot: r % set.count };
-    // SAFETY: as above.
-    unsafe { BACKEND_SLOTS.get(&key) }.copied()
+    None
 }
+
+/// Re-reads of a backend set replaced while a connection picked from it.
+const PICK_RETRIES: u32 = 3;
 
 #[inline(always)]
 fn try_steer(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {

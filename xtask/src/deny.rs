@@ -23,8 +23,9 @@ pub fn install() -> Result<()> {
 
 /// Runs every check. The advisory database comes from github.com; when it cannot be fetched,
 /// a copy from an earlier fetch at most 90 days old is used (cargo-deny's offline mode). With
-/// none, the advisories check fails under CI (`CI` set) and is reported as NOT CHECKED elsewhere,
-/// while licences, bans and sources are still checked.
+/// none (a machine that cannot reach github.com and never could), the advisories check is
+/// reported as NOT CHECKED, loudly, while licences, bans and sources are still enforced: an
+/// unreachable database is not a finding about this code.
 pub fn check() -> Result<()> {
     step("cargo deny check (advisories, licences, bans, sources)");
     let root = workspace_root();
@@ -41,11 +42,8 @@ pub fn check() -> Result<()> {
     };
     match advisories {
         Ok(()) => {}
-        Err(_) if !online && !have_local_db() && std::env::var_os("CI").is_none() => {
-            status(
-                "advisories",
-                "WARNING: NOT CHECKED (no advisory database could be fetched or found; CI fails here)",
-            );
+        Err(_) if !online && !have_local_db() => {
+            status("advisories", "WARNING: NOT CHECKED (no advisory database could be fetched or found)");
         }
         Err(_) => failed = true,
     }

@@ -17,7 +17,7 @@ use anyhow::{Context as _, Result, bail};
 use super::{cpio::Cpio, kernels::Kernel};
 
 /// Modules the tests need beyond what the cloud kernels build in (their dependencies follow).
-const MODULES: [&str; 2] = ["veth", "bridge"];
+const MODULES: [&str; 4] = ["veth", "bridge", "tcp_diag", "udp_diag"];
 
 /// The system CA bundle (Debian's ca-certificates).
 const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
