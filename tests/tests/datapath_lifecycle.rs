@@ -181,6 +181,12 @@ fn the_agent_resets_a_gray_connection_when_its_endpoint_goes_not_ready() {
     let line = client.next_line(wait).expect("the agent did not reset the gray connection");
     assert!(line.starts_with(&format!("closed\t{}", libc::ECONNABORTED)), "{line}");
     expect_ok(&client, "h-base", vip);
+    // The agent logs the reset after issuing it: on a slow machine (qemu) the client may have
+    // reconnected before the line is written.
+    let deadline = std::time::Instant::now() + wait;
+    while !sb.agent_log().contains("reset stale connection") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let log = sb.agent_log();
     assert!(log.contains("stale connections will be reset"), "{log}");
     assert!(log.contains("reset stale connection"), "{log}");
