@@ -102,6 +102,36 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Finds the directories of cgroup ids (inode numbers) below the cgroup v2 mount `root`,
+/// breadth first, at most [`tagger_common::MAX_CGROUP_LEVEL`] deep, stopping once all are found.
+#[must_use]
+pub fn cgroup_paths(
+    root: &Path,
+    ids: &std::collections::BTreeSet<u64>,
+) -> std::collections::BTreeMap<u64, PathBuf> {
+    let mut found = std::collections::BTreeMap::new();
+    let mut queue = std::collections::VecDeque::from([(root.to_owned(), 0u32)]);
+    while let Some((dir, depth)) = queue.pop_front() {
+        if found.len() == ids.len() {
+            break;
+        }
+        let Ok(meta) = std::fs::metadata(&dir) else { continue };
+        if ids.contains(&meta.ino()) {
+            found.insert(meta.ino(), dir.clone());
+        }
+        if depth >= tagger_common::MAX_CGROUP_LEVEL {
+            continue;
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                queue.push_back((e.path(), depth + 1));
+            }
+        }
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

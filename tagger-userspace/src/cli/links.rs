@@ -6,14 +6,7 @@
 //! `BPF_OBJ_GET_INFO_BY_FD`. Holding a link descriptor changes nothing: the pin keeps the link
 //! attached, and closing our descriptor only drops our reference.
 
-use std::{
-    collections::{BTreeMap, BTreeSet, VecDeque},
-    io,
-    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
-    path::{Path, PathBuf},
-};
-
-use tagger_common::MAX_CGROUP_LEVEL;
+use std::{io, os::fd::AsRawFd as _, path::Path};
 
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_TYPE_CGROUP: u32 = 3;
@@ -88,35 +81,12 @@ pub fn attach_type_name(t: u32) -> Option<&'static str> {
     })
 }
 
-/// Finds the directories of cgroup ids (inode numbers) below the cgroup v2 mount `root`,
-/// breadth first, at most [`MAX_CGROUP_LEVEL`] deep, stopping once all are found.
-#[must_use]
-pub fn cgroup_paths(root: &Path, ids: &BTreeSet<u64>) -> BTreeMap<u64, PathBuf> {
-    let mut found = BTreeMap::new();
-    let mut queue = VecDeque::from([(root.to_owned(), 0u32)]);
-    while let Some((dir, depth)) = queue.pop_front() {
-        if found.len() == ids.len() {
-            break;
-        }
-        let Ok(meta) = std::fs::metadata(&dir) else { continue };
-        if ids.contains(&meta.ino()) {
-            found.insert(meta.ino(), dir.clone());
-        }
-        if depth >= MAX_CGROUP_LEVEL {
-            continue;
-        }
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                queue.push_back((e.path(), depth + 1));
-            }
-        }
-    }
-    found
-}
+pub use crate::cgroup::cgroup_paths;
 
 #[cfg(test)]
 mod tests {
+    use std::{collections::BTreeSet, os::unix::fs::MetadataExt as _};
+
     use super::*;
 
     #[test]

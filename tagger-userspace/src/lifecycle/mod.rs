@@ -14,8 +14,7 @@ pub mod stale;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs::File,
-    os::unix::fs::MetadataExt as _,
-    path::{Path, PathBuf},
+    path::Path,
 };
 
 pub use stale::Why;
@@ -143,23 +142,9 @@ pub fn reset_stale(tables: &mut Tables, cgroup_root: &Path) -> Result<ResetRepor
 /// The network namespace of a pod: that of any process in its cgroup subtree, found below the
 /// datapath's cgroup root by the cgroup id (the directory's inode number).
 fn pod_netns(cgroup_root: &Path, cgroup_id: u64) -> Option<File> {
-    let dir = find_cgroup(cgroup_root, cgroup_id, 0)?;
+    let dir = crate::cgroup::cgroup_paths(cgroup_root, &[cgroup_id].into()).remove(&cgroup_id)?;
     let pid = first_pid(&dir, 0)?;
     File::open(format!("/proc/{pid}/ns/net")).ok()
-}
-
-fn find_cgroup(dir: &Path, id: u64, depth: u32) -> Option<PathBuf> {
-    if std::fs::metadata(dir).ok()?.ino() == id {
-        return Some(dir.to_owned());
-    }
-    if depth > tagger_common::MAX_CGROUP_LEVEL {
-        return None;
-    }
-    std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(std::result::Result::ok)
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .find_map(|e| find_cgroup(&e.path(), id, depth + 1))
 }
 
 fn first_pid(dir: &Path, depth: u32) -> Option<u32> {

@@ -175,13 +175,7 @@ fn udp_once(addr: SocketAddr, connected: bool) -> std::io::Result<(String, Socke
 /// Connects in a tight loop until stdin closes, then prints `done <ok> <failed>`, the distinct
 /// failures and the distinct replies with their counts.
 fn tcp_loop(out: &mut impl std::io::Write, addr: SocketAddr) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = Arc::clone(&stop);
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = std::io::stdin().lock().read_line(&mut line);
-        stop2.store(true, Ordering::Relaxed);
-    });
+    let stop = stop_on_stdin();
     writeln!(out, "started").expect("stdout");
     out.flush().expect("stdout");
     let (mut ok, mut failed) = (0u64, 0u64);
@@ -287,13 +281,7 @@ fn pooled_request(s: &mut TcpStream) -> std::io::Result<String> {
 /// Keeps one pooled connection to `addr`, a request every 20 ms, reconnecting after a reset,
 /// until stdin closes; prints each change of outcome with the time since start.
 fn pool(out: &mut impl std::io::Write, addr: SocketAddr) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = Arc::clone(&stop);
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = std::io::stdin().lock().read_line(&mut line);
-        stop2.store(true, Ordering::Relaxed);
-    });
+    let stop = stop_on_stdin();
     writeln!(out, "started").expect("stdout");
     out.flush().expect("stdout");
     let start = std::time::Instant::now();
@@ -324,4 +312,16 @@ fn pool(out: &mut impl std::io::Write, addr: SocketAddr) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A flag set when stdin gives a line or closes (the test's signal to stop and report).
+fn stop_on_stdin() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::stdin().lock().read_line(&mut line);
+        flag.store(true, Ordering::Relaxed);
+    });
+    stop
 }
