@@ -8,11 +8,13 @@
 
 pub mod lane;
 pub mod maps;
+pub mod pods;
 pub mod resolve;
 pub mod shaping;
 pub mod wire;
 
 pub use lane::{BASE_LANE, lane_id};
 pub use maps::*;
+pub use pods::*;
 pub use resolve::{LaneTables, Resolution, resolve_lane, resolve_shaped, shaping_of};
 pub use shaping::*;

@@ -41,7 +41,7 @@ pub const MAP_SOCK: &str = "TAGGER_SOCK_V1";
 pub const MAP_CONNS: &str = "TAGGER_CONN_V1";
 
 /// Every map the datapath pins, in a fixed order (used for pin management and `status`).
-pub const ALL_MAPS: [&str; 17] = [
+pub const ALL_MAPS: [&str; 19] = [
     MAP_PODS,
     MAP_FRONTENDS,
     MAP_BACKEND_SETS,
@@ -59,6 +59,8 @@ pub const ALL_MAPS: [&str; 17] = [
     crate::shaping::MAP_WARM,
     MAP_SOCK,
     MAP_CONNS,
+    crate::pods::MAP_POD_ADDRS,
+    crate::pods::MAP_INBOUND,
 ];
 
 /// Pod cgroups registered on one node.
@@ -408,6 +410,9 @@ pub enum Outcome {
     Routed = 10,
     /// A base caller's connection went to the Service's canary lane.
     Canary = 11,
+    /// An accepted connection's row could not be added to the full inbound map (not counted
+    /// per pod).
+    InboundFull = 12,
 }
 
 /// Number of slots in [`MAP_COUNTERS`]: the outcomes, then their shadow counterparts at
@@ -416,7 +421,7 @@ pub const OUTCOME_SLOTS: u32 = 32;
 
 impl Outcome {
     /// Every outcome, in index order.
-    pub const ALL: [Outcome; 12] = [
+    pub const ALL: [Outcome; 13] = [
         Outcome::NotService,
         Outcome::Steered,
         Outcome::FellBack,
@@ -429,6 +434,7 @@ impl Outcome {
         Outcome::UnknownPod,
         Outcome::Routed,
         Outcome::Canary,
+        Outcome::InboundFull,
     ];
 
     /// Stable snake-case name, used in CLI JSON and metric labels.
@@ -447,6 +453,7 @@ impl Outcome {
             Outcome::UnknownPod => "unknown_pod",
             Outcome::Routed => "routed",
             Outcome::Canary => "canary",
+            Outcome::InboundFull => "inbound_full",
         }
     }
 }
@@ -472,6 +479,8 @@ mod pod_impls {
     unsafe impl aya::Pod for super::ServiceMeta {}
     unsafe impl aya::Pod for super::LaneName {}
     unsafe impl aya::Pod for super::SockRecord {}
+    unsafe impl aya::Pod for crate::pods::PodAddr {}
+    unsafe impl aya::Pod for crate::pods::InboundKey {}
 }
 
 #[cfg(test)]

@@ -4,14 +4,14 @@
 use aya_ebpf::{
     btf_maps::SkStorage,
     macros::{btf_map, map},
-    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap},
 };
 use tagger_common::{
-    BPF_F_NO_PREALLOC, Backend, BackendSet, DatapathConfig, FrontendKey, LaneName, LanePolicy, LaneTables,
-    MAX_BACKEND_SETS, MAX_BACKEND_SLOTS, MAX_CONNS, MAX_FRONTENDS, MAX_LANES, MAX_PODS, MAX_REVNAT,
-    MAX_ROUTES, MAX_SVC_STATS, MAX_WARM, OUTCOME_SLOTS, Outcome, PodEntry, PodMeta, RevNatKey, RevNatValue,
-    RouteKey, SHADOW_OFFSET, STAT_F_SHADOW, Service, ServiceMeta, SetKey, SlotKey, SockRecord, StatKey,
-    SvcShaping, WarmEntry, WarmKey,
+    BPF_F_NO_PREALLOC, Backend, BackendSet, DatapathConfig, FrontendKey, InboundKey, LaneName, LanePolicy,
+    LaneTables, MAX_BACKEND_SETS, MAX_BACKEND_SLOTS, MAX_CONNS, MAX_FRONTENDS, MAX_INBOUND, MAX_LANES,
+    MAX_POD_ADDRS, MAX_PODS, MAX_REVNAT, MAX_ROUTES, MAX_SVC_STATS, MAX_WARM, OUTCOME_SLOTS, Outcome,
+    PodAddr, PodEntry, PodMeta, RevNatKey, RevNatValue, RouteKey, SHADOW_OFFSET, STAT_F_SHADOW, Service,
+    ServiceMeta, SetKey, SlotKey, SockRecord, StatKey, SvcShaping, WarmEntry, WarmKey,
 };
 
 #[map(name = "TAGGER_PODS_V1")]
@@ -59,6 +59,16 @@ pub static ROUTES: HashMap<RouteKey, LanePolicy> = HashMap::with_max_entries(MAX
 
 #[map(name = "TAGGER_WARM_V1")]
 pub static WARM: HashMap<WarmKey, WarmEntry> = HashMap::with_max_entries(MAX_WARM, BPF_F_NO_PREALLOC);
+
+/// Local pods by address: read by the TC marking program and the passive side of `conn_track`.
+#[map(name = "TAGGER_PADDR_V1")]
+pub static POD_ADDRS: HashMap<[u32; 4], PodAddr> =
+    HashMap::with_max_entries(MAX_POD_ADDRS, BPF_F_NO_PREALLOC);
+
+/// Inbound connections per (local pod address, caller lane, pod lane, kind).
+#[map(name = "TAGGER_INB_V1")]
+pub static INBOUND: PerCpuHashMap<InboundKey, u64> =
+    PerCpuHashMap::with_max_entries(MAX_INBOUND, BPF_F_NO_PREALLOC);
 
 // Metadata for operators: written by the agent, read by the CLI, never by the programs. They
 // live in the object so that they are created, pinned and versioned with the rest.

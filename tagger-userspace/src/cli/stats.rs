@@ -91,6 +91,7 @@ pub fn outcome_meaning(o: Outcome) -> &'static str {
         Outcome::UnknownPod => "caller in no registered pod cgroup: treated as base",
         Outcome::Routed => "a routing rule for (Service, caller lane) chose the backend lane",
         Outcome::Canary => "base caller's connection in the Service's canary share",
+        Outcome::InboundFull => "accepted connection not counted per pod: the inbound map was full",
     }
 }
 
