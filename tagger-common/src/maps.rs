@@ -271,6 +271,8 @@ pub struct RevNatValue {
 
 /// `SockRecord::flags`: the connection fell back from the caller's lane.
 pub const SOCK_F_FELL_BACK: u8 = 1;
+/// `SockRecord::flags`: a routing rule or the Service's canary share chose the backend's lane.
+pub const SOCK_F_ROUTED: u8 = 2;
 
 /// How the datapath steered one socket ([`MAP_SOCK`], [`MAP_CONNS`]).
 #[repr(C)]
@@ -413,6 +415,9 @@ pub enum Outcome {
     /// An accepted connection's row could not be added to the full inbound map (not counted
     /// per pod).
     InboundFull = 12,
+    /// An accepted connection to a local pod whose SYN was not saved (the listener was opened
+    /// before tagger attached, or the SYN queue overflowed into syncookies): not classified.
+    InboundNoSyn = 13,
 }
 
 /// Number of slots in [`MAP_COUNTERS`]: the outcomes, then their shadow counterparts at
@@ -421,7 +426,7 @@ pub const OUTCOME_SLOTS: u32 = 32;
 
 impl Outcome {
     /// Every outcome, in index order.
-    pub const ALL: [Outcome; 13] = [
+    pub const ALL: [Outcome; 14] = [
         Outcome::NotService,
         Outcome::Steered,
         Outcome::FellBack,
@@ -435,6 +440,7 @@ impl Outcome {
         Outcome::Routed,
         Outcome::Canary,
         Outcome::InboundFull,
+        Outcome::InboundNoSyn,
     ];
 
     /// Stable snake-case name, used in CLI JSON and metric labels.
@@ -454,6 +460,7 @@ impl Outcome {
             Outcome::Routed => "routed",
             Outcome::Canary => "canary",
             Outcome::InboundFull => "inbound_full",
+            Outcome::InboundNoSyn => "inbound_no_syn",
         }
     }
 }

@@ -40,9 +40,12 @@ pub struct PodAddr {
 pub const INBOUND_IN_LANE: u32 = 0;
 /// The caller's connection fell back from its lane (the option's fallback flag).
 pub const INBOUND_FELL_BACK: u32 = 1;
-/// A **lane leak**: the caller's lane differs from this pod's, and the connection did not fall
-/// back (a misconfiguration, or a path that bypassed tagger's steering).
+/// A **lane leak**: the caller's lane differs from this pod's, and the connection neither fell
+/// back nor was routed there (the caller's node and this one disagree on the pod's lane, or a
+/// misconfiguration).
 pub const INBOUND_LEAK: u32 = 2;
+/// A routing rule or the Service's canary share sent the caller to this pod's lane on purpose.
+pub const INBOUND_ROUTED: u32 = 4;
 /// No lane option on the SYN: the caller is not behind tagger (another node without tagger, a
 /// client outside the cluster, or a connection tagger did not steer). `caller_lane` is 0.
 pub const INBOUND_UNTAGGED: u32 = 3;
@@ -68,6 +71,7 @@ pub const fn inbound_kind(option: Option<(u32, u8)>, pod_lane: u32) -> u32 {
     match option {
         None => INBOUND_UNTAGGED,
         Some((_, flags)) if flags & crate::wire::LANE_OPT_F_FELL_BACK != 0 => INBOUND_FELL_BACK,
+        Some((_, flags)) if flags & crate::wire::LANE_OPT_F_ROUTED != 0 => INBOUND_ROUTED,
         Some((lane, _)) if lane == pod_lane => INBOUND_IN_LANE,
         Some(_) => INBOUND_LEAK,
     }
@@ -80,6 +84,7 @@ pub const fn inbound_kind_name(kind: u32) -> &'static str {
         INBOUND_IN_LANE => "in_lane",
         INBOUND_FELL_BACK => "fell_back",
         INBOUND_LEAK => "leak",
+        INBOUND_ROUTED => "routed",
         INBOUND_UNTAGGED => "untagged",
         _ => "unknown",
     }
@@ -96,6 +101,7 @@ mod tests {
         assert_eq!(inbound_kind(Some((7, 0)), 7), INBOUND_IN_LANE);
         assert_eq!(inbound_kind(Some((7, LANE_OPT_F_FELL_BACK)), 9), INBOUND_FELL_BACK);
         assert_eq!(inbound_kind(Some((7, 0)), 9), INBOUND_LEAK);
+        assert_eq!(inbound_kind(Some((7, crate::wire::LANE_OPT_F_ROUTED)), 9), INBOUND_ROUTED);
     }
 
     #[test]

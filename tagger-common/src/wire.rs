@@ -9,7 +9,9 @@
 //! ```
 //!
 //! ExID 0x7467 ("tg", not registered with IANA); flags bit 0: the connection fell back from the
-//! caller's lane. The kernel pads the header with NOPs to a multiple of 4 bytes.
+//! caller's lane; bit 1: a routing rule or a canary share sent it to another lane on purpose.
+//! Other bits are zero and ignored by readers. The kernel pads the header with NOPs to a
+//! multiple of 4 bytes.
 
 /// TCP option kind for experiments (RFC 4727, RFC 6994).
 pub const LANE_OPT_KIND: u8 = 253;
@@ -19,6 +21,8 @@ pub const LANE_OPT_LEN: u8 = 9;
 pub const LANE_OPT_EXID: u16 = 0x7467;
 /// Flags bit: the connection fell back from the caller's lane.
 pub const LANE_OPT_F_FELL_BACK: u8 = 1;
+/// Flags bit: a routing rule or the Service's canary share chose another lane.
+pub const LANE_OPT_F_ROUTED: u8 = 2;
 
 /// Encodes the option.
 #[must_use]

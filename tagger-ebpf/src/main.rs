@@ -25,7 +25,7 @@ use aya_ebpf::{
 };
 use tagger_common::{
     BASE_LANE, Backend, FAMILY_V6, FrontendKey, IPPROTO_UDP, LaneTables, Outcome, Resolution, RevNatKey,
-    RevNatValue, SOCK_F_FELL_BACK, SlotKey, SockRecord, is_v4_mapped, shaping_of, v4_mapped,
+    RevNatValue, SOCK_F_FELL_BACK, SOCK_F_ROUTED, SlotKey, SockRecord, is_v4_mapped, shaping_of, v4_mapped,
 };
 
 use crate::maps::{
@@ -253,7 +253,11 @@ fn try_steer(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
         backend,
         vport: port,
         proto,
-        flags: if matches!(outcome, Outcome::FellBack) { SOCK_F_FELL_BACK } else { 0 },
+        flags: match outcome {
+            Outcome::FellBack => SOCK_F_FELL_BACK,
+            Outcome::Routed | Outcome::Canary => SOCK_F_ROUTED,
+            _ => 0,
+        },
         svc_id: svc.svc_id,
         caller_lane: caller,
         backend_lane: lane,

@@ -7,25 +7,50 @@
 //! On the SYN of a steered TCP connection, `conn_track` also writes the lane option
 //! (`tagger_common::wire`): the caller's lane id and whether the connection fell back.
 //!
+//! The passive side: every listener opened in a pod cgroup keeps the SYN of the connections it
+//! accepts (`TCP_SAVE_SYN`, set when `listen()` runs); once such a connection is established on
+//! a local pod's address (`POD_ADDRS`), its SYN's lane option is read and the connection is
+//! counted in `INBOUND` by (pod address, caller lane, pod lane, kind: in lane, fell back, lane
+//! leak or untagged).
+//!
 //! Neither program ever refuses a connection: they return "proceed" (1) whatever happens.
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB,
-        BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
+        BPF_TCP_CLOSE,
     },
-    helpers::generated::{bpf_get_socket_cookie, bpf_reserve_hdr_opt, bpf_sk_storage_get, bpf_store_hdr_opt},
+    helpers::generated::{
+        bpf_get_socket_cookie, bpf_load_hdr_opt, bpf_reserve_hdr_opt, bpf_setsockopt, bpf_sk_storage_get,
+        bpf_store_hdr_opt,
+    },
     macros::{cgroup_sock, sock_ops},
     programs::{SockContext, SockOpsContext},
 };
 use tagger_common::{
-    IPPROTO_UDP, SOCK_F_FELL_BACK, SockRecord,
-    wire::{LANE_OPT_F_FELL_BACK, LANE_OPT_LEN, encode_lane_option},
+    INBOUND_UNTAGGED, IPPROTO_UDP, InboundKey, Outcome, SOCK_F_FELL_BACK, SOCK_F_ROUTED, SockRecord,
+    inbound_kind, v4_mapped,
+    wire::{
+        LANE_OPT_EXID, LANE_OPT_F_FELL_BACK, LANE_OPT_F_ROUTED, LANE_OPT_KIND, LANE_OPT_LEN,
+        decode_lane_option, encode_lane_option,
+    },
 };
 
-use crate::maps::{CONNS, socks_ptr};
+use crate::maps::{CONNS, INBOUND, POD_ADDRS, count, socks_ptr};
+
+/// `SOL_TCP`.
+const SOL_TCP: i32 = 6;
+/// `TCP_SAVE_SYN`.
+const TCP_SAVE_SYN: i32 = 27;
+/// `AF_INET6`.
+const AF_INET6: u32 = 10;
+/// `BPF_LOAD_HDR_OPT_TCP_SYN`: search the saved SYN, not the current packet.
+const LOAD_FROM_SYN: u64 = 1;
+/// `ENOENT`: no SYN was saved for this connection.
+const ENOENT: i64 = 2;
 
 #[sock_ops]
 pub fn conn_track(ctx: SockOpsContext) -> u32 {
@@ -41,6 +66,8 @@ pub fn conn_track(ctx: SockOpsContext) -> u32 {
         }
         BPF_SOCK_OPS_WRITE_HDR_OPT_CB if is_syn(&ctx) => write_lane_option(&ctx),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => established(&ctx),
+        BPF_SOCK_OPS_TCP_LISTEN_CB => save_syns(&ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => count_inbound(&ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
             // SAFETY: `bpf_get_socket_cookie` accepts a sock_ops context.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -80,7 +107,13 @@ fn write_lane_option(ctx: &SockOpsContext) {
     }
     // SAFETY: non-null storage of this socket; SockRecord is Copy.
     let record = unsafe { *record };
-    let flags = if record.flags & SOCK_F_FELL_BACK != 0 { LANE_OPT_F_FELL_BACK } else { 0 };
+    let mut flags = 0;
+    if record.flags & SOCK_F_FELL_BACK != 0 {
+        flags |= LANE_OPT_F_FELL_BACK;
+    }
+    if record.flags & SOCK_F_ROUTED != 0 {
+        flags |= LANE_OPT_F_ROUTED;
+    }
     let opt = encode_lane_option(record.caller_lane, flags);
     // SAFETY: the helper copies `LANE_OPT_LEN` bytes from this stack buffer of that size.
     let _ = unsafe { bpf_store_hdr_opt(ctx.ops, opt.as_ptr().cast(), u32::from(LANE_OPT_LEN), 0) };
@@ -104,6 +137,71 @@ fn established(ctx: &SockOpsContext) {
     }
     #[expect(clippy::cast_possible_wrap, reason = "small flag bits")]
     let _ = ctx.set_cb_flags(flags as i32);
+}
+
+/// A socket starts listening: keep the SYN of each connection it accepts, so that the lane
+/// option can be read once the connection is established.
+#[inline(always)]
+fn save_syns(ctx: &SockOpsContext) {
+    let mut on: i32 = 1;
+    // SAFETY: `bpf_setsockopt` on this program's context, reading 4 bytes (the length passed)
+    // from a stack i32.
+    let _ = unsafe { bpf_setsockopt(ctx.ops.cast(), SOL_TCP, TCP_SAVE_SYN, (&raw mut on).cast(), 4) };
+}
+
+/// A connection to a listener in a pod cgroup is established: count it by its SYN's lane option
+/// when it was accepted on a local pod's address.
+#[inline(always)]
+fn count_inbound(ctx: &SockOpsContext) {
+    let ops = ctx.ops;
+    // SAFETY: context fields of sock_ops, each read with one 4-byte load at a constant offset,
+    // as the verifier requires. All are read unconditionally (then selected) so that the
+    // compiler cannot merge two loads into one at a computed offset.
+    let (family, ip4, ip6) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*ops).family),
+            core::ptr::read_volatile(&raw const (*ops).local_ip4),
+            [
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[0]),
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[1]),
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[2]),
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[3]),
+            ],
+        )
+    };
+    // IPv4 connections accepted by a dual-stack listener have a v4-mapped local address.
+    let addr = if family == AF_INET6 { ip6 } else { v4_mapped(ip4) };
+    // SAFETY: POD_ADDRS is BPF_F_NO_PREALLOC; the value is copied out at once.
+    let Some(pod) = (unsafe { POD_ADDRS.get(&addr) }).copied() else {
+        return;
+    };
+    let exid = LANE_OPT_EXID.to_be_bytes();
+    // Search key for an experimental option: kind, "kind-length" of the magic (2 + 2), magic.
+    let mut opt = [0u8; LANE_OPT_LEN as usize];
+    opt[0] = LANE_OPT_KIND;
+    opt[1] = 4;
+    opt[2] = exid[0];
+    opt[3] = exid[1];
+    // SAFETY: the helper writes at most `LANE_OPT_LEN` bytes into this stack buffer of that size.
+    let found =
+        unsafe { bpf_load_hdr_opt(ctx.ops, opt.as_mut_ptr().cast(), u32::from(LANE_OPT_LEN), LOAD_FROM_SYN) };
+    if found == -ENOENT {
+        count(Outcome::InboundNoSyn);
+        return;
+    }
+    let option = if found == i64::from(LANE_OPT_LEN) { decode_lane_option(&opt) } else { None };
+    let kind = inbound_kind(option, pod.lane);
+    let caller_lane = match option {
+        Some((lane, _)) if kind != INBOUND_UNTAGGED => lane,
+        _ => 0,
+    };
+    let key = InboundKey { addr, caller_lane, pod_lane: pod.lane, kind };
+    if let Some(c) = INBOUND.get_ptr_mut(&key) {
+        // SAFETY: per-CPU value of this CPU; programs do not migrate while running.
+        unsafe { *c += 1 };
+    } else if INBOUND.insert(&key, &1, 0).is_err() {
+        count(Outcome::InboundFull);
+    }
 }
 
 /// A socket is released: forget a tracked connected UDP socket (TCP is forgotten at close).

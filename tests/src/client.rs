@@ -184,8 +184,16 @@ impl HoldClient {
     /// Starts the client (`mode`: `hold-tcp`, `hold-udp` or `hold-udp-unconnected`).
     #[must_use]
     pub fn start(cgroup: &Path, netns: &Netns, mode: &str, addr: SocketAddr) -> Self {
+        Self::start_with(cgroup, netns, mode, addr, &[])
+    }
+
+    /// Starts testpod in `mode` with extra arguments after the address (e.g. `answer ADDR NAME`).
+    #[must_use]
+    pub fn start_with(cgroup: &Path, netns: &Netns, mode: &str, addr: SocketAddr, extra: &[&str]) -> Self {
         let mut child = Command::new(testpod_bin())
             .args(["--cgroup", &cgroup.to_string_lossy(), "--netns", netns.name(), mode, &addr.to_string()])
+            .args(extra)
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn testpod");

@@ -8,12 +8,12 @@ use std::{
 };
 
 use tagger::net::{Proto, backend, frontend_key};
-use tagger_common::{LanePolicy, Service, lane_id};
+use tagger_common::{DSCP_UNSET, LanePolicy, PodAddr, Service, lane_id};
 
 use crate::{
     backend::BackendServer,
     cgroup::TestCgroup,
-    client::{Attempt, Mode, attempts},
+    client::{Attempt, HoldClient, Mode, attempts},
     datapath::TestDatapath,
     topology::{Node, Pod},
     unique_name,
@@ -36,6 +36,7 @@ pub struct Caller {
 #[derive(Debug)]
 pub struct Sandbox {
     servers: Vec<BackendServer>,
+    pod_servers: Vec<HoldClient>,
     /// The datapath under test.
     pub dp: TestDatapath,
     /// The cgroup the datapath is attached to (the agent's `--cgroup-root`).
@@ -59,7 +60,15 @@ impl Sandbox {
         crate::require_root();
         let cgroup = TestCgroup::new(&unique_name("root"));
         let dp = TestDatapath::install(cgroup.path());
-        Self { servers: Vec::new(), dp, cgroup, backends: BTreeMap::new(), node: Node::new(), next_pod: 0 }
+        Self {
+            servers: Vec::new(),
+            pod_servers: Vec::new(),
+            dp,
+            cgroup,
+            backends: BTreeMap::new(),
+            node: Node::new(),
+            next_pod: 0,
+        }
     }
 
     /// Starts a backend pod answering `"<name>"`; returns its IPv4 and IPv6 addresses.
@@ -69,6 +78,29 @@ impl Sandbox {
         let v4 = SocketAddr::new(IpAddr::V4(pod.ip4), BACKEND_PORT);
         let v6 = SocketAddr::new(IpAddr::V6(pod.ip6), BACKEND_PORT);
         self.backends.insert(name.to_owned(), pod);
+        (v4, v6)
+    }
+
+    /// Starts a backend pod whose server runs in its own pod cgroup (so its listener is the pod's,
+    /// as the passive side of the lane option needs), registered in `lane` with its addresses
+    /// in the local pods' address map (`pod_lane`: the lane that map says, normally `lane`).
+    /// Returns its IPv4 and IPv6 addresses.
+    pub fn pod_backend(&mut self, name: &str, lane: &str, pod_lane: &str) -> (SocketAddr, SocketAddr) {
+        let caller = self.caller(name, Some(lane));
+        let cg = TestCgroup::resolve(&caller.cgroup);
+        let entry = PodAddr { cgroup: cg.id, lane: lane_id(pod_lane), dscp: DSCP_UNSET, _pad: [0; 3] };
+        let tables = self.dp.dp.tables_mut();
+        for ip in [IpAddr::V4(caller.pod.ip4), IpAddr::V6(caller.pod.ip6)] {
+            tables.set_pod_addr(tagger::net::addr_words(ip), entry).expect("pod address");
+        }
+        let listen: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, BACKEND_PORT).into();
+        let server = HoldClient::start_with(&caller.cgroup, &caller.pod.ns, "answer", listen, &[name]);
+        let started = server.next_line(std::time::Duration::from_secs(10));
+        assert_eq!(started.as_deref(), Some("serving"), "backend {name} did not start");
+        self.pod_servers.push(server);
+        let v4 = SocketAddr::new(IpAddr::V4(caller.pod.ip4), BACKEND_PORT);
+        let v6 = SocketAddr::new(IpAddr::V6(caller.pod.ip6), BACKEND_PORT);
+        self.backends.insert(name.to_owned(), caller.pod);
         (v4, v6)
     }
 

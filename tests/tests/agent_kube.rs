@@ -2,7 +2,10 @@
 //! watchers against the fake API server (real HTTP and JSON, list/watch, 410, dropped watches,
 //! outages), the real kernel datapath, netns pods with kubelet-style cgroups.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use tagger_tests::{
     agent::{AgentSandbox, PORT, pod_in_lane, set_size},
@@ -59,6 +62,17 @@ fn relabel_and_last_gray_endpoint_through_the_api() {
     let cg = sb.pod_cgroup("gw");
     sb.wait_for("gw relabelled gray", WAIT, |t| pod_in_lane(t, &cg, "gray"));
     assert_eq!(sb.reached("gw", vip(), 30), ["a-gray"]);
+    // Its addresses (status.podIPs through the watch) are registered in its lane, for the
+    // receiving side of the lane option and TC marking.
+    let id = tagger::cgroup::CgroupRef::open(&cg).unwrap().id;
+    let addrs = [IpAddr::V4(sb.netns["gw"].ip4), IpAddr::V6(sb.netns["gw"].ip6)];
+    sb.wait_for("gw's addresses in gray", WAIT, |t| {
+        let map = t.pod_addrs().unwrap();
+        addrs.iter().all(|a| {
+            map.get(&tagger::net::addr_words(*a))
+                .is_some_and(|e| e.cgroup == id && e.lane == tagger_common::lane_id("gray"))
+        })
+    });
 
     // The last gray endpoint is removed from the EndpointSlice: fallback to base at once.
     sb.cluster.services.get_mut("a").unwrap().backends.retain(|b| b != "a-gray");

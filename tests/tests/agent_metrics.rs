@@ -9,6 +9,7 @@ use std::{
 
 use tagger_tests::{
     agent::{AgentSandbox, PORT, http_get, set_size},
+    client::HoldClient,
     fake_api::FakeApiServer,
 };
 
@@ -99,4 +100,65 @@ fn readiness_follows_the_first_sync_and_metrics_carry_datapath_counters() {
     assert!(has("tagger_map_fill_ratio{map=\"TAGGER_SVC_V1\"}") > 0.0);
     assert!((has("tagger_map_capacity{map=\"TAGGER_SVC_V1\"}") - 65536.0).abs() < 0.5);
     assert_eq!(http_get(port, "/nope").0, 404);
+}
+
+/// Inbound counts of pod `b`, from the agent's metrics.
+fn inbound_series(port: u16, caller_lane: &str, pod_lane: &str, kind: &str) -> Option<f64> {
+    let (_, body) = http_get(port, "/metrics");
+    let series = format!(
+        "tagger_inbound_connections_total{{namespace=\"demo\",pod=\"b\",pod_lane=\"{pod_lane}\",caller_lane=\"{caller_lane}\",kind=\"{kind}\"}}"
+    );
+    parse(&body).get(&series).copied()
+}
+
+#[test]
+fn the_agent_registers_pod_addresses_and_inbound_counts_reach_metrics_and_the_cli() {
+    let mut sb = AgentSandbox::new();
+    sb.caller("gw", Some("gray"));
+    // `b` is a pod with a cgroup that serves: its listener is the pod's.
+    sb.caller("b", Some("gray"));
+    let b_vip: SocketAddr = "10.96.30.2:80".parse().unwrap();
+    sb.cluster.service("b", &[b_vip.ip()], 80, PORT, &["b"]);
+    sb.start_agent_on_file(&["--metrics-addr", "127.0.0.1:0"]);
+    let port = sb.metrics_port();
+    let b_addr4 = tagger::net::addr_words(std::net::IpAddr::V4(sb.netns["b"].ip4));
+    let b_addr6 = tagger::net::addr_words(std::net::IpAddr::V6(sb.netns["b"].ip6));
+    let lane_in_map = |t: &tagger::datapath::Tables, lane: &str| {
+        let addrs = t.pod_addrs().unwrap();
+        [b_addr4, b_addr6]
+            .iter()
+            .all(|a| addrs.get(a).is_some_and(|e| e.lane == tagger_common::lane_id(lane)))
+    };
+    sb.wait_for("b's addresses registered in gray", Duration::from_secs(10), |t| {
+        lane_in_map(t, "gray") && set_size(t, b_vip, "gray") == Some(1)
+    });
+    // The server starts after the agent attached (its listener keeps SYNs from then on).
+    let listen: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, PORT).into();
+    let server = HoldClient::start_with(&sb.pod_cgroup("b"), &sb.netns["b"].ns, "answer", listen, &["b"]);
+    assert_eq!(server.next_line(Duration::from_secs(10)).as_deref(), Some("serving"));
+
+    assert_eq!(sb.reached("gw", b_vip, 5), ["b"]);
+    assert_eq!(inbound_series(port, "gray", "gray", "in_lane"), Some(5.0));
+
+    // `b` is relabelled base: gray callers fall back to it, and it counts them as such.
+    sb.cluster.set_lane("b", None);
+    sb.write_source_file();
+    sb.wait_for("b's addresses in base", Duration::from_secs(10), |t| lane_in_map(t, "base"));
+    sb.wait_for("service b's base set", Duration::from_secs(10), |t| set_size(t, b_vip, "base") == Some(1));
+    assert_eq!(sb.reached("gw", b_vip, 3), ["b"]);
+    assert_eq!(inbound_series(port, "gray", "base", "fell_back"), Some(3.0));
+
+    let out = std::process::Command::new(tagger_tests::agent::workspace_bin("tagger"))
+        .arg("--bpffs")
+        .arg(&sb.pins.0)
+        .args(["-o", "json", "stats", "--inbound"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(r["totals"]["in_lane"], 5, "{r}");
+    assert_eq!(r["totals"]["fell_back"], 3, "{r}");
+    assert_eq!(r["totals"]["leak"], 0, "{r}");
+    assert!(r["rows"].as_array().unwrap().iter().all(|row| row["pod"] == "demo/b"), "{r}");
+    drop(server);
 }

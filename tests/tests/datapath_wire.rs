@@ -1,14 +1,17 @@
 //! The lane on the wire: the TCP option on the SYN of steered connections, captured in the
-//! backend pod's namespace, and its absence everywhere else.
+//! backend pod's namespace, and its absence everywhere else; and the receiving side, which
+//! counts the connections a local pod accepts by the caller's lane.
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
 use tagger::net::Proto;
 use tagger_common::{
-    lane_id,
+    INBOUND_FELL_BACK, INBOUND_IN_LANE, INBOUND_LEAK, INBOUND_ROUTED, INBOUND_UNTAGGED, LanePolicy, RouteKey,
+    SVC_F_ROUTED, lane_id,
     wire::{LANE_OPT_F_FELL_BACK, LANE_OPT_KIND, decode_lane_option},
 };
 use tagger_tests::{
@@ -84,4 +87,76 @@ fn steered_and_fell_back_syns_carry_the_lane_option_others_do_not() {
         assert_eq!(decode_lane_option(opt), Some((lane_id("gray"), LANE_OPT_F_FELL_BACK)));
     }
     assert_mss_and_wscale_like_untagged(&syns, &untagged[0]);
+}
+
+/// Inbound counts of one pod address, by (caller lane, kind).
+fn inbound_of(sb: &Sandbox, addr: SocketAddr) -> BTreeMap<(u32, u32), u64> {
+    let words = tagger::net::addr_words(addr.ip());
+    let mut rows = BTreeMap::new();
+    for r in sb.dp.dp.tables().inbound().unwrap().into_iter().filter(|r| r.key.addr == words) {
+        *rows.entry((r.key.caller_lane, r.key.kind)).or_default() += r.count;
+    }
+    rows
+}
+
+#[test]
+fn the_receiving_pod_counts_connections_by_the_callers_lane() {
+    let mut sb = Sandbox::new();
+    let gray = lane_id("gray");
+    let base = lane_id("base");
+    let (g1, g1_v6) = sb.pod_backend("gray-1", "gray", "gray");
+    let (b1, _) = sb.pod_backend("base-1", "base", "base");
+    // The callers' node believes this pod is gray; the pod's own node says base: a leak.
+    let (stale, _) = sb.pod_backend("stale-1", "base", "base");
+    let vip: SocketAddr = "10.96.6.1:80".parse().unwrap();
+    let vip2: SocketAddr = "10.96.6.2:80".parse().unwrap();
+    let vip6: SocketAddr = "[fd00:96::6]:80".parse().unwrap();
+    sb.service(vip, Proto::Tcp, 1, 0, &[("gray", &[g1]), ("base", &[b1])]);
+    sb.service(vip2, Proto::Tcp, 2, 0, &[("gray", &[stale]), ("base", &[b1])]);
+    sb.service(vip6, Proto::Tcp, 3, 0, &[("gray", &[g1_v6])]);
+    let gray_pod = sb.caller("gray", Some("gray"));
+    let base_pod = sb.caller("base", Some("base"));
+
+    let ok = |attempts: &[tagger_tests::client::Attempt]| replies(attempts).values().sum::<usize>();
+    assert_eq!(ok(&sb.call(&gray_pod, Mode::Tcp, vip, 3)), 3);
+    assert_eq!(ok(&sb.call(&gray_pod, Mode::Tcp, vip6, 2)), 2);
+    assert_eq!(ok(&sb.call(&base_pod, Mode::Tcp, vip, 2)), 2);
+    assert_eq!(ok(&sb.call(&gray_pod, Mode::Tcp, b1, 4)), 4, "not through a Service: untagged");
+    assert_eq!(ok(&sb.call(&gray_pod, Mode::Tcp, vip2, 2)), 2);
+
+    assert_eq!(inbound_of(&sb, g1), BTreeMap::from([((gray, INBOUND_IN_LANE), 3)]));
+    assert_eq!(inbound_of(&sb, g1_v6), BTreeMap::from([((gray, INBOUND_IN_LANE), 2)]), "IPv6");
+    assert_eq!(
+        inbound_of(&sb, b1),
+        BTreeMap::from([((base, INBOUND_IN_LANE), 2), ((0, INBOUND_UNTAGGED), 4)])
+    );
+    assert_eq!(inbound_of(&sb, stale), BTreeMap::from([((gray, INBOUND_LEAK), 2)]));
+
+    // The gray lane loses its backends: gray callers fall back to base, flagged on the SYN.
+    sb.dp.dp.tables_mut().replace_backends(1, gray, &[]).unwrap();
+    assert_eq!(replies(&sb.call(&gray_pod, Mode::Tcp, vip, 3)).keys().collect::<Vec<_>>(), ["base-1"]);
+    assert_eq!(inbound_of(&sb, b1)[&(gray, INBOUND_FELL_BACK)], 3);
+
+    // A routing rule sends gray callers of Service 4 to blue: routed, not a leak.
+    let (blue1, _) = sb.pod_backend("blue-1", "blue", "blue");
+    let vip4: SocketAddr = "10.96.6.4:80".parse().unwrap();
+    sb.service(vip4, Proto::Tcp, 4, SVC_F_ROUTED, &[("gray", &[g1]), ("blue", &[blue1])]);
+    let rule = LanePolicy::new(&[lane_id("blue")], 0);
+    sb.dp.dp.tables_mut().set_route(RouteKey { svc_id: 4, caller_lane: gray }, &rule).unwrap();
+    assert_eq!(replies(&sb.call(&gray_pod, Mode::Tcp, vip4, 2)).keys().collect::<Vec<_>>(), ["blue-1"]);
+    assert_eq!(inbound_of(&sb, blue1), BTreeMap::from([((gray, INBOUND_ROUTED), 2)]));
+
+    // A server that is not a registered local pod is not counted.
+    let (plain, _) = sb.backend("plain-1");
+    assert_eq!(ok(&sb.call(&gray_pod, Mode::Tcp, plain, 2)), 2);
+    assert!(inbound_of(&sb, plain).is_empty());
+
+    // What `tagger stats --inbound` shows.
+    let report = tagger::cli::inbound::read(sb.dp.dp.tables()).unwrap();
+    assert_eq!(report.totals["in_lane"], 3 + 2 + 2);
+    assert_eq!(report.totals["leak"], 2);
+    assert_eq!(report.totals["untagged"], 4);
+    assert_eq!(report.totals["fell_back"], 3);
+    assert_eq!(report.totals["routed"], 2);
+    assert_eq!(report.not_classified, 0, "every listener was opened after tagger attached");
 }

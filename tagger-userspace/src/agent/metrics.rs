@@ -64,6 +64,29 @@ struct ConnLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InboundLabels {
+    namespace: String,
+    pod: String,
+    pod_lane: String,
+    caller_lane: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LeakLabels {
+    namespace: String,
+    pod: String,
+    pod_lane: String,
+    caller_lane: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PodLabels {
+    namespace: String,
+    pod: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BackendLabel {
     backend: String,
 }
@@ -228,6 +251,69 @@ fn encode_connections(
     Ok(())
 }
 
+/// The inbound connection counters, per local pod (rows of addresses no longer a local pod's
+/// are left out).
+fn encode_inbound(
+    encoder: &mut DescriptorEncoder,
+    t: &crate::datapath::Tables,
+    lane: &impl Fn(u32) -> String,
+) -> Result<(), std::fmt::Error> {
+    let (Ok(rows), Ok(addrs), Ok(pods)) = (t.inbound(), t.pod_addrs(), t.pod_meta()) else {
+        return Ok(());
+    };
+    let all = Family::<InboundLabels, Counter>::default();
+    let leaks = Family::<LeakLabels, Counter>::default();
+    let untagged = Family::<PodLabels, Counter>::default();
+    for row in rows {
+        let Some((namespace, pod)) = addrs.get(&row.key.addr).and_then(|a| pods.get(&a.cgroup)).cloned()
+        else {
+            continue;
+        };
+        let kind = tagger_common::inbound_kind_name(row.key.kind);
+        let labels = InboundLabels {
+            namespace: namespace.clone(),
+            pod: pod.clone(),
+            pod_lane: lane(row.key.pod_lane),
+            caller_lane: if row.key.kind == tagger_common::INBOUND_UNTAGGED {
+                String::new()
+            } else {
+                lane(row.key.caller_lane)
+            },
+            kind: kind.to_owned(),
+        };
+        all.get_or_create(&labels).inc_by(row.count);
+        match row.key.kind {
+            tagger_common::INBOUND_LEAK => {
+                let InboundLabels { namespace, pod, pod_lane, caller_lane, .. } = labels;
+                leaks.get_or_create(&LeakLabels { namespace, pod, pod_lane, caller_lane }).inc_by(row.count);
+            }
+            tagger_common::INBOUND_UNTAGGED => {
+                untagged.get_or_create(&PodLabels { namespace, pod }).inc_by(row.count);
+            }
+            _ => {}
+        }
+    }
+    all.encode(encoder.encode_descriptor(
+        "inbound_connections",
+        "Connections accepted by local pods, by caller lane (from the SYN's lane option), pod lane and kind \
+         (in_lane, fell_back, routed, leak, untagged)",
+        None,
+        all.metric_type(),
+    )?)?;
+    leaks.encode(encoder.encode_descriptor(
+        "inbound_lane_leaks",
+        "Connections accepted by a local pod from a caller of another lane that did not fall back",
+        None,
+        leaks.metric_type(),
+    )?)?;
+    untagged.encode(encoder.encode_descriptor(
+        "inbound_untagged",
+        "Connections accepted by a local pod without a lane option (caller not behind tagger)",
+        None,
+        untagged.metric_type(),
+    )?)
+}
+
 fn clamp(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -309,6 +395,7 @@ impl Collector for DatapathCollector {
         if let Ok(conns) = t.connections() {
             encode_connections(&mut encoder, &conns, &names, &lane)?;
         }
+        encode_inbound(&mut encoder, t, &lane)?;
         let entries = Family::<MapLabel, Gauge>::default();
         let capacity = Family::<MapLabel, Gauge>::default();
         let ratio = Family::<MapLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();

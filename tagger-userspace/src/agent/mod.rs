@@ -6,6 +6,7 @@
 //! thread owns the maps and applies the difference whenever a source signals a change. Stopping
 //! (SIGTERM, SIGINT) leaves the datapath attached and filled.
 
+mod addrs;
 mod args;
 mod inputs;
 mod kube_source;

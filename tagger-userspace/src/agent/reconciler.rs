@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     AgentStatus, Wake,
+    addrs::PodAddrs,
     args::AgentConfig,
     inputs::InputsHandle,
     publish::Names,
@@ -62,6 +63,7 @@ pub struct Reconciler {
     status: Arc<AgentStatus>,
     current: Mirror,
     names: Names,
+    addrs: PodAddrs,
     model: Incremental,
     availability: LaneAvailability,
     last_warnings: BTreeMap<String, u64>,
@@ -78,6 +80,7 @@ impl Reconciler {
         let current = DatapathState::read(datapath.tables())?;
         let ids = current.frontend_ids();
         let names = Names::read(datapath.tables())?;
+        let addrs = PodAddrs::read(datapath.tables())?;
         info!(
             pods = current.pods.len(),
             frontends = current.frontends.len(),
@@ -93,6 +96,7 @@ impl Reconciler {
             status,
             current: Mirror::new(current),
             names,
+            addrs,
             model,
             availability: LaneAvailability::default(),
             last_warnings: BTreeMap::default(),
@@ -161,6 +165,12 @@ impl Reconciler {
             self.model.retain_ids();
         }
         self.publish_names(&update, lanes, full);
+        if full || update.pods_changed || update.lanes_changed {
+            self.addrs.sync(self.datapath.tables_mut(), self.model.pod_addrs(), lanes);
+        }
+        if full {
+            self.addrs.prune_inbound(self.datapath.tables_mut());
+        }
         self.log_transitions(&update, full);
         self.report_warnings();
         let pending = self.model.pending_pods();

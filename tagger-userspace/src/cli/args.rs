@@ -101,6 +101,12 @@ pub struct StatusArgs {
 /// `tagger stats`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct StatsArgs {
+    /// Show the connections this node's pods accepted instead: by the caller's lane (read from
+    /// the lane option on the SYN), the pod's lane, and whether the caller fell back. Lane leaks
+    /// (another lane, no fallback) and untagged connections (no option) are counted apart.
+    #[arg(long, conflicts_with = "watch")]
+    pub inbound: bool,
+
     /// Redraw a live view every --interval seconds with per-second rates, until Ctrl-C.
     /// With `-o json`, prints one JSON document per line instead.
     #[arg(long)]

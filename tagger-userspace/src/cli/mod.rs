@@ -42,6 +42,9 @@
 //!   rates: {outcome: per_second} | null, per_service: [{svc_id, service, frontends,
 //!   caller_lane, backend_lane (null when no backend was chosen), outcome, count,
 //!   rate_per_second}]}`;
+//! - `stats --inbound` ([`inbound::InboundReport`]): `{rows: [{pod, address, pod_lane,
+//!   caller_lane (null when untagged), kind, connections}], totals: {kind: count},
+//!   not_classified, not_counted}`;
 //! - `explain` ([`explain::Explanation`]): `{caller: {query, found_by, cgroup_path,
 //!   cgroup_level, registered, pod_cgroup_id, pod_level, namespace, name, lane, note},
 //!   destination, frontend: {svc_id, service, strict} | null, own_set: {lane, count} | null,
@@ -55,6 +58,7 @@
 pub mod args;
 pub mod caller;
 pub mod explain;
+pub mod inbound;
 pub mod lanes;
 pub mod links;
 pub mod open;

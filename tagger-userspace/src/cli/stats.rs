@@ -92,6 +92,9 @@ pub fn outcome_meaning(o: Outcome) -> &'static str {
         Outcome::Routed => "a routing rule for (Service, caller lane) chose the backend lane",
         Outcome::Canary => "base caller's connection in the Service's canary share",
         Outcome::InboundFull => "accepted connection not counted per pod: the inbound map was full",
+        Outcome::InboundNoSyn => {
+            "accepted connection not classified: its SYN was not saved (listener older than tagger)"
+        }
     }
 }
 
@@ -303,6 +306,14 @@ fn frontends_by_svc(tables: &Tables) -> crate::Result<BTreeMap<u32, Vec<String>>
 
 /// Runs `tagger stats`.
 pub fn run(tables: &Tables, format: Format, args: &StatsArgs) -> anyhow::Result<()> {
+    if args.inbound {
+        let r = super::inbound::read(tables)?;
+        match format {
+            Format::Json => print_json(&r)?,
+            Format::Table => print!("{}", super::inbound::render(&Names::read(tables)?, &r)),
+        }
+        return Ok(());
+    }
     if !args.watch {
         let names = Names::read(tables)?;
         let r = report(&names, &frontends_by_svc(tables)?, &Snapshot::read(tables)?, None);

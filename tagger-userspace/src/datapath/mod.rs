@@ -25,6 +25,7 @@
 //! process that installed them exits; a later process opens the same pins ([`Datapath::open`]).
 
 mod compat;
+mod inbound;
 mod tables;
 
 use std::{
@@ -37,6 +38,7 @@ use aya::{
     EbpfLoader,
     programs::{CgroupAttachMode, Program, ProgramError, links::FdLink},
 };
+pub use inbound::InboundRow;
 pub use tables::{Access, CounterSnapshot, ServiceStat, Tables};
 use tagger_common::ALL_MAPS;
 

@@ -4,13 +4,13 @@ use std::{collections::BTreeMap, fmt};
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap};
 use tagger_common::{
-    BASE_LANE, Backend, BackendSet, DatapathConfig, FrontendKey, LaneName, LanePolicy, LaneTables,
-    MAP_BACKEND_SETS, MAP_BACKEND_SLOTS, MAP_CONFIG, MAP_CONNS, MAP_COUNTERS, MAP_FRONTENDS, MAP_LANE_NAMES,
-    MAP_LANES, MAP_POD_META, MAP_PODS, MAP_REVNAT, MAP_ROUTES, MAP_SERVICE_META, MAP_SHAPING, MAP_SVC_STATS,
-    MAP_WARM, MAX_BACKEND_SETS, MAX_BACKENDS, MAX_CGROUP_LEVEL, MAX_FRONTENDS, MAX_LANES, MAX_PODS,
-    MAX_ROUTES, MAX_WARM, Outcome, PodEntry, PodMeta, RevNatKey, RevNatValue, RouteKey, SHADOW_OFFSET,
-    Service, ServiceMeta, SetKey, SlotKey, SockRecord, StatKey, SvcShaping, WarmEntry, WarmKey, field_str,
-    name_field,
+    BASE_LANE, Backend, BackendSet, DatapathConfig, FrontendKey, InboundKey, LaneName, LanePolicy,
+    LaneTables, MAP_BACKEND_SETS, MAP_BACKEND_SLOTS, MAP_CONFIG, MAP_CONNS, MAP_COUNTERS, MAP_FRONTENDS,
+    MAP_INBOUND, MAP_LANE_NAMES, MAP_LANES, MAP_POD_ADDRS, MAP_POD_META, MAP_PODS, MAP_REVNAT, MAP_ROUTES,
+    MAP_SERVICE_META, MAP_SHAPING, MAP_SVC_STATS, MAP_WARM, MAX_BACKEND_SETS, MAX_BACKENDS, MAX_CGROUP_LEVEL,
+    MAX_FRONTENDS, MAX_LANES, MAX_PODS, MAX_ROUTES, MAX_WARM, Outcome, PodAddr, PodEntry, PodMeta, RevNatKey,
+    RevNatValue, RouteKey, SHADOW_OFFSET, Service, ServiceMeta, SetKey, SlotKey, SockRecord, StatKey,
+    SvcShaping, WarmEntry, WarmKey, field_str, name_field,
 };
 
 use super::PinLayout;
@@ -34,6 +34,10 @@ pub struct Tables {
     routes: HashMap<MapData, RouteKey, LanePolicy>,
     warm: HashMap<MapData, WarmKey, WarmEntry>,
     conns: HashMap<MapData, u64, SockRecord>,
+    /// Local pods by address (written by `inbound.rs`).
+    pub(super) pod_addrs: HashMap<MapData, [u32; 4], PodAddr>,
+    /// Inbound connection counts (read by `inbound.rs`).
+    pub(super) inbound: PerCpuHashMap<MapData, InboundKey, u64>,
 }
 
 /// How the maps are opened.
@@ -104,12 +108,16 @@ macro_rules! open_typed {
     }};
 }
 
-fn map_err(map: &'static str, op: &'static str, key: impl fmt::Debug) -> impl FnOnce(MapError) -> Error {
+pub(super) fn map_err(
+    map: &'static str,
+    op: &'static str,
+    key: impl fmt::Debug,
+) -> impl FnOnce(MapError) -> Error {
     move |source| Error::Map { map, op, key: format!("{key:?}"), source: Box::new(source) }
 }
 
 /// Whether a map error is "not found" (a delete or lookup of an absent key).
-fn is_not_found(e: &MapError) -> bool {
+pub(super) fn is_not_found(e: &MapError) -> bool {
     match e {
         MapError::KeyNotFound => true,
         MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
@@ -122,7 +130,7 @@ fn is_full(e: &MapError) -> bool {
     matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG))
 }
 
-fn ignore_not_found(r: Result<(), MapError>) -> Result<(), MapError> {
+pub(super) fn ignore_not_found(r: Result<(), MapError>) -> Result<(), MapError> {
     match r {
         Err(e) if is_not_found(&e) => Ok(()),
         other => other,
@@ -157,6 +165,8 @@ impl Tables {
             routes: open_typed!(layout, MAP_ROUTES, access),
             warm: open_typed!(layout, MAP_WARM, access),
             conns: open_typed!(layout, MAP_CONNS, access),
+            pod_addrs: open_typed!(layout, MAP_POD_ADDRS, access),
+            inbound: open_typed!(layout, MAP_INBOUND, access),
         })
     }
 
@@ -270,6 +280,8 @@ impl Tables {
             (MAP_ROUTES, self.routes.keys().count(), MAX_ROUTES),
             (MAP_WARM, self.warm.keys().count(), MAX_WARM),
             (MAP_CONNS, self.conns.keys().count(), tagger_common::MAX_CONNS),
+            (MAP_POD_ADDRS, self.pod_addrs.keys().count(), tagger_common::MAX_POD_ADDRS),
+            (MAP_INBOUND, self.inbound.keys().count(), tagger_common::MAX_INBOUND),
         ]
     }
 

@@ -1098,6 +1098,7 @@ mod tests {
             name: name.into(),
             labels: Labels::new(),
             qos: QosClass::Burstable,
+            ips: Vec::new(),
         })
     }
 

@@ -21,6 +21,7 @@
 
 use std::{
     collections::BTreeMap,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -81,7 +82,13 @@ pub struct LocalPod {
     pub labels: BTreeMap<String, String>,
     /// QoS class.
     pub qos: QosClass,
+    /// The pod's own addresses (`status.podIPs`, at most [`MAX_POD_IPS`]); empty for pods on
+    /// the host network, whose addresses are the node's.
+    pub ips: Vec<IpAddr>,
 }
+
+/// Addresses kept per pod: one per family (dual stack); more are ignored.
+pub const MAX_POD_IPS: usize = 2;
 
 impl LocalPod {
     /// The fields the model needs from a Pod; `None` without a UID or name (a pod the API
@@ -95,8 +102,26 @@ impl LocalPod {
             name: object.name,
             labels: pod.metadata.labels.clone().unwrap_or_default(),
             qos: QosClass::from_status(pod.status.as_ref().and_then(|s| s.qos_class.as_deref())),
+            ips: pod_ips(pod),
         })
     }
+}
+
+/// A pod's own addresses: `status.podIPs` (or `status.podIP`), unparsable ones skipped, none
+/// for a pod on the host network.
+fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+    if pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false) {
+        return Vec::new();
+    }
+    let Some(status) = pod.status.as_ref() else { return Vec::new() };
+    let listed = status.pod_ips.iter().flatten().map(|p| p.ip.as_str());
+    let mut ips: Vec<IpAddr> = Vec::new();
+    for ip in listed.chain(status.pod_ip.as_deref()).filter_map(|s| s.parse().ok()) {
+        if !ips.contains(&ip) && ips.len() < MAX_POD_IPS {
+            ips.push(ip);
+        }
+    }
+    ips
 }
 
 /// A local pod with its lane decided.
@@ -112,6 +137,8 @@ pub struct DesiredPod {
     pub lane: u32,
     /// Lane name; `None` for base (including pods whose label was invalid).
     pub lane_name: Option<String>,
+    /// The pod's addresses.
+    pub ips: Vec<IpAddr>,
 }
 
 /// The lanes of the local pods.
@@ -150,7 +177,14 @@ pub fn desired_pods<'a>(pods: impl IntoIterator<Item = &'a LocalPod>, lane_keys:
         };
         out.pods.insert(
             pod.uid.clone(),
-            DesiredPod { uid: pod.uid.clone(), pod: object, qos: pod.qos, lane, lane_name },
+            DesiredPod {
+                uid: pod.uid.clone(),
+                pod: object,
+                qos: pod.qos,
+                lane,
+                lane_name,
+                ips: pod.ips.clone(),
+            },
         );
     }
     out
@@ -232,6 +266,7 @@ mod tests {
             name: format!("pod-{uid}"),
             labels: lane.iter().map(|l| ("tagger.io/lane".to_owned(), (*l).to_owned())).collect(),
             qos: QosClass::Burstable,
+            ips: Vec::new(),
         }
     }
 

@@ -51,12 +51,23 @@ pub struct Update {
     pub full: bool,
     /// svc_ids whose origin (Service and port names) changed.
     pub origins: BTreeSet<u32>,
-    /// The local pods (their names) changed.
+    /// The local pods' names or addresses changed.
     pub pods_changed: bool,
     /// The lanes config changed.
     pub lanes_changed: bool,
     /// Lane names seen on pods (the lanes config's are in it).
     pub lane_names: Vec<(u32, String)>,
+}
+
+/// A registered local pod, by one of its addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalAddr {
+    /// The pod's cgroup id.
+    pub cgroup: u64,
+    /// Its lane id.
+    pub lane: u32,
+    /// Its lane's name (`None`: base).
+    pub lane_name: Option<String>,
 }
 
 /// A local pod's cgroup as last looked up.
@@ -78,6 +89,7 @@ pub struct Incremental {
     pods: DesiredPods,
     entries: BTreeMap<u64, PodEntry>,
     pod_names: BTreeMap<u64, (String, String)>,
+    pod_addrs: BTreeMap<[u32; 4], LocalAddr>,
     found: HashMap<ObjectRef, Found>,
     pending: usize,
     started: bool,
@@ -104,6 +116,7 @@ impl Incremental {
             pods: DesiredPods::default(),
             entries: BTreeMap::new(),
             pod_names: BTreeMap::new(),
+            pod_addrs: BTreeMap::new(),
             found: HashMap::new(),
             pending: 0,
             started: false,
@@ -277,7 +290,7 @@ impl Incremental {
         }
     }
 
-    /// Recomputes the local pods' entries; returns whether their names changed.
+    /// Recomputes the local pods' entries; returns whether their names or addresses changed.
     fn update_pods(
         &mut self,
         changed: &BTreeSet<ObjectRef>,
@@ -288,6 +301,7 @@ impl Incremental {
         let pods = desired_pods(self.index.local_pods().values(), &self.lane_keys);
         let mut found = mem::take(&mut self.found);
         let mut names = BTreeMap::new();
+        let mut addrs = BTreeMap::new();
         let (entries, pending) = pod_entries(&pods, |pod| {
             let cached = found.get(&pod.pod).filter(|f| {
                 f.uid == pod.uid
@@ -311,6 +325,14 @@ impl Incremental {
             };
             if let Some(c) = &cgroup {
                 names.insert(c.id, (pod.pod.namespace.clone(), pod.pod.name.clone()));
+                for ip in &pod.ips {
+                    // Two pods claiming one address (a stale object): the first UID keeps it.
+                    addrs.entry(crate::net::addr_words(*ip)).or_insert_with(|| LocalAddr {
+                        cgroup: c.id,
+                        lane: pod.lane,
+                        lane_name: pod.lane_name.clone(),
+                    });
+                }
             }
             cgroup
         });
@@ -326,9 +348,10 @@ impl Incremental {
         scope.pods.extend(self.entries.keys().filter(|id| !entries.contains_key(id)));
         self.entries = entries;
         self.pods = pods;
-        let names_changed = names != self.pod_names;
+        let changed = names != self.pod_names || addrs != self.pod_addrs;
         self.pod_names = names;
-        names_changed
+        self.pod_addrs = addrs;
+        changed
     }
 
     /// The desired contents of the datapath maps.
@@ -386,6 +409,12 @@ impl Incremental {
     #[must_use]
     pub fn pod_names(&self) -> &BTreeMap<u64, (String, String)> {
         &self.pod_names
+    }
+
+    /// Address (network-order words, IPv4 mapped) → pod, for the registered local pods.
+    #[must_use]
+    pub fn pod_addrs(&self) -> &BTreeMap<[u32; 4], LocalAddr> {
+        &self.pod_addrs
     }
 
     /// Local pods whose cgroup was not found at the last look.

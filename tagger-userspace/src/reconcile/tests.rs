@@ -585,6 +585,7 @@ fn local_pod(r: &ObjectRef, labels: &BTreeMap<String, String>) -> Option<LocalPo
         name: r.name.clone(),
         labels: labels.clone(),
         qos: QosClass::Burstable,
+        ips: Vec::new(),
     })
 }
 

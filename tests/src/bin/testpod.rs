@@ -69,6 +69,7 @@ fn main() {
         "tcp-loop" => tcp_loop(&mut out, addr),
         "http" => (0..count()).for_each(|_| report(&mut out, http_once(addr))),
         "serve" => serve(addr, rest),
+        "answer" => answer(addr, rest),
         "pool" => pool(&mut out, addr),
         "hold-tcp" | "hold-udp" | "hold-udp-unconnected" => hold(&mut out, mode, addr),
         other => panic!("unknown mode {other}"),
@@ -147,6 +148,27 @@ fn serve(listen: SocketAddr, rest: &[String]) {
                 }
             }
         });
+    }
+}
+
+/// Answers every TCP connection with `NAME` and a newline, then closes it (the protocol of the
+/// in-process backends, from a process inside a pod cgroup: the listener belongs to the pod).
+/// Stops when stdin closes.
+fn answer(listen: SocketAddr, rest: &[String]) {
+    let [name, ..] = rest else { panic!("answer needs NAME") };
+    let reply = format!("{name}\n");
+    let listener = std::net::TcpListener::bind(listen).expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let stop = stop_on_stdin();
+    println!("serving");
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((mut conn, _)) => {
+                let _ = conn.set_nonblocking(false);
+                let _ = std::io::Write::write_all(&mut conn, reply.as_bytes());
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(2)),
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use std::{borrow::Cow, collections::BTreeMap, fmt};
 
 use k8s_openapi::{
     api::{
-        core::v1::{ObjectReference, Pod, PodSpec, PodStatus, Service, ServicePort, ServiceSpec},
+        core::v1::{ObjectReference, Pod, PodIP, PodSpec, PodStatus, Service, ServicePort, ServiceSpec},
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -208,14 +208,24 @@ impl From<WireSlice> for EndpointSlice {
     }
 }
 
-/// A pod of this node: its identity, labels and QoS class.
+/// A pod of this node: its identity, labels, QoS class, addresses and whether it is on the host
+/// network.
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct WirePod {
     /// Name, namespace, uid, resource version, labels, `tagger.io/` annotations.
     #[serde(default, deserialize_with = "lean_meta")]
     pub metadata: ObjectMeta,
     #[serde(default)]
+    spec: Option<WirePodSpec>,
+    #[serde(default)]
     status: Option<WirePodStatus>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WirePodSpec {
+    #[serde(default)]
+    host_network: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -223,6 +233,16 @@ pub struct WirePod {
 struct WirePodStatus {
     #[serde(default)]
     qos_class: Option<String>,
+    #[serde(default, rename = "podIP")]
+    pod_ip: Option<String>,
+    #[serde(default, rename = "podIPs")]
+    pod_ips: Option<Vec<WirePodIp>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+struct WirePodIp {
+    #[serde(default)]
+    ip: String,
 }
 
 resource!(WirePod, Pod, metadata_api: false);
@@ -231,8 +251,13 @@ impl From<WirePod> for Pod {
     fn from(w: WirePod) -> Self {
         Pod {
             metadata: w.metadata,
-            spec: Some(PodSpec::default()),
-            status: w.status.map(|s| PodStatus { qos_class: s.qos_class, ..PodStatus::default() }),
+            spec: Some(PodSpec { host_network: w.spec.and_then(|s| s.host_network), ..PodSpec::default() }),
+            status: w.status.map(|s| PodStatus {
+                qos_class: s.qos_class,
+                pod_ip: s.pod_ip,
+                pod_ips: s.pod_ips.map(|ips| ips.into_iter().map(|p| PodIP { ip: p.ip }).collect()),
+                ..PodStatus::default()
+            }),
         }
     }
 }
@@ -406,11 +431,20 @@ mod tests {
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": "p", "namespace": "demo", "uid": "0b6f", "labels": {"tagger.io/lane": "gray"}},
             "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "x"}]},
-            "status": {"phase": "Running", "qosClass": "Burstable"},
+            "status": {"phase": "Running", "qosClass": "Burstable", "podIP": "10.1.0.7",
+                       "podIPs": [{"ip": "10.1.0.7"}, {"ip": "fd00::7"}]},
         });
         let api: Pod = serde_json::from_value(value.clone()).unwrap();
         let wire: WirePod = serde_json::from_value(value.clone()).unwrap();
-        assert_eq!(LocalPod::from_pod(&Pod::from(wire)), LocalPod::from_pod(&api));
+        let local = LocalPod::from_pod(&Pod::from(wire));
+        assert_eq!(local, LocalPod::from_pod(&api));
+        assert_eq!(local.unwrap().ips.len(), 2);
+        let host: WirePod = serde_json::from_value(json!({
+            "metadata": {"name": "h", "namespace": "demo", "uid": "0b70"},
+            "spec": {"hostNetwork": true}, "status": {"podIP": "192.0.2.1"},
+        }))
+        .unwrap();
+        assert_eq!(LocalPod::from_pod(&Pod::from(host)).unwrap().ips, Vec::<std::net::IpAddr>::new());
         let meta: WirePodMeta = serde_json::from_value(value).unwrap();
         assert_eq!(meta.metadata.labels, api.metadata.labels);
         assert!(<WirePodMeta as kube::Resource>::metadata_api());

@@ -1,0 +1,72 @@
+//! The local pods' addresses in the datapath (`TAGGER_PADDR_V1`): what the passive side of the
+//! lane option and the TC marking program look a local pod up by. Only differences are written;
+//! addresses of pods that are gone are removed (the agent only reconciles with a complete view),
+//! and so are their inbound counts, on full passes.
+
+use std::collections::BTreeMap;
+
+use tagger_common::{DSCP_UNSET, PodAddr};
+use tracing::warn;
+
+use crate::{Result, datapath::Tables, lanes_config::LanesConfig, reconcile::incremental::LocalAddr};
+
+/// What `TAGGER_PADDR_V1` holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodAddrs {
+    current: BTreeMap<[u32; 4], PodAddr>,
+}
+
+/// The map entry for a local pod's address.
+#[must_use]
+pub fn entry(addr: &LocalAddr, _lanes: &LanesConfig) -> PodAddr {
+    PodAddr { cgroup: addr.cgroup, lane: addr.lane, dscp: DSCP_UNSET, _pad: [0; 3] }
+}
+
+impl PodAddrs {
+    /// What the map holds now.
+    pub fn read(tables: &Tables) -> Result<Self> {
+        Ok(Self { current: tables.pod_addrs()? })
+    }
+
+    /// Writes the differences from `desired`; removes the other addresses. Failures are logged
+    /// and retried on the next pass that syncs.
+    pub fn sync(
+        &mut self,
+        tables: &mut Tables,
+        desired: &BTreeMap<[u32; 4], LocalAddr>,
+        lanes: &LanesConfig,
+    ) {
+        for (addr, local) in desired {
+            let want = entry(local, lanes);
+            if self.current.get(addr) == Some(&want) {
+                continue;
+            }
+            match tables.set_pod_addr(*addr, want) {
+                Ok(()) => {
+                    self.current.insert(*addr, want);
+                }
+                Err(e) => warn!("registering a pod address: {e}"),
+            }
+        }
+        let stale: Vec<[u32; 4]> =
+            self.current.keys().filter(|a| !desired.contains_key(*a)).copied().collect();
+        for addr in stale {
+            match tables.remove_pod_addr(addr) {
+                Ok(()) => {
+                    self.current.remove(&addr);
+                }
+                Err(e) => warn!("removing a pod address: {e}"),
+            }
+        }
+    }
+
+    /// Removes the inbound counts of addresses that no longer belong to a local pod.
+    pub fn prune_inbound(&self, tables: &mut Tables) {
+        let Ok(rows) = tables.inbound() else { return };
+        for row in rows.iter().filter(|r| !self.current.contains_key(&r.key.addr)) {
+            if let Err(e) = tables.remove_inbound(&row.key) {
+                warn!("removing inbound counts of a pod that left: {e}");
+            }
+        }
+    }
+}
