@@ -200,6 +200,14 @@ fn run(keep: bool) -> bool {
     sb.cluster.service("a", &[addr(A).ip()], 80, PORT, &["a-base", "a-gray"]);
     sb.cluster.service("b", &[addr(B).ip()], 80, PORT, &["b-base"]);
     sb.cluster.service("c", &[addr(C).ip()], 80, PORT, &["c-base", "c-gray"]);
+    let lanes = sb.write_lanes_config("# gray falls back to base when a Service has no gray backend\nlanes:\n  gray:\n    fallback: [base]\n");
+    sb.start_agent_on_file(&["--lanes-config", &lanes.to_string_lossy(), "--metrics-addr", "127.0.0.1:0"]);
+    let metrics = format!("127.0.0.1:{}", sb.metrics_port());
+    let yaml = sb.dir.0.join("cluster.yaml");
+    print_setup(&sb, &yaml);
+    wait_synced(&sb, &pods.map(|p| (p.0, p.1)));
+    // The services start once the datapath is attached: their listeners then keep the SYNs
+    // the receiving side reads the lane option from.
     let mut services = Vec::new();
     for (name, lane, next) in pods {
         if name.starts_with("gw") {
@@ -207,12 +215,6 @@ fn run(keep: bool) -> bool {
         }
         services.push(start_service(&sb, name, lane.unwrap_or("base"), next));
     }
-    let lanes = sb.write_lanes_config("# gray falls back to base when a Service has no gray backend\nlanes:\n  gray:\n    fallback: [base]\n");
-    sb.start_agent_on_file(&["--lanes-config", &lanes.to_string_lossy(), "--metrics-addr", "127.0.0.1:0"]);
-    let metrics = format!("127.0.0.1:{}", sb.metrics_port());
-    let yaml = sb.dir.0.join("cluster.yaml");
-    print_setup(&sb, &yaml);
-    wait_synced(&sb, &pods.map(|p| (p.0, p.1)));
     tagger_tests::signals::check();
 
     let mut checks = Vec::new();
@@ -228,6 +230,11 @@ fn run(keep: bool) -> bool {
          calling pod's, decided per connection (see README, Limits)."
     );
     checks.push(show_cli(&sb, &["stats"], "steered"));
+    println!(
+        "The receiving pods read the caller's lane from the SYN: b-base counts a-gray's calls as\n\
+         fell_back (gray caller, no gray B), c-gray counts gw-gray's as in_lane."
+    );
+    checks.push(show_cli(&sb, &["stats", "--inbound"], "fell_back"));
     tagger_tests::signals::check();
 
     say("Step 2 — the gray version of A is deleted: gray callers fall back to base A at the next connection");
