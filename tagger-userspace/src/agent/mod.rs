@@ -3,7 +3,9 @@
 //! maps equal to what they describe.
 //!
 //! Threads: a tokio runtime drives the sources (kube-rs watchers or file pollers); one reconciler
-//! thread owns the maps and applies the difference whenever a source signals a change. Stopping
+//! thread owns the maps and applies the difference whenever a source signals a change. At start
+//! the datapath is installed on a thread of its own while the sources already list; the
+//! reconciler starts once it is there. Stopping
 //! (SIGTERM, SIGINT) leaves the datapath attached and filled.
 
 mod addrs;
@@ -31,6 +33,14 @@ use tracing::{error, info, warn};
 
 use crate::{datapath::Datapath, lanes_config::LanesConfig};
 
+/// Waits for the datapath install started by [`run`] (once; later calls find nothing to join).
+fn join_install(
+    install: &mut Option<std::thread::JoinHandle<Result<(Datapath, crate::datapath::Installed)>>>,
+) -> Result<(Datapath, crate::datapath::Installed)> {
+    let handle = install.take().context("the datapath install was already joined")?;
+    handle.join().map_err(|_| anyhow::anyhow!("the datapath install panicked"))?
+}
+
 /// What wakes the reconciler.
 #[derive(Debug)]
 pub enum Wake {
@@ -55,14 +65,23 @@ pub fn run(args: &Args) -> Result<()> {
     };
     // Name a missing capability before the kernel answers a bare EPERM.
     crate::caps::check_agent()?;
-    let (datapath, installed) = Datapath::install(&args.bpffs, &config.cgroup_root)
-        .with_context(|| format!("installing the datapath on {}", config.cgroup_root.display()))?;
-    info!(?installed, bpffs = %args.bpffs.display(), cgroup_root = %config.cgroup_root.display(), "datapath ready");
+    // Loading the programs (the verifier) takes a fifth of a second: the sources start their
+    // lists meanwhile, and the changes they queue wait for the reconciler, which starts once the
+    // datapath is there.
+    let mut install = Some({
+        let (bpffs, cgroup_root) = (args.bpffs.clone(), config.cgroup_root.clone());
+        std::thread::Builder::new()
+            .name("install".into())
+            .spawn(move || {
+                Datapath::install(&bpffs, &cgroup_root)
+                    .with_context(|| format!("installing the datapath on {}", cgroup_root.display()))
+            })
+            .context("spawning the datapath install")?
+    });
 
     let status = Arc::new(AgentStatus::default());
     let lanes = Arc::new(std::sync::Mutex::new(lanes));
     let (wake_tx, wake_rx) = std::sync::mpsc::channel::<Wake>();
-    let mut reconciler = Reconciler::new(datapath, config.clone(), Arc::clone(&status))?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -106,6 +125,9 @@ pub fn run(args: &Args) -> Result<()> {
                 ))
             }
         };
+        let (datapath, installed) = join_install(&mut install)?;
+        info!(?installed, bpffs = %args.bpffs.display(), cgroup_root = %config.cgroup_root.display(), "datapath ready");
+        let mut reconciler = Reconciler::new(datapath, config.clone(), Arc::clone(&status))?;
         let reconciler_lanes = Arc::clone(&lanes);
         reconciler_thread = Some(
             std::thread::Builder::new()
@@ -129,6 +151,9 @@ pub fn run(args: &Args) -> Result<()> {
         tasks.abort_all();
         Ok(())
     });
+    // An error before the install was joined (the Kubernetes client could not be configured):
+    // let the install finish rather than stop it half-way.
+    let _ = join_install(&mut install);
     let _ = wake_tx.send(Wake::Stop);
     if let Some(t) = reconciler_thread
         && t.join().is_err()

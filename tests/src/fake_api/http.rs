@@ -149,7 +149,10 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Result<Respo
 }
 
 fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
-    let body = serde_json::to_vec(value).expect("JSON values always serialize");
+    json_body_response(status, serde_json::to_vec(value).expect("JSON values always serialize"))
+}
+
+fn json_body_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
     let mut response = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed_unsync());
     *response.status_mut() = status;
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -372,8 +375,8 @@ fn list_collection(
             .map(str::to_owned),
         representation: representation(parsed.accept.as_deref(), true)?,
     };
-    let list = shared.store().list(&query)?;
-    Ok(json_response(StatusCode::OK, &list))
+    let body = shared.store().list(&query)?;
+    Ok(json_body_response(StatusCode::OK, body))
 }
 
 fn watch_collection(

@@ -1,5 +1,7 @@
 //! Label and field selectors, parsed and evaluated the way the API server does.
 
+use std::borrow::Cow;
+
 use serde_json::Value;
 
 /// One requirement of a label selector.
@@ -171,10 +173,7 @@ impl FieldSelector {
 
     /// Whether the object satisfies every requirement; a missing field compares as `""`.
     pub(crate) fn matches(&self, object: &Value) -> bool {
-        self.requirements.iter().all(|r| {
-            let actual = field_value(object, &r.path);
-            (actual == r.value) != r.negated
-        })
+        self.requirements.iter().all(|r| (field_value(object, &r.path) == r.value) != r.negated)
     }
 
     /// Whether the selector selects everything.
@@ -183,14 +182,14 @@ impl FieldSelector {
     }
 }
 
-/// The string form of a field, as the API server's field label conversion gives it.
-fn field_value(object: &Value, path: &str) -> String {
-    let pointer = format!("/{}", path.replace('.', "/"));
-    match object.pointer(&pointer) {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Bool(b)) => b.to_string(),
-        Some(Value::Number(n)) => n.to_string(),
-        _ => String::new(),
+/// The string form of a field, as the API server's field label conversion gives it. Walks the
+/// dotted path in place: a list of 10,000 pods by `spec.nodeName` runs this once per pod.
+fn field_value<'a>(object: &'a Value, path: &str) -> Cow<'a, str> {
+    match path.split('.').try_fold(object, |v, segment| v.get(segment)) {
+        Some(Value::String(s)) => Cow::Borrowed(s),
+        Some(Value::Bool(b)) => Cow::Owned(b.to_string()),
+        Some(Value::Number(n)) => Cow::Owned(n.to_string()),
+        _ => Cow::Borrowed(""),
     }
 }
 

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use serde::{Serialize, Serializer, ser::SerializeMap as _};
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
@@ -81,22 +82,51 @@ impl Representation {
             }),
         }
     }
+}
 
-    /// The object as it appears in the `items` of a list: the real API server leaves `kind` and
-    /// `apiVersion` out of the items of a typed list.
-    fn render_item(&self, object: &Value) -> Value {
-        match self {
-            Self::Full => {
-                let mut item = object.clone();
-                if let Some(map) = item.as_object_mut() {
-                    map.remove("kind");
-                    map.remove("apiVersion");
+/// A stored object as it appears in the `items` of a list, serialized straight from the store
+/// (no copy of the object): the real API server leaves `kind` and `apiVersion` out of the items
+/// of a typed list.
+struct ListItem<'a> {
+    object: &'a Value,
+    representation: &'a Representation,
+}
+
+impl Serialize for ListItem<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match (self.representation, self.object.as_object()) {
+            (Representation::Full, Some(fields)) => {
+                let mut map = serializer.serialize_map(None)?;
+                for (key, value) in
+                    fields.iter().filter(|(k, _)| !matches!(k.as_str(), "kind" | "apiVersion"))
+                {
+                    map.serialize_entry(key, value)?;
                 }
-                item
+                map.end()
             }
-            Self::Metadata { .. } => self.render(object),
+            (Representation::Full, None) => self.object.serialize(serializer),
+            (Representation::Metadata { api_version }, _) => {
+                let mut map = serializer.serialize_map(Some(3))?;
+                map.serialize_entry("kind", "PartialObjectMetadata")?;
+                map.serialize_entry("apiVersion", api_version)?;
+                match self.object.get("metadata") {
+                    Some(metadata) => map.serialize_entry("metadata", metadata)?,
+                    None => map.serialize_entry("metadata", &Map::new())?,
+                }
+                map.end()
+            }
         }
     }
+}
+
+/// A LIST response, serialized once into the response body.
+#[derive(Serialize)]
+struct ListBody<'a> {
+    kind: String,
+    #[serde(rename = "apiVersion")]
+    api_version: String,
+    metadata: Map<String, Value>,
+    items: Vec<ListItem<'a>>,
 }
 
 /// What a list or watch selects: one resource type, optionally one namespace, and selectors.
@@ -442,8 +472,8 @@ impl Store {
         self.stats[resource.index()].get_requests += 1;
     }
 
-    /// Answers a LIST.
-    pub(crate) fn list(&mut self, query: &ListQuery) -> Result<Value, ApiError> {
+    /// Answers a LIST with the response body (JSON).
+    pub(crate) fn list(&mut self, query: &ListQuery) -> Result<Vec<u8>, ApiError> {
         let resource = query.filter.resource;
         let stats = &mut self.stats[resource.index()];
         stats.list_requests += 1;
@@ -512,7 +542,7 @@ impl Store {
         snapshot_rv: u64,
         start_after: Option<ObjectKey>,
         limit: Option<usize>,
-    ) -> Value {
+    ) -> Vec<u8> {
         let resource = query.filter.resource;
         let t = resource.index();
         let lower = match start_after {
@@ -521,27 +551,11 @@ impl Store {
         };
         let upper = Bound::Excluded((t + 1, String::new(), String::new()));
 
-        let mut items = Vec::new();
-        let mut last_key = None;
-        let mut remaining: u64 = 0;
-        let mut take = |key: &ObjectKey, object: &Value| {
-            if !query.filter.matches(object) {
-                return;
-            }
-            if limit.is_some_and(|l| items.len() >= l) {
-                remaining += 1;
-            } else {
-                items.push(query.representation.render_item(object));
-                last_key = Some(key.clone());
-            }
-        };
+        // The state at `snapshot_rv`: today's objects, with the changes made after it undone.
         let overlay = self.undo_overlay(t, snapshot_rv);
-        if overlay.is_empty() {
-            for (key, object) in self.objects.range((lower, upper)) {
-                take(key, object);
-            }
+        let in_range: Vec<(&ObjectKey, &Value)> = if overlay.is_empty() {
+            self.objects.range((lower, upper)).map(|(k, o)| (k, &**o)).collect()
         } else {
-            // The state at `snapshot_rv`: today's objects with later changes undone.
             let mut snapshot: BTreeMap<&ObjectKey, &Arc<Value>> =
                 self.objects.range((lower.clone(), upper.clone())).collect();
             for (key, before) in &overlay {
@@ -552,8 +566,20 @@ impl Store {
                     };
                 }
             }
-            for (key, object) in snapshot {
-                take(key, object);
+            snapshot.into_iter().map(|(k, o)| (k, &**o)).collect()
+        };
+        let mut items = Vec::new();
+        let mut last_key = None;
+        let mut remaining: u64 = 0;
+        for (key, object) in in_range {
+            if !query.filter.matches(object) {
+                continue;
+            }
+            if limit.is_some_and(|l| items.len() >= l) {
+                remaining += 1;
+            } else {
+                items.push(ListItem { object, representation: &query.representation });
+                last_key = Some(key.clone());
             }
         }
 
@@ -572,7 +598,8 @@ impl Store {
                 ("PartialObjectMetadataList".to_owned(), api_version.clone())
             }
         };
-        json!({"kind": kind, "apiVersion": api_version, "metadata": metadata, "items": items})
+        serde_json::to_vec(&ListBody { kind, api_version, metadata, items })
+            .expect("JSON values always serialize")
     }
 
     /// For each object of type `t` changed after `rv`, its state at `rv` (`None`: absent).
