@@ -10,14 +10,17 @@ use std::{
 
 use tagger::net::Proto;
 use tagger_common::{
-    INBOUND_FELL_BACK, INBOUND_IN_LANE, INBOUND_LEAK, INBOUND_ROUTED, INBOUND_UNTAGGED, LanePolicy, RouteKey,
-    SVC_F_ROUTED, lane_id,
+    DSCP_UNSET, INBOUND_FELL_BACK, INBOUND_IN_LANE, INBOUND_LEAK, INBOUND_ROUTED, INBOUND_UNTAGGED,
+    LanePolicy, Outcome, PodAddr, RouteKey, SVC_F_ROUTED, lane_id,
     wire::{LANE_OPT_F_FELL_BACK, LANE_OPT_KIND, decode_lane_option},
 };
 use tagger_tests::{
     capture::{Capture, Syn},
-    client::Mode,
+    cgroup::TestCgroup,
+    client::{HoldClient, Mode, attempts},
+    datapath::TestDatapath,
     scenario::{BACKEND_PORT, Sandbox, replies},
+    topology::Node,
 };
 
 /// TCP option kinds whose presence must not change.
@@ -159,4 +162,31 @@ fn the_receiving_pod_counts_connections_by_the_callers_lane() {
     assert_eq!(report.totals["fell_back"], 3);
     assert_eq!(report.totals["routed"], 2);
     assert_eq!(report.not_classified, 0, "every listener was opened after tagger attached");
+}
+
+#[test]
+fn a_listener_older_than_tagger_is_counted_as_not_classified() {
+    tagger_tests::require_root();
+    let root = TestCgroup::new(&tagger_tests::unique_name("root"));
+    let mut node = Node::new();
+    let server = node.add_pod("old-server");
+    let caller = node.add_pod("caller");
+    let server_cg = root.child("kubepods.slice/old-server");
+    let caller_cg = root.child("kubepods.slice/caller");
+    // The server listens before any program is attached: its SYNs are not kept.
+    let listen: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, BACKEND_PORT).into();
+    let answer = HoldClient::start_with(&server_cg, &server.ns, "answer", listen, &["old"]);
+    assert_eq!(answer.next_line(Duration::from_secs(10)).as_deref(), Some("serving"));
+    let mut dp = TestDatapath::install(root.path());
+    let cg = TestCgroup::resolve(&server_cg);
+    let entry = PodAddr { cgroup: cg.id, lane: lane_id("gray"), dscp: DSCP_UNSET, _pad: [0; 3] };
+    let addr = SocketAddr::new(IpAddr::V4(server.ip4), BACKEND_PORT);
+    dp.dp.tables_mut().set_pod_addr(tagger::net::addr_words(addr.ip()), entry).unwrap();
+
+    let got = attempts(&caller_cg, &caller.ns, Mode::Tcp, addr, 3);
+    assert_eq!(replies(&got).values().sum::<usize>(), 3);
+    let counters = dp.dp.tables().counters().unwrap();
+    assert_eq!(counters.by_outcome[&Outcome::InboundNoSyn], 3, "counted globally as not classified");
+    assert!(dp.dp.tables().inbound().unwrap().is_empty(), "and not per pod");
+    drop(answer);
 }
