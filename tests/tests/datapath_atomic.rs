@@ -7,7 +7,10 @@ use std::{
     time::Duration,
 };
 
-use tagger::net::{Proto, backend};
+use tagger::{
+    datapath::SLOT_GRACE,
+    net::{Proto, backend},
+};
 use tagger_common::{Outcome, lane_id};
 use tagger_tests::{client::LoopClient, scenario::Sandbox};
 
@@ -46,10 +49,43 @@ fn backend_set_replaced_thousands_of_times_while_connecting_never_fails() {
     assert!(n >= 2000, "only {n} replacements");
     assert!(summary.ok > 100, "too few connections to mean anything: {summary:?}");
     assert_eq!(summary.failed, 0, "connections failed during {n} replacements: {summary:?}");
-    let tables = sb.dp.dp.tables();
+    let tables = sb.dp.dp.tables_mut();
     assert_eq!(tables.counters().unwrap().get(Outcome::SlotMiss), 0);
-    // Old generations are cleaned up: only the live set's slots remain.
+    // Old generations are deleted once their grace period is over: only the live set's slots
+    // remain.
+    std::thread::sleep(SLOT_GRACE);
+    tables.reap_retired(false);
     let live = tables.backend_set(1, lane).unwrap().unwrap().count as usize;
     assert_eq!(tables.slot_entries(), live);
     eprintln!("{n} replacements, {} connections, 0 failed", summary.ok);
+}
+
+#[test]
+fn replaced_slots_outlive_their_set_for_the_grace_period_only() {
+    let mut sb = Sandbox::new();
+    let (a, _) = sb.backend("g-a");
+    let (b, _) = sb.backend("g-b");
+    let lane = lane_id("gray");
+    let t = sb.dp.dp.tables_mut();
+    t.replace_backends(7, lane, &[backend(a)]).unwrap();
+    let first = t.backend_set(7, lane).unwrap().unwrap().generation;
+    t.replace_backends(7, lane, &[backend(b)]).unwrap();
+    // The replaced generation is still readable right after the switch...
+    assert_eq!(t.slot_entries(), 2, "old slot kept during the grace period");
+    // ...and a set removed and re-created meanwhile does not reuse a generation in grace.
+    t.remove_backend_set(7, lane).unwrap();
+    t.replace_backends(7, lane, &[backend(a), backend(b)]).unwrap();
+    let again = t.backend_set(7, lane).unwrap().unwrap();
+    assert!(again.generation > first + 1, "{again:?}");
+    std::thread::sleep(SLOT_GRACE);
+    assert_eq!(t.reap_retired(false), 2);
+    assert_eq!(t.backends(7, lane).unwrap(), vec![backend(a), backend(b)], "the live set is intact");
+    assert_eq!(t.slot_entries(), 2);
+
+    // Slots a stopped process left in their grace period are found as strays by the next one.
+    t.replace_backends(7, lane, &[backend(a)]).unwrap();
+    let mut next = tagger::datapath::Datapath::open(sb.dp.dir()).unwrap();
+    assert_eq!(next.tables_mut().remove_stray_slots().unwrap(), 2, "the two slots of the replaced set");
+    assert_eq!(next.tables().backends(7, lane).unwrap(), vec![backend(a)]);
+    assert_eq!(next.tables().slot_entries(), 1);
 }

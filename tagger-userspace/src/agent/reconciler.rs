@@ -71,6 +71,8 @@ pub struct Reconciler {
     full_next: bool,
     /// Whether stale connections can be reset on this kernel.
     resets: bool,
+    /// Whether slots of no live generation were looked for since start.
+    strays_checked: bool,
 }
 
 impl Reconciler {
@@ -102,6 +104,7 @@ impl Reconciler {
             last_warnings: BTreeMap::default(),
             full_next: false,
             resets: probe_resets(),
+            strays_checked: false,
         })
     }
 
@@ -136,6 +139,17 @@ impl Reconciler {
             self.current.plan(desired, &update.scope, true)
         };
         let report = apply_plan(self.datapath.tables_mut(), &ops);
+        self.datapath.tables_mut().reap_retired(false);
+        if recheck == Recheck::All && !self.strays_checked {
+            // Once, on the first periodic check (not at start: it walks the whole slots map):
+            // slots a previous agent left in their grace period when it stopped.
+            self.strays_checked = true;
+            match self.datapath.tables_mut().remove_stray_slots() {
+                Ok(0) => {}
+                Ok(n) => info!(slots = n, "removed backend slots of no live generation"),
+                Err(e) => warn!("removing stray backend slots: {e}"),
+            }
+        }
         if self.resets && ops.iter().any(changes_steering) {
             self.reset_stale();
         }

@@ -39,7 +39,7 @@ use aya::{
     programs::{CgroupAttachMode, Program, ProgramError, links::FdLink},
 };
 pub use inbound::InboundRow;
-pub use tables::{Access, CounterSnapshot, ServiceStat, Tables};
+pub use tables::{Access, CounterSnapshot, SLOT_GRACE, ServiceStat, Tables};
 use tagger_common::ALL_MAPS;
 
 use crate::{

@@ -1,6 +1,10 @@
 //! Typed reads and writes of the pinned maps. Every write names the map and key on failure.
 
-use std::{collections::BTreeMap, fmt};
+use std::{
+    collections::{BTreeMap, VecDeque},
+    fmt,
+    time::{Duration, Instant},
+};
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap};
 use tagger_common::{
@@ -38,6 +42,26 @@ pub struct Tables {
     pub(super) pod_addrs: HashMap<MapData, [u32; 4], PodAddr>,
     /// Inbound connection counts (read by `inbound.rs`).
     pub(super) inbound: PerCpuHashMap<MapData, InboundKey, u64>,
+    /// Generations replaced but not deleted yet (see [`SLOT_GRACE`]), oldest first.
+    retired: VecDeque<Retired>,
+}
+
+/// How long a replaced generation's slots stay in the map after the switch. A program that
+/// read the set entry just before the switch reads its slots a few hundred nanoseconds later,
+/// unless its CPU is stalled in between (a hypervisor preempting a vCPU mid-program: seen for
+/// milliseconds under qemu TCG); deleting the slots at once made such a reader miss and fail
+/// open. A replaced generation is deleted once this much time has passed, at the next write of
+/// any set or [`Tables::reap_retired`]; at once when the slots map is full.
+pub const SLOT_GRACE: Duration = Duration::from_millis(250);
+
+/// A replaced generation awaiting deletion.
+#[derive(Clone, Copy, Debug)]
+struct Retired {
+    at: Instant,
+    svc_id: u32,
+    lane: u32,
+    generation: u32,
+    count: u32,
 }
 
 /// How the maps are opened.
@@ -167,6 +191,7 @@ impl Tables {
             conns: open_typed!(layout, MAP_CONNS, access),
             pod_addrs: open_typed!(layout, MAP_POD_ADDRS, access),
             inbound: open_typed!(layout, MAP_INBOUND, access),
+            retired: VecDeque::new(),
         })
     }
 
@@ -382,8 +407,9 @@ impl Tables {
     // ---- backend sets -----------------------------------------------------------------------
 
     /// Replaces the backend set of (Service, lane) atomically: the new generation's slots are
-    /// written first, then the set entry is switched to it in one update, then the old
-    /// generation's slots are removed. A concurrent connect sees the old set or the new one.
+    /// written first, then the set entry is switched to it in one update, and the old
+    /// generation's slots are removed after [`SLOT_GRACE`]. A concurrent connect sees the old
+    /// set or the new one.
     /// On error nothing visible changed: slots already written for the new generation are
     /// removed again and the old set stays live.
     pub fn replace_backends(&mut self, svc_id: u32, lane: u32, backends: &[Backend]) -> Result<()> {
@@ -394,11 +420,25 @@ impl Tables {
                 wanted: backends.len() as u64,
                 capacity: u64::from(MAX_BACKENDS),
             })?;
+        self.reap_retired(false);
         let old = self.backend_set(svc_id, lane)?;
-        let generation = old.map_or(1, |s| s.generation.wrapping_add(1));
+        // A set re-created while an earlier one is in its grace period must not reuse (and
+        // later lose to the reaper) one of its generations.
+        let generation = old.map_or_else(
+            || {
+                let held = self.retired.iter().filter(|r| r.svc_id == svc_id && r.lane == lane);
+                held.map(|r| r.generation.wrapping_add(1)).max().unwrap_or(1)
+            },
+            |s| s.generation.wrapping_add(1),
+        );
         for (slot, backend) in (0..count).zip(backends) {
             let key = SlotKey { svc_id, lane, generation, slot };
-            if let Err(e) = self.slots.insert(key, backend, 0) {
+            let mut inserted = self.slots.insert(key, backend, 0);
+            // Full: the generations in their grace period give their room back first.
+            if matches!(&inserted, Err(e) if is_full(e)) && self.reap_retired(true) > 0 {
+                inserted = self.slots.insert(key, backend, 0);
+            }
+            if let Err(e) = inserted {
                 self.remove_slots(svc_id, lane, generation, slot);
                 return Err(if is_full(&e) {
                     Error::MapFull {
@@ -425,20 +465,63 @@ impl Tables {
             });
         }
         if let Some(old) = old {
-            self.remove_slots(svc_id, lane, old.generation, old.count);
+            self.retire(svc_id, lane, old);
         }
         Ok(())
     }
 
-    /// Removes the backend set of (Service, lane) and its slots.
+    /// Removes the backend set of (Service, lane); its slots follow after [`SLOT_GRACE`].
     pub fn remove_backend_set(&mut self, svc_id: u32, lane: u32) -> Result<()> {
         let key = SetKey { svc_id, lane };
         let Some(old) = self.backend_set(svc_id, lane)? else {
             return Ok(());
         };
         ignore_not_found(self.sets.remove(&key)).map_err(map_err(MAP_BACKEND_SETS, "remove", key))?;
-        self.remove_slots(svc_id, lane, old.generation, old.count);
+        self.retire(svc_id, lane, old);
         Ok(())
+    }
+
+    fn retire(&mut self, svc_id: u32, lane: u32, old: BackendSet) {
+        let (generation, count) = (old.generation, old.count);
+        self.retired.push_back(Retired { at: Instant::now(), svc_id, lane, generation, count });
+    }
+
+    /// Deletes the slots of replaced generations whose grace period is over (every one with
+    /// `all`); returns how many generations it deleted. The agent calls it on every pass.
+    pub fn reap_retired(&mut self, all: bool) -> usize {
+        let mut reaped = 0;
+        while let Some(r) = self.retired.front().copied() {
+            if !all && r.at.elapsed() < SLOT_GRACE {
+                break;
+            }
+            self.retired.pop_front();
+            self.remove_slots(r.svc_id, r.lane, r.generation, r.count);
+            reaped += 1;
+        }
+        reaped
+    }
+
+    /// Deletes slots that belong to no live generation: left by a process that stopped during
+    /// their grace period (or an interrupted write). Skips the generations this process is
+    /// still holding in their grace period. Returns how many slots it deleted.
+    pub fn remove_stray_slots(&mut self) -> Result<usize> {
+        let live = self.backend_sets()?;
+        let held: std::collections::HashSet<(u32, u32, u32)> =
+            self.retired.iter().map(|r| (r.svc_id, r.lane, r.generation)).collect();
+        let stray: Vec<SlotKey> = self
+            .slots
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .filter(|k| {
+                let set = live.get(&SetKey { svc_id: k.svc_id, lane: k.lane });
+                let live_slot = set.is_some_and(|s| s.generation == k.generation && k.slot < s.count);
+                !live_slot && !held.contains(&(k.svc_id, k.lane, k.generation))
+            })
+            .collect();
+        for key in &stray {
+            ignore_not_found(self.slots.remove(key)).map_err(map_err(MAP_BACKEND_SLOTS, "remove", key))?;
+        }
+        Ok(stray.len())
     }
 
     /// Best-effort removal of slots `0..count` of a generation (absent slots are fine).
