@@ -13,6 +13,7 @@
 #![expect(clippy::needless_pass_by_value, reason = "see above")]
 
 mod maps;
+mod mark;
 mod shaping;
 mod sockops;
 

@@ -27,6 +27,7 @@
 //!     warmup: 60s                 # gray backends ramp up over 60 s after becoming ready
 //!     aggression: 2               # curve (t/warmup)^(1/aggression); default 1 (linear)
 //!     warmup_min: 10%             # weight right after becoming ready; default 10%
+//!     dscp: 10                    # DSCP on gray pods' packets (with --mark-interfaces)
 //! rules:                          # routing rules: first match per (caller lane, Service)
 //!   - from: gray                  # caller lane (`base` allowed)
 //!     namespace: shop             # Service selector: namespace, name and/or labels
@@ -309,6 +310,10 @@ pub struct LaneConfig {
     /// Warm-up weight right after becoming ready, percent (`10` or `10%`); default 10%.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warmup_min: Option<serde_yaml::Value>,
+    /// DSCP (0..=63) the TC marking program stamps on this lane's pods' packets
+    /// (`--mark-interfaces`); unset: their DSCP is left alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dscp: Option<u8>,
 }
 
 impl LanesConfig {
@@ -336,6 +341,13 @@ impl LanesConfig {
                 field,
                 reason,
             })?;
+            if let Some(d) = lane.dscp.filter(|&d| d > tagger_common::DSCP_MAX) {
+                return Err(ConfigError::Shaping {
+                    lane: name.clone(),
+                    field: "dscp",
+                    reason: format!("{d}: a DSCP is 0 to 63"),
+                });
+            }
         }
         for (index, rule) in self.rules.iter().enumerate() {
             rule.validate().map_err(|reason| ConfigError::Rule { index, reason })?;
@@ -377,6 +389,12 @@ impl LanesConfig {
             flags |= CFG_F_SHADOW_LANES;
         }
         flags
+    }
+
+    /// The DSCP of a lane's packets, by lane id (`None`: left alone).
+    #[must_use]
+    pub fn dscp(&self, lane: u32) -> Option<u8> {
+        self.lanes.iter().find(|(name, _)| lane_id(name) == lane).and_then(|(_, l)| l.dscp)
     }
 
     /// The warm-up of backends of a lane, by lane id (meaningful for a validated config).
@@ -770,6 +788,14 @@ rules:
     }
 
     #[test]
+    fn dscp_per_lane() {
+        let cfg = LanesConfig::parse("lanes:\n  gray: {dscp: 10}\n  blue: {}\n").unwrap();
+        assert_eq!(cfg.dscp(lane_id("gray")), Some(10));
+        assert_eq!(cfg.dscp(lane_id("blue")), None);
+        assert_eq!(cfg.dscp(lane_id("other")), None);
+    }
+
+    #[test]
     fn bad_shaping_values_are_rejected_with_the_field() {
         for (text, want) in [
             ("lanes:\n  gray: {warmup: -5s}\n", "lane \"gray\": field warmup: duration \"-5s\": negative"),
@@ -780,6 +806,9 @@ rules:
                 "field warmup_min: warmup_min \"150\": more than 100%",
             ),
             ("lanes:\n  gray: {aggression: 2}\n", "need a warmup duration"),
+            ("lanes:\n  gray: {dscp: 64}\n", "field dscp: 64: a DSCP is 0 to 63"),
+            ("lanes:\n  gray: {dscp: ef}\n", "dscp"),
+            ("lanes:\n  gray: {dscp: -1}\n", "dscp"),
             ("lanes:\n  gray: {mode: dry}\n", "unknown variant `dry`"),
             ("mode: off\n", "unknown variant `off`"),
             ("rules:\n  - {from: gray, to: [base]}\n", "rules[0]: no Service selector"),

@@ -101,3 +101,35 @@ pub fn link_update(
     let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_UPDATE, &raw const attr, size_of_val(&attr)) };
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
+
+/// `BPF_PROG_QUERY`.
+const BPF_PROG_QUERY: libc::c_long = 16;
+/// `BPF_TCX_INGRESS` (Linux ≥ 6.6).
+const BPF_TCX_INGRESS: u32 = 46;
+
+/// The `query` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct ProgQueryAttr {
+    target_ifindex: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    prog_cnt: u32,
+    _pad: u32,
+    prog_attach_flags: u64,
+    link_ids: u64,
+    link_attach_flags: u64,
+    revision: u64,
+}
+
+/// Queries the TCX ingress programs of an interface: fails (EINVAL) on kernels without TCX.
+pub fn tcx_query(ifindex: u32) -> io::Result<u32> {
+    let mut attr =
+        ProgQueryAttr { target_ifindex: ifindex, attach_type: BPF_TCX_INGRESS, ..Default::default() };
+    // SAFETY: the kernel reads and writes `attr`, valid for its size, during the call; no
+    // program id buffer is passed (`prog_ids` 0), so it only writes the counts.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, &raw mut attr, size_of_val(&attr)) };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(attr.prog_cnt) }
+}

@@ -86,6 +86,18 @@ impl Capture {
         Self { frames, stop, thread: Some(thread) }
     }
 
+    /// Every frame captured within `wait`, raw (Ethernet first).
+    #[must_use]
+    pub fn frames(&self, wait: Duration) -> Vec<Vec<u8>> {
+        let deadline = Instant::now() + wait;
+        let mut out = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            let Ok(frame) = self.frames.recv_timeout(left) else { break };
+            out.push(frame);
+        }
+        out
+    }
+
     /// The IPv4 TCP SYNs to `dport` captured within `wait`.
     #[must_use]
     pub fn syns(&self, dport: u16, wait: Duration) -> Vec<Syn> {

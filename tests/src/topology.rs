@@ -42,6 +42,12 @@ impl Node {
         Self { ns, next: 2 }
     }
 
+    /// The node's namespace (where the pods' host-side veths `p2`, `p3`, … and the bridge are).
+    #[must_use]
+    pub fn netns(&self) -> &Netns {
+        &self.ns
+    }
+
     /// Adds a pod with the next free addresses.
     pub fn add_pod(&mut self, name: &str) -> Pod {
         let idx = self.next;

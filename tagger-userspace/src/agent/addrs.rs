@@ -18,8 +18,9 @@ pub struct PodAddrs {
 
 /// The map entry for a local pod's address.
 #[must_use]
-pub fn entry(addr: &LocalAddr, _lanes: &LanesConfig) -> PodAddr {
-    PodAddr { cgroup: addr.cgroup, lane: addr.lane, dscp: DSCP_UNSET, _pad: [0; 3] }
+pub fn entry(addr: &LocalAddr, lanes: &LanesConfig) -> PodAddr {
+    let dscp = lanes.dscp(addr.lane).unwrap_or(DSCP_UNSET);
+    PodAddr { cgroup: addr.cgroup, lane: addr.lane, dscp, _pad: [0; 3] }
 }
 
 impl PodAddrs {

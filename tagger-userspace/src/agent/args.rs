@@ -8,7 +8,10 @@ use std::{
 
 use anyhow::{Result, bail};
 
-use crate::labels::{DEFAULT_LANE_LABELS, validate_label_key};
+use crate::{
+    datapath::tc::MarkDirection,
+    labels::{DEFAULT_LANE_LABELS, validate_label_key},
+};
 
 /// Where the agent learns about pods, Services and EndpointSlices.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,6 +81,18 @@ pub struct Args {
     #[arg(long, default_value_t = 290, value_parser = clap::value_parser!(u32).range(1..=3600), value_name = "SECS")]
     pub api_timeout: u32,
 
+    /// Stamp local pods' packets with their lane on the network interfaces matching these
+    /// globs (comma-separated, `*` and `?`), e.g. `cali*,lxc*` or `veth*` for the host side of
+    /// pod veths: `skb->mark` = the lane id and, for lanes with `dscp` in the lanes config, that
+    /// DSCP. Empty (the default): no marking. New matching interfaces are picked up within 2 s.
+    #[arg(long, value_name = "GLOB[,GLOB...]", default_value = "")]
+    pub mark_interfaces: String,
+
+    /// Where on those interfaces: `ingress` (packets the interface receives: the host side of a
+    /// pod's veth, before routing and queueing) or `egress` (packets it sends: a node uplink).
+    #[arg(long, value_name = "ingress|egress", default_value = "ingress", value_parser = MarkDirection::from_str)]
+    pub mark_direction: MarkDirection,
+
     /// Detach the programs and remove every pin under --bpffs, then exit.
     #[arg(long)]
     pub uninstall: bool,
@@ -92,6 +107,8 @@ pub struct AgentConfig {
     pub cgroup_root: PathBuf,
     /// Lane label keys, in priority order.
     pub lane_keys: Vec<String>,
+    /// Interface globs to mark on (empty: no marking).
+    pub mark_interfaces: Vec<String>,
 }
 
 impl Args {
@@ -121,7 +138,9 @@ impl Args {
         {
             bail!("--source file:{}: no such file", path.display());
         }
-        Ok(AgentConfig { node_name, cgroup_root: self.cgroup_root.clone(), lane_keys })
+        let mark_interfaces = crate::datapath::tc::parse_globs(&self.mark_interfaces)
+            .map_err(|e| anyhow::anyhow!("--mark-interfaces {e}"))?;
+        Ok(AgentConfig { node_name, cgroup_root: self.cgroup_root.clone(), lane_keys, mark_interfaces })
     }
 }
 

@@ -12,6 +12,7 @@ mod addrs;
 mod args;
 mod inputs;
 mod kube_source;
+mod marking;
 mod metrics;
 mod poll;
 mod publish;
@@ -90,6 +91,7 @@ pub fn run(args: &Args) -> Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     let mut reconciler_thread = None;
+    let mut marking = None;
     let result: Result<()> = runtime.block_on(async {
         let mut tasks = tokio::task::JoinSet::new();
         let handle = match &args.source {
@@ -105,15 +107,7 @@ pub fn run(args: &Args) -> Result<()> {
                 InputsHandle::Shared(shared)
             }
             Source::Kubernetes => {
-                let mut kube_config = kube::Config::infer()
-                    .await
-                    .context("configuring the Kubernetes client (in-cluster config or KUBECONFIG)")?;
-                // A watch silent for longer than the server's own timeout is dead (a blackholed
-                // API server): give it up and reconnect.
-                let timeout = std::time::Duration::from_secs(u64::from(args.api_timeout));
-                kube_config.read_timeout = Some(timeout + std::time::Duration::from_secs(5));
-                kube_config.connect_timeout = Some(timeout.min(std::time::Duration::from_secs(30)));
-                let client = kube::Client::try_from(kube_config).context("building the Kubernetes client")?;
+                let client = kube_client(args.api_timeout).await?;
                 InputsHandle::Kube(kube_source::spawn(
                     &mut tasks,
                     client,
@@ -127,6 +121,7 @@ pub fn run(args: &Args) -> Result<()> {
         };
         let (datapath, installed) = join_install(&mut install)?;
         info!(?installed, bpffs = %args.bpffs.display(), cgroup_root = %config.cgroup_root.display(), "datapath ready");
+        marking = start_marking(args, &config)?;
         let mut reconciler = Reconciler::new(datapath, config.clone(), Arc::clone(&status))?;
         let reconciler_lanes = Arc::clone(&lanes);
         reconciler_thread = Some(
@@ -155,6 +150,9 @@ pub fn run(args: &Args) -> Result<()> {
     // let the install finish rather than stop it half-way.
     let _ = join_install(&mut install);
     let _ = wake_tx.send(Wake::Stop);
+    if let Some(m) = marking {
+        m.stop();
+    }
     if let Some(t) = reconciler_thread
         && t.join().is_err()
     {
@@ -162,6 +160,27 @@ pub fn run(args: &Args) -> Result<()> {
     }
     runtime.shutdown_timeout(Duration::from_secs(1));
     result
+}
+
+/// The Kubernetes client (in-cluster config or KUBECONFIG), with the watch timeouts.
+async fn kube_client(api_timeout: u32) -> Result<kube::Client> {
+    let mut kube_config = kube::Config::infer()
+        .await
+        .context("configuring the Kubernetes client (in-cluster config or KUBECONFIG)")?;
+    // A watch silent for longer than the server's own timeout is dead (a blackholed API
+    // server): give it up and reconnect.
+    let timeout = Duration::from_secs(u64::from(api_timeout));
+    kube_config.read_timeout = Some(timeout + Duration::from_secs(5));
+    kube_config.connect_timeout = Some(timeout.min(Duration::from_secs(30)));
+    kube::Client::try_from(kube_config).context("building the Kubernetes client")
+}
+
+/// Starts TC lane marking when `--mark-interfaces` asks for it.
+fn start_marking(args: &Args, config: &args::AgentConfig) -> Result<Option<marking::MarkingLoop>> {
+    if config.mark_interfaces.is_empty() {
+        return Ok(None);
+    }
+    marking::MarkingLoop::start(&args.bpffs, &config.mark_interfaces, args.mark_direction).map(Some)
 }
 
 fn load_lanes(path: &std::path::Path) -> Result<LanesConfig> {

@@ -45,6 +45,21 @@ pub struct StatusReport {
     pub agent: AgentProbe,
     /// How stale connections are reset on this kernel (see `tagger::lifecycle`).
     pub reset_mechanism: String,
+    /// TC lane marking: the interfaces with a pinned TCX marking link, as
+    /// `{interface, direction}` (netlink filters, on kernels before 6.6, hold no pin: see
+    /// `tc filter show dev IFACE ingress` for `lane_mark`).
+    pub marking: Vec<MarkedInterface>,
+    /// How marking attaches on this kernel: `tcx` or `netlink`.
+    pub marking_mode: String,
+}
+
+/// An interface with a marking link.
+#[derive(Debug, Serialize)]
+pub struct MarkedInterface {
+    /// Interface name.
+    pub interface: String,
+    /// `ingress` or `egress`.
+    pub direction: String,
 }
 
 /// A program's link.
@@ -183,6 +198,11 @@ pub fn collect(dir: &Path, agent_addr: &str, cgroup_root: Option<&Path>) -> anyh
         config,
         agent: probe_agent(agent_addr),
         reset_mechanism: crate::lifecycle::Mechanism::probe().name(),
+        marking: crate::datapath::tc::pinned_interfaces(&layout)
+            .into_iter()
+            .map(|(interface, direction)| MarkedInterface { interface, direction })
+            .collect(),
+        marking_mode: crate::datapath::tc::probe().to_string(),
     })
 }
 
@@ -360,6 +380,13 @@ fn print_tables(r: &StatusReport) {
     };
     println!("agent at {}: {agent}", r.agent.address);
     println!("stale connection reset: {}", r.reset_mechanism);
+    if r.marking.is_empty() {
+        println!("lane marking ({}): no pinned marking link", r.marking_mode);
+    } else {
+        let list: Vec<String> =
+            r.marking.iter().map(|m| format!("{} ({})", m.interface, m.direction)).collect();
+        println!("lane marking ({}): {}", r.marking_mode, list.join(", "));
+    }
 }
 
 /// A fill ratio for people; a non-empty map never reads as 0.0%.

@@ -27,6 +27,7 @@
 mod compat;
 mod inbound;
 mod tables;
+pub mod tc;
 
 use std::{
     fs, io,
@@ -333,6 +334,7 @@ impl Datapath {
             }
             remove_pin(&pin)?;
         }
+        tc::remove_all(&layout).map_err(|e| Error::io(layout.links_dir(), e))?;
         for map in ALL_MAPS.iter().map(|m| (*m).to_owned()).chain(layout.stale_maps()) {
             remove_pin(&layout.map(&map))?;
         }
