@@ -122,13 +122,24 @@ pub fn reset_stale(tables: &mut Tables, cgroup_root: &Path) -> Result<ResetRepor
     let mut report = ResetReport::default();
     let mut destroyed = BTreeSet::new();
     for (pod, cookies) in &by_pod {
-        let Some(netns) = pod_netns(cgroup_root, *pod) else {
+        let namespaces = pod_netns(cgroup_root, *pod);
+        if namespaces.is_empty() {
             report.errors.push(format!("pod cgroup {pod}: no process found to enter its network namespace"));
-            continue;
-        };
-        match sockdiag::destroy_in(&netns, cookies) {
-            Ok(done) => destroyed.extend(done),
-            Err(e) => report.errors.push(format!("pod cgroup {pod}: SOCK_DESTROY: {e}")),
+        }
+        // Normally one namespace (the pod's); a process of the pod's cgroup in another one (a
+        // helper started into the cgroup only) must not hide the pod's sockets.
+        let mut left = cookies.clone();
+        for netns in &namespaces {
+            if left.is_empty() {
+                break;
+            }
+            match sockdiag::destroy_in(netns, &left) {
+                Ok(done) => {
+                    left.retain(|c| !done.contains(c));
+                    destroyed.extend(done);
+                }
+                Err(e) => report.errors.push(format!("pod cgroup {pod}: SOCK_DESTROY: {e}")),
+            }
         }
         // Whether destroyed now or gone already, these entries are done with.
         for cookie in cookies {
@@ -139,25 +150,39 @@ pub fn reset_stale(tables: &mut Tables, cgroup_root: &Path) -> Result<ResetRepor
     Ok(report)
 }
 
-/// The network namespace of a pod: that of any process in its cgroup subtree, found below the
-/// datapath's cgroup root by the cgroup id (the directory's inode number).
-fn pod_netns(cgroup_root: &Path, cgroup_id: u64) -> Option<File> {
-    let dir = crate::cgroup::cgroup_paths(cgroup_root, &[cgroup_id].into()).remove(&cgroup_id)?;
-    let pid = first_pid(&dir, 0)?;
-    File::open(format!("/proc/{pid}/ns/net")).ok()
+/// The network namespaces of the processes in a pod's cgroup subtree (found below the
+/// datapath's cgroup root by the cgroup id, the directory's inode number), each once, in the
+/// order their first process was found; at most [`MAX_NETNS_PIDS`] processes are looked at.
+fn pod_netns(cgroup_root: &Path, cgroup_id: u64) -> Vec<File> {
+    use std::os::unix::fs::MetadataExt as _;
+    let Some(dir) = crate::cgroup::cgroup_paths(cgroup_root, &[cgroup_id].into()).remove(&cgroup_id) else {
+        return Vec::new();
+    };
+    let mut pids = Vec::new();
+    collect_pids(&dir, 0, &mut pids);
+    let mut seen = BTreeSet::new();
+    pids.into_iter()
+        .filter_map(|pid| File::open(format!("/proc/{pid}/ns/net")).ok())
+        .filter(|f| f.metadata().is_ok_and(|m| seen.insert((m.dev(), m.ino()))))
+        .collect()
 }
 
-fn first_pid(dir: &Path, depth: u32) -> Option<u32> {
-    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).ok()?;
-    if let Some(pid) = procs.lines().find_map(|l| l.trim().parse().ok()) {
-        return Some(pid);
+/// Processes looked at to find a pod's network namespaces.
+const MAX_NETNS_PIDS: usize = 64;
+
+fn collect_pids(dir: &Path, depth: u32, out: &mut Vec<u32>) {
+    if out.len() >= MAX_NETNS_PIDS || depth > tagger_common::MAX_CGROUP_LEVEL {
+        return;
     }
-    if depth > tagger_common::MAX_CGROUP_LEVEL {
-        return None;
+    if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+        out.extend(
+            procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()).take(MAX_NETNS_PIDS - out.len()),
+        );
     }
-    std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(std::result::Result::ok)
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .find_map(|e| first_pid(&e.path(), depth + 1))
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.filter_map(std::result::Result::ok) {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            collect_pids(&e.path(), depth + 1, out);
+        }
+    }
 }

@@ -40,8 +40,10 @@ use tagger_common::{BASE_LANE, MAX_FRONTENDS, Service};
 use tagger_tests::{
     agent::{AgentProcess, AgentSandbox, PORT, TempDir, set_size, workspace_bin},
     cgroup::TestCgroup,
+    client::HoldClient,
     datapath::ensure_bpffs,
     fake_api::FakeApiServer,
+    hold::HoldServer,
     netns::Netns,
     scenario::{Caller, Sandbox},
     unique_name,
@@ -986,6 +988,11 @@ fn fallback(o: &Opts, large: Option<(usize, usize, usize)>) -> Value {
     sb.backend("a-gray", Some("gray"));
     sb.caller("gw", Some("gray"));
     sb.cluster.service("a", &[vip.ip()], vip.port(), PORT, &["a-base", "a-gray"]);
+    // A second Service whose backends hold connections open: the stale-connection reset.
+    let hold_vip = addr("10.96.30.2:80");
+    sb.cluster.service("h", &[hold_vip.ip()], hold_vip.port(), HOLD_PORT, &["a-base", "a-gray"]);
+    let _holders: Vec<HoldServer> =
+        ["a-base", "a-gray"].iter().map(|n| HoldServer::start(&sb.netns[*n], n, HOLD_PORT)).collect();
     sb.publish_to(&api);
     let _hold = hold_cgroup(&sb.pod_cgroup("gw"));
     let kubeconfig = sb.dir.0.join("kubeconfig");
@@ -998,7 +1005,7 @@ fn fallback(o: &Opts, large: Option<(usize, usize, usize)>) -> Value {
         &sb.dir.0.join("agent.log"),
         "warn",
     ));
-    let frontends_wanted = 1 + large.map_or(0, |(_, services, _)| services);
+    let frontends_wanted = 2 + large.map_or(0, |(_, services, _)| services);
     sb.wait_for("initial sync", Duration::from_mins(2), |t| {
         set_size(t, vip, "gray") == Some(1)
             && set_size(t, vip, "base") == Some(1)
@@ -1052,10 +1059,14 @@ fn fallback(o: &Opts, large: Option<(usize, usize, usize)>) -> Value {
         (true, false) => 3,
         (false, _) => 10,
     };
-    let (mut to_base, mut to_map) = (Vec::new(), Vec::new());
+    let (mut to_base, mut to_map, mut to_reset) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..iterations {
+        // A long-lived connection of the gray caller to its gray backend.
+        let held = hold_gray(&sb, hold_vip);
         // Remove the last gray endpoint (IPv4 slice: what the probe uses; IPv6 follows).
-        sb.cluster.services.get_mut("a").expect("a").backends.retain(|b| b != "a-gray");
+        for svc in ["a", "h"] {
+            sb.cluster.services.get_mut(svc).expect("service").backends.retain(|b| b != "a-gray");
+        }
         let t0 = tagger_tests::monotonic_ns();
         sb.publish_slices_to(&api);
         let map_at = loop {
@@ -1077,8 +1088,24 @@ fn fallback(o: &Opts, large: Option<(usize, usize, usize)>) -> Value {
         );
         to_base.push(base_ms);
         to_map.push(map_ms);
+        // The held connection is reset by the agent (the client reports it; the time includes
+        // that report's way through a pipe).
+        let line = held.next_line(Duration::from_secs(10)).unwrap_or_default();
+        let reset_at = tagger_tests::monotonic_ns();
+        assert!(
+            line.starts_with("closed"),
+            "the held gray connection was not reset: {line:?}\n{}",
+            sb.agent_log()
+        );
+        #[expect(clippy::cast_precision_loss, reason = "ns differences far below 2^52")]
+        let reset_ms = (reset_at - t0) as f64 / 1e6;
+        eprintln!("    iteration {i}: held gray connection reset {reset_ms:.1} ms after the event");
+        to_reset.push(reset_ms);
+        drop(held);
         // The gray endpoint comes back; wait until the caller is on gray again.
-        sb.cluster.services.get_mut("a").expect("a").backends.push("a-gray".into());
+        for svc in ["a", "h"] {
+            sb.cluster.services.get_mut(svc).expect("service").backends.push("a-gray".into());
+        }
         let t1 = tagger_tests::monotonic_ns();
         sb.publish_slices_to(&api);
         wait_reply("a-gray", t1);
@@ -1090,8 +1117,28 @@ fn fallback(o: &Opts, large: Option<(usize, usize, usize)>) -> Value {
         "probe_interval_us": 200,
         "event_to_first_base_connection_ms": to_base,
         "event_to_map_write_ms": to_map,
-        "stale_connection_reset": "not measured: resetting connections to vanished backends is issue 5, not built yet",
+        "event_to_stale_reset_ms": to_reset,
+        "stale_connection_reset": "measured: a gray caller's held connection to the removed gray backend, from the event to the client seeing the reset",
     })
+}
+
+/// Port of the backends that hold connections open.
+const HOLD_PORT: u16 = 9090;
+
+/// A held connection from the gray caller that reached the gray backend (retried while the
+/// gray endpoint is not back in the map yet).
+fn hold_gray(sb: &AgentSandbox, vip: SocketAddr) -> HoldClient {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let c = HoldClient::start(&sb.pod_cgroup("gw"), &sb.netns["gw"].ns, "hold-tcp", vip);
+        let line = c.next_line(Duration::from_secs(3)).unwrap_or_default();
+        if line.starts_with("ok\ta-gray") {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "no held connection reached a-gray: {line:?}");
+        drop(c);
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Remote pods and Services with EndpointSlices that have nothing to do with the benchmarked
