@@ -46,6 +46,8 @@ pub fn run(quick: bool, out: Option<&Path>) -> Result<()> {
         "loadgen",
         "--bin",
         "control-plane-bench",
+        "--bin",
+        "testpod",
         "-p",
         "tagger-userspace",
         "--bin",
