@@ -1,11 +1,12 @@
 //! TC lane marking: a classifier on the local pods' traffic (the host side of pod veths, or a
 //! node uplink) that looks a packet's source address up in `POD_ADDRS` and, for a local pod's
-//! packet, sets `skb->mark` to the pod's lane id and, when the pod's lane has a DSCP, rewrites
+//! packet, sets `skb->mark` to the pod's lane id (base pods' marks are left alone) and, when the
+//! pod's lane has a DSCP, rewrites
 //! the DSCP bits (keeping ECN; the IPv4 header checksum is updated). It never drops or
 //! redirects: it returns "continue" so the next program or filter runs. Frames are Ethernet.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use tagger_common::{DSCP_UNSET, PodAddr, v4_mapped};
+use tagger_common::{BASE_LANE, DSCP_UNSET, PodAddr, v4_mapped};
 
 use crate::maps::POD_ADDRS;
 
@@ -30,7 +31,7 @@ fn try_mark(ctx: &TcContext) -> Result<(), i64> {
         ETH_P_IP => {
             let src: u32 = ctx.load(ETH_HLEN + 12)?;
             let Some(pod) = pod_of(&v4_mapped(src)) else { return Ok(()) };
-            ctx.set_mark(pod.lane);
+            set_mark(ctx, pod.lane);
             if pod.dscp != DSCP_UNSET {
                 // The first 16-bit word: version/IHL, then TOS (DSCP << 2 | ECN).
                 let old: [u8; 2] = ctx.load(ETH_HLEN)?;
@@ -50,7 +51,7 @@ fn try_mark(ctx: &TcContext) -> Result<(), i64> {
         ETH_P_IPV6 => {
             let src: [u32; 4] = ctx.load(ETH_HLEN + 8)?;
             let Some(pod) = pod_of(&src) else { return Ok(()) };
-            ctx.set_mark(pod.lane);
+            set_mark(ctx, pod.lane);
             if pod.dscp != DSCP_UNSET {
                 // version(4) | traffic class(8) | flow label(20): the class spans two bytes.
                 let old: [u8; 2] = ctx.load(ETH_HLEN)?;
@@ -65,6 +66,15 @@ fn try_mark(ctx: &TcContext) -> Result<(), i64> {
         _ => {}
     }
     Ok(())
+}
+
+/// Marks a packet with its lane; base (id 0) leaves the mark as it is, so mark bits a CNI set
+/// on base traffic survive.
+#[inline(always)]
+fn set_mark(ctx: &TcContext, lane: u32) {
+    if lane != BASE_LANE {
+        ctx.set_mark(lane);
+    }
 }
 
 #[inline(always)]

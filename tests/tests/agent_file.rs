@@ -9,7 +9,8 @@ use tagger_tests::{
     hold::HoldServer,
 };
 
-const WAIT: Duration = Duration::from_secs(10);
+/// Generous: under qemu TCG on a loaded host the first install (the verifier) alone can take seconds.
+const WAIT: Duration = Duration::from_secs(30);
 /// Port of the backends that hold connections open.
 const HOLD_PORT: u16 = 9090;
 
