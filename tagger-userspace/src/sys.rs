@@ -1,11 +1,13 @@
-//! Raw `bpf(2)` commands that aya 0.14 does not expose: opening a pin with file flags (aya opens
-//! pins read-write only), pinning any descriptor, detaching a link and replacing its program.
+//! Raw system calls that aya 0.14 and std do not expose: `bpf(2)` commands (opening a pin with
+//! file flags, as aya opens pins read-write only; pinning any descriptor; detaching a link and
+//! replacing its program), and sockets of the families std has no type for (netlink, packet).
 
 use std::{
     ffi::CString,
     io,
-    os::fd::{FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
     path::Path,
+    time::Duration,
 };
 
 /// `BPF_OBJ_GET`.
@@ -132,4 +134,64 @@ pub fn tcx_query(ifindex: u32) -> io::Result<u32> {
     // program id buffer is passed (`prog_ids` 0), so it only writes the counts.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, &raw mut attr, size_of_val(&attr)) };
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(attr.prog_cnt) }
+}
+
+/// A close-on-exec `socket(2)` whose receives give up after `timeout` (`SO_RCVTIMEO`), so a
+/// reader is never stuck on a kernel that stays silent and can check for a stop between reads.
+pub fn socket_with_recv_timeout(
+    domain: libc::c_int,
+    kind: libc::c_int,
+    protocol: libc::c_int,
+    timeout: Duration,
+) -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the result is checked.
+    let fd = unsafe { libc::socket(domain, kind | libc::SOCK_CLOEXEC, protocol) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this new descriptor; nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let tv = libc::timeval {
+        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
+    };
+    // SAFETY: the kernel reads a timeval, valid for the size given, for the duration of the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            std::ptr::from_ref(&tv).cast(),
+            libc::socklen_t::try_from(size_of::<libc::timeval>()).unwrap_or(libc::socklen_t::MAX),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// `recv(2)` of one message (a datagram, a netlink batch, a frame) into `buf`; the bytes received.
+/// A timeout set by [`socket_with_recv_timeout`] is an error of kind `WouldBlock`.
+pub fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`, which is ours for the call.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{os::fd::AsFd as _, time::Instant};
+
+    use super::*;
+
+    #[test]
+    fn a_receive_with_nothing_to_read_times_out() {
+        let fd = socket_with_recv_timeout(libc::AF_UNIX, libc::SOCK_DGRAM, 0, Duration::from_millis(20))
+            .expect("socket");
+        let t0 = Instant::now();
+        let e = recv(fd.as_fd(), &mut [0u8; 16]).expect_err("nothing to receive");
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        assert!(t0.elapsed() >= Duration::from_millis(15), "returned after {:?}", t0.elapsed());
+    }
 }

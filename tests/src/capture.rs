@@ -2,7 +2,7 @@
 //! pod's interface received, parsed just enough to check TCP SYN options.
 
 use std::{
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -54,28 +54,18 @@ impl Capture {
             assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
             #[expect(clippy::cast_possible_truncation, reason = "ETH_P_ALL fits in u16")]
             let proto = i32::from((libc::ETH_P_ALL as u16).to_be());
-            // SAFETY: plain socket(2), checked.
-            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) };
-            assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
-            // SAFETY: a fresh descriptor we own.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            let tv = libc::timeval { tv_sec: 0, tv_usec: 20_000 };
-            // SAFETY: setsockopt with a correctly sized timeval.
-            unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVTIMEO,
-                    std::ptr::from_ref(&tv).cast(),
-                    16,
-                );
-            }
+            // The timeout lets the loop below see `stop` on a quiet interface.
+            let fd = tagger::sys::socket_with_recv_timeout(
+                libc::AF_PACKET,
+                libc::SOCK_RAW,
+                proto,
+                Duration::from_millis(20),
+            )
+            .unwrap_or_else(|e| panic!("AF_PACKET socket: {e}"));
             ready_tx.send(()).expect("ready");
             let mut buf = vec![0u8; 65_536];
             while !stop2.load(Ordering::Relaxed) {
-                // SAFETY: receiving into our buffer of that length.
-                let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-                if let Ok(n) = usize::try_from(n)
+                if let Ok(n) = tagger::sys::recv(fd.as_fd(), &mut buf)
                     && tx.send(buf[..n].to_vec()).is_err()
                 {
                     break;

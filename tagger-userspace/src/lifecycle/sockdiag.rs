@@ -10,8 +10,11 @@ use std::{
     fs::File,
     io,
     mem::size_of,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
+    time::Duration,
 };
+
+use crate::sys;
 
 const NETLINK_SOCK_DIAG: i32 = 4;
 const AF_INET: u8 = 2;
@@ -106,26 +109,12 @@ struct Diag {
 
 impl Diag {
     fn open() -> io::Result<Self> {
-        // SAFETY: plain socket(2); the result is checked.
-        let fd = unsafe {
-            libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, NETLINK_SOCK_DIAG)
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let tv = libc::timeval { tv_sec: 1, tv_usec: 0 };
-        // SAFETY: setsockopt with a correctly sized timeval.
-        unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                std::ptr::from_ref(&tv).cast(),
-                u32::try_from(size_of::<libc::timeval>()).unwrap_or(16),
-            );
-        }
+        let fd = sys::socket_with_recv_timeout(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM,
+            NETLINK_SOCK_DIAG,
+            Duration::from_secs(1),
+        )?;
         Ok(Self { fd, seq: 0 })
     }
 
@@ -155,12 +144,7 @@ impl Diag {
     fn receive(&self, seq: u32, mut each: impl FnMut(&[u8])) -> io::Result<()> {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            // SAFETY: receiving into our buffer of that length.
-            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let n = usize::try_from(n).unwrap_or(0);
+            let n = sys::recv(self.fd.as_fd(), &mut buf)?;
             let mut off = 0;
             while off + size_of::<NlMsgHdr>() <= n {
                 // SAFETY: at least a header's bytes remain; read unaligned.

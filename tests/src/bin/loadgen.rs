@@ -240,6 +240,15 @@ impl Tally {
         // Do not spin on a persistent failure.
         std::thread::sleep(Duration::from_millis(1));
     }
+
+    /// An operation that began at `t0` has just succeeded: counted, with its latency, unless it
+    /// began before the window (warm-up).
+    fn done(&mut self, win: Window, t0: Instant) {
+        if t0 >= win.from {
+            self.ops += 1;
+            self.latencies.push(nanos(t0.elapsed()));
+        }
+    }
 }
 
 /// The window a client measures in: operations starting before `from` are warm-up.
@@ -328,37 +337,18 @@ fn request() -> [u8; MSG] {
 
 /// TCP_CRR: connect, request, response, close; one latency per connection.
 fn crr(run: &Run, win: Window, k: usize) -> Tally {
-    let mut tally = Tally { latencies: Vec::with_capacity(1 << 16), ..Tally::default() };
+    let tally = Tally { latencies: Vec::with_capacity(1 << 16), ..Tally::default() };
     let req = request();
     let mut resp = [0u8; MSG];
-    let mut next = k;
-    loop {
-        let t0 = Instant::now();
-        if t0 >= win.until {
-            return tally;
+    each_operation(run, win, k, tally, |to| {
+        let mut s = TcpStream::connect(to)?;
+        if run.peername {
+            s.peer_addr()?;
         }
-        let to = run.addrs[next % run.addrs.len()];
-        next += 1;
-        let result = (|| -> std::io::Result<()> {
-            let mut s = TcpStream::connect(to)?;
-            if run.peername {
-                s.peer_addr()?;
-            }
-            s.set_nodelay(true)?;
-            s.write_all(&req)?;
-            s.read_exact(&mut resp)?;
-            Ok(())
-        })();
-        let elapsed = t0.elapsed();
-        match result {
-            Ok(()) if t0 >= win.from => {
-                tally.ops += 1;
-                tally.latencies.push(nanos(elapsed));
-            }
-            Ok(()) => {}
-            Err(e) => tally.error(&e),
-        }
-    }
+        s.set_nodelay(true)?;
+        s.write_all(&req)?;
+        s.read_exact(&mut resp)
+    })
 }
 
 /// TCP_RR: request/response on one established connection per client.
@@ -381,11 +371,7 @@ fn rr(run: &Run, win: Window, k: usize) -> Tally {
             return tally;
         }
         match s.write_all(&req).and_then(|()| s.read_exact(&mut resp)) {
-            Ok(()) if t0 >= win.from => {
-                tally.ops += 1;
-                tally.latencies.push(nanos(t0.elapsed()));
-            }
-            Ok(()) => {}
+            Ok(()) => tally.done(win, t0),
             Err(e) => {
                 tally.error(&e);
                 return tally;
@@ -442,6 +428,19 @@ fn udp(run: &Run, win: Window, k: usize) -> Tally {
     };
     let req = request();
     let mut buf = [0u8; 2048];
+    each_operation(run, win, k, tally, |to| s.send_to(&req, to).and_then(|_| s.recv_from(&mut buf)).map(drop))
+}
+
+/// The loop of the clients that address each operation anew (crr, udp): `op` back to back until
+/// the window closes, each to the next address round robin (client `k` starts at the k-th),
+/// timed and counted by [`Tally::done`]; an error is counted and the loop goes on.
+fn each_operation(
+    run: &Run,
+    win: Window,
+    k: usize,
+    mut tally: Tally,
+    mut op: impl FnMut(SocketAddr) -> std::io::Result<()>,
+) -> Tally {
     let mut next = k;
     loop {
         let t0 = Instant::now();
@@ -450,12 +449,8 @@ fn udp(run: &Run, win: Window, k: usize) -> Tally {
         }
         let to = run.addrs[next % run.addrs.len()];
         next += 1;
-        match s.send_to(&req, to).and_then(|_| s.recv_from(&mut buf)) {
-            Ok(_) if t0 >= win.from => {
-                tally.ops += 1;
-                tally.latencies.push(nanos(t0.elapsed()));
-            }
-            Ok(_) => {}
+        match op(to) {
+            Ok(()) => tally.done(win, t0),
             Err(e) => tally.error(&e),
         }
     }

@@ -260,6 +260,32 @@ impl Table<'_> {
         (!v.is_empty()).then(|| median(v))
     }
 
+    /// Table rows at 1 Service, one per method: rate, p50 and p99 then `f` ÷ direct's `f`
+    /// (paired by round), with 1 client and with `n`.
+    fn method_rows(&self, methods: &[&str], n: usize, f: fn(&Sample) -> f64) -> String {
+        let mut rows = String::new();
+        for &method in methods {
+            let _ = write!(rows, "| {} |", method_label(method));
+            for clients in [1, n] {
+                match self.cell(method, 1, clients) {
+                    Some(c) => {
+                        let _ = write!(
+                            rows,
+                            " {} | {} | {} | {} |",
+                            thousands(c.rate),
+                            us(c.p50),
+                            us(c.p99),
+                            x(self.ratio(method, "direct", 1, 1, clients, f))
+                        );
+                    }
+                    None => rows.push_str(" – | – | – | – |"),
+                }
+            }
+            rows.push('\n');
+        }
+        rows
+    }
+
     /// Service counts measured for a method.
     pub fn levels(&self, method: &str) -> Vec<u32> {
         let mut v: Vec<u32> =
@@ -332,6 +358,67 @@ fn verdict(ok: Option<bool>) -> &'static str {
     }
 }
 
+/// What a goal asks of its figure: at least or at most a bound, in the figure's unit.
+#[derive(Clone, Copy, Debug)]
+enum Target {
+    AtLeast(f64, Unit),
+    AtMost(f64, Unit),
+}
+
+/// How a goal's figure and bound are written.
+#[derive(Clone, Copy, Debug)]
+enum Unit {
+    /// `1.07×`.
+    Ratio,
+    /// `101 ns`.
+    Ns,
+    /// `6.5 ms`.
+    Ms,
+    /// Milliseconds written as seconds: `0.85 s`.
+    MsInSecs,
+    /// `70 MiB`.
+    Mib,
+}
+
+impl Unit {
+    /// A measured figure.
+    fn figure(self, v: f64) -> String {
+        match self {
+            Unit::Ratio => format!("{v:.2}×"),
+            Unit::Ns => format!("{v:.0} ns"),
+            Unit::Ms => format!("{v:.1} ms"),
+            Unit::MsInSecs => format!("{:.2} s", v / 1e3),
+            Unit::Mib => format!("{v:.0} MiB"),
+        }
+    }
+
+    /// A bound, as round as the goal states it (`2×`, `1 s`).
+    fn bound(self, v: f64) -> String {
+        match self {
+            Unit::Ratio => format!("{v}×"),
+            Unit::Ns => format!("{v} ns"),
+            Unit::Ms => format!("{v} ms"),
+            Unit::MsInSecs => format!("{} s", v / 1e3),
+            Unit::Mib => format!("{v} MiB"),
+        }
+    }
+}
+
+impl Target {
+    /// The (goal, target, measured, verdict) row of a goal.
+    fn row(self, goal: String, measured: Option<f64>) -> [String; 4] {
+        let (target, unit, met) = match self {
+            Target::AtLeast(bound, unit) => {
+                (format!("≥ {}", unit.bound(bound)), unit, measured.map(|v| v >= bound))
+            }
+            Target::AtMost(bound, unit) => {
+                (format!("≤ {}", unit.bound(bound)), unit, measured.map(|v| v <= bound))
+            }
+        };
+        [goal, target, measured.map_or_else(|| "–".into(), |v| unit.figure(v)), verdict(met).into()]
+    }
+}
+
 impl Report {
     pub fn new(data: &serde_json::Value, control_plane: &str, machine: Machine) -> Self {
         let data: Data = serde_json::from_value(data.clone()).unwrap_or_else(|e| {
@@ -393,142 +480,124 @@ impl Report {
     }
 
     /// (goal, target, measured, verdict) rows.
-    #[expect(clippy::too_many_lines, reason = "one row per goal of the issue")]
     fn goals(&self) -> Vec<[String; 4]> {
+        use Target::{AtLeast, AtMost};
         let n = self.clients;
         let crr = self.crr();
         let rr = self.rr();
-        let mut rows = Vec::new();
-        let mut row = |goal: String,
-                       target: &str,
-                       measured: Option<f64>,
-                       show: &dyn Fn(f64) -> String,
-                       ok: &dyn Fn(f64) -> bool| {
-            rows.push([
-                goal,
-                target.to_owned(),
-                measured.map_or_else(|| "–".into(), show),
-                verdict(measured.map(ok)).into(),
-            ]);
-        };
-        let ratio = |r: f64| format!("{r:.2}×");
         let top = *crr.levels("iptables").last().unwrap_or(&10_000);
-        for clients in [n, 1] {
-            row(
-                format!("tagger connection rate ÷ direct, 1 Service, {clients} client(s)"),
-                "≥ 0.95×",
-                crr.ratio("tagger", "direct", 1, 1, clients, rate),
-                &ratio,
-                &|r| r >= 0.95,
-            );
-        }
-        row(
-            format!("tagger connection rate ÷ direct, {} Services, {n} clients", thousands(f64::from(top))),
-            "≥ 0.95×",
-            crr.ratio("tagger", "direct", top, top, n, rate),
-            &ratio,
-            &|r| r >= 0.95,
-        );
-        row(
-            format!("tagger connection rate ÷ iptables, {} Services, {n} clients", thousands(f64::from(top))),
-            "≥ 1.5×",
-            crr.ratio("tagger", "iptables", top, top, n, rate),
-            &ratio,
-            &|r| r >= 1.5,
-        );
-        row(
-            format!("tagger connection rate ÷ haproxy, {n} clients"),
-            "≥ 2×",
-            crr.ratio("tagger", "haproxy", 1, 1, n, rate),
-            &ratio,
-            &|r| r >= 2.0,
-        );
-        for clients in [1, n] {
-            row(
-                format!("established-connection p99 (TCP_RR) ÷ direct, {clients} client(s)"),
-                "≤ 1.02×",
-                rr.ratio("tagger", "direct", 1, 1, clients, p99),
-                &ratio,
-                &|r| r <= 1.02,
-            );
-        }
+        let top_services = thousands(f64::from(top));
+        // tagger's connection rate ÷ another method's, both at `services`.
+        let conn_rate = |versus: &str, services: u32, clients: usize| {
+            crr.ratio("tagger", versus, services, services, clients, rate)
+        };
         let levels = self.hook_levels();
         let (low, high) = (levels.first().copied().unwrap_or(10), levels.last().copied().unwrap_or(65_536));
-        let ns = |v: f64| format!("{v:.0} ns");
-        row(
-            format!("hook cost: connect4 of a steered connection, median, {low} Services"),
-            "≤ 150 ns",
-            self.hook("connect4", low, "service"),
-            &ns,
-            &|v| v <= 150.0,
-        );
+        let connect4 = |services: u32| self.hook("connect4", services, "service");
         let all: Vec<f64> = tagger_programs().iter().filter_map(|p| self.hook(p, low, "service")).collect();
-        row(
-            format!("hook cost: median over the programs that ran, {low} Services"),
-            "≤ 150 ns",
-            (!all.is_empty()).then(|| median(all)),
-            &ns,
-            &|v| v <= 150.0,
-        );
-        row(
-            format!("hook cost at {} ÷ at {low} Services (connect4)", thousands(f64::from(high))),
-            "≤ 1.2×",
-            self.hook("connect4", high, "service")
-                .zip(self.hook("connect4", low, "service"))
-                .map(|(a, b)| a / b),
-            &ratio,
-            &|r| r <= 1.2,
-        );
-        row(
-            "event → map write p99 (control-plane-bench)".into(),
-            "≤ 5 ms",
-            self.cp.event_p99_ms,
-            &|v| format!("{v:.1} ms"),
-            &|v| v <= 5.0,
-        );
-        row(
-            "initial sync, 100,000 endpoints (control-plane-bench)".into(),
-            "≤ 1 s",
-            self.cp.sync_ms,
-            &|v| format!("{:.2} s", v / 1e3),
-            &|v| v <= 1000.0,
-        );
-        row(
-            "agent CPU time (user + system) during that initial sync: the agent's own share".into(),
-            "≤ 1 s",
-            self.cp.sync_cpu_ms,
-            &|v| format!("{:.2} s", v / 1e3),
-            &|v| v <= 1000.0,
-        );
-        row(
-            "agent peak RSS (control-plane-bench)".into(),
-            "≤ 64 MiB",
-            self.cp.rss_end_mib.or(self.cp.rss_sync_mib),
-            &|v| format!("{v:.0} MiB"),
-            &|v| v <= 64.0,
-        );
-        for f in &self.data.fallback {
-            row(
-                format!(
-                    "fallback: first gray-caller connection on base after the event, worst of {} ({})",
-                    f.iterations, f.cluster
-                ),
-                "≤ 10 ms",
-                Some(max(&f.event_to_first_base_connection_ms)),
-                &|v| format!("{v:.1} ms"),
-                &|v| v <= 10.0,
-            );
+
+        let mut goals: Vec<(String, Target, Option<f64>)> = Vec::new();
+        for clients in [n, 1] {
+            goals.push((
+                format!("tagger connection rate ÷ direct, 1 Service, {clients} client(s)"),
+                AtLeast(0.95, Unit::Ratio),
+                conn_rate("direct", 1, clients),
+            ));
         }
-        for f in self.data.fallback.iter().filter(|f| !f.event_to_stale_reset_ms.is_empty()) {
-            row(
-                format!("fallback: stale connection reset, worst of {} ({})", f.iterations, f.cluster),
-                "≤ 100 ms",
-                Some(max(&f.event_to_stale_reset_ms)),
-                &|v| format!("{v:.1} ms"),
-                &|v| v <= 100.0,
-            );
+        goals.extend([
+            (
+                format!("tagger connection rate ÷ direct, {top_services} Services, {n} clients"),
+                AtLeast(0.95, Unit::Ratio),
+                conn_rate("direct", top, n),
+            ),
+            (
+                format!("tagger connection rate ÷ iptables, {top_services} Services, {n} clients"),
+                AtLeast(1.5, Unit::Ratio),
+                conn_rate("iptables", top, n),
+            ),
+            (
+                format!("tagger connection rate ÷ haproxy, {n} clients"),
+                AtLeast(2.0, Unit::Ratio),
+                conn_rate("haproxy", 1, n),
+            ),
+        ]);
+        for clients in [1, n] {
+            goals.push((
+                format!("established-connection p99 (TCP_RR) ÷ direct, {clients} client(s)"),
+                AtMost(1.02, Unit::Ratio),
+                rr.ratio("tagger", "direct", 1, 1, clients, p99),
+            ));
         }
+        goals.extend([
+            (
+                format!("hook cost: connect4 of a steered connection, median, {low} Services"),
+                AtMost(150.0, Unit::Ns),
+                connect4(low),
+            ),
+            (
+                format!("hook cost: median over the programs that ran, {low} Services"),
+                AtMost(150.0, Unit::Ns),
+                (!all.is_empty()).then(|| median(all)),
+            ),
+            (
+                format!("hook cost at {} ÷ at {low} Services (connect4)", thousands(f64::from(high))),
+                AtMost(1.2, Unit::Ratio),
+                connect4(high).zip(connect4(low)).map(|(a, b)| a / b),
+            ),
+            (
+                "event → map write p99 (control-plane-bench)".into(),
+                AtMost(5.0, Unit::Ms),
+                self.cp.event_p99_ms,
+            ),
+            (
+                "initial sync, 100,000 endpoints (control-plane-bench)".into(),
+                AtMost(1000.0, Unit::MsInSecs),
+                self.cp.sync_ms,
+            ),
+            (
+                "agent CPU time (user + system) during that initial sync: the agent's own share".into(),
+                AtMost(1000.0, Unit::MsInSecs),
+                self.cp.sync_cpu_ms,
+            ),
+            (
+                "agent peak RSS (control-plane-bench)".into(),
+                AtMost(64.0, Unit::Mib),
+                self.cp.rss_end_mib.or(self.cp.rss_sync_mib),
+            ),
+        ]);
+        goals.extend(self.fallback_goals());
+
+        let rows: Vec<[String; 4]> =
+            goals.into_iter().map(|(goal, target, measured)| target.row(goal, measured)).collect();
         rows
+    }
+
+    /// The fallback phase's goals: first connection on base, and the reset of a held connection.
+    fn fallback_goals(&self) -> Vec<(String, Target, Option<f64>)> {
+        use Target::AtMost;
+        let mut goals: Vec<(String, Target, Option<f64>)> = self
+            .data
+            .fallback
+            .iter()
+            .map(|f| {
+                (
+                    format!(
+                        "fallback: first gray-caller connection on base after the event, worst of {} ({})",
+                        f.iterations, f.cluster
+                    ),
+                    AtMost(10.0, Unit::Ms),
+                    Some(max(&f.event_to_first_base_connection_ms)),
+                )
+            })
+            .collect();
+        goals.extend(self.data.fallback.iter().filter(|f| !f.event_to_stale_reset_ms.is_empty()).map(|f| {
+            (
+                format!("fallback: stale connection reset, worst of {} ({})", f.iterations, f.cluster),
+                AtMost(100.0, Unit::Ms),
+                Some(max(&f.event_to_stale_reset_ms)),
+            )
+        }));
+        goals
     }
 
     /// A few console lines.
@@ -601,25 +670,11 @@ impl Report {
              | method | 1 client conn/s | p50 µs | p99 µs | × direct | {n} clients conn/s | p50 µs | p99 µs | × direct |\n\
              |---|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
-        for method in ["direct", "direct-under-tagger", "tagger", "iptables", "haproxy"] {
-            let mut line = format!("| {} |", method_label(method));
-            for clients in [1, n] {
-                match crr.cell(method, 1, clients) {
-                    Some(c) => {
-                        let _ = write!(
-                            line,
-                            " {} | {} | {} | {} |",
-                            thousands(c.rate),
-                            us(c.p50),
-                            us(c.p99),
-                            x(crr.ratio(method, "direct", 1, 1, clients, rate))
-                        );
-                    }
-                    None => line.push_str(" – | – | – | – |"),
-                }
-            }
-            let _ = writeln!(md, "{line}");
-        }
+        md.push_str(&crr.method_rows(
+            &["direct", "direct-under-tagger", "tagger", "iptables", "haproxy"],
+            n,
+            rate,
+        ));
         let _ = writeln!(
             md,
             "\nConnection rate against the number of Services ({n} clients; 1 client in parentheses). \
@@ -686,25 +741,7 @@ impl Report {
              | method | 1 client trans/s | p50 µs | p99 µs | p99 × direct | {n} clients trans/s | p50 µs | p99 µs | p99 × direct |\n\
              |---|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
-        for method in ["direct", "tagger", "haproxy"] {
-            let mut line = format!("| {} |", method_label(method));
-            for clients in [1, n] {
-                match rr.cell(method, 1, clients) {
-                    Some(c) => {
-                        let _ = write!(
-                            line,
-                            " {} | {} | {} | {} |",
-                            thousands(c.rate),
-                            us(c.p50),
-                            us(c.p99),
-                            x(rr.ratio(method, "direct", 1, 1, clients, p99))
-                        );
-                    }
-                    None => line.push_str(" – | – | – | – |"),
-                }
-            }
-            let _ = writeln!(md, "{line}");
-        }
+        md.push_str(&rr.method_rows(&["direct", "tagger", "haproxy"], n, p99));
         let p50_ratio = rr.ratio("tagger", "direct", 1, 1, 1, p50);
         let _ = writeln!(md, "\ntagger's 1-client TCP_RR p50 ÷ direct: {}.", x(p50_ratio));
         let stream = self.stream();
@@ -971,4 +1008,25 @@ Service every 200 µs, and an EndpointSlice event removing the Service's last gr
 and with the large cluster beside it.
 "
     .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_goal_row_states_its_bound_and_meets_it_inclusively() {
+        let row = |target: Target, measured| target.row("g".into(), measured);
+        assert_eq!(row(Target::AtLeast(2.0, Unit::Ratio), Some(2.0)), ["g", "≥ 2×", "2.00×", "**met**"]);
+        assert_eq!(
+            row(Target::AtLeast(0.95, Unit::Ratio), Some(0.9)),
+            ["g", "≥ 0.95×", "0.90×", "**missed**"]
+        );
+        assert_eq!(
+            row(Target::AtMost(1000.0, Unit::MsInSecs), Some(1200.0)),
+            ["g", "≤ 1 s", "1.20 s", "**missed**"]
+        );
+        assert_eq!(row(Target::AtMost(150.0, Unit::Ns), None), ["g", "≤ 150 ns", "–", "not measured"]);
+        assert_eq!(row(Target::AtMost(64.0, Unit::Mib), Some(64.0)), ["g", "≤ 64 MiB", "64 MiB", "**met**"]);
+    }
 }
