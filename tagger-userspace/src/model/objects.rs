@@ -406,7 +406,14 @@ fn decode_slice_ports(
     out
 }
 
-/// The slice's ready endpoints with a valid first address of the slice's family.
+/// Endpoints kept of one EndpointSlice: the API server accepts at most 1,000, a file source
+/// (or a misbehaving server) could bring any number, and the model holds what it decodes.
+pub const MAX_SLICE_ENDPOINTS: usize = 1_000;
+
+/// The slice's ready endpoints with a valid first address of the slice's family; beyond
+/// [`MAX_SLICE_ENDPOINTS`], a subset chosen by a hash of each endpoint (not by position, so the
+/// same endpoints are kept whatever their order in the object; not by address, which would
+/// leave out whole nodes), counted as `Capacity`.
 fn ready_endpoints(
     slice_ref: &ObjectRef,
     slice: &EndpointSlice,
@@ -444,7 +451,35 @@ fn ready_endpoints(
         };
         out.push(EndpointInput { ip, pod: endpoint_pod(slice_ref, ep) });
     }
+    if out.len() > MAX_SLICE_ENDPOINTS {
+        let dropped = out.len() - MAX_SLICE_ENDPOINTS;
+        let mut ranked: Vec<(u32, IpAddr, Option<&ObjectRef>, usize)> =
+            out.iter().enumerate().map(|(i, e)| (ip_hash(e.ip), e.ip, e.pod.as_ref(), i)).collect();
+        ranked.sort_unstable();
+        let mut keep = vec![false; out.len()];
+        for &(.., i) in &ranked[..MAX_SLICE_ENDPOINTS] {
+            keep[i] = true;
+        }
+        let mut keep = keep.into_iter();
+        out.retain(|_| keep.next().unwrap_or(false));
+        warnings.add(
+            WarningKind::Capacity,
+            format_args!(
+                "EndpointSlice {slice_ref}: {dropped} ready endpoints over the per-slice limit of \
+                 {MAX_SLICE_ENDPOINTS} left out"
+            ),
+        );
+    }
     out
+}
+
+/// 32-bit FNV-1a over an address's bytes.
+fn ip_hash(ip: IpAddr) -> u32 {
+    let bytes = match ip {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    bytes.iter().fold(0x811c_9dc5, |h: u32, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
 }
 
 /// The pod an endpoint is, from its `targetRef` (a missing namespace is the slice's).
@@ -463,4 +498,51 @@ fn endpoint_pod(slice_ref: &ObjectRef, ep: &Endpoint) -> Option<ObjectRef> {
 fn is_ready(ep: &Endpoint) -> bool {
     let c = ep.conditions.as_ref();
     c.and_then(|c| c.ready).unwrap_or(true) && !c.and_then(|c| c.terminating).unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::testing::{endpoint, slice};
+
+    fn endpoints(n: usize, reversed: bool) -> Vec<Endpoint> {
+        let mut eps: Vec<_> = (0..n)
+            .map(|i| {
+                endpoint(
+                    &format!("10.{}.{}.{}", i / 65_536, (i / 256) % 256, i % 256),
+                    Some(&format!("p{i}")),
+                )
+            })
+            .collect();
+        if reversed {
+            eps.reverse();
+        }
+        eps
+    }
+
+    #[test]
+    fn an_oversized_slice_keeps_the_same_endpoints_whatever_their_order() {
+        let (r, s) =
+            slice("ns", "a-1", "a", "IPv4", &[("", 80, "TCP")], endpoints(MAX_SLICE_ENDPOINTS, false));
+        let at_limit = SliceInput::new(&r, &s);
+        assert_eq!(at_limit.endpoints.len(), MAX_SLICE_ENDPOINTS);
+        assert_eq!(at_limit.warnings.total(), 0);
+
+        let n = MAX_SLICE_ENDPOINTS + 1_500;
+        let (r, s) = slice("ns", "a-1", "a", "IPv4", &[("", 80, "TCP")], endpoints(n, false));
+        let forward = SliceInput::new(&r, &s);
+        let (r, s) = slice("ns", "a-1", "a", "IPv4", &[("", 80, "TCP")], endpoints(n, true));
+        let backward = SliceInput::new(&r, &s);
+        assert_eq!(forward.endpoints.len(), MAX_SLICE_ENDPOINTS);
+        let sorted = |i: &SliceInput| {
+            let mut v: Vec<_> = i.endpoints.iter().map(|e| (e.ip, e.pod.clone())).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(sorted(&forward), sorted(&backward), "the kept endpoints depend on their order");
+        // Spread over the address range, not the lowest addresses.
+        assert!(forward.endpoints.iter().any(|e| e.ip > "10.0.3.231".parse::<IpAddr>().unwrap()));
+        assert_eq!(forward.warnings.total(), 1);
+        assert_eq!(forward.warnings.count(WarningKind::Capacity), 1);
+    }
 }
