@@ -398,10 +398,14 @@ fn set_size_is_capped_deterministically() {
         (0..1100u32).map(|i| endpoint(&format!("10.1.{}.{}", i / 250, i % 250 + 1), None)).collect();
     let mut reversed = eps.clone();
     reversed.reverse();
-    let mk = |eps: Vec<Endpoint>| {
+    // Two slices, each within the per-slice limit (`MAX_SLICE_ENDPOINTS`): the set's cap is
+    // what cuts.
+    let mk = |mut eps: Vec<Endpoint>| {
+        let second = eps.split_off(eps.len() / 2);
         Cluster::default()
             .svc(service("ns", "s", &["10.96.0.1"], &[("", 80, "TCP")]))
             .slice(slice("ns", "s-1", "s", "IPv4", &[("", 80, "TCP")], eps))
+            .slice(slice("ns", "s-2", "s", "IPv4", &[("", 80, "TCP")], second))
             .desired()
     };
     let d = mk(eps);
