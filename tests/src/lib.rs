@@ -16,6 +16,7 @@ pub mod fake_api;
 pub mod hold;
 pub mod kernel;
 pub mod netns;
+pub mod restart;
 pub mod scenario;
 pub mod signals;
 pub mod stats;

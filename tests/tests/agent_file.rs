@@ -5,14 +5,12 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 
 use tagger_tests::{
     agent::{AgentSandbox, PORT, http_get, pod_in_lane, set_size},
-    client::{Attempt, HoldClient, LoopClient, Mode, attempts},
-    hold::HoldServer,
+    client::{Attempt, Mode, attempts},
+    restart::{self, RestartLoad},
 };
 
 /// Generous: under qemu TCG on a loaded host the first install (the verifier) alone can take seconds.
 const WAIT: Duration = Duration::from_secs(30);
-/// Port of the backends that hold connections open.
-const HOLD_PORT: u16 = 9090;
 
 fn vip() -> SocketAddr {
     "10.96.10.1:80".parse().unwrap()
@@ -151,27 +149,12 @@ fn bad_input_is_counted_or_rejected_and_nothing_applied_is_lost() {
 #[test]
 fn sigkill_and_restart_under_load_fail_no_connection() {
     let mut sb = sandbox(Some("gray"));
-    // A base caller too, and a Service whose backends hold connections open.
-    sb.caller("gb", None);
     let hold_vip: SocketAddr = "10.96.10.2:80".parse().unwrap();
-    sb.cluster.service("h", &[hold_vip.ip()], hold_vip.port(), HOLD_PORT, &["a-base", "a-gray"]);
-    let servers: Vec<HoldServer> =
-        ["a-base", "a-gray"].iter().map(|n| HoldServer::start(&sb.netns[*n], n, HOLD_PORT)).collect();
+    restart::prepare(&mut sb, hold_vip);
     sb.start_agent_on_file(&[]);
     wait_ready(&sb, "gray");
     sb.wait_for("service h", WAIT, |t| set_size(t, hold_vip, "gray") == Some(1));
-    let gray = LoopClient::start(&sb.pod_cgroup("gw"), &sb.netns["gw"].ns, vip());
-    let base = LoopClient::start(&sb.pod_cgroup("gb"), &sb.netns["gb"].ns, vip());
-    // Long-lived connections from both lanes, open across every restart.
-    let held: Vec<(HoldClient, &str)> = [("gw", "a-gray"), ("gb", "a-base")]
-        .into_iter()
-        .map(|(caller, backend)| {
-            let c = HoldClient::start(&sb.pod_cgroup(caller), &sb.netns[caller].ns, "hold-tcp", hold_vip);
-            let line = c.next_line(Duration::from_secs(3)).expect("no connect reported");
-            assert_eq!(line, format!("ok\t{backend}\t{hold_vip}"));
-            (c, backend)
-        })
-        .collect();
+    let load = RestartLoad::start(&sb, vip(), hold_vip);
     let args = {
         let path = sb.write_source_file();
         sb.agent_args(&format!("file:{}", path.display()), &[])
@@ -185,26 +168,7 @@ fn sigkill_and_restart_under_load_fail_no_connection() {
             sb.agent_log().matches("adopted datapath state").count() > round + 1
         });
     }
-    std::thread::sleep(Duration::from_millis(300));
-    let (gray, base) = (gray.finish(), base.finish());
-    for (lane, summary) in [("gray", &gray), ("base", &base)] {
-        assert!(summary.ok > 50, "{lane}: {summary:?}");
-        assert_eq!(
-            summary.failed,
-            0,
-            "{lane} connections failed across agent restarts: {summary:?}\n{}",
-            sb.agent_log()
-        );
-    }
-    for (c, backend) in &held {
-        assert_eq!(c.next_line(Duration::from_millis(300)), None, "the connection to {backend} was touched");
-    }
-    // They were alive all along: closing the servers ends them with the servers' FIN.
-    drop(servers);
-    for (c, backend) in &held {
-        let line = c.next_line(Duration::from_secs(3)).unwrap_or_default();
-        assert!(line.starts_with("closed"), "{backend}: {line:?}");
-    }
+    load.check(&sb);
     assert!(sb.agent_log().contains("Adopted"), "restarts must adopt the pins:\n{}", sb.agent_log());
     assert_eq!(sb.reached("gw", vip(), 10), ["a-gray"]);
     assert_eq!(sb.reached("gb", vip(), 10), ["a-base"]);

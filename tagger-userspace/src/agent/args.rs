@@ -81,6 +81,13 @@ pub struct Args {
     #[arg(long, default_value_t = 290, value_parser = clap::value_parser!(u32).range(1..=3600), value_name = "SECS")]
     pub api_timeout: u32,
 
+    /// Largest API server response line the agent reads, in MiB: one list, or one watch event.
+    /// A longer one is refused (the watch is retried, the datapath keeps its state), so a
+    /// misbehaving server cannot make the agent buffer without bound.
+    #[arg(long, default_value_t = crate::agent::line_limit::DEFAULT_MAX_LINE_MIB,
+          value_parser = clap::value_parser!(u32).range(1..=4096), value_name = "MIB")]
+    pub api_max_response_mib: u32,
+
     /// Stamp local pods' packets with their lane on the network interfaces matching these
     /// globs (comma-separated, `*` and `?`), e.g. `cali*,lxc*` or `veth*` for the host side of
     /// pod veths: `skb->mark` = the lane id and, for lanes with `dscp` in the lanes config, that

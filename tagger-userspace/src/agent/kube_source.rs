@@ -23,6 +23,7 @@ use kube::{
 use tracing::{info, warn};
 
 use self::wire::{WirePod, WirePodMeta, WireService, WireSlice};
+use super::line_limit::LineTooLong;
 use super::{
     Wake,
     inputs::{Inputs, send},
@@ -55,9 +56,10 @@ pub fn spawn(
     // API server from its watch cache in one response, as kubelet and kube-proxy do: an agent on
     // every node must not send quorum reads to etcd on each (re)list. The watch that follows
     // brings anything newer.
-    let cfg = || watcher::Config::default().any_semantic().timeout(api_timeout);
+    let cfg = move || watcher::Config::default().any_semantic().timeout(api_timeout);
     let local_cfg = cfg().fields(&format!("spec.nodeName={node}"));
-    let pods = watcher(Api::<WirePod>::all(client.clone()), local_cfg).default_backoff();
+    let api = Api::<WirePod>::all(client.clone());
+    let pods = move || watcher(api.clone(), local_cfg.clone()).default_backoff();
     let local_keys = Arc::clone(&keys);
     tasks.spawn(drive(pods, Kind::LocalPod, ctx.clone(), move |pod: WirePod| {
         let mut local = LocalPod::from_pod(&pod.into())?;
@@ -65,14 +67,16 @@ pub fn spawn(
         Some(Object::LocalPod(local))
     }));
 
-    let services = watcher(Api::<WireService>::all(client.clone()), cfg()).default_backoff();
+    let api = Api::<WireService>::all(client.clone());
+    let services = move || watcher(api.clone(), cfg()).default_backoff();
     tasks.spawn(drive(services, Kind::Service, ctx.clone(), |svc: WireService| {
         let key = ObjectRef::of(&svc.metadata)?;
         let input = ServiceInput::new(&key, &svc.into());
         Some(Object::Service(key, input))
     }));
 
-    let slices = watcher(Api::<WireSlice>::all(client.clone()), cfg()).default_backoff();
+    let api = Api::<WireSlice>::all(client.clone());
+    let slices = move || watcher(api.clone(), cfg()).default_backoff();
     tasks.spawn(drive(slices, Kind::Slice, ctx.clone(), |slice: WireSlice| {
         let key = ObjectRef::of(&slice.metadata)?;
         let input = SliceInput::new(&key, &slice.into());
@@ -82,7 +86,8 @@ pub fn spawn(
     tasks.spawn(probe_api(client.clone(), Arc::clone(status)));
 
     // Metadata only (`PartialObjectMetadata`).
-    let meta = watcher(Api::<WirePodMeta>::all(client), cfg()).default_backoff();
+    let api = Api::<WirePodMeta>::all(client);
+    let meta = move || watcher(api.clone(), cfg()).default_backoff();
     tasks.spawn(drive(meta, Kind::Pod, ctx, move |meta: WirePodMeta| {
         let key = ObjectRef::of(&meta.metadata)?;
         let labels: Labels =
@@ -130,9 +135,28 @@ struct Ctx {
     synced: Arc<[AtomicBool; 4]>,
 }
 
+/// Pause before a watcher refused an oversized response is started again.
+const RESTART_AFTER_OVERSIZED: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Runs the watchers `watch` makes: each one's events go to [`drive_one`]; one that stopped
+/// on a response line over the limit is replaced by a new one, which lists afresh.
+async fn drive<K, S>(watch: impl Fn() -> S, kind: Kind, ctx: Ctx, decode: impl Fn(K) -> Option<Object>)
+where
+    K: kube::Resource,
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
+{
+    while drive_one(watch(), kind, &ctx, &decode).await {
+        tokio::time::sleep(RESTART_AFTER_OVERSIZED).await;
+    }
+}
+
 /// Turns one watcher's events into changes. Events already received are handled as one batch
 /// (a list page's objects, a burst of updates): one queueing and one wake for all of them.
-async fn drive<K, S>(stream: S, kind: Kind, ctx: Ctx, decode: impl Fn(K) -> Option<Object>)
+/// Returns `true` when the watcher must be replaced: a response line was over the limit
+/// ([`LineTooLong`]). Its watch would resume at the same resourceVersion and meet the same
+/// event again for as long as the API server keeps it; a new watcher lists instead, and the
+/// list no longer has the object once it is fixed or deleted.
+async fn drive_one<K, S>(stream: S, kind: Kind, ctx: &Ctx, decode: &impl Fn(K) -> Option<Object>) -> bool
 where
     K: kube::Resource,
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
@@ -147,6 +171,11 @@ where
                 Ok(event) => event,
                 Err(e) => {
                     ctx.status.count_watch_restart();
+                    if is_line_too_long(&e) {
+                        warn!(resource = %kind, "{e}; listing again with a new watcher");
+                        mark_api(&ctx.status, false);
+                        return true;
+                    }
                     if !failing {
                         warn!(resource = %kind, "watch failed, retrying with backoff; the datapath keeps its state: {e}");
                         failing = true;
@@ -192,4 +221,23 @@ where
             }
         }
     }
+    false
+}
+
+/// Whether a response line over the limit is somewhere in `e`'s chain (an `io::Error` hides
+/// its payload from `source()`, so it is looked into too).
+fn is_line_too_long(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if e.is::<LineTooLong>() {
+            return true;
+        }
+        if let Some(inner) = e.downcast_ref::<std::io::Error>().and_then(std::io::Error::get_ref)
+            && is_line_too_long(inner)
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }

@@ -12,6 +12,7 @@ mod addrs;
 mod args;
 mod inputs;
 mod kube_source;
+mod line_limit;
 mod marking;
 mod metrics;
 mod poll;
@@ -107,7 +108,7 @@ pub fn run(args: &Args) -> Result<()> {
                 InputsHandle::Shared(shared)
             }
             Source::Kubernetes => {
-                let client = kube_client(args.api_timeout).await?;
+                let client = kube_client(args.api_timeout, args.api_max_response_mib).await?;
                 InputsHandle::Kube(kube_source::spawn(
                     &mut tasks,
                     client,
@@ -163,7 +164,8 @@ pub fn run(args: &Args) -> Result<()> {
 }
 
 /// The Kubernetes client (in-cluster config or KUBECONFIG), with the watch timeouts.
-async fn kube_client(api_timeout: u32) -> Result<kube::Client> {
+/// Every response body is limited to `max_line_mib` per line ([`line_limit`]).
+async fn kube_client(api_timeout: u32, max_line_mib: u32) -> Result<kube::Client> {
     let mut kube_config = kube::Config::infer()
         .await
         .context("configuring the Kubernetes client (in-cluster config or KUBECONFIG)")?;
@@ -172,7 +174,14 @@ async fn kube_client(api_timeout: u32) -> Result<kube::Client> {
     let timeout = Duration::from_secs(u64::from(api_timeout));
     kube_config.read_timeout = Some(timeout + Duration::from_secs(5));
     kube_config.connect_timeout = Some(timeout.min(Duration::from_secs(30)));
-    kube::Client::try_from(kube_config).context("building the Kubernetes client")
+    let max = usize::try_from(max_line_mib).unwrap_or(usize::MAX).saturating_mul(1 << 20);
+    let limit = tower::util::MapResponseLayer::new(move |r: http::Response<_>| {
+        r.map(|body| line_limit::LineLimited::new(body, max))
+    });
+    Ok(kube::client::ClientBuilder::try_from(kube_config)
+        .context("building the Kubernetes client")?
+        .with_layer(&limit)
+        .build())
 }
 
 /// Starts TC lane marking when `--mark-interfaces` asks for it.
