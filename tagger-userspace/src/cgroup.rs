@@ -30,7 +30,7 @@ impl CgroupRef {
         let err = |reason: String| Error::Cgroup { path: path.to_owned(), reason };
         let canonical = fs::canonicalize(path).map_err(|e| err(format!("cannot resolve: {e}")))?;
         if !is_cgroup2(&canonical)? {
-            return Err(err("not in a cgroup v2 hierarchy (cgroup2 filesystem)".into()));
+            return Err(err(not_cgroup2_reason()));
         }
         let meta = fs::metadata(&canonical).map_err(|e| err(e.to_string()))?;
         if !meta.is_dir() {
@@ -42,6 +42,21 @@ impl CgroupRef {
             .map_err(|_| err(format!("not below the cgroup2 mount {}", root.display())))?;
         let level = u32::try_from(rel.components().count()).map_err(|_| err("too deep".into()))?;
         Ok(Self { path: canonical, id: meta.ino(), level })
+    }
+}
+
+/// Why a path that is not on cgroup2 cannot be used, naming a v1-only host when no cgroup2 is
+/// mounted at all.
+fn not_cgroup2_reason() -> String {
+    match cgroup2_mount() {
+        Ok(m) => {
+            format!("not in a cgroup v2 hierarchy (cgroup2 filesystem; it is mounted at {})", m.display())
+        }
+        Err(_) => "not in a cgroup v2 hierarchy, and no cgroup2 filesystem is mounted: this is a cgroup \
+                   v1-only host. tagger attaches to cgroup v2 only (its hooks are cgroup v2 programs): \
+                   boot with systemd.unified_cgroup_hierarchy=1, or mount cgroup2 (a hybrid host's \
+                   /sys/fs/cgroup/unified serves) and point --cgroup-root at kubelet's pods there"
+            .into(),
     }
 }
 

@@ -35,6 +35,9 @@ pub struct Contents<'a> {
     pub test_args: &'a [String],
     /// Per-test-binary time limit inside the guest.
     pub test_timeout_s: u64,
+    /// Mount cgroup v1 hierarchies (cpu,cpuacct, memory, pids on a tmpfs at /sys/fs/cgroup)
+    /// and no cgroup2: a cgroup v1-only host.
+    pub cgroup_v1: bool,
 }
 
 /// Writes the initramfs for `kernel` to `out`; returns its size in bytes.
@@ -114,6 +117,14 @@ fn add_dirs<W: std::io::Write>(c: &mut Cpio<W>, done: &mut BTreeSet<String>, dir
     Ok(())
 }
 
+/// /init's cgroup mounts on a normal guest.
+const CGROUP_V2: &str = "mount -t cgroup2 cgroup2 /sys/fs/cgroup || fail mount cgroup2";
+/// /init's cgroup mounts on a cgroup v1-only guest.
+const CGROUP_V1: &str = r"mount -t tmpfs cgroup /sys/fs/cgroup || fail mount cgroup tmpfs
+for c in cpu,cpuacct memory pids; do
+  mkdir -p /sys/fs/cgroup/$c && mount -t cgroup -o $c cgroup /sys/fs/cgroup/$c || fail mount cgroup v1 $c
+done";
+
 /// The guest's /init (busybox sh). Every failure prints a marker and powers off, so a run never
 /// hangs on a broken guest; xtask's time limit covers the rest.
 fn init_script(contents: &Contents<'_>) -> String {
@@ -129,7 +140,7 @@ mount -t proc proc /proc || fail mount proc
 mount -t sysfs sys /sys || fail mount sysfs
 mount -t devtmpfs dev /dev || fail mount devtmpfs
 mount -t tmpfs run /run && mount -t tmpfs tmp /tmp || fail mount tmpfs
-mount -t cgroup2 cgroup2 /sys/fs/cgroup || fail mount cgroup2
+{cgroups}
 mount -t bpf bpf /sys/fs/bpf || fail mount bpffs
 for m in $(cat /modules/order); do insmod /modules/$m.ko || fail insmod $m; done
 ip link set lo up
@@ -147,6 +158,7 @@ poweroff -f
         names = names.join(" "),
         timeout = contents.test_timeout_s,
         args = args.join(" "),
+        cgroups = if contents.cgroup_v1 { CGROUP_V1 } else { CGROUP_V2 },
     )
 }
 

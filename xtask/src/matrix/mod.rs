@@ -37,6 +37,11 @@ const NOT_IN_GUESTS: [(&str, &str); 2] = [
          in both TCX and netlink mode",
     ),
 ];
+/// The test binary of the cgroup v1-only host: its test is ignored on a normal run; each kernel
+/// boots a second guest that mounts only cgroup v1 hierarchies and runs it with `--ignored`.
+const CGROUP_V1_TEST: &str = "agent_cgroup_v1";
+/// Its test.
+const CGROUP_V1_TEST_NAME: &str = "a_cgroup_v1_only_host_is_refused_clearly_and_nothing_is_attached";
 /// Binaries the tests start from target/debug.
 const BINS: [&str; 3] = ["testpod", "tagger", "tagger-agent"];
 
@@ -53,35 +58,39 @@ pub fn run(series: &[String], opts: &Options<'_>) -> Result<()> {
     let series: Vec<_> = series.iter().map(|s| kernels::series(s)).collect::<Result<_>>()?;
     let root = workspace_root();
     let cache = root.join("target/kernels");
-    let tests = build_tests(&root)?;
+    let (tests, v1_test) = build_tests(&root)?;
+    // The v1-only guest runs when no filter is given or its test's name contains the filter.
+    let v1_tests: Vec<TestBinary> = v1_test
+        .filter(|_| opts.filter.is_none_or(|f| CGROUP_V1_TEST_NAME.contains(f)))
+        .map(|p| vec![(CGROUP_V1_TEST.to_owned(), p)])
+        .unwrap_or_default();
     let bins: Vec<PathBuf> = BINS.iter().map(|b| root.join("target/debug").join(b)).collect();
     let mut failures = Vec::new();
     let mut summary = Vec::new();
     for s in series {
         step(&format!("kernel {}: fetch Debian's kernel", s.name));
         let kernel = kernels::fetch(s, &cache)?;
-        step(&format!("kernel {}: initramfs with the test binaries", s.name));
         let args: Vec<String> = opts.filter.map(str::to_owned).into_iter().collect();
-        let contents = initramfs::Contents {
-            tests: &tests,
-            bins: &bins,
-            test_args: &args,
-            test_timeout_s: opts.timeout.as_secs(),
-        };
-        let image = root.join(format!("target/kernel-matrix/initramfs-{}.cpio", s.name));
-        let size = initramfs::build(&kernel, &contents, &root.join("target/kernel-matrix/stage"), &image)?;
-        status("initramfs", &format!("{} ({} MiB)", image.display(), size >> 20));
-        step(&format!(
-            "kernel {} ({}): boot under qemu -accel tcg and run the tests",
-            s.name, kernel.release
-        ));
-        let outcome = boot(s.name, &kernel.vmlinuz, &image, opts.timeout);
-        // Rebuilt on every run; 125 MiB per kernel is not worth keeping.
-        let _ = std::fs::remove_file(&image);
-        let outcome = outcome?;
-        summary.push(format!("{} ({}): {}", s.name, kernel.release, outcome.describe()));
-        if let Err(e) = outcome.verdict(tests.len()) {
-            failures.push(format!("kernel {}: {e}", s.name));
+        let guests = [
+            (s.name.to_owned(), tests.as_slice(), args, false),
+            (format!("{}-cgroup-v1", s.name), v1_tests.as_slice(), vec!["--ignored".to_owned()], true),
+        ];
+        for (label, tests, args, cgroup_v1) in &guests {
+            if tests.is_empty() {
+                continue;
+            }
+            let contents = initramfs::Contents {
+                tests,
+                bins: &bins,
+                test_args: args,
+                test_timeout_s: opts.timeout.as_secs(),
+                cgroup_v1: *cgroup_v1,
+            };
+            let outcome = run_guest(&root, label, &kernel, &contents, opts.timeout)?;
+            summary.push(format!("{label} ({}): {}", kernel.release, outcome.describe()));
+            if let Err(e) = outcome.verdict(tests.len()) {
+                failures.push(format!("kernel {label}: {e}"));
+            }
         }
     }
     step("kernel matrix summary");
@@ -94,8 +103,31 @@ pub fn run(series: &[String], opts: &Options<'_>) -> Result<()> {
     Ok(())
 }
 
-/// Builds the test binaries and the binaries they run; returns (name, path) of each test binary.
-fn build_tests(root: &Path) -> Result<Vec<(String, PathBuf)>> {
+/// A test binary: the name printed in results, and its path.
+type TestBinary = (String, PathBuf);
+
+/// Builds an initramfs with `contents` for `kernel`, boots it, and removes the image.
+fn run_guest(
+    root: &Path,
+    label: &str,
+    kernel: &kernels::Kernel,
+    contents: &initramfs::Contents<'_>,
+    limit: Duration,
+) -> Result<Outcome> {
+    step(&format!("kernel {label}: initramfs with the test binaries"));
+    let image = root.join(format!("target/kernel-matrix/initramfs-{label}.cpio"));
+    let size = initramfs::build(kernel, contents, &root.join("target/kernel-matrix/stage"), &image)?;
+    status("initramfs", &format!("{} ({} MiB)", image.display(), size >> 20));
+    step(&format!("kernel {label} ({}): boot under qemu -accel tcg and run the tests", kernel.release));
+    let outcome = boot(label, &kernel.vmlinuz, &image, limit);
+    // Rebuilt on every run; 125 MiB per kernel is not worth keeping.
+    let _ = std::fs::remove_file(&image);
+    outcome
+}
+
+/// Builds the test binaries and the binaries they run; returns (name, path) of each test binary
+/// the normal guests run, and the cgroup v1-only guest's test binary.
+fn build_tests(root: &Path) -> Result<(Vec<TestBinary>, Option<PathBuf>)> {
     // The same selection and flags as the host run (`cargo build --all-targets`, `cargo test`),
     // so both reuse one build: selecting a package alone would unify features differently.
     step("build the kernel test binaries (cargo test --no-run)");
@@ -111,6 +143,7 @@ fn build_tests(root: &Path) -> Result<Vec<(String, PathBuf)>> {
         bail!("cargo test --no-run failed");
     }
     let mut tests = Vec::new();
+    let mut v1 = None;
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
         let kind = &msg["target"]["kind"];
@@ -121,6 +154,10 @@ fn build_tests(root: &Path) -> Result<Vec<(String, PathBuf)>> {
             (is_test, msg["target"]["name"].as_str(), msg["executable"].as_str())
             && TEST_PREFIXES.iter().any(|p| name.starts_with(p))
         {
+            if name == CGROUP_V1_TEST {
+                v1 = Some(PathBuf::from(exe));
+                continue;
+            }
             if let Some((_, why)) = NOT_IN_GUESTS.iter().find(|(n, _)| *n == name) {
                 status(&format!("{name}: skipped in the guests"), why);
                 continue;
@@ -133,7 +170,7 @@ fn build_tests(root: &Path) -> Result<Vec<(String, PathBuf)>> {
         bail!("cargo test --no-run produced no datapath_*/agent_* test binaries");
     }
     status("test binaries", &tests.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(" "));
-    Ok(tests)
+    Ok((tests, v1))
 }
 
 /// What a guest reported.
