@@ -200,8 +200,9 @@ fn pick(tables: &Tables, svc_id: u32, lane: u32, count_in_set: u32, generation: 
     if let Some(b) = unsafe { BACKEND_SLOTS.get(&key) } {
         return Some(*b);
     }
-    // The set was replaced since it was read (its old generation's slots are deleted right after
-    // the swap): read it again. A slow reader racing a fast writer may need more than one look.
+    // The set was replaced since it was read and its old generation's slots are gone (the agent
+    // deletes them 250 ms after the swap, or at once when the slots map is full): read it
+    // again. A slow reader racing a fast writer may need more than one look.
     for _ in 0..PICK_RETRIES {
         let set = tables.backend_set(svc_id, lane)?;
         let key = SlotKey { svc_id, lane, generation: set.generation, slot: r.checked_rem(set.count)? };
