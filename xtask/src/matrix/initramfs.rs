@@ -119,11 +119,16 @@ fn add_dirs<W: std::io::Write>(c: &mut Cpio<W>, done: &mut BTreeSet<String>, dir
 
 /// /init's cgroup mounts on a normal guest.
 const CGROUP_V2: &str = "mount -t cgroup2 cgroup2 /sys/fs/cgroup || fail mount cgroup2";
-/// /init's cgroup mounts on a cgroup v1-only guest.
-const CGROUP_V1: &str = r"mount -t tmpfs cgroup /sys/fs/cgroup || fail mount cgroup tmpfs
+/// /init's cgroup mounts on a cgroup v1-only guest: each v1 hierarchy the kernel still offers
+/// (6.12's Debian build has no memory controller in v1: `CONFIG_MEMCG_V1` is off), at least one.
+const CGROUP_V1: &str = r#"mount -t tmpfs cgroup /sys/fs/cgroup || fail mount cgroup tmpfs
+v1=""
 for c in cpu,cpuacct memory pids; do
-  mkdir -p /sys/fs/cgroup/$c && mount -t cgroup -o $c cgroup /sys/fs/cgroup/$c || fail mount cgroup v1 $c
-done";
+  mkdir -p /sys/fs/cgroup/$c
+  if mount -t cgroup -o $c cgroup /sys/fs/cgroup/$c; then v1="$v1 $c"; else rmdir /sys/fs/cgroup/$c; fi
+done
+[ -n "$v1" ] || fail mount any cgroup v1 hierarchy
+echo "cgroup v1 hierarchies:$v1""#;
 
 /// The guest's /init (busybox sh). Every failure prints a marker and powers off, so a run never
 /// hangs on a broken guest; xtask's time limit covers the rest.
