@@ -17,6 +17,14 @@ pub const fn lane_id(name: &str) -> u32 {
     if is_base_name(bytes) {
         return BASE_LANE;
     }
+    let hash = fnv1a(bytes);
+    if hash == BASE_LANE { 1 } else { hash }
+}
+
+/// 32-bit FNV-1a of `bytes`: lane ids, and the agent's order-independent choices of which
+/// backends or endpoints to keep over a limit.
+#[must_use]
+pub const fn fnv1a(bytes: &[u8]) -> u32 {
     let mut hash: u32 = 0x811c_9dc5;
     let mut i = 0;
     while i < bytes.len() {
@@ -24,7 +32,7 @@ pub const fn lane_id(name: &str) -> u32 {
         hash = hash.wrapping_mul(0x0100_0193);
         i += 1;
     }
-    if hash == BASE_LANE { 1 } else { hash }
+    hash
 }
 
 const fn is_base_name(bytes: &[u8]) -> bool {

@@ -13,7 +13,7 @@ pub mod resolve;
 pub mod shaping;
 pub mod wire;
 
-pub use lane::{BASE_LANE, lane_id};
+pub use lane::{BASE_LANE, fnv1a, lane_id};
 pub use maps::*;
 pub use pods::*;
 pub use resolve::{LaneTables, Resolution, resolve_lane, resolve_shaped, shaping_of};

@@ -42,6 +42,25 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     })
 }
 
+/// Runs the CLI as `tagger --bpffs DIR -o json ARGS`: its exit status and its JSON document.
+///
+/// # Panics
+/// If the CLI cannot run or does not print JSON (the panic shows its stderr).
+#[must_use]
+pub fn cli_json(bpffs: &Path, args: &[&str]) -> (std::process::ExitStatus, serde_json::Value) {
+    let out = std::process::Command::new(workspace_bin("tagger"))
+        .arg("--bpffs")
+        .arg(bpffs)
+        .args(["-o", "json"])
+        .args(args)
+        .output()
+        .expect("run tagger");
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("tagger {args:?} printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stderr))
+    });
+    (out.status, json)
+}
+
 /// `GET path` on the agent's endpoints at 127.0.0.1:`port`: (status code, body); (0, "") when
 /// nothing answers.
 #[must_use]

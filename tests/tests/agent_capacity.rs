@@ -110,13 +110,7 @@ fn more_services_than_the_frontends_map_holds() {
     assert_eq!(sb.reached("gw", vip(), 10), ["a-gray"]);
 
     // `tagger status` reports the map full.
-    let out = std::process::Command::new(tagger_tests::agent::workspace_bin("tagger"))
-        .arg("--bpffs")
-        .arg(&sb.pins.0)
-        .args(["-o", "json", "status"])
-        .output()
-        .unwrap();
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+    let (_, r) = tagger_tests::agent::cli_json(&sb.pins.0, &["status"]);
     let m = r["maps"].as_array().unwrap().iter().find(|m| m["map"] == MAP_FRONTENDS).expect("frontends map");
     assert_eq!(m["entries"], u64::from(MAX_FRONTENDS), "{m}");
     assert_eq!(m["capacity"], MAX_FRONTENDS, "{m}");

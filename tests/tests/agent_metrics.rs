@@ -148,14 +148,8 @@ fn the_agent_registers_pod_addresses_and_inbound_counts_reach_metrics_and_the_cl
     assert_eq!(sb.reached("gw", b_vip, 3), ["b"]);
     assert_eq!(inbound_series(port, "gray", "base", "fell_back"), Some(3.0));
 
-    let out = std::process::Command::new(tagger_tests::agent::workspace_bin("tagger"))
-        .arg("--bpffs")
-        .arg(&sb.pins.0)
-        .args(["-o", "json", "stats", "--inbound"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let (status, r) = tagger_tests::agent::cli_json(&sb.pins.0, &["stats", "--inbound"]);
+    assert!(status.success(), "{r}");
     assert_eq!(r["totals"]["in_lane"], 5, "{r}");
     assert_eq!(r["totals"]["fell_back"], 3, "{r}");
     assert_eq!(r["totals"]["leak"], 0, "{r}");

@@ -216,13 +216,7 @@ fn the_agent_marks_its_pods_with_the_lanes_config_dscp() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
-    let out = Command::new(tagger_tests::agent::workspace_bin("tagger"))
-        .arg("--bpffs")
-        .arg(&sb.pins.0)
-        .args(["-o", "json", "status"])
-        .output()
-        .unwrap();
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+    let (_, status) = tagger_tests::agent::cli_json(&sb.pins.0, &["status"]);
     if status["marking_mode"] == "tcx" {
         let ifaces: Vec<&str> =
             status["marking"].as_array().unwrap().iter().filter_map(|m| m["interface"].as_str()).collect();

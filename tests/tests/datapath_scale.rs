@@ -70,13 +70,7 @@ fn full_tables_65536_frontends_262144_backends_lookups_at_the_edges() {
     assert_eq!(got.keys().collect::<Vec<_>>(), ["last"]);
 
     // `tagger status` reports the full tables.
-    let out = std::process::Command::new(tagger_tests::agent::workspace_bin("tagger"))
-        .arg("--bpffs")
-        .arg(sb.dp.dir())
-        .args(["-o", "json", "status"])
-        .output()
-        .unwrap();
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+    let (_, status) = tagger_tests::agent::cli_json(sb.dp.dir(), &["status"]);
     // (The slots map has room for two generations of every set, for atomic replacement: the
     // backends fill half of it.)
     for (map, entries, fill) in

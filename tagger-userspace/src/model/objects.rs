@@ -475,11 +475,10 @@ fn ready_endpoints(
 
 /// 32-bit FNV-1a over an address's bytes.
 fn ip_hash(ip: IpAddr) -> u32 {
-    let bytes = match ip {
-        IpAddr::V4(a) => a.octets().to_vec(),
-        IpAddr::V6(a) => a.octets().to_vec(),
-    };
-    bytes.iter().fold(0x811c_9dc5, |h: u32, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
+    match ip {
+        IpAddr::V4(a) => tagger_common::fnv1a(&a.octets()),
+        IpAddr::V6(a) => tagger_common::fnv1a(&a.octets()),
+    }
 }
 
 /// The pod an endpoint is, from its `targetRef` (a missing namespace is the slice's).

@@ -299,13 +299,12 @@ fn cap_set(set: &mut Vec<Backend>, max: usize, what: impl FnOnce() -> String, wa
 
 /// 32-bit FNV-1a over the backend's address and port.
 fn backend_hash(b: &Backend) -> u32 {
-    let mut hash: u32 = 0x811c_9dc5;
-    let bytes = b.addr.iter().flat_map(|w| w.to_ne_bytes()).chain(b.port.to_ne_bytes());
-    for byte in bytes {
-        hash ^= u32::from(byte);
-        hash = hash.wrapping_mul(0x0100_0193);
+    let mut bytes = [0u8; 18];
+    for (chunk, w) in bytes.chunks_exact_mut(4).zip(b.addr) {
+        chunk.copy_from_slice(&w.to_ne_bytes());
     }
-    hash
+    bytes[16..].copy_from_slice(&b.port.to_ne_bytes());
+    tagger_common::fnv1a(&bytes)
 }
 
 pub(crate) fn show_key(key: &FrontendKey) -> String {
