@@ -40,8 +40,15 @@ pub struct Contents<'a> {
     pub cgroup_v1: bool,
 }
 
-/// Writes the initramfs for `kernel` to `out`; returns its size in bytes.
-pub fn build(kernel: &Kernel, contents: &Contents<'_>, stage: &Path, out: &Path) -> Result<u64> {
+/// Writes the initramfs for `kernel` to `out`, with stripped copies of the binaries cached in
+/// `stage`; returns its size in bytes. The stripped copies it used are added to `used`.
+pub fn build(
+    kernel: &Kernel,
+    contents: &Contents<'_>,
+    stage: &Path,
+    out: &Path,
+    used: &mut BTreeSet<PathBuf>,
+) -> Result<u64> {
     fs::create_dir_all(stage)?;
     let mut files: BTreeMap<String, (u32, PathBuf)> = BTreeMap::new();
     let mut libs = BTreeSet::new();
@@ -54,13 +61,7 @@ pub fn build(kernel: &Kernel, contents: &Contents<'_>, stage: &Path, out: &Path)
         files.insert(format!("/t/{name}"), (0o755, strip(bin, stage)?));
         libs.extend(shared_libs(bin)?);
     }
-    // Stripped copies of earlier builds (other hashes) would pile up: keep only this set's.
-    let keep: BTreeSet<PathBuf> = files.values().map(|(_, p)| p.clone()).collect();
-    for e in fs::read_dir(stage)?.flatten() {
-        if !keep.contains(&e.path()) {
-            let _ = fs::remove_file(e.path());
-        }
-    }
+    used.extend(files.values().map(|(_, p)| p.clone()));
     let ip = which("ip")?;
     libs.extend(shared_libs(&ip)?);
     files.insert("/usr/sbin/ip".into(), (0o755, ip));
@@ -103,6 +104,17 @@ pub fn build(kernel: &Kernel, contents: &Contents<'_>, stage: &Path, out: &Path)
     c.file("/init", 0o755, init_script(contents).as_bytes())?;
     let (_, size) = c.finish()?;
     Ok(size)
+}
+
+/// Removes the stripped copies in `stage` that no guest of this run used: those of earlier builds
+/// (other hashes) would pile up. Done once per run, after every guest, so that one guest's
+/// smaller set (the cgroup v1-only guest's) does not make the next kernel strip everything again.
+pub fn prune_stage(stage: &Path, used: &BTreeSet<PathBuf>) {
+    for e in fs::read_dir(stage).into_iter().flatten().flatten() {
+        if !used.contains(&e.path()) {
+            let _ = fs::remove_file(e.path());
+        }
+    }
 }
 
 fn add_dirs<W: std::io::Write>(c: &mut Cpio<W>, done: &mut BTreeSet<String>, dir: &str) -> Result<()> {

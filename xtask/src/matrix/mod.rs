@@ -6,6 +6,7 @@ mod initramfs;
 mod kernels;
 
 use std::{
+    collections::BTreeSet,
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -65,15 +66,18 @@ pub fn run(series: &[String], opts: &Options<'_>) -> Result<()> {
         .map(|p| vec![(CGROUP_V1_TEST.to_owned(), p)])
         .unwrap_or_default();
     let bins: Vec<PathBuf> = BINS.iter().map(|b| root.join("target/debug").join(b)).collect();
+    let args: Vec<String> = opts.filter.map(str::to_owned).into_iter().collect();
+    let v1_args = vec!["--ignored".to_owned()];
+    let stage = root.join("target/kernel-matrix/stage");
+    let mut stripped = BTreeSet::new();
     let mut failures = Vec::new();
     let mut summary = Vec::new();
     for s in series {
         step(&format!("kernel {}: fetch Debian's kernel", s.name));
         let kernel = kernels::fetch(s, &cache)?;
-        let args: Vec<String> = opts.filter.map(str::to_owned).into_iter().collect();
         let guests = [
-            (s.name.to_owned(), tests.as_slice(), args, false),
-            (format!("{}-cgroup-v1", s.name), v1_tests.as_slice(), vec!["--ignored".to_owned()], true),
+            (s.name.to_owned(), tests.as_slice(), &args, false),
+            (format!("{}-cgroup-v1", s.name), v1_tests.as_slice(), &v1_args, true),
         ];
         for (label, tests, args, cgroup_v1) in &guests {
             if tests.is_empty() {
@@ -86,13 +90,16 @@ pub fn run(series: &[String], opts: &Options<'_>) -> Result<()> {
                 test_timeout_s: opts.timeout.as_secs(),
                 cgroup_v1: *cgroup_v1,
             };
-            let outcome = run_guest(&root, label, &kernel, &contents, opts.timeout)?;
+            let image = root.join(format!("target/kernel-matrix/initramfs-{label}.cpio"));
+            let outcome =
+                run_guest(label, &kernel, &contents, (&stage, &mut stripped), &image, opts.timeout)?;
             summary.push(format!("{label} ({}): {}", kernel.release, outcome.describe()));
             if let Err(e) = outcome.verdict(tests.len()) {
                 failures.push(format!("kernel {label}: {e}"));
             }
         }
     }
+    initramfs::prune_stage(&stage, &stripped);
     step("kernel matrix summary");
     for line in &summary {
         status("kernel", line);
@@ -106,22 +113,23 @@ pub fn run(series: &[String], opts: &Options<'_>) -> Result<()> {
 /// A test binary: the name printed in results, and its path.
 type TestBinary = (String, PathBuf);
 
-/// Builds an initramfs with `contents` for `kernel`, boots it, and removes the image.
+/// Builds the initramfs `image` with `contents` for `kernel` (stripped binaries cached in the
+/// stage directory, recorded as used), boots it, and removes the image.
 fn run_guest(
-    root: &Path,
     label: &str,
     kernel: &kernels::Kernel,
     contents: &initramfs::Contents<'_>,
+    (stage, stripped): (&Path, &mut BTreeSet<PathBuf>),
+    image: &Path,
     limit: Duration,
 ) -> Result<Outcome> {
     step(&format!("kernel {label}: initramfs with the test binaries"));
-    let image = root.join(format!("target/kernel-matrix/initramfs-{label}.cpio"));
-    let size = initramfs::build(kernel, contents, &root.join("target/kernel-matrix/stage"), &image)?;
+    let size = initramfs::build(kernel, contents, stage, image, stripped)?;
     status("initramfs", &format!("{} ({} MiB)", image.display(), size >> 20));
     step(&format!("kernel {label} ({}): boot under qemu -accel tcg and run the tests", kernel.release));
-    let outcome = boot(label, &kernel.vmlinuz, &image, limit);
+    let outcome = boot(label, &kernel.vmlinuz, image, limit);
     // Rebuilt on every run; 125 MiB per kernel is not worth keeping.
-    let _ = std::fs::remove_file(&image);
+    let _ = std::fs::remove_file(image);
     outcome
 }
 
