@@ -16,5 +16,5 @@ pub mod wire;
 pub use lane::{BASE_LANE, fnv1a, lane_id};
 pub use maps::*;
 pub use pods::*;
-pub use resolve::{LaneTables, Resolution, resolve_lane, resolve_shaped, shaping_of};
+pub use resolve::{LaneTables, Resolution, resolve_lane, resolve_shaped, shaping_of, svc_is_passthrough};
 pub use shaping::*;

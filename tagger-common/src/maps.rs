@@ -147,6 +147,12 @@ pub struct FrontendKey {
 /// `Service::flags`: no fallback; a connect finding no backend in the caller's lane fails.
 pub const SVC_F_STRICT: u32 = 1;
 
+/// `Service::flags`: the Service needs no lane steering on this node (its serving backends
+/// are all base, nothing shapes it, no local caller's lane could be refused): the datapath
+/// leaves its connections to the cluster's Service implementation, untouched. The entry stays
+/// (ids, names and backend sets for operators), so becoming steered again is one flag flip.
+pub const SVC_F_PASSTHROUGH: u32 = 1 << 8;
+
 /// A Service frontend's identity and per-Service overrides.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -418,6 +424,9 @@ pub enum Outcome {
     /// An accepted connection to a local pod whose SYN was not saved (the listener was opened
     /// before tagger attached, or the SYN queue overflowed into syncookies): not classified.
     InboundNoSyn = 13,
+    /// A connection to a Service frontend tagger does not steer ([`SVC_F_PASSTHROUGH`]): left
+    /// to the cluster's Service implementation.
+    Passthrough = 14,
 }
 
 /// Number of slots in [`MAP_COUNTERS`]: the outcomes, then their shadow counterparts at
@@ -426,7 +435,7 @@ pub const OUTCOME_SLOTS: u32 = 32;
 
 impl Outcome {
     /// Every outcome, in index order.
-    pub const ALL: [Outcome; 14] = [
+    pub const ALL: [Outcome; 15] = [
         Outcome::NotService,
         Outcome::Steered,
         Outcome::FellBack,
@@ -441,6 +450,7 @@ impl Outcome {
         Outcome::Canary,
         Outcome::InboundFull,
         Outcome::InboundNoSyn,
+        Outcome::Passthrough,
     ];
 
     /// Stable snake-case name, used in CLI JSON and metric labels.
@@ -461,6 +471,7 @@ impl Outcome {
             Outcome::Canary => "canary",
             Outcome::InboundFull => "inbound_full",
             Outcome::InboundNoSyn => "inbound_no_syn",
+            Outcome::Passthrough => "passthrough",
         }
     }
 }

@@ -3,7 +3,7 @@
 //! explain`, tests), through the [`LaneTables`] trait.
 
 use crate::{
-    BASE_LANE, BackendSet, LANE_F_STRICT, LanePolicy, MAX_CHAIN, SVC_F_STRICT, Service,
+    BASE_LANE, BackendSet, LANE_F_STRICT, LanePolicy, MAX_CHAIN, SVC_F_PASSTHROUGH, SVC_F_STRICT, Service,
     shaping::{SVC_F_ROUTED, SVC_F_SHAPED, SvcShaping, canary_set},
 };
 
@@ -68,6 +68,13 @@ pub enum Resolution {
 #[must_use]
 pub fn lane_is_strict(policy: Option<&LanePolicy>) -> bool {
     matches!(policy, Some(p) if p.flags & LANE_F_STRICT != 0)
+}
+
+/// Whether the Service is left to the cluster's Service implementation on this node.
+#[inline(always)]
+#[must_use]
+pub fn svc_is_passthrough(svc: &Service) -> bool {
+    svc.flags & SVC_F_PASSTHROUGH != 0
 }
 
 /// Whether the Service forbids fallback.

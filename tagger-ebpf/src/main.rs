@@ -26,7 +26,8 @@ use aya_ebpf::{
 };
 use tagger_common::{
     BASE_LANE, Backend, FAMILY_V6, FrontendKey, IPPROTO_UDP, LaneTables, Outcome, Resolution, RevNatKey,
-    RevNatValue, SOCK_F_FELL_BACK, SOCK_F_ROUTED, SlotKey, SockRecord, is_v4_mapped, shaping_of, v4_mapped,
+    RevNatValue, SOCK_F_FELL_BACK, SOCK_F_ROUTED, SlotKey, SockRecord, is_v4_mapped, shaping_of,
+    svc_is_passthrough, v4_mapped,
 };
 
 use crate::maps::{
@@ -231,6 +232,10 @@ fn try_steer(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
         count(Outcome::NotService);
         return PROCEED;
     };
+    if svc_is_passthrough(&svc) {
+        count(Outcome::Passthrough);
+        return PROCEED;
+    }
     let who = caller();
     let caller = who.lane;
     let pod_cgroup = who.pod;

@@ -42,7 +42,11 @@ use crate::{
     cgroup::CgroupRef,
     datapath::Tables,
     lanes_config::LanesConfig,
-    model::{DesiredServices, FrontendIds},
+    model::{
+        DesiredServices, FrontendIds,
+        index::set_range,
+        steering::{self, Reasons},
+    },
     net::frontend_addr,
 };
 
@@ -75,11 +79,16 @@ impl DatapathState {
         let mut shaping = BTreeMap::new();
         let mut routes = BTreeMap::new();
         let mut frontends = services.frontends.clone();
+        let policies = lanes.policies();
+        let strict_caller = steering::strict_caller(pods.values(), &policies);
         for service in frontends.values_mut() {
             let Some(origin) = services.origins.get(&service.svc_id) else { continue };
             let s = self::shaping::svc_shaping(origin, false);
             let r = self::shaping::svc_routes(service.svc_id, origin, lanes);
-            service.flags = self::shaping::shaped_flags(service.flags, s.is_some(), !r.is_empty());
+            let flags = self::shaping::shaped_flags(service.flags, s.is_some(), !r.is_empty());
+            let lane_backends =
+                steering::has_lane_backends(services.sets.range(set_range(service.svc_id)).map(|(k, _)| k));
+            service.flags = Reasons::of(flags, lane_backends, strict_caller).apply(flags);
             if let Some(s) = s {
                 shaping.insert(service.svc_id, s);
             }
@@ -89,7 +98,7 @@ impl DatapathState {
             pods,
             frontends,
             sets: services.sets.clone(),
-            lanes: lanes.policies(),
+            lanes: policies,
             shaping,
             routes,
             warm: BTreeMap::new(),

@@ -43,7 +43,8 @@ impl Lifecycle {
 
     fn reset(&mut self) -> lifecycle::ResetReport {
         let root = self.sb.cgroup.path().to_owned();
-        let report = lifecycle::reset_stale(self.sb.dp.dp.tables_mut(), &root).expect("reset");
+        let mut view = lifecycle::MapSnapshot::read(self.sb.dp.dp.tables()).expect("read the maps");
+        let report = lifecycle::reset_stale(self.sb.dp.dp.tables_mut(), &root, &mut view).expect("reset");
         assert!(report.errors.is_empty(), "{:?}", report.errors);
         report
     }

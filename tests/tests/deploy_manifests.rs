@@ -479,7 +479,7 @@ fn check_install(objs: &Objects) {
     let labels = ns.metadata.labels.unwrap_or_default();
     assert_eq!(labels.get("pod-security.kubernetes.io/enforce").map(String::as_str), Some("privileged"));
 
-    // RBAC: get/list/watch on exactly pods, services and discovery.k8s.io endpointslices.
+    // RBAC: get/list/watch on exactly pods, services, nodes and discovery.k8s.io endpointslices.
     let role: ClusterRole = objs.one("ClusterRole", "tagger-agent");
     assert!(role.aggregation_rule.is_none());
     let mut granted: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
@@ -493,7 +493,7 @@ fn check_install(objs: &Objects) {
     }
     let read: BTreeSet<String> = ["get", "list", "watch"].map(String::from).into();
     let expected: BTreeMap<(String, String), BTreeSet<String>> =
-        [("", "pods"), ("", "services"), ("discovery.k8s.io", "endpointslices")]
+        [("", "pods"), ("", "services"), ("", "nodes"), ("discovery.k8s.io", "endpointslices")]
             .map(|(g, r)| ((g.to_owned(), r.to_owned()), read.clone()))
             .into();
     assert_eq!(granted, expected, "RBAC: read-only, on exactly what the agent watches");

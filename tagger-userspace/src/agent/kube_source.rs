@@ -22,7 +22,7 @@ use kube::{
 };
 use tracing::{info, warn};
 
-use self::wire::{WirePod, WirePodMeta, WireService, WireSlice};
+use self::wire::{WireNodeMeta, WirePod, WirePodMeta, WireService, WireSlice};
 use super::line_limit::LineTooLong;
 use super::{
     Wake,
@@ -47,7 +47,7 @@ pub fn spawn(
         inputs: Arc::clone(&inputs),
         wake: wake.clone(),
         status: Arc::clone(status),
-        synced: Arc::new([const { AtomicBool::new(false) }; 4]),
+        synced: Arc::new([const { AtomicBool::new(false) }; Kind::ALL.len()]),
     };
     let keys: Arc<[String]> = lane_keys.into();
 
@@ -84,6 +84,15 @@ pub fn spawn(
     }));
 
     tasks.spawn(probe_api(client.clone(), Arc::clone(status)));
+
+    // This node's Node object, metadata only, for its zone (Services' topology preferences).
+    let api = Api::<WireNodeMeta>::all(client.clone());
+    let node_cfg = cfg().fields(&format!("metadata.name={node}"));
+    let nodes = move || watcher(api.clone(), node_cfg.clone()).default_backoff();
+    tasks.spawn(drive(nodes, Kind::Node, ctx.clone(), |node: WireNodeMeta| {
+        let zone = node.metadata.labels.and_then(|mut l| l.remove(crate::model::topology::ZONE_LABEL));
+        Some(Object::Node(zone))
+    }));
 
     // Metadata only (`PartialObjectMetadata`).
     let api = Api::<WirePodMeta>::all(client);
@@ -132,7 +141,7 @@ struct Ctx {
     inputs: Arc<Mutex<Inputs>>,
     wake: Sender<Wake>,
     status: Arc<AgentStatus>,
-    synced: Arc<[AtomicBool; 4]>,
+    synced: Arc<[AtomicBool; Kind::ALL.len()]>,
 }
 
 /// Pause before a watcher refused an oversized response is started again.
@@ -216,7 +225,7 @@ where
             if !ctx.synced[kind.index()].swap(true, Ordering::Relaxed) {
                 info!(resource = %kind, "initial list complete");
             }
-            if ctx.synced.iter().all(|s| s.load(Ordering::Relaxed)) {
+            if Kind::REQUIRED.iter().all(|k| ctx.synced[k.index()].load(Ordering::Relaxed)) {
                 ctx.status.source_synced();
             }
         }

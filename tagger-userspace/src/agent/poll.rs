@@ -130,10 +130,16 @@ pub(crate) fn file_changes(snapshot: &file::Snapshot, node: &str) -> Vec<Change>
         let input = SliceInput::new(&key, slice);
         Some(Object::Slice(key, input))
     });
+    let nodes = snapshot.nodes.iter().filter(|n| n.metadata.name.as_deref() == Some(node)).map(|n| {
+        Object::Node(
+            n.metadata.labels.as_ref().and_then(|l| l.get(crate::model::topology::ZONE_LABEL)).cloned(),
+        )
+    });
     Change::list(Kind::LocalPod, local)
         .chain(Change::list(Kind::Pod, labels))
         .chain(Change::list(Kind::Service, services))
         .chain(Change::list(Kind::Slice, slices))
+        .chain(Change::list(Kind::Node, nodes))
         .collect()
 }
 

@@ -40,6 +40,9 @@ use crate::{
 const PENDING_RETRY: Duration = Duration::from_millis(500);
 /// Check every entry (and every pod's cgroup) at least this often even without events.
 const RESYNC: Duration = Duration::from_secs(30);
+/// Try again this often to reset connections that were busy (or whose pod could not be
+/// entered) at the last reset pass.
+const RESET_RETRY: Duration = Duration::from_secs(1);
 
 /// What one pass did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -73,6 +76,8 @@ pub struct Reconciler {
     resets: bool,
     /// Whether slots of no live generation were looked for since start.
     strays_checked: bool,
+    /// The last reset pass left connections to try again (busy, or not reachable yet).
+    retry_resets: bool,
 }
 
 impl Reconciler {
@@ -91,6 +96,7 @@ impl Reconciler {
             "adopted datapath state"
         );
         let mut model = Incremental::new(ids, config.lane_keys.clone(), Limits::DATAPATH);
+        model.set_node_name(&config.node_name);
         model.adopt_warm(current.warm.clone());
         Ok(Self {
             datapath,
@@ -105,6 +111,7 @@ impl Reconciler {
             full_next: false,
             resets: probe_resets(),
             strays_checked: false,
+            retry_resets: false,
         })
     }
 
@@ -150,7 +157,7 @@ impl Reconciler {
                 Err(e) => warn!("removing stray backend slots: {e}"),
             }
         }
-        if self.resets && ops.iter().any(changes_steering) {
+        if self.resets && (self.retry_resets || ops.iter().any(changes_steering)) {
             self.reset_stale();
         }
         self.full_next = false;
@@ -195,10 +202,13 @@ impl Reconciler {
         Some(ReconcileReport { applied: report.applied, failed, pending_pods: pending, pruned: true, full })
     }
 
-    /// Resets tracked connections made stale by what was just applied.
+    /// Resets tracked connections made stale by what was just applied, judged against the
+    /// desired state (which also knows the backends that still serve without being in a set).
     fn reset_stale(&mut self) {
-        match crate::lifecycle::reset_stale(self.datapath.tables_mut(), &self.config.cgroup_root) {
+        let mut view = DesiredView(&self.model);
+        match crate::lifecycle::reset_stale(self.datapath.tables_mut(), &self.config.cgroup_root, &mut view) {
             Ok(report) => {
+                self.retry_resets = report.retry();
                 for (cookie, rec, why) in &report.reset {
                     info!(
                         cookie,
@@ -304,6 +314,9 @@ impl Reconciler {
             let until_check = RESYNC.saturating_sub(last_check.elapsed());
             let mut timeout =
                 if self.model.pending_pods() > 0 { PENDING_RETRY.min(until_check) } else { until_check };
+            if self.retry_resets {
+                timeout = timeout.min(RESET_RETRY);
+            }
             // Wake when a warm-up ends, to drop its entry (a few ms late is fine: the kernel
             // already gives full weight).
             if let Some(warm) = self.model.next_warm_expiry() {
@@ -355,6 +368,23 @@ impl Reconciler {
 /// datapath load's transient memory would stay resident beside the reconciler's model, about
 /// 20 MiB at 100,000 endpoints. Call it before the agent's threads start. (musl, the container
 /// image's libc, has no per-thread arenas.)
+/// The connection lifecycle's view of the desired state.
+struct DesiredView<'a>(&'a Incremental);
+
+impl crate::lifecycle::stale::View for DesiredView<'_> {
+    fn members(&mut self, svc_id: u32, lane: u32) -> Option<Vec<tagger_common::Backend>> {
+        Some(self.0.desired().sets.get(&SetKey { svc_id, lane }).cloned().unwrap_or_default())
+    }
+
+    fn held(&mut self, svc_id: u32, lane: u32) -> Vec<tagger_common::Backend> {
+        self.0.held().get(&SetKey { svc_id, lane }).cloned().unwrap_or_default()
+    }
+
+    fn lane_flags(&mut self, lane: u32) -> u32 {
+        self.0.desired().lanes.get(&lane).map_or(0, |p| p.flags)
+    }
+}
+
 /// Whether an applied op can make tracked connections stale (a set changed or went, a lane
 /// policy changed: rehome).
 fn changes_steering(op: &Op) -> bool {

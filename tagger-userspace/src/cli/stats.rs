@@ -95,6 +95,9 @@ pub fn outcome_meaning(o: Outcome) -> &'static str {
         Outcome::InboundNoSyn => {
             "accepted connection not classified: its SYN was not saved (listener older than tagger)"
         }
+        Outcome::Passthrough => {
+            "Service needs no lane steering here: left to the cluster's Service implementation"
+        }
     }
 }
 

@@ -3,10 +3,14 @@
 //!
 //! The datapath tracks every connection it steered (`TAGGER_CONN_V1`: TCP from establishment to
 //! close, connected UDP from connect to release). After the agent applies a change, connections
-//! whose backend left its (Service, lane) set, and (with `rehome: true`) connections that had
-//! fallen back from a lane that has ready backends again, are destroyed with netlink
-//! `SOCK_DESTROY` inside the caller pod's network namespace. Nothing else is ever touched:
-//! untracked sockets (not steered by tagger, unconnected UDP) are never looked at.
+//! whose backend no longer serves in their (Service, lane) — deleted, or neither ready nor
+//! serving — are destroyed with netlink `SOCK_DESTROY` inside the caller pod's network
+//! namespace. A backend that is terminating but still serving keeps its connections (a rolling
+//! update loses no request): it only gets no new ones. Connections to a live backend that
+//! tagger wants elsewhere (with `rehome: true`, those that had fallen back from a lane that has
+//! ready backends again) are destroyed only while idle, and retried until they are. Nothing
+//! else is ever touched: untracked sockets (not steered by tagger, unconnected UDP) are never
+//! looked at.
 
 pub mod sockdiag;
 pub mod stale;
@@ -18,7 +22,7 @@ use std::{
 };
 
 pub use stale::Why;
-use tagger_common::{Backend, LaneTables as _, SockRecord};
+use tagger_common::{Backend, SockRecord};
 
 use crate::{Result, datapath::Tables};
 
@@ -60,19 +64,50 @@ impl Mechanism {
 pub struct ResetReport {
     /// Connections destroyed, with why.
     pub reset: Vec<(u64, SockRecord, Why)>,
+    /// Connections to reset only when idle that were busy: still tracked, tried again on the
+    /// next pass.
+    pub busy: usize,
+    /// Connections that could not be reset (no process of the pod found to enter its network
+    /// namespace, a netlink error): still tracked, tried again on the next pass.
+    pub failed: usize,
     /// Problems (a pod's namespace not found, a netlink error), one line each.
     pub errors: Vec<String>,
 }
 
-struct MapView<'a>(&'a Tables);
+impl ResetReport {
+    /// Whether some connection is left to try again.
+    #[must_use]
+    pub fn retry(&self) -> bool {
+        self.busy > 0 || self.failed > 0
+    }
+}
 
-impl stale::View for MapView<'_> {
+/// The decision's view of the pinned maps, read once (the CLI's, and tests'): the sets are what
+/// the datapath picks from, and nothing is known to be held.
+pub struct MapSnapshot {
+    sets: BTreeMap<(u32, u32), Vec<Backend>>,
+    lane_flags: BTreeMap<u32, u32>,
+}
+
+impl MapSnapshot {
+    /// Reads every backend set and lane policy.
+    pub fn read(tables: &Tables) -> Result<Self> {
+        let mut sets = BTreeMap::new();
+        for key in tables.backend_sets()?.into_keys() {
+            sets.insert((key.svc_id, key.lane), tables.backends(key.svc_id, key.lane)?);
+        }
+        let lane_flags = tables.lane_policies()?.into_iter().map(|(lane, p)| (lane, p.flags)).collect();
+        Ok(Self { sets, lane_flags })
+    }
+}
+
+impl stale::View for MapSnapshot {
     fn members(&mut self, svc_id: u32, lane: u32) -> Option<Vec<Backend>> {
-        self.0.backends(svc_id, lane).ok()
+        Some(self.sets.get(&(svc_id, lane)).cloned().unwrap_or_default())
     }
 
     fn lane_flags(&mut self, lane: u32) -> u32 {
-        self.0.lane_policy(lane).map_or(0, |p| p.flags)
+        self.lane_flags.get(&lane).copied().unwrap_or(0)
     }
 }
 
@@ -99,13 +134,18 @@ impl Gauges {
     }
 }
 
-/// Finds stale tracked connections and destroys them; forgets what it reset.
-pub fn reset_stale(tables: &mut Tables, cgroup_root: &Path) -> Result<ResetReport> {
+/// Finds stale tracked connections (as `view` sees the desired state) and destroys them; forgets
+/// what it reset or found closed, keeps what was busy or failed for the next pass.
+pub fn reset_stale(
+    tables: &mut Tables,
+    cgroup_root: &Path,
+    view: &mut impl stale::View,
+) -> Result<ResetReport> {
     let conns = tables.connections()?;
     if conns.is_empty() {
         return Ok(ResetReport::default());
     }
-    let mut candidates = stale::stale(&conns, &mut MapView(tables));
+    let mut candidates = stale::stale(&conns, view);
     let mut rehomes = 0;
     candidates.retain(|(_, _, why)| {
         if *why == Why::Rehome {
@@ -116,6 +156,8 @@ pub fn reset_stale(tables: &mut Tables, cgroup_root: &Path) -> Result<ResetRepor
         }
     });
     let mut by_pod: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
+    let when_idle: BTreeSet<u64> =
+        candidates.iter().filter(|(_, _, why)| why.only_when_idle()).map(|(c, _, _)| *c).collect();
     for (cookie, rec, _) in &candidates {
         by_pod.entry(rec.pod_cgroup).or_default().insert(*cookie);
     }
@@ -129,21 +171,35 @@ pub fn reset_stale(tables: &mut Tables, cgroup_root: &Path) -> Result<ResetRepor
         // Normally one namespace (the pod's); a process of the pod's cgroup in another one (a
         // helper started into the cgroup only) must not hide the pod's sockets.
         let mut left = cookies.clone();
+        let mut busy = BTreeSet::new();
+        let mut failed = namespaces.is_empty();
         for netns in &namespaces {
             if left.is_empty() {
                 break;
             }
-            match sockdiag::destroy_in(netns, &left) {
-                Ok(done) => {
-                    left.retain(|c| !done.contains(c));
-                    destroyed.extend(done);
+            match sockdiag::destroy_in(netns, &left, &when_idle) {
+                Ok(out) => {
+                    left.retain(|c| !out.done.contains(c) && !out.busy.contains(c));
+                    destroyed.extend(out.done);
+                    busy.extend(out.busy);
                 }
-                Err(e) => report.errors.push(format!("pod cgroup {pod}: SOCK_DESTROY: {e}")),
+                Err(e) => {
+                    failed = true;
+                    report.errors.push(format!("pod cgroup {pod}: SOCK_DESTROY: {e}"));
+                }
             }
         }
-        // Whether destroyed now or gone already, these entries are done with.
+        report.busy += busy.len();
+        // Destroyed now, or found in none of the pod's namespaces (closed already): done with.
+        // Busy ones, and all of a pod whose namespaces could not be searched, are kept.
         for cookie in cookies {
+            if busy.contains(cookie) || (failed && !destroyed.contains(cookie)) {
+                continue;
+            }
             tables.forget_connection(*cookie)?;
+        }
+        if failed {
+            report.failed += cookies.iter().filter(|c| !destroyed.contains(c) && !busy.contains(c)).count();
         }
     }
     report.reset = candidates.into_iter().filter(|(c, _, _)| destroyed.contains(c)).collect();

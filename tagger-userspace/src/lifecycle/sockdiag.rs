@@ -4,6 +4,12 @@
 //!
 //! Sockets are found by dumping the namespace's TCP and UDP sockets and matching their cookies
 //! (the same cookie `bpf_get_socket_cookie` returns), so only the sockets asked for are touched.
+//!
+//! A socket asked for *when idle* is destroyed only if the dump shows it idle: empty receive and
+//! send queues (for TCP the send queue counts every byte not yet acknowledged) and, for TCP,
+//! nothing unacknowledged in `tcp_info` and no request waiting for its answer (the last data
+//! was received no earlier than the last data was sent). Otherwise it is reported busy and
+//! left alone, for the caller to retry.
 
 use std::{
     collections::BTreeSet,
@@ -26,6 +32,9 @@ const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
 const NLM_F_DUMP: u16 = 0x300;
+/// `inet_diag_req_v2::idiag_ext` bit asking for `INET_DIAG_INFO` (`tcp_info` for TCP).
+const EXT_INFO: u8 = 1 << (INET_DIAG_INFO - 1);
+const INET_DIAG_INFO: u16 = 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -87,6 +96,49 @@ struct Found {
     family: u8,
     protocol: u8,
     id: SockId,
+    idle: bool,
+}
+
+/// The fields of the kernel's `struct tcp_info` that idleness reads, by byte offset.
+mod tcp_info {
+    pub const UNACKED: usize = 24;
+    pub const LAST_DATA_SENT: usize = 44;
+    pub const LAST_DATA_RECV: usize = 52;
+    pub const MIN_LEN: usize = 56;
+}
+
+/// Whether a dumped socket is idle: see the module documentation. `attrs` are the netlink
+/// attributes after the `inet_diag_msg`.
+fn is_idle(msg: &DiagMsg, protocol: u8, attrs: &[u8]) -> bool {
+    if msg.rqueue != 0 || msg.wqueue != 0 {
+        return false;
+    }
+    if protocol != tagger_common::IPPROTO_TCP {
+        return true;
+    }
+    let Some(info) = attribute(attrs, INET_DIAG_INFO).filter(|i| i.len() >= tcp_info::MIN_LEN) else {
+        // No tcp_info (a socket in a state without one): the queues said idle.
+        return true;
+    };
+    let word = |at: usize| u32::from_ne_bytes([info[at], info[at + 1], info[at + 2], info[at + 3]]);
+    // `last_data_*` are milliseconds ago: a smaller "sent" means sent after the last receive.
+    word(tcp_info::UNACKED) == 0 && word(tcp_info::LAST_DATA_RECV) <= word(tcp_info::LAST_DATA_SENT)
+}
+
+/// The payload of the first netlink attribute of type `kind` in `attrs`.
+fn attribute(mut attrs: &[u8], kind: u16) -> Option<&[u8]> {
+    while attrs.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([attrs[0], attrs[1]]));
+        let ty = u16::from_ne_bytes([attrs[2], attrs[3]]);
+        if len < 4 || len > attrs.len() {
+            return None;
+        }
+        if ty == kind {
+            return Some(&attrs[4..len]);
+        }
+        attrs = &attrs[((len + 3) & !3).min(attrs.len())..];
+    }
+    None
 }
 
 impl SockId {
@@ -171,13 +223,14 @@ impl Diag {
     }
 
     fn dump(&mut self, family: u8, protocol: u8, out: &mut Vec<Found>) -> io::Result<()> {
-        let req = ReqV2 { family, protocol, states: u32::MAX, ..ReqV2::default() };
+        let req = ReqV2 { family, protocol, ext: EXT_INFO, states: u32::MAX, ..ReqV2::default() };
         let seq = self.send(SOCK_DIAG_BY_FAMILY, NLM_F_DUMP, req)?;
         self.receive(seq, |body| {
             if body.len() >= size_of::<DiagMsg>() {
                 // SAFETY: a full inet_diag_msg; read unaligned.
                 let msg: DiagMsg = unsafe { std::ptr::read_unaligned(body.as_ptr().cast()) };
-                out.push(Found { family: msg.family, protocol, id: msg.id });
+                let idle = is_idle(&msg, protocol, &body[size_of::<DiagMsg>()..]);
+                out.push(Found { family: msg.family, protocol, id: msg.id, idle });
             }
         })
     }
@@ -190,9 +243,19 @@ impl Diag {
     }
 }
 
+/// What a destroy pass did with the sockets asked for (sockets not found are in neither list:
+/// they are closed already, or in another namespace).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Destroyed {
+    /// Cookies destroyed.
+    pub done: Vec<u64>,
+    /// Cookies asked for when idle, found busy and left alone.
+    pub busy: Vec<u64>,
+}
+
 /// Destroys the TCP and UDP sockets of the calling thread's network namespace whose cookies are
-/// in `cookies`; returns the cookies destroyed.
-fn destroy_here(cookies: &BTreeSet<u64>) -> io::Result<Vec<u64>> {
+/// in `cookies`; those in `when_idle` only if they are idle.
+fn destroy_here(cookies: &BTreeSet<u64>, when_idle: &BTreeSet<u64>) -> io::Result<Destroyed> {
     let mut diag = Diag::open()?;
     let mut found = Vec::new();
     for protocol in [tagger_common::IPPROTO_TCP, tagger_common::IPPROTO_UDP] {
@@ -200,28 +263,34 @@ fn destroy_here(cookies: &BTreeSet<u64>) -> io::Result<Vec<u64>> {
             diag.dump(family, protocol, &mut found)?;
         }
     }
-    let mut done = Vec::new();
+    let mut out = Destroyed::default();
     for s in found.iter().filter(|s| cookies.contains(&s.id.cookie())) {
+        let cookie = s.id.cookie();
+        if !s.idle && when_idle.contains(&cookie) {
+            out.busy.push(cookie);
+            continue;
+        }
         match diag.destroy(s) {
-            Ok(()) => done.push(s.id.cookie()),
+            Ok(()) => out.done.push(cookie),
             // Closed meanwhile.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
             Err(e) => return Err(e),
         }
     }
-    Ok(done)
+    Ok(out)
 }
 
 /// Destroys the sockets with these cookies inside the network namespace `netns` (an open
-/// `/proc/<pid>/ns/net`), from a short-lived thread so the caller's namespace never changes.
-pub fn destroy_in(netns: &File, cookies: &BTreeSet<u64>) -> io::Result<Vec<u64>> {
+/// `/proc/<pid>/ns/net`), those in `when_idle` only if idle, from a short-lived thread so the
+/// caller's namespace never changes.
+pub fn destroy_in(netns: &File, cookies: &BTreeSet<u64>, when_idle: &BTreeSet<u64>) -> io::Result<Destroyed> {
     std::thread::scope(|s| {
         s.spawn(|| {
             // SAFETY: setns on this (scoped, short-lived) thread only, with a netns descriptor.
             if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(io::Error::last_os_error());
             }
-            destroy_here(cookies)
+            destroy_here(cookies, when_idle)
         })
         .join()
         .unwrap_or_else(|_| Err(io::Error::other("socket destroy thread panicked")))
@@ -265,6 +334,31 @@ mod tests {
     fn family_constants_match_libc() {
         assert_eq!(i32::from(AF_INET), libc::AF_INET);
         assert_eq!(i32::from(AF_INET6), libc::AF_INET6);
+    }
+
+    #[test]
+    fn idleness_reads_queues_unacked_and_the_last_exchange() {
+        let msg = DiagMsg::default();
+        let tcp = tagger_common::IPPROTO_TCP;
+        let info = |unacked: u32, sent_ago: u32, recv_ago: u32| {
+            let len = 4 + tcp_info::MIN_LEN;
+            let mut attr = vec![0u8; len];
+            attr[..2].copy_from_slice(&u16::try_from(len).unwrap().to_ne_bytes());
+            attr[2..4].copy_from_slice(&INET_DIAG_INFO.to_ne_bytes());
+            attr[4 + tcp_info::UNACKED..][..4].copy_from_slice(&unacked.to_ne_bytes());
+            attr[4 + tcp_info::LAST_DATA_SENT..][..4].copy_from_slice(&sent_ago.to_ne_bytes());
+            attr[4 + tcp_info::LAST_DATA_RECV..][..4].copy_from_slice(&recv_ago.to_ne_bytes());
+            attr
+        };
+        // Answer received after the request: idle.
+        assert!(is_idle(&msg, tcp, &info(0, 100, 50)));
+        // Request sent after the last answer: waiting for one.
+        assert!(!is_idle(&msg, tcp, &info(0, 50, 100)));
+        assert!(!is_idle(&msg, tcp, &info(1, 100, 50)));
+        assert!(!is_idle(&DiagMsg { wqueue: 10, ..msg }, tcp, &info(0, 100, 50)));
+        assert!(!is_idle(&DiagMsg { rqueue: 1, ..msg }, tagger_common::IPPROTO_UDP, &[]));
+        assert!(is_idle(&msg, tagger_common::IPPROTO_UDP, &[]));
+        assert!(is_idle(&msg, tcp, &[]));
     }
 
     #[test]

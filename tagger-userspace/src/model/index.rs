@@ -35,6 +35,7 @@ use super::{
     Warnings,
     objects::{Change, Kind, Labels, Object},
     services::{ServiceModel, Usage, service_model, show_key},
+    topology::Node,
 };
 use crate::labels::{LaneOf, lane_of};
 
@@ -50,6 +51,9 @@ pub struct ServicesOut {
     pub frontends: BTreeMap<FrontendKey, Service>,
     /// Every non-empty (frontend, lane) backend set, sorted.
     pub sets: BTreeMap<SetKey, Vec<Backend>>,
+    /// (frontend, lane) → backends that serve but get no new connections, sorted (see
+    /// [`super::topology`]). Not written to the datapath: the connection lifecycle reads it.
+    pub held: BTreeMap<SetKey, Vec<Backend>>,
     /// svc_id → where the frontend comes from.
     pub origins: BTreeMap<u32, FrontendOrigin>,
 }
@@ -219,6 +223,7 @@ struct SvcSlot {
 pub struct ServiceIndex {
     lane_keys: Vec<String>,
     limits: Limits,
+    node: Node,
     services: Vec<Option<SvcSlot>>,
     free_services: Vec<SvcId>,
     by_ref: BTreeMap<ObjectRef, SvcId>,
@@ -256,6 +261,7 @@ impl ServiceIndex {
         Self {
             lane_keys,
             limits,
+            node: Node::default(),
             services: Vec::new(),
             free_services: Vec::new(),
             by_ref: BTreeMap::new(),
@@ -439,6 +445,35 @@ impl ServiceIndex {
         self.services[id as usize].as_mut().expect("live Service slot")
     }
 
+    /// This node's name (for `internalTrafficPolicy: Local` and node preferences); every
+    /// Service is recomputed when it changes.
+    pub fn set_node_name(&mut self, name: Option<String>) {
+        if self.node.name != name {
+            self.node.name = name;
+            self.mark_all_dirty();
+        }
+    }
+
+    /// This node's zone, from its Node object (`None` while unknown); every Service is
+    /// recomputed when it changes.
+    pub fn set_node_zone(&mut self, zone: Option<String>) {
+        if self.node.zone != zone {
+            self.node.zone = zone;
+            self.mark_all_dirty();
+        }
+    }
+
+    /// This node as the topology rules see it.
+    #[must_use]
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    fn mark_all_dirty(&mut self) {
+        let ids: Vec<SvcId> = self.by_ref.values().copied().collect();
+        self.dirty.extend(ids);
+    }
+
     // ---- computation -------------------------------------------------------------------------
 
     /// Whether some Service changed since the last [`Self::compute`].
@@ -537,6 +572,7 @@ impl ServiceIndex {
             input,
             slices,
             |pod| PodLane::id(pods.slot(pod).lane.as_ref()),
+            &self.node,
             self.limits.set_size,
         ))
     }
@@ -662,6 +698,10 @@ impl ServiceIndex {
             self.out.sets.remove(&k);
             self.delta.sets.insert(k);
         }
+        let held: Vec<SetKey> = self.out.held.range(set_range(service.svc_id)).map(|(k, _)| *k).collect();
+        for k in held {
+            self.out.held.remove(&k);
+        }
         if self.out.origins.remove(&service.svc_id).is_some() {
             self.delta.origins.insert(service.svc_id);
         }
@@ -692,6 +732,11 @@ impl ServiceIndex {
                 self.out.sets.remove(&k);
                 self.delta.sets.insert(k);
             }
+            let held: Vec<SetKey> = self.out.held.range(set_range(svc_id)).map(|(k, _)| *k).collect();
+            for k in held {
+                self.out.held.remove(&k);
+            }
+            self.out.held.extend(f.held.into_iter().map(|(lane, b)| (SetKey { svc_id, lane }, b)));
             for (lane, backends) in f.sets {
                 let k = SetKey { svc_id, lane };
                 match self.out.sets.entry(k) {
@@ -830,7 +875,9 @@ fn lane_warning(slot: &PodSlot) -> Option<(WarningKind, String)> {
     }
 }
 
-fn set_range(svc_id: u32) -> std::ops::RangeInclusive<SetKey> {
+/// The keys of every set of one frontend, for `BTreeMap::range`.
+#[must_use]
+pub fn set_range(svc_id: u32) -> std::ops::RangeInclusive<SetKey> {
     SetKey { svc_id, lane: 0 }..=SetKey { svc_id, lane: u32::MAX }
 }
 
@@ -841,6 +888,20 @@ enum Staged {
     Pods(Vec<(ObjectRef, PodLane)>),
     Services(Vec<(ObjectRef, ServiceInput)>),
     Slices(Vec<(ObjectRef, SliceInput<PodId>)>),
+    /// This node's zone, if its Node object was listed.
+    Node(Option<Option<String>>),
+}
+
+impl Staged {
+    fn empty(kind: Kind) -> Self {
+        match kind {
+            Kind::LocalPod => Staged::LocalPods(Vec::new()),
+            Kind::Pod => Staged::Pods(Vec::new()),
+            Kind::Service => Staged::Services(Vec::new()),
+            Kind::Slice => Staged::Slices(Vec::new()),
+            Kind::Node => Staged::Node(None),
+        }
+    }
 }
 
 /// Everything the sources report, kept compact: the pods of this node, and a [`ServiceIndex`]
@@ -852,8 +913,8 @@ pub struct ClusterIndex {
     /// Local pods changed since the last [`Self::take_local_changes`].
     local_changed: BTreeSet<ObjectRef>,
     /// Whether each kind has been listed completely at least once.
-    listed: [bool; 4],
-    staged: [Option<Staged>; 4],
+    listed: [bool; 5],
+    staged: [Option<Staged>; 5],
 }
 
 impl ClusterIndex {
@@ -864,8 +925,8 @@ impl ClusterIndex {
             services: ServiceIndex::new(lane_keys, limits),
             local_pods: BTreeMap::new(),
             local_changed: BTreeSet::new(),
-            listed: [false; 4],
-            staged: [None, None, None, None],
+            listed: [false; 5],
+            staged: [None, None, None, None, None],
         }
     }
 
@@ -882,14 +943,10 @@ impl ClusterIndex {
                 Kind::Pod => self.services.delete_pod(&key),
                 Kind::Service => self.services.delete_service(&key),
                 Kind::Slice => self.services.delete_slice(&key),
+                Kind::Node => self.services.set_node_zone(None),
             },
             Change::ListBegin(kind) => {
-                let fresh = match kind {
-                    Kind::LocalPod => Staged::LocalPods(Vec::new()),
-                    Kind::Pod => Staged::Pods(Vec::new()),
-                    Kind::Service => Staged::Services(Vec::new()),
-                    Kind::Slice => Staged::Slices(Vec::new()),
-                };
+                let fresh = Staged::empty(kind);
                 if let Some(old) = self.staged[kind.index()].replace(fresh) {
                     self.discard(old);
                 }
@@ -916,17 +973,13 @@ impl ClusterIndex {
             Object::Pod(key, labels) => self.services.apply_pod(key, &labels),
             Object::Service(key, input) => self.services.apply_service(key, input),
             Object::Slice(key, input) => self.services.apply_slice(key, input),
+            Object::Node(zone) => self.services.set_node_zone(zone),
         }
     }
 
     fn stage(&mut self, object: Object) {
         let kind = object.kind();
-        let staged = self.staged[kind.index()].get_or_insert_with(|| match kind {
-            Kind::LocalPod => Staged::LocalPods(Vec::new()),
-            Kind::Pod => Staged::Pods(Vec::new()),
-            Kind::Service => Staged::Services(Vec::new()),
-            Kind::Slice => Staged::Slices(Vec::new()),
-        });
+        let staged = self.staged[kind.index()].get_or_insert_with(|| Staged::empty(kind));
         match (staged, object) {
             (Staged::LocalPods(v), Object::LocalPod(pod)) => v.push(pod),
             (Staged::Pods(v), Object::Pod(key, labels)) => {
@@ -938,6 +991,7 @@ impl ClusterIndex {
                 let slice = input.map_pods(|pod| self.services.pods.add_endpoint(pod));
                 v.push((key, slice));
             }
+            (Staged::Node(v), Object::Node(zone)) => *v = Some(zone),
             _ => unreachable!("staged by kind"),
         }
     }
@@ -954,6 +1008,8 @@ impl ClusterIndex {
     /// what changed is applied, what did not change is left alone.
     fn swap(&mut self, staged: Staged) {
         match staged {
+            // Not listed: the Node object is gone (or not visible to us), its zone unknown.
+            Staged::Node(zone) => self.services.set_node_zone(zone.flatten()),
             Staged::LocalPods(pods) => {
                 let listed: BTreeMap<ObjectRef, LocalPod> = pods
                     .into_iter()
@@ -1026,11 +1082,12 @@ impl ClusterIndex {
         }
     }
 
-    /// Whether every kind has been listed completely at least once: before that, the index
-    /// holds part of the cluster only, and nothing may be computed from it.
+    /// Whether every required kind ([`Kind::REQUIRED`]) has been listed completely at least
+    /// once: before that, the index holds part of the cluster only, and nothing may be computed
+    /// from it.
     #[must_use]
     pub fn is_complete(&self) -> bool {
-        self.listed.iter().all(|l| *l)
+        Kind::REQUIRED.iter().all(|k| self.listed[k.index()])
     }
 
     /// Whether `kind` has been listed completely at least once.
@@ -1146,12 +1203,14 @@ mod tests {
     #[test]
     fn complete_only_once_every_kind_is_listed() {
         let mut x = index();
-        for kind in Kind::ALL {
+        for kind in Kind::REQUIRED {
             assert!(!x.is_complete());
             x.apply(Change::ListBegin(kind));
             x.apply(Change::ListEnd(kind));
         }
+        // The Node is optional: its zone only narrows preferences.
         assert!(x.is_complete());
+        assert!(!x.is_listed(Kind::Node));
     }
 
     #[test]

@@ -9,6 +9,10 @@
 //!   changes sources report.
 //! - [`index`]: the cluster as the agent keeps it, with the desired Services maintained
 //!   incrementally (only the Services a change affects are recomputed).
+//! - [`topology`]: which of a lane's serving endpoints new connections go to
+//!   (`internalTrafficPolicy`, terminating endpoints, `trafficDistribution`, zone hints).
+//! - [`steering`]: which frontends tagger steers on this node and which it leaves to the
+//!   cluster, and why.
 //! - [`ids`]: stable `svc_id`s for frontends.
 //! - [`warnings`]: what was skipped or corrected, counted by kind.
 //!
@@ -20,8 +24,10 @@ pub mod index;
 pub mod objects;
 pub mod pods;
 pub mod services;
+pub mod steering;
 #[cfg(test)]
 pub(crate) mod testing;
+pub mod topology;
 pub mod warnings;
 
 use std::{collections::BTreeMap, fmt};
@@ -34,11 +40,12 @@ use k8s_openapi::{
 pub use self::{
     ids::FrontendIds,
     index::{ClusterIndex, ServiceDelta, ServiceIndex, ServicesOut},
-    objects::{Change, Kind, Labels, Object, ServiceInput, ServiceShaping, SliceInput},
+    objects::{Change, Kind, Labels, Object, ServiceInput, ServiceShaping, SliceInput, Topology},
     pods::{DesiredPod, DesiredPods, LocalPod, QosClass, desired_pods, pod_cgroup_candidates, pod_entries},
     services::{
         DesiredServices, FrontendOrigin, Limits, MAX_SET_SIZE, desired_services, desired_services_within,
     },
+    topology::Node,
     warnings::{WarningKind, Warnings},
 };
 

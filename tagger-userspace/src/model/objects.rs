@@ -3,7 +3,7 @@
 //! computation, so the agent keeps neither the API objects nor a second copy of the cluster.
 //!
 //! Decoding is where the per-object rules of [`super::services`] that depend only on the object
-//! itself are applied (cluster IPs, ports, the strict annotation, ready endpoints, address
+//! itself are applied (cluster IPs, ports, the strict annotation, serving endpoints, address
 //! families), together with their warnings; the rules that relate objects (endpoints to their
 //! Service's ports, backend lanes, capacities) are applied when the model is computed.
 //!
@@ -61,6 +61,22 @@ pub struct ServiceSpec {
     pub flags: u32,
     /// Shaping annotations and the labels routing rules select on.
     pub shaping: ServiceShaping,
+    /// Which of its endpoints this node may use first (`internalTrafficPolicy`,
+    /// `trafficDistribution`).
+    pub topology: Topology,
+}
+
+/// What a Service says about which endpoints a node should use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Topology {
+    /// `internalTrafficPolicy: Local`: only endpoints on the caller's node.
+    pub node_local: bool,
+    /// `trafficDistribution: PreferClose` (or `PreferSameZone`): endpoints in the caller's zone
+    /// first.
+    pub prefer_zone: bool,
+    /// `trafficDistribution: PreferSameNode`: endpoints on the caller's node first, then its
+    /// zone.
+    pub prefer_node: bool,
 }
 
 /// What traffic shaping reads of a Service: its canary and warm-up annotations (an invalid
@@ -104,7 +120,20 @@ fn decode_service(svc_ref: &ObjectRef, svc: &K8sService, warnings: &mut Warnings
     }
     let flags = service_flags(svc_ref, svc, warnings);
     let shaping = service_shaping(svc_ref, svc, warnings);
-    Some(ServiceSpec { ips, ports, flags, shaping })
+    let topology = service_topology(svc);
+    Some(ServiceSpec { ips, ports, flags, shaping, topology })
+}
+
+/// `internalTrafficPolicy` and `trafficDistribution`. Values the API server would not accept
+/// (it validates both) are read as the defaults (`Cluster`, no preference).
+fn service_topology(svc: &K8sService) -> Topology {
+    let spec = svc.spec.as_ref();
+    let distribution = spec.and_then(|s| s.traffic_distribution.as_deref());
+    Topology {
+        node_local: spec.and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local"),
+        prefer_zone: matches!(distribution, Some("PreferClose" | "PreferSameZone")),
+        prefer_node: distribution == Some("PreferSameNode"),
+    }
 }
 
 /// What the model reads of an EndpointSlice, with endpoint pods named by `P` (an
@@ -116,8 +145,9 @@ pub struct SliceInput<P = ObjectRef> {
     pub service: Option<ObjectRef>,
     /// Ports with a number, in the slice's order.
     pub ports: Vec<SlicePort>,
-    /// The ready endpoints whose first address is a valid address of the slice's family, in
-    /// the slice's order. Empty for slices of another address type (FQDN).
+    /// The serving endpoints (ready, or terminating and still serving) whose first address is
+    /// a valid address of the slice's family, in the slice's order. Empty for slices of another
+    /// address type (FQDN).
     pub endpoints: Vec<EndpointInput<P>>,
     /// What was skipped in the slice; counted when its Service is computed.
     pub warnings: Warnings,
@@ -134,13 +164,32 @@ pub struct SlicePort {
     pub port: u16,
 }
 
-/// A ready endpoint.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A serving endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointInput<P> {
     /// Its (first) address.
     pub ip: IpAddr,
     /// The pod it is (`targetRef` of kind Pod), whose labels give the endpoint's lane.
     pub pod: Option<P>,
+    /// Ready, or terminating but still serving (`serving: true, terminating: true`): such an
+    /// endpoint gets new connections only when its lane has no ready one, and keeps its open
+    /// ones.
+    pub terminating: bool,
+    /// Where it runs: `nodeName`, `zone` and its topology hints.
+    pub place: Option<Box<Placement>>,
+}
+
+/// Where an endpoint runs, as its EndpointSlice says (all optional in the API).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Placement {
+    /// `nodeName`.
+    pub node: Option<Box<str>>,
+    /// `zone`.
+    pub zone: Option<Box<str>>,
+    /// `hints.forZones`: the zones whose callers should use it (empty: no zone hints).
+    pub for_zones: Box<[Box<str>]>,
+    /// `hints.forNodes`: the nodes whose callers should use it (empty: no node hints).
+    pub for_nodes: Box<[Box<str>]>,
 }
 
 impl SliceInput {
@@ -155,7 +204,7 @@ impl SliceInput {
             .and_then(|l| l.get(SERVICE_NAME_LABEL))
             .map(|name| ObjectRef::new(slice_ref.namespace.clone(), name.clone()));
         let ports = decode_slice_ports(slice_ref, slice, &mut warnings);
-        let endpoints = ready_endpoints(slice_ref, slice, service.as_ref(), &mut warnings);
+        let endpoints = serving_endpoints(slice_ref, slice, service.as_ref(), &mut warnings);
         Self { service, ports, endpoints, warnings }
     }
 }
@@ -169,7 +218,12 @@ impl<P> SliceInput<P> {
             endpoints: self
                 .endpoints
                 .into_iter()
-                .map(|e| EndpointInput { ip: e.ip, pod: e.pod.map(&mut f) })
+                .map(|e| EndpointInput {
+                    ip: e.ip,
+                    pod: e.pod.map(&mut f),
+                    terminating: e.terminating,
+                    place: e.place,
+                })
                 .collect(),
             warnings: self.warnings,
         }
@@ -187,11 +241,18 @@ pub enum Kind {
     Service,
     /// EndpointSlices.
     Slice,
+    /// This node's Node object, for its zone.
+    Node,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 4] = [Kind::LocalPod, Kind::Pod, Kind::Service, Kind::Slice];
+    pub const ALL: [Kind; 5] = [Kind::LocalPod, Kind::Pod, Kind::Service, Kind::Slice, Kind::Node];
+
+    /// The kinds the model needs a complete list of before it computes anything. The Node is
+    /// not one: its zone only narrows which endpoints are preferred, and an agent whose
+    /// ClusterRole predates reading Nodes must still work.
+    pub const REQUIRED: [Kind; 4] = [Kind::LocalPod, Kind::Pod, Kind::Service, Kind::Slice];
 
     /// Index in [`Kind::ALL`].
     #[must_use]
@@ -207,6 +268,7 @@ impl fmt::Display for Kind {
             Kind::Pod => "pods (labels, cluster-wide)",
             Kind::Service => "services",
             Kind::Slice => "endpointslices",
+            Kind::Node => "node (this one)",
         })
     }
 }
@@ -222,6 +284,8 @@ pub enum Object {
     Service(ObjectRef, ServiceInput),
     /// An EndpointSlice.
     Slice(ObjectRef, SliceInput),
+    /// This node's Node object: its zone label ([`super::topology::ZONE_LABEL`]), if any.
+    Node(Option<String>),
 }
 
 impl Object {
@@ -233,6 +297,7 @@ impl Object {
             Object::Pod(..) => Kind::Pod,
             Object::Service(..) => Kind::Service,
             Object::Slice(..) => Kind::Slice,
+            Object::Node(_) => Kind::Node,
         }
     }
 }
@@ -410,11 +475,11 @@ fn decode_slice_ports(
 /// (or a misbehaving server) could bring any number, and the model holds what it decodes.
 pub const MAX_SLICE_ENDPOINTS: usize = 1_000;
 
-/// The slice's ready endpoints with a valid first address of the slice's family; beyond
-/// [`MAX_SLICE_ENDPOINTS`], a subset chosen by a hash of each endpoint (not by position, so the
+/// The slice's serving endpoints (ready, or terminating and still serving) with a valid first
+/// address of the slice's family; beyond [`MAX_SLICE_ENDPOINTS`], a subset chosen by a hash of each endpoint (not by position, so the
 /// same endpoints are kept whatever their order in the object; not by address, which would
 /// leave out whole nodes), counted as `Capacity`.
-fn ready_endpoints(
+fn serving_endpoints(
     slice_ref: &ObjectRef,
     slice: &EndpointSlice,
     service: Option<&ObjectRef>,
@@ -434,7 +499,7 @@ fn ready_endpoints(
         }
     };
     let mut out = Vec::new();
-    for ep in slice.endpoints.iter().filter(|ep| is_ready(ep)) {
+    for (ep, terminating) in slice.endpoints.iter().filter_map(|ep| serving(ep).map(|t| (ep, t))) {
         let Some(text) = ep.addresses.first() else { continue };
         let ip = match text.parse::<IpAddr>() {
             Ok(ip) if ip.is_ipv4() == v4 => ip,
@@ -449,7 +514,7 @@ fn ready_endpoints(
                 continue;
             }
         };
-        out.push(EndpointInput { ip, pod: endpoint_pod(slice_ref, ep) });
+        out.push(EndpointInput { ip, pod: endpoint_pod(slice_ref, ep), terminating, place: placement(ep) });
     }
     if out.len() > MAX_SLICE_ENDPOINTS {
         let dropped = out.len() - MAX_SLICE_ENDPOINTS;
@@ -465,7 +530,7 @@ fn ready_endpoints(
         warnings.add(
             WarningKind::Capacity,
             format_args!(
-                "EndpointSlice {slice_ref}: {dropped} ready endpoints over the per-slice limit of \
+                "EndpointSlice {slice_ref}: {dropped} serving endpoints over the per-slice limit of \
                  {MAX_SLICE_ENDPOINTS} left out"
             ),
         );
@@ -492,11 +557,38 @@ fn endpoint_pod(slice_ref: &ObjectRef, ep: &Endpoint) -> Option<ObjectRef> {
     Some(ObjectRef::new(namespace.clone(), name.clone()))
 }
 
-/// Ready, and not terminating. `ready` unset means ready (EndpointConditions' documentation:
-/// "nil should be interpreted as ready").
-fn is_ready(ep: &Endpoint) -> bool {
+/// Whether the endpoint serves: `Some(false)` when ready and not terminating, `Some(true)` when
+/// terminating but still serving, `None` otherwise. Unset conditions read as the API documents
+/// them: `ready` unset means ready, `serving` unset means the same as `ready`, `terminating`
+/// unset means not terminating.
+fn serving(ep: &Endpoint) -> Option<bool> {
     let c = ep.conditions.as_ref();
-    c.and_then(|c| c.ready).unwrap_or(true) && !c.and_then(|c| c.terminating).unwrap_or(false)
+    let ready = c.and_then(|c| c.ready).unwrap_or(true);
+    if c.and_then(|c| c.terminating).unwrap_or(false) {
+        c.and_then(|c| c.serving).unwrap_or(ready).then_some(true)
+    } else {
+        ready.then_some(false)
+    }
+}
+
+/// The endpoint's node, zone and hints; `None` when it states none of them (the common case
+/// outside clusters with topology, and the cheap one: no allocation).
+fn placement(ep: &Endpoint) -> Option<Box<Placement>> {
+    let names = |v: Option<Vec<&String>>| -> Box<[Box<str>]> {
+        v.unwrap_or_default().into_iter().map(|s| Box::from(s.as_str())).collect()
+    };
+    let hints = ep.hints.as_ref();
+    let place = Placement {
+        node: ep.node_name.as_deref().map(Box::from),
+        zone: ep.zone.as_deref().map(Box::from),
+        for_zones: names(
+            hints.and_then(|h| h.for_zones.as_ref()).map(|z| z.iter().map(|z| &z.name).collect()),
+        ),
+        for_nodes: names(
+            hints.and_then(|h| h.for_nodes.as_ref()).map(|n| n.iter().map(|n| &n.name).collect()),
+        ),
+    };
+    (place != Placement::default()).then(|| Box::new(place))
 }
 
 #[cfg(test)]

@@ -8,12 +8,17 @@
 //! - A Service keeps its frontends even with no ready backend at all, so lanes and strictness
 //!   still apply (a strict Service with nothing ready refuses instead of failing open).
 //! - Backends come from the EndpointSlices labelled `kubernetes.io/service-name=<name>` in the
-//!   Service's namespace whose `addressType` is the cluster IP's family. An endpoint is used
-//!   when `conditions.ready` is true or unset (the API says unset means ready) and it is not
-//!   terminating. Like kube-proxy, only its first address is used (the others are the same
-//!   pod), and the Service port finds its target port in the slice by port name and protocol.
+//!   Service's namespace whose `addressType` is the cluster IP's family. An endpoint serves
+//!   when it is ready (`conditions.ready` true or unset: the API says unset means ready) and
+//!   not terminating, or terminating with `serving` true. Like kube-proxy, only its first
+//!   address is used (the others are the same pod), and the Service port finds its target
+//!   port in the slice by port name and protocol.
+//! - Of each lane's serving backends, [`super::topology`] picks those new connections go to
+//!   (`internalTrafficPolicy`, ready before serving-terminating, `trafficDistribution` and
+//!   zone hints): the lane's set. The others are *held*: they serve, keep their open
+//!   connections, and get no new ones.
 //! - A backend's lane is its pod's lane label (via `targetRef`); no pod → base.
-//! - The same ready address twice for one Service (slices overlap while the controller moves
+//! - The same serving address twice for one Service (slices overlap while the controller moves
 //!   endpoints between them) is counted once per extra occurrence and used once: the first
 //!   occurrence in slice order wins, so a backend is in exactly one lane's set.
 //!
@@ -37,6 +42,7 @@ use tagger_common::{Backend, FrontendKey, MAX_BACKEND_SETS, MAX_BACKENDS, MAX_FR
 use super::{
     ClusterState, FrontendIds, ObjectRef, ServiceInput, ServiceShaping, SliceInput, WarningKind, Warnings,
     index::ServiceIndex,
+    topology::{Candidate, Node, usable},
 };
 use crate::net::{backend, frontend_key};
 
@@ -81,6 +87,8 @@ pub struct DesiredServices {
     /// Every non-empty (frontend, lane) backend set, sorted. A lane without ready backends
     /// has no set: the datapath reads a missing set as empty.
     pub sets: BTreeMap<SetKey, Vec<Backend>>,
+    /// (frontend, lane) → backends that serve but get no new connections (not in the set).
+    pub held: BTreeMap<SetKey, Vec<Backend>>,
     /// svc_id → the Kubernetes Service and port each frontend comes from (for logs, metrics
     /// and the CLI's names; the datapath does not need it).
     pub origins: BTreeMap<u32, FrontendOrigin>,
@@ -124,7 +132,22 @@ pub fn desired_services_within(
     ids: &mut FrontendIds,
     limits: &Limits,
 ) -> DesiredServices {
+    desired_services_on(state, lane_keys, ids, limits, &Node::default())
+}
+
+/// [`desired_services_within`] for callers on `node` (its name and zone, for the Services'
+/// topology rules).
+#[must_use]
+pub fn desired_services_on(
+    state: &ClusterState,
+    lane_keys: &[String],
+    ids: &mut FrontendIds,
+    limits: &Limits,
+    node: &Node,
+) -> DesiredServices {
     let mut index = ServiceIndex::new(lane_keys.to_vec(), *limits);
+    index.set_node_name(node.name.clone());
+    index.set_node_zone(node.zone.clone());
     for (pod, labels) in &state.pod_labels {
         index.apply_pod(pod.clone(), labels);
     }
@@ -137,7 +160,13 @@ pub fn desired_services_within(
     index.compute(ids);
     let warnings = index.warnings();
     let out = index.into_desired();
-    DesiredServices { frontends: out.frontends, sets: out.sets, origins: out.origins, warnings }
+    DesiredServices {
+        frontends: out.frontends,
+        sets: out.sets,
+        held: out.held,
+        origins: out.origins,
+        warnings,
+    }
 }
 
 /// One frontend of one Service with its backend sets, before it has an id.
@@ -147,8 +176,12 @@ pub(crate) struct FrontendModel {
     pub port_name: Box<str>,
     pub flags: u32,
     pub shaping: ServiceShaping,
-    /// Lane → its backends, sorted (no empty set).
+    /// Lane → the backends new connections go to, sorted (no empty set).
     pub sets: BTreeMap<u32, Vec<Backend>>,
+    /// Lane → backends that still serve but get no new connections (terminating while the
+    /// lane has ready ones, on another node or zone than the topology rules pick), sorted (no
+    /// empty entry). Their open connections are kept.
+    pub held: BTreeMap<u32, Vec<Backend>>,
 }
 
 /// What one Service calls for, before capacities and other Services are considered.
@@ -163,20 +196,22 @@ pub(crate) struct ServiceModel<P> {
 }
 
 /// The frontends and backend sets of one Service from its decoded object and its slices (in
-/// slice name order); `lane_of` gives a backend pod's lane (base when the pod is not known or
-/// its label is invalid — those are warned about once per pod, by the caller).
+/// slice name order), for callers on `node`; `lane_of` gives a backend pod's lane (base when
+/// the pod is not known or its label is invalid — those are warned about once per pod, by the
+/// caller).
 pub(crate) fn service_model<'a, P: Copy + Ord + 'a>(
     svc_ref: &ObjectRef,
     input: &ServiceInput,
     slices: impl IntoIterator<Item = (&'a ObjectRef, &'a SliceInput<P>)>,
     mut lane_of: impl FnMut(P) -> u32,
+    node: &Node,
     set_size: usize,
 ) -> ServiceModel<P> {
     let mut warnings = input.warnings.clone();
     let Some(spec) = &input.spec else {
         return ServiceModel { frontends: Vec::new(), warnings, pods: Vec::new() };
     };
-    // The Service's ready endpoints, each address once: the first occurrence in slice order
+    // The Service's serving endpoints, each address once: the first occurrence in slice order
     // wins, so a backend is in exactly one lane's set.
     let mut seen = BTreeSet::new();
     let mut pods = Vec::new();
@@ -198,7 +233,8 @@ pub(crate) fn service_model<'a, P: Copy + Ord + 'a>(
                 pods.push(pod);
                 lane_of(pod)
             });
-            endpoints.push((ep.ip, lane, slice.ports.as_slice()));
+            let candidate = Candidate { terminating: ep.terminating, place: ep.place.as_deref() };
+            endpoints.push((ep.ip, lane, slice.ports.as_slice(), candidate));
         }
     }
     pods.sort_unstable();
@@ -217,13 +253,29 @@ pub(crate) fn service_model<'a, P: Copy + Ord + 'a>(
                 );
                 continue;
             }
-            let mut sets: BTreeMap<u32, Vec<Backend>> = BTreeMap::new();
-            for &(ep_ip, lane, ports) in
+            let mut serving: BTreeMap<u32, Vec<(Backend, Candidate<'_>)>> = BTreeMap::new();
+            for &(ep_ip, lane, ports, candidate) in
                 endpoints.iter().filter(|(ep_ip, ..)| ep_ip.is_ipv4() == ip.is_ipv4())
             {
                 if let Some(target) = ports.iter().find(|t| t.name == p.name && t.proto == Some(proto)) {
-                    sets.entry(lane).or_default().push(backend(SocketAddr::new(ep_ip, target.port)));
+                    serving
+                        .entry(lane)
+                        .or_default()
+                        .push((backend(SocketAddr::new(ep_ip, target.port)), candidate));
                 }
+            }
+            let mut sets: BTreeMap<u32, Vec<Backend>> = BTreeMap::new();
+            let mut held: BTreeMap<u32, Vec<Backend>> = BTreeMap::new();
+            for (lane, lane_serving) in serving {
+                let candidates: Vec<Candidate<'_>> = lane_serving.iter().map(|(_, c)| *c).collect();
+                let mask = usable(node, spec.topology, &candidates);
+                for ((b, _), pick) in lane_serving.into_iter().zip(mask) {
+                    if pick { &mut sets } else { &mut held }.entry(lane).or_default().push(b);
+                }
+            }
+            for set in held.values_mut() {
+                set.sort_unstable();
+                set.shrink_to_fit();
             }
             for (lane, set) in &mut sets {
                 set.sort_unstable();
@@ -241,6 +293,7 @@ pub(crate) fn service_model<'a, P: Copy + Ord + 'a>(
                 flags: spec.flags,
                 shaping: spec.shaping.clone(),
                 sets,
+                held,
             });
         }
     }

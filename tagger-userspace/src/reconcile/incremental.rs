@@ -25,7 +25,10 @@ use crate::{
     lanes_config::LanesConfig,
     model::{
         Change, ClusterIndex, DesiredPod, DesiredPods, FrontendIds, FrontendOrigin, Limits, ObjectRef,
-        QosClass, ServiceDelta, WarningKind, Warnings, desired_pods, pod_entries,
+        QosClass, ServiceDelta, WarningKind, Warnings, desired_pods,
+        index::set_range,
+        pod_entries,
+        steering::{self, Reasons},
     },
 };
 
@@ -100,6 +103,8 @@ pub struct Incremental {
     routes: BTreeMap<RouteKey, LanePolicy>,
     config_flags: u32,
     warm: WarmTracker,
+    /// A registered local pod is in a strict lane (every frontend is then steered).
+    strict_caller: bool,
     clock: fn() -> u64,
 }
 
@@ -126,6 +131,7 @@ impl Incremental {
             routes: BTreeMap::new(),
             config_flags: 0,
             warm: WarmTracker::default(),
+            strict_caller: false,
             clock: crate::shaping::monotonic_now_ns,
         }
     }
@@ -134,6 +140,12 @@ impl Incremental {
     /// the agent restarted keep their ready times).
     pub fn adopt_warm(&mut self, entries: BTreeMap<tagger_common::WarmKey, tagger_common::WarmEntry>) {
         self.warm.adopt(entries);
+    }
+
+    /// This node's name, for the Services' topology rules (`internalTrafficPolicy: Local`,
+    /// node preferences).
+    pub fn set_node_name(&mut self, name: &str) {
+        self.index.services_mut().set_node_name(Some(name.to_owned()));
     }
 
     /// Replaces the monotonic clock that dates backends becoming ready (for tests).
@@ -170,14 +182,10 @@ impl Incremental {
         let services = self.index.services_mut();
         services.compute(&mut self.ids);
         let delta = services.take_delta();
-        let lane_names = services.take_lane_names();
-        let lanes_changed = self.lanes.as_ref() != Some(lanes);
-        self.update_shaping(&delta, lanes, full || lanes_changed, full, &mut update.scope);
-        update.scope.frontends.extend(delta.frontends);
-        update.scope.sets = delta.sets;
-        update.origins = delta.origins;
-        update.lane_names = lane_names;
+        update.lane_names = services.take_lane_names();
 
+        // Local pods first: whether one is in a strict lane decides whether frontends with
+        // base backends only are steered.
         let changed = self.index.take_local_changes();
         if full || recheck != Recheck::None || !changed.is_empty() {
             update.pods_changed = self.update_pods(&changed, recheck, &mut cgroup_of, &mut update.scope);
@@ -185,6 +193,14 @@ impl Incremental {
                 self.pods.pods.values().filter_map(|p| p.lane_name.as_ref().map(|n| (p.lane, n.clone()))),
             );
         }
+        let strict_caller = steering::strict_caller(self.entries.values(), &lanes.policies());
+        let lanes_changed = self.lanes.as_ref() != Some(lanes);
+        let all = full || lanes_changed || strict_caller != self.strict_caller;
+        self.strict_caller = strict_caller;
+        self.update_shaping(&delta, lanes, all, full, &mut update.scope);
+        update.scope.frontends.extend(delta.frontends);
+        update.scope.sets = delta.sets;
+        update.origins = delta.origins;
 
         if self.lanes.as_ref() != Some(lanes) {
             let policies = lanes.policies();
@@ -268,8 +284,11 @@ impl Incremental {
             if let Some(key) = self.svc_keys.get(&svc_id)
                 && let Some(base) = out.frontends.get(key)
             {
+                let flags = shaped_flags(base.flags, shaping.is_some(), !routes.is_empty());
+                let lane_backends =
+                    steering::has_lane_backends(out.sets.range(set_range(svc_id)).map(|(k, _)| k));
                 let patched = Service {
-                    flags: shaped_flags(base.flags, shaping.is_some(), !routes.is_empty()),
+                    flags: Reasons::of(flags, lane_backends, self.strict_caller).apply(flags),
                     ..*base
                 };
                 if self.frontends.get(key) != Some(&patched) {
@@ -368,6 +387,13 @@ impl Incremental {
             warm: self.warm.entries(),
             config_flags: self.config_flags,
         }
+    }
+
+    /// (frontend, lane) → backends that still serve but get no new connections (see
+    /// [`crate::model::topology`]); the connection lifecycle keeps their connections.
+    #[must_use]
+    pub fn held(&self) -> &BTreeMap<SetKey, Vec<tagger_common::Backend>> {
+        &self.index.services().desired().held
     }
 
     /// The desired contents as an owned state (for tests and checks).

@@ -338,6 +338,55 @@ mod incremental_tests {
     }
 
     #[test]
+    fn base_only_services_are_left_to_the_cluster_until_a_lane_or_shaping_needs_them() {
+        use tagger_common::SVC_F_PASSTHROUGH;
+        let none = crate::reconcile::incremental::Recheck::None;
+        let lanes = LanesConfig::default();
+        let labelled = |lane: &str| {
+            let (r, s) = slice(
+                "shop",
+                "cart-1",
+                "cart",
+                "IPv4",
+                &[("http", 8080, "TCP")],
+                vec![endpoint("10.0.0.1", Some("p1")), endpoint("10.0.0.2", Some("p2"))],
+            );
+            let pod = |name: &str, lane: &str| {
+                let labels = [("tagger.io/lane".to_owned(), lane.to_owned())].into();
+                Object::Pod(crate::model::ObjectRef::new("shop", name), labels)
+            };
+            [Object::Slice(r.clone(), SliceInput::new(&r, &s)), pod("p1", ""), pod("p2", lane)]
+        };
+        let flags = |inc: &Incremental| inc.desired_state().frontends.values().next().unwrap().flags;
+        let mut objects = vec![svc(&[])];
+        objects.extend(labelled(""));
+        let mut inc = start(&objects);
+        inc.update(&lanes, none, |_| None);
+        assert_eq!(flags(&inc) & SVC_F_PASSTHROUGH, SVC_F_PASSTHROUGH, "base only: not steered");
+        // Its backend set is still written (for operators, and so that steering again is one
+        // flag flip).
+        assert_eq!(inc.desired_state().sets.len(), 1);
+
+        // A backend pod turns gray: steered.
+        inc.apply(labelled("gray").map(Change::Applied));
+        let update = inc.update(&lanes, none, |_| None);
+        assert_eq!(flags(&inc) & SVC_F_PASSTHROUGH, 0);
+        assert_eq!(update.scope.frontends.len(), 1);
+        // Back to base: left to the cluster again.
+        inc.apply(labelled("").map(Change::Applied));
+        inc.update(&lanes, none, |_| None);
+        assert_eq!(flags(&inc) & SVC_F_PASSTHROUGH, SVC_F_PASSTHROUGH);
+        // A canary annotation (shaping) makes it steered, with base backends only.
+        inc.apply([Change::Applied(svc(&[("tagger.io/canary", "gray=10")]))]);
+        inc.update(&lanes, none, |_| None);
+        assert_eq!(flags(&inc) & (SVC_F_PASSTHROUGH | SVC_F_SHAPED), SVC_F_SHAPED);
+        // So does the strict annotation.
+        inc.apply([Change::Applied(svc(&[("tagger.io/strict", "true")]))]);
+        inc.update(&lanes, none, |_| None);
+        assert_eq!(flags(&inc) & SVC_F_PASSTHROUGH, 0);
+    }
+
+    #[test]
     fn backends_ready_after_start_warm_up_and_stop_warming() {
         let lanes = LanesConfig::default();
         let mut inc = start(&[svc(&[("tagger.io/warmup", "10s")]), slice_of(&["10.0.0.1"])]);

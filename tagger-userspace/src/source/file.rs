@@ -1,4 +1,5 @@
-//! The file source: a YAML file of ordinary Kubernetes objects (Pod, Service, EndpointSlice), as
+//! The file source: a YAML file of ordinary Kubernetes objects (Pod, Service, EndpointSlice, and
+//! optionally this node's Node for its zone), as
 //! `kubectl get -o yaml` prints them (a `kind: List` with `items`) or as several `---`
 //! documents, or both. Standalone mode for demos, tests and nodes outside Kubernetes.
 //!
@@ -9,7 +10,10 @@
 
 use std::{collections::BTreeMap, fmt};
 
-use k8s_openapi::api::{core::v1::Pod, core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
 use serde::Deserialize as _;
 
 /// The objects of one file.
@@ -21,6 +25,8 @@ pub struct Snapshot {
     pub services: Vec<Service>,
     /// Every EndpointSlice.
     pub slices: Vec<EndpointSlice>,
+    /// Every Node (the one named like this node gives its zone).
+    pub nodes: Vec<Node>,
     /// Objects of other kinds, by kind (ignored).
     pub ignored_kinds: BTreeMap<String, u64>,
 }
@@ -71,7 +77,7 @@ fn add_value(snap: &mut Snapshot, value: serde_json::Value, document: usize) -> 
             let kind = map.get("kind").and_then(serde_json::Value::as_str).unwrap_or("").to_owned();
             let name = object_name(&value);
             match kind.as_str() {
-                "List" | "PodList" | "ServiceList" | "EndpointSliceList" => {
+                "List" | "PodList" | "ServiceList" | "EndpointSliceList" | "NodeList" => {
                     let serde_json::Value::Object(mut map) = value else { unreachable!() };
                     match map.remove("items") {
                         Some(serde_json::Value::Array(items)) => {
@@ -94,6 +100,10 @@ fn add_value(snap: &mut Snapshot, value: serde_json::Value, document: usize) -> 
                 }
                 "EndpointSlice" => {
                     snap.slices.push(decode(value, &kind, &name).map_err(err)?);
+                    Ok(())
+                }
+                "Node" => {
+                    snap.nodes.push(decode(value, &kind, &name).map_err(err)?);
                     Ok(())
                 }
                 "" => Err(err(format!("object {name} has no kind"))),

@@ -100,6 +100,15 @@ pub static RESOURCE_TYPES: &[ResourceType] = &[
         field_labels: &["spec.clusterIP", "spec.type"],
     },
     ResourceType {
+        group: "",
+        version: "v1",
+        plural: "nodes",
+        singular: "node",
+        kind: "Node",
+        namespaced: false,
+        field_labels: &[],
+    },
+    ResourceType {
         group: "discovery.k8s.io",
         version: "v1",
         plural: "endpointslices",

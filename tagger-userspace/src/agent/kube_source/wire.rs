@@ -14,7 +14,9 @@ use std::{borrow::Cow, collections::BTreeMap, fmt};
 use k8s_openapi::{
     api::{
         core::v1::{ObjectReference, Pod, PodIP, PodSpec, PodStatus, Service, ServicePort, ServiceSpec},
-        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+        discovery::v1::{
+            Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForNode, ForZone,
+        },
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
@@ -81,6 +83,10 @@ struct WireServiceSpec {
     cluster_ips: Option<Vec<String>>,
     #[serde(default)]
     ports: Option<Vec<WirePort>>,
+    #[serde(default, rename = "internalTrafficPolicy")]
+    internal_traffic_policy: Option<String>,
+    #[serde(default, rename = "trafficDistribution")]
+    traffic_distribution: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -115,6 +121,8 @@ impl From<WireService> for Service {
                         })
                         .collect()
                 }),
+                internal_traffic_policy: s.internal_traffic_policy,
+                traffic_distribution: s.traffic_distribution,
                 ..ServiceSpec::default()
             }),
             status: None,
@@ -146,6 +154,12 @@ struct WireEndpoint {
     conditions: Option<WireConditions>,
     #[serde(default)]
     target_ref: Option<WireTarget>,
+    #[serde(default)]
+    node_name: Option<String>,
+    #[serde(default)]
+    zone: Option<String>,
+    #[serde(default)]
+    hints: Option<WireHints>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize)]
@@ -153,7 +167,24 @@ struct WireConditions {
     #[serde(default)]
     ready: Option<bool>,
     #[serde(default)]
+    serving: Option<bool>,
+    #[serde(default)]
     terminating: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireHints {
+    #[serde(default)]
+    for_zones: Option<Vec<WireName>>,
+    #[serde(default)]
+    for_nodes: Option<Vec<WireName>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+struct WireName {
+    #[serde(default)]
+    name: String,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -182,7 +213,17 @@ impl From<WireSlice> for EndpointSlice {
                     conditions: e.conditions.map(|c| EndpointConditions {
                         ready: c.ready,
                         terminating: c.terminating,
-                        serving: None,
+                        serving: c.serving,
+                    }),
+                    node_name: e.node_name,
+                    zone: e.zone,
+                    hints: e.hints.map(|h| EndpointHints {
+                        for_zones: h
+                            .for_zones
+                            .map(|z| z.into_iter().map(|z| ForZone { name: z.name }).collect()),
+                        for_nodes: h
+                            .for_nodes
+                            .map(|n| n.into_iter().map(|n| ForNode { name: n.name }).collect()),
                     }),
                     target_ref: e.target_ref.map(|t| ObjectReference {
                         kind: t.kind,
@@ -271,6 +312,16 @@ pub struct WirePodMeta {
 }
 
 resource!(WirePodMeta, Pod, metadata_api: true);
+
+/// This node's metadata (a metadata-only watch: the agent reads its zone label only).
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct WireNodeMeta {
+    /// Name, resource version, labels.
+    #[serde(default, deserialize_with = "lean_meta")]
+    pub metadata: ObjectMeta,
+}
+
+resource!(WireNodeMeta, k8s_openapi::api::core::v1::Node, metadata_api: true);
 
 /// Object metadata with the fields the agent reads.
 fn lean_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
@@ -411,6 +462,9 @@ mod tests {
                  "nodeName": "n1", "zone": "z"},
                 {"addresses": ["10.0.0.2"], "conditions": {"ready": false}},
                 {"addresses": ["10.0.0.3"], "conditions": {"terminating": true}},
+                {"addresses": ["10.0.0.5"], "conditions": {"ready": false, "serving": true, "terminating": true},
+                 "nodeName": "n2", "zone": "z2",
+                 "hints": {"forZones": [{"name": "z2"}], "forNodes": [{"name": "n2"}]}},
                 {"addresses": ["10.0.0.4"], "targetRef": {"kind": "Pod", "name": "p4", "namespace": "other"}},
                 {"addresses": ["bogus"]},
             ],
@@ -421,7 +475,15 @@ mod tests {
         let key = ObjectRef::new("demo", "a-1");
         let decoded = SliceInput::new(&key, &EndpointSlice::from(wire));
         assert_eq!(decoded, SliceInput::new(&key, &api));
-        assert_eq!(decoded.endpoints.len(), 2);
+        // 10.0.0.2 is not ready; 10.0.0.3 is terminating with `serving` unset, which reads as
+        // serving (as kube-proxy reads it); "bogus" is no address.
+        let ips: Vec<String> = decoded.endpoints.iter().map(|e| e.ip.to_string()).collect();
+        assert_eq!(ips, ["10.0.0.1", "10.0.0.3", "10.0.0.5", "10.0.0.4"]);
+        assert_eq!(
+            decoded.endpoints.iter().map(|e| e.terminating).collect::<Vec<_>>(),
+            [false, true, true, false]
+        );
+        assert_eq!(decoded.endpoints[2].place.as_ref().unwrap().for_zones[0].as_ref(), "z2");
         assert_eq!(decoded.service, Some(ObjectRef::new("demo", "a")));
     }
 

@@ -5,6 +5,7 @@ use k8s_openapi::api::{
 use tagger_common::{SVC_F_STRICT, lane_id};
 
 use super::*;
+use crate::model::topology::Node;
 use crate::{
     labels::default_lane_keys,
     model::{
@@ -42,6 +43,172 @@ impl Cluster {
     fn desired(&self) -> DesiredServices {
         desired_services(&self.0, &default_lane_keys(), &mut FrontendIds::new())
     }
+    fn desired_on(&self, node: &str, zone: Option<&str>) -> DesiredServices {
+        let node = Node { name: Some(node.into()), zone: zone.map(Into::into) };
+        desired_services_on(&self.0, &default_lane_keys(), &mut FrontendIds::new(), &Limits::DATAPATH, &node)
+    }
+}
+
+/// The held backends of one frontend: lane id → addresses as text.
+fn held_of(d: &DesiredServices, addr: &str, proto: Proto) -> BTreeMap<u32, Vec<String>> {
+    let svc = d.frontends.get(&fk(addr, proto)).unwrap_or_else(|| panic!("no frontend {addr}/{proto}"));
+    d.held
+        .range(SetKey { svc_id: svc.svc_id, lane: 0 }..=SetKey { svc_id: svc.svc_id, lane: u32::MAX })
+        .map(|(k, v)| (k.lane, v.iter().map(|b| backend_addr(b).to_string()).collect()))
+        .collect()
+}
+
+/// An endpoint with conditions, node, zone and zone hints.
+fn placed(ip: &str, pod: &str, state: &str, node: &str, zone: &str, hints: &[&str]) -> Endpoint {
+    let mut ep = endpoint(ip, Some(pod));
+    ep.conditions = Some(match state {
+        "ready" => EndpointConditions { ready: Some(true), serving: Some(true), terminating: Some(false) },
+        "terminating" => {
+            EndpointConditions { ready: Some(false), serving: Some(true), terminating: Some(true) }
+        }
+        _ => EndpointConditions { ready: Some(false), serving: Some(false), terminating: Some(true) },
+    });
+    ep.node_name = Some(node.into());
+    ep.zone = Some(zone.into());
+    if !hints.is_empty() {
+        ep.hints = Some(k8s_openapi::api::discovery::v1::EndpointHints {
+            for_zones: Some(
+                hints
+                    .iter()
+                    .map(|z| k8s_openapi::api::discovery::v1::ForZone { name: (*z).into() })
+                    .collect(),
+            ),
+            for_nodes: None,
+        });
+    }
+    ep
+}
+
+fn with_spec(
+    mut s: (ObjectRef, K8sService),
+    itp: Option<&str>,
+    distribution: Option<&str>,
+) -> (ObjectRef, K8sService) {
+    let spec = s.1.spec.as_mut().unwrap();
+    spec.internal_traffic_policy = itp.map(Into::into);
+    spec.traffic_distribution = distribution.map(Into::into);
+    s
+}
+
+#[test]
+fn a_lane_of_terminating_endpoints_serves_until_a_ready_one_exists() {
+    let c = |gray_state: &str| {
+        Cluster::default()
+            .svc(service("ns", "s", &["10.96.0.1"], &[("", 80, "TCP")]))
+            .slice(slice(
+                "ns",
+                "s-1",
+                "s",
+                "IPv4",
+                &[("", 80, "TCP")],
+                vec![
+                    placed("10.0.0.1", "b1", "ready", "n1", "z1", &[]),
+                    placed("10.0.0.2", "g1", "terminating", "n1", "z1", &[]),
+                    placed("10.0.0.3", "g2", gray_state, "n2", "z1", &[]),
+                    placed("10.0.0.4", "b2", "terminating", "n2", "z1", &[]),
+                    placed("10.0.0.5", "b3", "gone", "n2", "z1", &[]),
+                ],
+            ))
+            .pod("ns", "b1", "")
+            .pod("ns", "g1", "gray")
+            .pod("ns", "g2", "gray")
+            .pod("ns", "b2", "")
+            .pod("ns", "b3", "")
+            .desired()
+    };
+    // gray has a ready endpoint: the terminating one is held (keeps its connections, gets no
+    // new ones); base's terminating one too; a not-serving one is nowhere.
+    let d = c("ready");
+    assert_eq!(
+        sets_of(&d, "10.96.0.1:80", Proto::Tcp),
+        BTreeMap::from([(0, vec!["10.0.0.1:80".to_owned()]), (gray(), vec!["10.0.0.3:80".to_owned()]),])
+    );
+    assert_eq!(
+        held_of(&d, "10.96.0.1:80", Proto::Tcp),
+        BTreeMap::from([(0, vec!["10.0.0.4:80".to_owned()]), (gray(), vec!["10.0.0.2:80".to_owned()]),])
+    );
+    // Both gray endpoints terminating: gray is served by both (not by a fallback to base).
+    let d = c("terminating");
+    assert_eq!(sets_of(&d, "10.96.0.1:80", Proto::Tcp)[&gray()], ["10.0.0.2:80", "10.0.0.3:80"]);
+    assert!(!held_of(&d, "10.96.0.1:80", Proto::Tcp).contains_key(&gray()));
+}
+
+#[test]
+fn internal_traffic_policy_local_keeps_each_lane_on_this_node() {
+    let c = Cluster::default()
+        .svc(with_spec(service("ns", "dns", &["10.96.0.10"], &[("", 53, "UDP")]), Some("Local"), None))
+        .slice(slice(
+            "ns",
+            "dns-1",
+            "dns",
+            "IPv4",
+            &[("", 53, "UDP")],
+            vec![
+                placed("10.0.0.1", "b1", "ready", "n1", "z1", &[]),
+                placed("10.0.0.2", "b2", "ready", "n2", "z1", &[]),
+                placed("10.0.0.3", "g1", "ready", "n2", "z1", &[]),
+            ],
+        ))
+        .pod("ns", "b1", "")
+        .pod("ns", "b2", "")
+        .pod("ns", "g1", "gray");
+    let d = c.desired_on("n1", None);
+    // Gray has no endpoint on n1: no gray set (gray callers fall back to base, on this node).
+    assert_eq!(
+        sets_of(&d, "10.96.0.10:53", Proto::Udp),
+        BTreeMap::from([(0, vec!["10.0.0.1:53".to_owned()])])
+    );
+    assert_eq!(
+        held_of(&d, "10.96.0.10:53", Proto::Udp),
+        BTreeMap::from([(0, vec!["10.0.0.2:53".to_owned()]), (gray(), vec!["10.0.0.3:53".to_owned()]),])
+    );
+    let d = c.desired_on("n2", None);
+    assert_eq!(
+        sets_of(&d, "10.96.0.10:53", Proto::Udp),
+        BTreeMap::from([(0, vec!["10.0.0.2:53".to_owned()]), (gray(), vec!["10.0.0.3:53".to_owned()]),])
+    );
+    // Nothing on n3: no set at all, the connection is left to the cluster (which drops it).
+    assert!(sets_of(&c.desired_on("n3", None), "10.96.0.10:53", Proto::Udp).is_empty());
+}
+
+#[test]
+fn zone_hints_and_prefer_close_narrow_within_the_lane() {
+    let eps = |hints: bool| {
+        let h = |z: &'static str| if hints { vec![z] } else { vec![] };
+        vec![
+            placed("10.0.0.1", "g1", "ready", "n1", "z1", &h("z1")),
+            placed("10.0.0.2", "g2", "ready", "n2", "z2", &h("z2")),
+            placed("10.0.0.3", "b1", "ready", "n3", "z2", &h("z2")),
+        ]
+    };
+    let with = |hints: bool, distribution: Option<&str>| {
+        Cluster::default()
+            .svc(with_spec(service("ns", "s", &["10.96.0.1"], &[("", 80, "TCP")]), None, distribution))
+            .slice(slice("ns", "s-1", "s", "IPv4", &[("", 80, "TCP")], eps(hints)))
+            .pod("ns", "g1", "gray")
+            .pod("ns", "g2", "gray")
+            .pod("ns", "b1", "")
+    };
+    // Hints: gray callers in z1 get gray's z1 endpoint; base has no z1 endpoint, so all of base.
+    let d = with(true, None).desired_on("n9", Some("z1"));
+    assert_eq!(
+        sets_of(&d, "10.96.0.1:80", Proto::Tcp),
+        BTreeMap::from([(0, vec!["10.0.0.3:80".to_owned()]), (gray(), vec!["10.0.0.1:80".to_owned()]),])
+    );
+    assert_eq!(held_of(&d, "10.96.0.1:80", Proto::Tcp)[&gray()], ["10.0.0.2:80"]);
+    // PreferClose without hints: the endpoints' zones.
+    let d = with(false, Some("PreferClose")).desired_on("n9", Some("z2"));
+    assert_eq!(sets_of(&d, "10.96.0.1:80", Proto::Tcp)[&gray()], ["10.0.0.2:80"]);
+    // No preference and no hints, or the zone unknown: every ready endpoint.
+    let d = with(false, None).desired_on("n9", Some("z2"));
+    assert_eq!(sets_of(&d, "10.96.0.1:80", Proto::Tcp)[&gray()], ["10.0.0.1:80", "10.0.0.2:80"]);
+    let d = with(true, Some("PreferClose")).desired_on("n9", None);
+    assert_eq!(sets_of(&d, "10.96.0.1:80", Proto::Tcp)[&gray()], ["10.0.0.1:80", "10.0.0.2:80"]);
 }
 
 fn fk(addr: &str, proto: Proto) -> FrontendKey {
