@@ -25,13 +25,14 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use tagger_common::{
-    BASE_LANE, Backend, FAMILY_V6, FrontendKey, IPPROTO_UDP, LaneTables, Outcome, Resolution, RevNatKey,
-    RevNatValue, SOCK_F_FELL_BACK, SOCK_F_ROUTED, SlotKey, SockRecord, is_v4_mapped, shaping_of,
+    BASE_LANE, Backend, BackendSet, FAMILY_V6, FrontendKey, IPPROTO_UDP, LaneTables, Outcome, Resolution,
+    RevNatKey, RevNatValue, SOCK_F_FELL_BACK, SOCK_F_ROUTED, SlotKey, SockRecord, is_v4_mapped, shaping_of,
     svc_is_passthrough, v4_mapped,
 };
 
 use crate::maps::{
-    BACKEND_SLOTS, CONFIG, CONNS, FRONTENDS, PODS, REVNAT, SOCKS, Tables, count, count_service, insert_revnat,
+    BACKEND_SLOTS, CONFIG, CONNS, FRONTENDS, PODS, REVNAT, SOCKS, Tables, count, count_service, count_shadow,
+    insert_revnat,
 };
 
 /// Return value that lets the syscall proceed.
@@ -215,6 +216,23 @@ fn pick(tables: &Tables, svc_id: u32, lane: u32, count_in_set: u32, generation: 
     None
 }
 
+/// The resolution as (set to pick from, its lane, outcome); no set (count 0) and the base lane
+/// when nothing is chosen. Every field is defined on every variant: a payload left undefined
+/// for some of them let LLVM copy a register never written on that path, which the verifier
+/// rejects ("R3 !read_ok").
+#[inline(always)]
+fn decision(resolution: Resolution, caller_lane: u32) -> (BackendSet, u32, Outcome) {
+    let none = BackendSet { count: 0, generation: 0 };
+    match resolution {
+        Resolution::Own { set } => (set, caller_lane, Outcome::Steered),
+        Resolution::FellBack { lane, set, .. } => (set, lane, Outcome::FellBack),
+        Resolution::Routed { lane, set, .. } => (set, lane, Outcome::Routed),
+        Resolution::Canary { lane, set } => (set, lane, Outcome::Canary),
+        Resolution::RefusedStrict => (none, BASE_LANE, Outcome::RefusedStrict),
+        Resolution::NoBackend => (none, BASE_LANE, Outcome::NoBackend),
+    }
+}
+
 /// Re-reads of a backend set replaced while a connection picked from it.
 const PICK_RETRIES: u32 = 3;
 
@@ -242,26 +260,25 @@ fn try_steer(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
     let tables = Tables;
     let shaping = shaping_of(&tables, &svc);
     let resolution = shaping::resolve(&tables, &svc, &who, shaping.as_ref());
+    let (set, lane, outcome) = decision(resolution, caller);
     if shaping::is_shadow(&tables, &who) {
-        shaping::count_shadow_decision(svc.svc_id, caller, &resolution);
+        // Counted apart from applied decisions; the destination is left unchanged.
+        count_shadow(svc.svc_id, caller, lane, outcome);
         return PROCEED;
     }
-    let (set, lane, outcome) = match resolution {
-        Resolution::Own { set } => (set, caller, Outcome::Steered),
-        Resolution::FellBack { lane, set, .. } => (set, lane, Outcome::FellBack),
-        Resolution::Routed { lane, set, .. } => (set, lane, Outcome::Routed),
-        Resolution::Canary { lane, set } => (set, lane, Outcome::Canary),
-        Resolution::RefusedStrict => {
+    match outcome {
+        Outcome::RefusedStrict => {
             count(Outcome::RefusedStrict);
             count_service(svc.svc_id, caller, BASE_LANE, Outcome::RefusedStrict);
             return REFUSE;
         }
-        Resolution::NoBackend => {
+        Outcome::NoBackend => {
             count(Outcome::NoBackend);
             count_service(svc.svc_id, caller, BASE_LANE, Outcome::NoBackend);
             return PROCEED;
         }
-    };
+        _ => {}
+    }
     let warm = shaping::pick_warm(shaping.as_ref(), svc.svc_id, lane, &set);
     let Some(backend) = warm.or_else(|| pick(&tables, svc.svc_id, lane, set.count, set.generation)) else {
         count(Outcome::SlotMiss);

@@ -4,11 +4,11 @@
 
 use aya_ebpf::helpers::generated::{bpf_get_current_cgroup_id, bpf_get_prandom_u32, bpf_ktime_get_ns};
 use tagger_common::{
-    BASE_LANE, Backend, BackendSet, CANARY_FULL, LaneTables, Outcome, Resolution, SHAPE_F_STICKY,
-    SHAPE_F_WARMUP, Service, SlotKey, SvcShaping, WarmKey, accepts, resolve_shaped, sticky_draw, warm_weight,
+    Backend, BackendSet, CANARY_FULL, LaneTables, Resolution, SHAPE_F_STICKY, SHAPE_F_WARMUP, Service,
+    SlotKey, SvcShaping, WarmKey, accepts, resolve_shaped, sticky_draw, warm_weight,
 };
 
-use crate::maps::{BACKEND_SLOTS, Tables, WARM, count_shadow};
+use crate::maps::{BACKEND_SLOTS, Tables, WARM};
 
 /// Candidates drawn by the warm-up pick before it settles for a uniform pick. With `K` tries
 /// and mean weight `w̄`, the uniform remainder is `(1 - w̄)^K` of the picks: with one warm and
@@ -54,20 +54,6 @@ pub fn resolve(tables: &Tables, svc: &Service, caller: &Caller, shaping: Option<
 #[inline(always)]
 pub fn is_shadow(tables: &Tables, caller: &Caller) -> bool {
     tagger_common::is_shadow(caller.cfg_flags, || tables.lane_policy(caller.lane))
-}
-
-/// Counts a shadow decision apart from applied ones.
-#[inline(always)]
-pub fn count_shadow_decision(svc_id: u32, caller_lane: u32, resolution: &Resolution) {
-    let (lane, outcome) = match *resolution {
-        Resolution::Own { .. } => (caller_lane, Outcome::Steered),
-        Resolution::FellBack { lane, .. } => (lane, Outcome::FellBack),
-        Resolution::Routed { lane, .. } => (lane, Outcome::Routed),
-        Resolution::Canary { lane, .. } => (lane, Outcome::Canary),
-        Resolution::RefusedStrict => (BASE_LANE, Outcome::RefusedStrict),
-        Resolution::NoBackend => (BASE_LANE, Outcome::NoBackend),
-    };
-    count_shadow(svc_id, caller_lane, lane, outcome);
 }
 
 /// A pick weighted by warm-up: a random slot is accepted with probability its backend's

@@ -289,6 +289,20 @@ impl AgentSandbox {
         self.netns.insert(name.to_owned(), pod);
     }
 
+    /// A backend pod (on this node) in `lane` running the rolling-update server
+    /// ([`crate::rollout::serve`]) on `PORT` in its own pod cgroup; `tell("drain")` drains it.
+    pub fn rollout_backend(&mut self, name: &str, lane: Option<&str>) -> crate::client::HoldClient {
+        let pod = self.node.add_pod(name);
+        self.cluster.pod(name, NODE, lane, &[IpAddr::V4(pod.ip4), IpAddr::V6(pod.ip6)]);
+        let cgroup = self.root.child(&Self::pod_cgroup_rel(&uid_for(name)));
+        let listen = SocketAddr::from(([0, 0, 0, 0], PORT));
+        let server =
+            crate::client::HoldClient::start_with(&cgroup, &pod.ns, "rollout-serve", listen, &[name]);
+        assert!(server.wait_line("serving", Duration::from_secs(10)).is_some(), "{name} did not start");
+        self.netns.insert(name.to_owned(), pod);
+        server
+    }
+
     /// A caller pod on this node in `lane`, with its pod cgroup where kubelet's systemd driver
     /// puts a Burstable pod.
     pub fn caller(&mut self, name: &str, lane: Option<&str>) {

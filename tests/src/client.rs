@@ -215,6 +215,41 @@ impl HoldClient {
     pub fn next_line(&self, timeout: std::time::Duration) -> Option<String> {
         self.lines.recv_timeout(timeout).ok()
     }
+
+    /// Waits up to `timeout` for a line starting with `prefix`; returns it.
+    #[must_use]
+    pub fn wait_line(&self, prefix: &str, timeout: std::time::Duration) -> Option<String> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.checked_duration_since(std::time::Instant::now())?;
+            let line = self.next_line(left)?;
+            if line.starts_with(prefix) {
+                return Some(line);
+            }
+        }
+    }
+
+    /// Writes one line to its stdin.
+    pub fn tell(&mut self, line: &str) {
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "{line}").expect("write to testpod");
+        stdin.flush().expect("flush testpod's stdin");
+    }
+
+    /// Closes its stdin and returns every line it prints until it exits (within `timeout`).
+    #[must_use]
+    pub fn finish(mut self, timeout: std::time::Duration) -> Vec<String> {
+        drop(self.child.stdin.take());
+        let deadline = std::time::Instant::now() + timeout;
+        let mut out = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => out.push(line),
+                Err(_) => break,
+            }
+        }
+        out
+    }
 }
 
 impl Drop for HoldClient {

@@ -26,6 +26,8 @@ pub struct PodDesc {
     pub qos: &'static str,
     /// Endpoint readiness.
     pub ready: bool,
+    /// Being deleted: its endpoint is `terminating`, and `serving` while `ready`.
+    pub terminating: bool,
 }
 
 /// A Service of the described cluster.
@@ -91,6 +93,7 @@ impl ClusterDesc {
                 ips: ips.to_vec(),
                 qos: "Burstable",
                 ready: true,
+                terminating: false,
             },
         );
         self.pods.get_mut(name).expect("just inserted")
@@ -150,7 +153,11 @@ impl ClusterDesc {
                 let ip = p.ips.iter().find(|ip| (family == "IPv4") == ip.is_ipv4())?;
                 Some(json!({
                     "addresses": [ip.to_string()],
-                    "conditions": {"ready": p.ready, "serving": p.ready, "terminating": false},
+                    "conditions": {
+                        "ready": p.ready && !p.terminating,
+                        "serving": p.ready,
+                        "terminating": p.terminating,
+                    },
                     "nodeName": p.node,
                     "targetRef": {"kind": "Pod", "namespace": NAMESPACE, "name": p.name, "uid": p.uid},
                 }))

@@ -17,6 +17,7 @@ pub mod hold;
 pub mod kernel;
 pub mod netns;
 pub mod restart;
+pub mod rollout;
 pub mod scenario;
 pub mod signals;
 pub mod stats;

@@ -314,6 +314,54 @@ fn encode_inbound(
     )?)
 }
 
+/// Labels of a Service frontend's steering gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SteeringLabels {
+    namespace: String,
+    service: String,
+    port: String,
+    /// Why it is steered (`lane_backends`, `shaping`, ...), or `base_only`.
+    steering: String,
+}
+
+/// `tagger_service_steered`: 1 for each Service frontend tagger steers on this node, 0 for those
+/// it leaves to the cluster, with why.
+fn encode_steering(
+    encoder: &mut DescriptorEncoder,
+    t: &crate::datapath::Tables,
+    names: &std::collections::BTreeMap<u32, (String, String, String)>,
+) -> Result<(), std::fmt::Error> {
+    use crate::model::steering::{self, Reasons};
+    let (Ok(frontends), Ok(sets), Ok(policies), Ok(pods)) =
+        (t.frontends(), t.backend_sets(), t.lane_policies(), t.pods())
+    else {
+        return Ok(());
+    };
+    let strict_caller = steering::strict_caller(pods.values(), &policies);
+    let family = Family::<SteeringLabels, Gauge>::default();
+    for svc in frontends.values() {
+        let lane_backends = steering::has_lane_backends(
+            sets.range(crate::model::index::set_range(svc.svc_id)).map(|(k, _)| k),
+        );
+        let reasons = Reasons::of(svc.flags, lane_backends, strict_caller);
+        let (namespace, service, port) = names
+            .get(&svc.svc_id)
+            .cloned()
+            .unwrap_or_else(|| (String::new(), format!("svc-{}", svc.svc_id), String::new()));
+        let steered = !tagger_common::svc_is_passthrough(svc);
+        family
+            .get_or_create(&SteeringLabels { namespace, service, port, steering: reasons.names().join(",") })
+            .set(i64::from(steered));
+    }
+    family.encode(encoder.encode_descriptor(
+        "service_steered",
+        "1 for each Service frontend tagger steers on this node (label steering: why), 0 for those left to the \
+         cluster's Service implementation (steering=base_only)",
+        None,
+        family.metric_type(),
+    )?)
+}
+
 fn clamp(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -392,6 +440,7 @@ impl Collector for DatapathCollector {
                 family.metric_type(),
             )?)?;
         }
+        encode_steering(&mut encoder, t, &names)?;
         if let Ok(conns) = t.connections() {
             encode_connections(&mut encoder, &conns, &names, &lane)?;
         }

@@ -60,6 +60,10 @@ pub struct ReconcileReport {
 }
 
 /// Owns the datapath, its mirror and the desired state.
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent conditions of the next pass, not a state machine"
+)]
 pub struct Reconciler {
     datapath: Datapath,
     config: AgentConfig,

@@ -13,7 +13,7 @@ use tagger_common::{
     BASE_LANE, Backend, CANARY_FULL, FAMILY_V6, LaneTables, Outcome, Resolution, SHAPE_F_CANARY,
     SHAPE_F_STICKY, SHAPE_F_WARMUP, SVC_F_ROUTED, Service, WEIGHT_FULL, WarmEntry, WarmKey,
     resolve::{lane_is_strict, svc_is_strict},
-    resolve_shaped, shaping_of, sticky_draw, warm_weight,
+    resolve_shaped, shaping_of, sticky_draw, svc_is_passthrough, warm_weight,
 };
 
 use super::{
@@ -271,6 +271,9 @@ pub fn explain<T: ExplainTables>(
         check: "service_flags",
         result: if strict_svc { "strict: no fallback for this Service".into() } else { "none".into() },
     });
+    if svc_is_passthrough(&svc) {
+        return Ok(passthrough(ex, steps));
+    }
 
     // The decision: the same function the programs run. A non-sticky canary draw is random
     // per connection: the default way is explained and the share shown beside it.
@@ -324,6 +327,25 @@ pub fn explain<T: ExplainTables>(
     }
     ex.steps = steps;
     Ok(ex)
+}
+
+/// A frontend tagger leaves to the cluster: the explanation ends there.
+fn passthrough(mut ex: Explanation, mut steps: Vec<Step>) -> Explanation {
+    steps.push(Step {
+        check: "steering",
+        result: "not steered on this node: its backends are all base and nothing shapes it or could refuse \
+                 a local caller"
+            .into(),
+    });
+    steps.push(Step {
+        check: "decision",
+        result: "passthrough: untouched, the cluster's Service implementation (kube-proxy, Cilium, ...) \
+                 balances it"
+            .into(),
+    });
+    ex.outcome = Outcome::Passthrough.name();
+    ex.steps = steps;
+    ex
 }
 
 /// The fallback steps the datapath tries for `resolution` (up to the chosen one, or all).

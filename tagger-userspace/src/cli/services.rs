@@ -1,17 +1,24 @@
-//! `tagger services`: each Service frontend with its backends grouped by lane, and what callers
-//! of each lane get when their lane's set is empty.
+//! `tagger services`: each Service frontend with its backends grouped by lane, whether tagger
+//! steers it on this node and why (or leaves it to the cluster's Service implementation), and
+//! what callers of each lane get when their lane's set is empty.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
-use tagger_common::{SVC_F_ROUTED, SVC_F_SHAPED, SVC_F_STRICT, Service, resolve::svc_is_strict};
+use tagger_common::{
+    SVC_F_ROUTED, SVC_F_SHAPED, SVC_F_STRICT, Service, SetKey, resolve::svc_is_strict, svc_is_passthrough,
+};
 
 use super::{
     args::Format,
     lanes::{PolicyView, lane_order, policy_label, policy_view},
     render::{LaneRef, Names, ServiceName, frontend_label, print_json, table},
 };
-use crate::{datapath::Tables, net::backend_addr};
+use crate::{
+    datapath::Tables,
+    model::steering::{self, Reasons},
+    net::backend_addr,
+};
 
 /// The JSON document of `tagger services`.
 #[derive(Debug, Serialize)]
@@ -36,6 +43,12 @@ pub struct ServiceRow {
     pub flags: Vec<&'static str>,
     /// Whether the Service forbids fallback.
     pub strict: bool,
+    /// Whether tagger steers its connections on this node; `false`: they are left to the
+    /// cluster's Service implementation (kube-proxy, Cilium, ...), untouched.
+    pub steered: bool,
+    /// Why (`lane_backends`, `shaping`, `routing_rule`, `strict_service`, `strict_lane`), or
+    /// `["base_only"]` when not steered.
+    pub steering: Vec<&'static str>,
     /// Backend sets by lane: base first, then by lane name.
     pub lanes: Vec<LaneSet>,
 }
@@ -78,6 +91,7 @@ fn flag_names(svc: Service) -> Vec<&'static str> {
 pub fn collect(tables: &Tables) -> anyhow::Result<ServicesReport> {
     let names = Names::read(tables)?;
     let policies = tables.lane_policies()?;
+    let strict_caller = steering::strict_caller(tables.pods()?.values(), &policies);
     let mut by_svc: BTreeMap<u32, (Vec<String>, Option<Service>)> = BTreeMap::new();
     for (key, svc) in tables.frontends()? {
         let e = by_svc.entry(svc.svc_id).or_default();
@@ -113,12 +127,21 @@ pub fn collect(tables: &Tables) -> anyhow::Result<ServicesReport> {
             });
         }
         lanes.sort_by_key(|l| lane_order(&l.lane));
+        let reasons = Reasons::of(
+            svc.flags,
+            steering::has_lane_backends(
+                &lanes.iter().map(|l| SetKey { svc_id, lane: l.lane.id }).collect::<Vec<_>>(),
+            ),
+            strict_caller,
+        );
         services.push(ServiceRow {
             svc_id,
             frontends,
             service: names.service(svc_id),
             flags: flag_names(svc),
             strict,
+            steered: !svc_is_passthrough(&svc),
+            steering: reasons.names(),
             lanes,
         });
     }
@@ -146,17 +169,25 @@ pub fn run(tables: &Tables, format: Format) -> anyhow::Result<()> {
         return print_json(&report);
     }
     let names = Names::read(tables)?;
-    let mut t =
-        table(&["frontend", "service", "flags", "lane", "ready", "backends", "when the lane has none"], &[4]);
+    let mut t = table(
+        &["frontend", "service", "steered", "flags", "lane", "ready", "backends", "when the lane has none"],
+        &[5],
+    );
     for s in &report.services {
         let frontend =
             if s.frontends.is_empty() { "(no frontend)".to_owned() } else { s.frontends.join("\n") };
         let service = s.service.as_ref().map_or_else(|| format!("svc {}", s.svc_id), ToString::to_string);
         let flags = s.flags.join(",");
+        let steered = if s.steered {
+            format!("yes: {}", s.steering.join(", "))
+        } else {
+            "no: base only, left to the cluster".to_owned()
+        };
         if s.lanes.is_empty() {
             t.add_row(vec![
                 frontend.clone(),
                 service.clone(),
+                steered.clone(),
                 flags.clone(),
                 "-".into(),
                 "0".into(),
@@ -165,8 +196,11 @@ pub fn run(tables: &Tables, format: Format) -> anyhow::Result<()> {
             ]);
         }
         for (i, l) in s.lanes.iter().enumerate() {
-            let (frontend, service, flags) =
-                if i == 0 { (frontend.clone(), service.clone(), flags.clone()) } else { Default::default() };
+            let (frontend, service, steered, flags) = if i == 0 {
+                (frontend.clone(), service.clone(), steered.clone(), flags.clone())
+            } else {
+                Default::default()
+            };
             let backends = if l.backends.is_empty() { "(empty)".to_owned() } else { l.backends.join("\n") };
             let if_empty = if s.strict {
                 "refuse: strict Service (EPERM)".to_owned()
@@ -176,6 +210,7 @@ pub fn run(tables: &Tables, format: Format) -> anyhow::Result<()> {
             t.add_row(vec![
                 frontend,
                 service,
+                steered,
                 flags,
                 names.lane_label(l.lane.id),
                 l.count.to_string(),

@@ -888,8 +888,8 @@ enum Staged {
     Pods(Vec<(ObjectRef, PodLane)>),
     Services(Vec<(ObjectRef, ServiceInput)>),
     Slices(Vec<(ObjectRef, SliceInput<PodId>)>),
-    /// This node's zone, if its Node object was listed.
-    Node(Option<Option<String>>),
+    /// This node's zone, once its Node object is listed (none listed: unknown).
+    Node(Option<String>),
 }
 
 impl Staged {
@@ -991,7 +991,7 @@ impl ClusterIndex {
                 let slice = input.map_pods(|pod| self.services.pods.add_endpoint(pod));
                 v.push((key, slice));
             }
-            (Staged::Node(v), Object::Node(zone)) => *v = Some(zone),
+            (Staged::Node(v), Object::Node(zone)) => *v = zone,
             _ => unreachable!("staged by kind"),
         }
     }
@@ -1009,7 +1009,7 @@ impl ClusterIndex {
     fn swap(&mut self, staged: Staged) {
         match staged {
             // Not listed: the Node object is gone (or not visible to us), its zone unknown.
-            Staged::Node(zone) => self.services.set_node_zone(zone.flatten()),
+            Staged::Node(zone) => self.services.set_node_zone(zone),
             Staged::LocalPods(pods) => {
                 let listed: BTreeMap<ObjectRef, LocalPod> = pods
                     .into_iter()

@@ -39,6 +39,7 @@ pub fn has_lane_backends<'a>(sets: impl IntoIterator<Item = &'a SetKey>) -> bool
 
 /// Why a frontend is steered; empty: it is left to the cluster.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[expect(clippy::struct_excessive_bools, reason = "independent reasons, each shown on its own")]
 pub struct Reasons {
     /// A non-base lane has backends.
     pub lane_backends: bool,

@@ -20,6 +20,9 @@
 //!        a request every 20 ms, reconnecting when the connection is reset; prints
 //!        `<ms since start> <TAB> ok|reset <TAB> <body or error>` whenever that changes, until
 //!        stdin closes)
+//!        `testpod --cgroup DIR --netns NAME rollout-serve LISTEN_ADDR NAME` (an HTTP/1.1 keep-alive
+//!        server that drains gracefully when stdin gives a line) and `... rollout-pool ADDR CONNS`
+//!        (CONNS keep-alive clients until stdin closes, then a summary): see `tagger_tests::rollout`
 //!        `testpod install BPFFS_DIR CGROUP_DIR` (installs or adopts the datapath, then exits)
 
 use std::{
@@ -71,6 +74,10 @@ fn main() {
         "serve" => serve(addr, rest),
         "answer" => answer(addr, rest),
         "pool" => pool(&mut out, addr),
+        "rollout-serve" => {
+            tagger_tests::rollout::serve(addr, rest.first().expect("rollout-serve needs NAME"));
+        }
+        "rollout-pool" => tagger_tests::rollout::pool(addr, count()),
         "hold-tcp" | "hold-udp" | "hold-udp-unconnected" => hold(&mut out, mode, addr),
         other => panic!("unknown mode {other}"),
     }
