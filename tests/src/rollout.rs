@@ -230,3 +230,112 @@ fn worker(addr: SocketAddr, index: usize, stop: &AtomicBool, tally: &Mutex<Tally
         }
     }
 }
+
+/// What a rolling update under load did.
+#[derive(Clone, Debug, Default)]
+pub struct RolloutReport {
+    /// Requests sent.
+    pub requests: u64,
+    /// Requests that failed.
+    pub failed: u64,
+    /// `error` lines of the pool (what failed, how often).
+    pub errors: Vec<String>,
+    /// Requests answered per backend.
+    pub served: BTreeMap<String, u64>,
+    /// Backends replaced.
+    pub replaced: usize,
+    /// Stale-connection resets the agent logged meanwhile.
+    pub resets: usize,
+}
+
+/// Runs a rolling update under load on an agent sandbox: a Service at `vip` with `base`
+/// backends `r-1`..`r-<base>` and one gray backend (so that tagger steers it), `conns`
+/// keep-alive clients in a base caller pod `rollout-gw`, and every base backend replaced in turn
+/// (new pod ready, old one terminating, drained, deleted). The agent is started here on the
+/// file source.
+pub fn rolling_update(
+    sb: &mut crate::agent::AgentSandbox,
+    vip: SocketAddr,
+    base: usize,
+    conns: usize,
+) -> RolloutReport {
+    const WAIT: Duration = Duration::from_secs(30);
+    let port = crate::agent::PORT;
+    sb.caller("rollout-gw", None);
+    let mut servers = BTreeMap::new();
+    let old: Vec<String> = (1..=base).map(|i| format!("r-{i}")).collect();
+    for name in &old {
+        servers.insert(name.clone(), sb.rollout_backend(name, None));
+    }
+    servers.insert("r-gray".to_owned(), sb.rollout_backend("r-gray", Some("gray")));
+    let mut backends: Vec<&str> = old.iter().map(String::as_str).collect();
+    backends.push("r-gray");
+    sb.cluster.service("r", &[vip.ip()], vip.port(), port, &backends);
+    sb.write_source_file();
+    sb.start_agent_on_file(&[]);
+    let base_set = |t: &tagger::datapath::Tables| -> Vec<String> {
+        let key = tagger::net::frontend_key(vip, tagger::net::Proto::Tcp);
+        let Some(svc) = t.frontends().ok().and_then(|f| f.get(&key).copied()) else { return Vec::new() };
+        let mut v: Vec<String> = t
+            .backends(svc.svc_id, tagger_common::BASE_LANE)
+            .unwrap_or_default()
+            .iter()
+            .map(|b| tagger::net::backend_addr(b).ip().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let ip = |sb: &crate::agent::AgentSandbox, name: &str| sb.ip4(name).to_string();
+    let mut want: Vec<String> = old.iter().map(|n| ip(sb, n)).collect();
+    want.sort();
+    sb.wait_for("the Service's base set", WAIT, |t| base_set(t) == want);
+
+    let cg = sb.pod_cgroup("rollout-gw");
+    let pool = crate::client::HoldClient::start_with(
+        &cg,
+        &sb.netns["rollout-gw"].ns,
+        "rollout-pool",
+        vip,
+        &[&conns.to_string()],
+    );
+    assert!(pool.wait_line("started", WAIT).is_some(), "the client pool did not start");
+    std::thread::sleep(Duration::from_secs(1));
+    for (i, old) in old.iter().enumerate() {
+        // maxSurge: the new pod is ready first, then the old one terminates, drains and goes.
+        let new = format!("r-{}", base + i + 1);
+        servers.insert(new.clone(), sb.rollout_backend(&new, None));
+        sb.cluster.services.get_mut("r").expect("service r").backends.push(new.clone());
+        sb.write_source_file();
+        sb.wait_for("the new backend in the set", WAIT, |t| base_set(t).contains(&ip(sb, &new)));
+        sb.cluster.pods.get_mut(old.as_str()).expect("old pod").terminating = true;
+        sb.write_source_file();
+        sb.wait_for("the terminating backend out of the set", WAIT, |t| !base_set(t).contains(&ip(sb, old)));
+        // Its SIGTERM: drain. The connections it holds keep working until it closes them.
+        std::thread::sleep(Duration::from_millis(200));
+        let server = servers.get_mut(old).expect("old server");
+        server.tell("drain");
+        assert!(server.wait_line("drained", WAIT).is_some(), "{old} did not drain");
+        sb.cluster.services.get_mut("r").expect("service r").backends.retain(|b| b != old);
+        sb.cluster.pods.remove(old.as_str());
+        sb.write_source_file();
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let lines = pool.finish(WAIT);
+    let mut report = RolloutReport { replaced: old.len(), ..RolloutReport::default() };
+    for line in &lines {
+        let fields: Vec<&str> = line.split('\t').collect();
+        match fields.as_slice() {
+            ["done", requests, failed] => {
+                report.requests = requests.parse().expect("requests");
+                report.failed = failed.parse().expect("failed");
+            }
+            ["error", ..] => report.errors.push(line.clone()),
+            ["backend", n, name] => {
+                report.served.insert((*name).to_owned(), n.parse().expect("count"));
+            }
+            _ => {}
+        }
+    }
+    report.resets = sb.agent_log().matches("reset stale connection").count();
+    report
+}

@@ -238,73 +238,13 @@ fn missing_cgroup_root_or_bpffs_is_a_clear_startup_error() {
 /// terminating backend and resets none of its open ones.
 #[test]
 fn a_rolling_update_loses_no_request() {
-    let vip: SocketAddr = "10.96.10.7:80".parse().unwrap();
     let mut sb = AgentSandbox::new();
-    sb.caller("gw", None);
-    let mut servers = std::collections::BTreeMap::new();
-    // r-gray makes the Service steered (a lane other than base has a backend).
-    for (name, lane) in [("r-1", None), ("r-2", None), ("r-gray", Some("gray"))] {
-        servers.insert(name, sb.rollout_backend(name, lane));
-    }
-    sb.cluster.service("r", &[vip.ip()], vip.port(), PORT, &["r-1", "r-2", "r-gray"]);
-    sb.write_source_file();
-    sb.start_agent_on_file(&[]);
-    let base_set = |t: &tagger::datapath::Tables| -> Vec<String> {
-        let key = tagger::net::frontend_key(vip, tagger::net::Proto::Tcp);
-        let Some(svc) = t.frontends().ok().and_then(|f| f.get(&key).copied()) else { return Vec::new() };
-        let mut v: Vec<String> = t
-            .backends(svc.svc_id, tagger_common::BASE_LANE)
-            .unwrap_or_default()
-            .iter()
-            .map(|b| tagger::net::backend_addr(b).ip().to_string())
-            .collect();
-        v.sort();
-        v
-    };
-    let ip = |sb: &AgentSandbox, name: &str| sb.ip4(name).to_string();
-    let mut want = vec![ip(&sb, "r-1"), ip(&sb, "r-2")];
-    want.sort();
-    sb.wait_for("r's base set", WAIT, |t| base_set(t) == want);
-
-    let cg = sb.pod_cgroup("gw");
-    let pool =
-        tagger_tests::client::HoldClient::start_with(&cg, &sb.netns["gw"].ns, "rollout-pool", vip, &["8"]);
-    assert!(pool.wait_line("started", WAIT).is_some(), "the client pool did not start");
-    std::thread::sleep(Duration::from_secs(1));
-
-    for (old, new) in [("r-1", "r-3"), ("r-2", "r-4")] {
-        // The new pod becomes ready first (maxSurge), then the old one terminates.
-        servers.insert(new, sb.rollout_backend(new, None));
-        sb.cluster.services.get_mut("r").unwrap().backends.push(new.to_owned());
-        sb.write_source_file();
-        sb.wait_for("the new backend in the set", WAIT, |t| base_set(t).contains(&ip(&sb, new)));
-        sb.cluster.pods.get_mut(old).unwrap().terminating = true;
-        sb.write_source_file();
-        sb.wait_for("the terminating backend out of the set", WAIT, |t| !base_set(t).contains(&ip(&sb, old)));
-        // Its SIGTERM: drain. Connections it holds keep working until it closes them.
-        std::thread::sleep(Duration::from_millis(200));
-        let server = servers.get_mut(old).unwrap();
-        server.tell("drain");
-        assert!(server.wait_line("drained", WAIT).is_some(), "{old} did not drain");
-        // Then the pod is deleted.
-        sb.cluster.services.get_mut("r").unwrap().backends.retain(|b| b != old);
-        sb.cluster.pods.remove(old);
-        sb.write_source_file();
-        std::thread::sleep(Duration::from_secs(1));
-    }
-    let lines = pool.finish(WAIT);
-    let done =
-        lines.iter().find(|l| l.starts_with("done\t")).unwrap_or_else(|| panic!("no summary: {lines:?}"));
-    let fields: Vec<u64> = done.split('\t').skip(1).map(|n| n.parse().unwrap()).collect();
-    let (requests, failed) = (fields[0], fields[1]);
-    assert_eq!(failed, 0, "requests failed during the rolling update: {lines:?}\n{}", sb.agent_log());
-    assert!(requests > 100, "too few requests to tell: {lines:?}");
+    let report = tagger_tests::rollout::rolling_update(&mut sb, "10.96.10.7:80".parse().unwrap(), 2, 8);
+    assert_eq!(report.failed, 0, "requests failed during the rolling update: {report:?}\n{}", sb.agent_log());
+    assert!(report.requests > 100, "too few requests to tell: {report:?}");
     for name in ["r-1", "r-2", "r-3", "r-4"] {
-        assert!(
-            lines.iter().any(|l| l.starts_with("backend\t") && l.ends_with(name)),
-            "{name} served nothing: {lines:?}"
-        );
+        assert!(report.served.get(name).is_some_and(|n| *n > 0), "{name} served nothing: {report:?}");
     }
-    assert!(!lines.iter().any(|l| l.ends_with("r-gray")), "a base caller reached gray: {lines:?}");
-    assert!(!sb.agent_log().contains("reset stale connection"), "{}", sb.agent_log());
+    assert!(!report.served.contains_key("r-gray"), "a base caller reached gray: {report:?}");
+    assert_eq!(report.resets, 0, "{}", sb.agent_log());
 }

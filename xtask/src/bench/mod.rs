@@ -3,7 +3,8 @@
 //!
 //! Steps: bootstrap (haproxy and iptables come from Debian), build the benchmark binaries in
 //! release mode, run `datapath-bench` (connection rate, established connections, hook cost,
-//! fallback) and `control-plane-bench` (initial sync, RSS, event → map write), then write the
+//! fallback), `control-plane-bench` (initial sync, RSS, event → map write) and `rollout-bench` (a
+//! rolling update under load: failed requests of all sent), then write the
 //! report and its chart. A full run writes `docs/BENCHMARKS.md` (only its generated block) and
 //! `docs/benchmarks-conn-rate.png`; `--quick` writes to `target/bench/` so the committed figures
 //! stay those of a full run. Raw results stay in `target/bench/`.
@@ -46,6 +47,8 @@ pub fn run(quick: bool, out: Option<&Path>) -> Result<()> {
         "loadgen",
         "--bin",
         "control-plane-bench",
+        "--bin",
+        "rollout-bench",
         "--bin",
         "testpod",
         "-p",
@@ -95,7 +98,9 @@ pub fn run(quick: bool, out: Option<&Path>) -> Result<()> {
         cleanup::leftovers();
     }
     datapath?;
-    let control_plane = control_plane?;
+    let mut control_plane = control_plane?;
+    step("rolling update under load (rollout-bench: 16 keep-alive clients, 4 backends replaced one by one)");
+    control_plane.push_str(&run_capture(&mut Command::new(bin.join("rollout-bench")))?);
     std::fs::write(raw.join("control-plane.txt"), &control_plane).context("write control-plane.txt")?;
 
     let data: serde_json::Value = serde_json::from_str(

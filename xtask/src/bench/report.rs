@@ -156,6 +156,8 @@ struct ControlPlane {
     event_p50_ms: Option<f64>,
     event_p99_ms: Option<f64>,
     event_max_ms: Option<f64>,
+    /// rollout-bench: (requests, failed, backends replaced).
+    rollout: Option<(f64, f64, f64)>,
     raw: String,
 }
 
@@ -187,6 +189,11 @@ impl ControlPlane {
             event_p50_ms: number_after(event, "p50"),
             event_p99_ms: number_after(event, "p99"),
             event_max_ms: number_after(event, "max"),
+            rollout: text.lines().find_map(|l| {
+                let f: Vec<f64> =
+                    l.strip_prefix("rollout\t")?.split('\t').filter_map(|n| n.parse().ok()).collect();
+                Some((*f.first()?, *f.get(1)?, *f.get(2)?))
+            }),
             raw: text.trim().to_owned(),
         }
     }
@@ -378,6 +385,8 @@ enum Unit {
     MsInSecs,
     /// `70 MiB`.
     Mib,
+    /// `0` (a count).
+    Count,
 }
 
 impl Unit {
@@ -389,6 +398,7 @@ impl Unit {
             Unit::Ms => format!("{v:.1} ms"),
             Unit::MsInSecs => format!("{:.2} s", v / 1e3),
             Unit::Mib => format!("{v:.0} MiB"),
+            Unit::Count => format!("{v:.0}"),
         }
     }
 
@@ -400,6 +410,7 @@ impl Unit {
             Unit::Ms => format!("{v} ms"),
             Unit::MsInSecs => format!("{} s", v / 1e3),
             Unit::Mib => format!("{v} MiB"),
+            Unit::Count => format!("{v}"),
         }
     }
 }
@@ -566,6 +577,16 @@ impl Report {
             ),
         ]);
         goals.extend(self.fallback_goals());
+        let (requests, replaced) = self.cp.rollout.map_or((0.0, 0.0), |(r, _, b)| (r, b));
+        goals.push((
+            format!(
+                "rolling update under load: failed requests of {} ({} backends replaced one by one, rollout-bench)",
+                thousands(requests),
+                replaced
+            ),
+            AtMost(0.0, Unit::Count),
+            self.cp.rollout.map(|(_, failed, _)| failed),
+        ));
 
         let rows: Vec<[String; 4]> =
             goals.into_iter().map(|(goal, target, measured)| target.row(goal, measured)).collect();
