@@ -16,6 +16,21 @@ use tagger::net::addr_words;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/foreign-lb"));
 /// Its programs (the function names in tests/foreign-lb).
 pub const PROGRAMS: [&str; 4] = ["flb_connect4", "flb_connect6", "flb_peer4", "flb_peer6"];
+/// Their attach types (`bpf_attach_type`), in the order of [`PROGRAMS`].
+const ATTACH_TYPES: [u32; 4] = [10, 11, 29, 30];
+/// `BPF_PROG_ATTACH` and `BPF_PROG_DETACH`.
+const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_PROG_DETACH: libc::c_long = 9;
+
+/// The `BPF_PROG_ATTACH`/`DETACH` member of `union bpf_attr`.
+#[repr(C)]
+struct ProgAttachAttr {
+    target_fd: u32,
+    attach_bpf_fd: u32,
+    attach_type: u32,
+    attach_flags: u32,
+}
+
 /// Its VIP map.
 const SERVICES: &str = "FLB_SVC_V1";
 
@@ -40,6 +55,25 @@ impl From<SocketAddr> for Addr {
 /// The foreign LB, loaded and attached.
 pub struct ForeignLb {
     ebpf: Ebpf,
+    /// Legacy attachments (`BPF_PROG_ATTACH`) to undo on drop: cgroup, program fd, attach type.
+    legacy: Vec<(File, std::os::fd::OwnedFd, u32)>,
+}
+
+impl Drop for ForeignLb {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd as _;
+        for (dir, fd, attach_type) in &self.legacy {
+            let attr = ProgAttachAttr {
+                target_fd: u32::try_from(dir.as_raw_fd()).unwrap_or(u32::MAX),
+                attach_bpf_fd: u32::try_from(fd.as_raw_fd()).unwrap_or(u32::MAX),
+                attach_type: *attach_type,
+                attach_flags: 0,
+            };
+            // SAFETY: as in `attach_legacy`; a failure leaves the program until the test's
+            // cgroup is removed, which releases it.
+            unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_DETACH, &raw const attr, size_of_val(&attr)) };
+        }
+    }
 }
 
 impl std::fmt::Debug for ForeignLb {
@@ -65,7 +99,36 @@ impl ForeignLb {
                 .attach(&dir, CgroupAttachMode::Single)
                 .unwrap_or_else(|e| panic!("attaching {name}: {e}"));
         }
-        Self { ebpf }
+        Self { ebpf, legacy: Vec::new() }
+    }
+
+    /// Loads the programs and attaches them at `cgroup` the legacy way, `BPF_PROG_ATTACH` with
+    /// `flags` (0: exclusive, 1: `BPF_F_ALLOW_OVERRIDE`), as older socket LBs (bpftool
+    /// without `multi`) did. Detached on drop.
+    #[must_use]
+    pub fn attach_legacy(cgroup: &Path, flags: u32) -> Self {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let mut ebpf = Ebpf::load(OBJECT).expect("load the foreign LB");
+        let mut legacy = Vec::new();
+        for (name, attach_type) in PROGRAMS.into_iter().zip(ATTACH_TYPES) {
+            let program: &mut CgroupSockAddr =
+                ebpf.program_mut(name).expect("program").try_into().expect("a cgroup_sock_addr program");
+            program.load().unwrap_or_else(|e| panic!("loading {name}: {e}"));
+            let fd = program.fd().expect("program fd").as_fd().try_clone_to_owned().expect("dup");
+            let dir = File::open(cgroup).unwrap_or_else(|e| panic!("open {}: {e}", cgroup.display()));
+            let attr = ProgAttachAttr {
+                target_fd: u32::try_from(dir.as_raw_fd()).expect("fd"),
+                attach_bpf_fd: u32::try_from(fd.as_raw_fd()).expect("fd"),
+                attach_type,
+                attach_flags: flags,
+            };
+            // SAFETY: the kernel reads `attr`, valid for its size, during the call.
+            let rc =
+                unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_ATTACH, &raw const attr, size_of_val(&attr)) };
+            assert_eq!(rc, 0, "BPF_PROG_ATTACH {name}: {}", std::io::Error::last_os_error());
+            legacy.push((dir, fd, attach_type));
+        }
+        Self { ebpf, legacy }
     }
 
     /// Serves `vip` (IPv4 or IPv6) with `backend`: connects to it go there.

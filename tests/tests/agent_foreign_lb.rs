@@ -169,6 +169,24 @@ fn tagger_runs_before_a_socket_lb_attached_at_the_root_first() {
 }
 
 #[test]
+fn a_socket_lb_attached_the_legacy_way_at_the_root_is_never_silently_disabled() {
+    // BPF_F_ALLOW_OVERRIDE: a program below would replace it for every pod. Exclusive: the kernel
+    // refuses programs below. Either way tagger refuses to attach, naming the program, and the
+    // socket LB keeps serving.
+    for (flags, says) in [(1, "BPF_F_ALLOW_OVERRIDE"), (0, "exclusively")] {
+        let sb = sandbox();
+        let mut lb = ForeignLb::attach_legacy(sb.root.path(), flags);
+        serve(&mut lb, &sb, &lb_vips(), "lb-backend");
+        tagger_tests::datapath::ensure_bpffs();
+        let err = tagger::datapath::Datapath::install(&sb.pins.0, &sb.kubepods()).unwrap_err().to_string();
+        let id = lb.program_ids()[0];
+        assert!(err.contains(says) && err.contains(&format!("program id {id} ")), "{err}");
+        assert!(!sb.pins.0.join("links/connect4").exists(), "nothing attached");
+        assert_reaches(&sb, "gw", lb_vips()[0], "lb-backend");
+    }
+}
+
+#[test]
 fn a_datapath_attached_at_the_root_by_an_earlier_release_moves_to_the_pods_cgroup() {
     let mut sb = AgentSandbox::with_service_a(vip4(), Some("gray"));
     let hold_vip: SocketAddr = "10.96.30.2:80".parse().unwrap();

@@ -8,23 +8,7 @@
 
 pub use crate::sys::{LinkInfo, link_info};
 
-/// The kernel's name of a cgroup attach type tagger uses (`bpf_attach_type`).
-#[must_use]
-pub fn attach_type_name(t: u32) -> Option<&'static str> {
-    Some(match t {
-        3 => "cgroup_sock_ops",
-        10 => "cgroup_inet4_connect",
-        11 => "cgroup_inet6_connect",
-        14 => "cgroup_udp4_sendmsg",
-        15 => "cgroup_udp6_sendmsg",
-        19 => "cgroup_udp4_recvmsg",
-        20 => "cgroup_udp6_recvmsg",
-        29 => "cgroup_inet4_getpeername",
-        30 => "cgroup_inet6_getpeername",
-        34 => "cgroup_inet_sock_release",
-        _ => return None,
-    })
-}
+pub use crate::datapath::attach_type_name;
 
 pub use crate::cgroup::cgroup_paths;
 

@@ -31,6 +31,7 @@
 //! Because links and maps are pinned, programs stay attached and maps stay filled when the
 //! process that installed them exits; a later process opens the same pins ([`Datapath::open`]).
 
+mod ancestors;
 mod compat;
 mod inbound;
 mod tables;
@@ -88,6 +89,24 @@ pub fn attach_type(program: &str) -> Option<u32> {
         "getpeername6" => 30,
         "conn_track" => 3,
         "conn_release" => 34,
+        _ => return None,
+    })
+}
+
+/// The kernel's name of a cgroup attach type tagger uses (`bpf_attach_type`).
+#[must_use]
+pub fn attach_type_name(t: u32) -> Option<&'static str> {
+    Some(match t {
+        3 => "cgroup_sock_ops",
+        10 => "cgroup_inet4_connect",
+        11 => "cgroup_inet6_connect",
+        14 => "cgroup_udp4_sendmsg",
+        15 => "cgroup_udp6_sendmsg",
+        19 => "cgroup_udp4_recvmsg",
+        20 => "cgroup_udp6_recvmsg",
+        29 => "cgroup_inet4_getpeername",
+        30 => "cgroup_inet6_getpeername",
+        34 => "cgroup_inet_sock_release",
         _ => return None,
     })
 }
@@ -277,6 +296,9 @@ impl Datapath {
         if current && missing_links.is_empty() && elsewhere.is_empty() {
             return Ok((Self::open(bpffs_dir)?, Installed::Adopted));
         }
+        let attaching: Vec<&'static str> =
+            missing_links.iter().copied().chain(elsewhere.iter().map(|&(p, _)| p)).collect();
+        ancestors::check(&cgroup, &attaching)?;
         let mut ebpf = load(&layout)?;
         attach(&mut ebpf, &layout, &cgroup, &missing_links)?;
         let replacing: Vec<&'static str> = if current {
