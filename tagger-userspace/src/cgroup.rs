@@ -45,6 +45,61 @@ impl CgroupRef {
     }
 }
 
+/// Kubelet's pods cgroup below the cgroup root: the systemd driver's name, then cgroupfs'.
+pub const KUBEPODS_CGROUPS: [&str; 2] = ["kubepods.slice", "kubepods"];
+
+/// Where the datapath attaches, and why there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttachPoint {
+    /// The cgroup directory.
+    pub path: PathBuf,
+    /// How it was chosen.
+    pub choice: AttachChoice,
+}
+
+/// How the attach cgroup was chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachChoice {
+    /// Kubelet's pods cgroup, found below the cgroup root: tagger's programs run before any
+    /// program attached at the root or another ancestor (socket-LB CNIs).
+    PodsCgroup,
+    /// Named by `--attach-cgroup`.
+    Configured,
+    /// Neither pods cgroup exists: the cgroup root itself, where programs attached earlier by
+    /// others (a socket-LB CNI) run first.
+    CgroupRoot,
+}
+
+impl AttachChoice {
+    /// A short name (logs, metrics, status).
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::PodsCgroup => "pods_cgroup",
+            Self::Configured => "configured",
+            Self::CgroupRoot => "cgroup_root",
+        }
+    }
+}
+
+/// Chooses the attach cgroup: `configured` (absolute, or relative to `cgroup_root`) if given,
+/// else the first of [`KUBEPODS_CGROUPS`] that `is_dir` finds below `cgroup_root`, else the
+/// root itself.
+#[must_use]
+pub fn choose_attach_point(
+    cgroup_root: &Path,
+    configured: Option<&Path>,
+    is_dir: impl Fn(&Path) -> bool,
+) -> AttachPoint {
+    if let Some(c) = configured {
+        return AttachPoint { path: cgroup_root.join(c), choice: AttachChoice::Configured };
+    }
+    KUBEPODS_CGROUPS.iter().map(|name| cgroup_root.join(name)).find(|p| is_dir(p)).map_or_else(
+        || AttachPoint { path: cgroup_root.to_owned(), choice: AttachChoice::CgroupRoot },
+        |path| AttachPoint { path, choice: AttachChoice::PodsCgroup },
+    )
+}
+
 /// Why a path that is not on cgroup2 cannot be used, naming a v1-only host when no cgroup2 is
 /// mounted at all.
 fn not_cgroup2_reason() -> String {
@@ -159,5 +214,22 @@ mod tests {
         assert_eq!(parse_cgroup2_mount(v1), None);
         let esc = "35 25 0:30 / /mnt/a\\040b rw - cgroup2 cgroup2 rw";
         assert_eq!(parse_cgroup2_mount(esc), Some(PathBuf::from("/mnt/a b")));
+    }
+
+    #[test]
+    fn the_attach_point_is_the_pods_cgroup_then_the_root() {
+        let root = Path::new("/sys/fs/cgroup");
+        let only = |dirs: &'static [&'static str]| move |p: &Path| dirs.iter().any(|d| p == root.join(d));
+        let both = choose_attach_point(root, None, only(&["kubepods.slice", "kubepods"]));
+        assert_eq!(both, AttachPoint { path: root.join("kubepods.slice"), choice: AttachChoice::PodsCgroup });
+        let cgroupfs = choose_attach_point(root, None, only(&["kubepods"]));
+        assert_eq!(cgroupfs.path, root.join("kubepods"));
+        let none = choose_attach_point(root, None, only(&[]));
+        assert_eq!(none, AttachPoint { path: root.to_owned(), choice: AttachChoice::CgroupRoot });
+        // The flag wins, relative to the root or absolute.
+        let rel = choose_attach_point(root, Some(Path::new("k3s/kubepods")), only(&["kubepods.slice"]));
+        assert_eq!(rel, AttachPoint { path: root.join("k3s/kubepods"), choice: AttachChoice::Configured });
+        let abs = choose_attach_point(root, Some(Path::new("/other/pods")), only(&[]));
+        assert_eq!(abs.path, Path::new("/other/pods"));
     }
 }

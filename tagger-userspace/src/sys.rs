@@ -1,6 +1,7 @@
 //! Raw system calls that aya 0.14 and std do not expose: `bpf(2)` commands (opening a pin with
 //! file flags, as aya opens pins read-write only; pinning any descriptor; detaching a link and
-//! replacing its program), and sockets of the families std has no type for (netlink, packet).
+//! replacing its program; describing a link; listing the programs on a cgroup hook and
+//! describing them), and sockets of the families std has no type for (netlink, packet).
 
 use std::{
     ffi::CString,
@@ -126,6 +127,173 @@ struct ProgQueryAttr {
     revision: u64,
 }
 
+/// `BPF_F_QUERY_EFFECTIVE`: the programs that run for the cgroup (its own and its ancestors'),
+/// in the order they run, instead of those attached at it.
+const BPF_F_QUERY_EFFECTIVE: u32 = 1;
+/// `BPF_F_ALLOW_OVERRIDE`: a cgroup's attach flag; a descendant's program replaces this one.
+pub const BPF_F_ALLOW_OVERRIDE: u32 = 1;
+/// `BPF_F_ALLOW_MULTI`: a cgroup's attach flag; descendants' programs run before this one.
+pub const BPF_F_ALLOW_MULTI: u32 = 2;
+/// The most programs one hook of one cgroup is asked for (the kernel allows 64 per cgroup).
+const MAX_QUERIED: usize = 256;
+
+/// The programs on one cgroup hook, as `BPF_PROG_QUERY` answers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CgroupHook {
+    /// The cgroup's attach flags for this hook ([`BPF_F_ALLOW_MULTI`], [`BPF_F_ALLOW_OVERRIDE`],
+    /// or 0 for an exclusive program); 0 in an effective query.
+    pub attach_flags: u32,
+    /// Program ids: attached at the cgroup, or with `effective` every one that runs for it, in
+    /// the order they run.
+    pub prog_ids: Vec<u32>,
+}
+
+/// `BPF_PROG_QUERY` of a cgroup hook (`attach_type`), read-only. `effective`: what runs for
+/// the cgroup, in order (its own programs first, then each ancestor's up to the root, skipping
+/// ancestors whose programs a descendant overrides); otherwise what is attached at it, with the
+/// cgroup's attach flags.
+pub fn cgroup_query(cgroup: BorrowedFd<'_>, attach_type: u32, effective: bool) -> io::Result<CgroupHook> {
+    let mut ids = vec![0u32; MAX_QUERIED];
+    let mut attr = ProgQueryAttr {
+        target_ifindex: u32::try_from(cgroup.as_raw_fd()).map_err(|_| io::Error::other("negative fd"))?,
+        attach_type,
+        query_flags: if effective { BPF_F_QUERY_EFFECTIVE } else { 0 },
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: u32::try_from(ids.len()).map_err(|_| io::Error::other("id buffer"))?,
+        ..Default::default()
+    };
+    // SAFETY: the kernel reads and writes `attr`, valid for its size, and writes at most
+    // `prog_cnt` ids into `ids`, which outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, &raw mut attr, size_of_val(&attr)) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    ids.truncate(usize::try_from(attr.prog_cnt).unwrap_or(0).min(MAX_QUERIED));
+    Ok(CgroupHook { attach_flags: attr.attach_flags, prog_ids: ids })
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD`.
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+/// `BPF_PROG_GET_FD_BY_ID`.
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+/// `BPF_LINK_TYPE_CGROUP`.
+const BPF_LINK_TYPE_CGROUP: u32 = 3;
+
+/// The `info` member of `union bpf_attr`.
+#[repr(C)]
+struct InfoByFdAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` into `info`, a `#[repr(C)]` prefix of the kernel's info struct
+/// (the kernel fills what fits; bytes past its own struct must be, and stay, zero).
+fn obj_info<T>(fd: BorrowedFd<'_>, info: &mut T) -> io::Result<()> {
+    let attr = InfoByFdAttr {
+        bpf_fd: u32::try_from(fd.as_raw_fd()).map_err(|_| io::Error::other("negative fd"))?,
+        info_len: u32::try_from(size_of::<T>()).map_err(|_| io::Error::other("info size"))?,
+        info: std::ptr::from_mut(info) as u64,
+    };
+    // SAFETY: the kernel reads `attr` (valid for its size) and writes at most `info_len` bytes
+    // into `info`, which we borrow mutably for the call.
+    let rc =
+        unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &raw const attr, size_of_val(&attr)) };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// A link as the kernel describes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkInfo {
+    /// Link id (as `bpftool link` shows it).
+    pub link_id: u32,
+    /// Id of the attached program (as `bpftool prog` shows it).
+    pub program_id: u32,
+    /// For a cgroup link: the cgroup id (inode; 0 once the link is detached) and the attach
+    /// type.
+    pub cgroup: Option<(u64, u32)>,
+}
+
+/// `bpf_link_info` up to the cgroup member of its union, followed by room for the larger union
+/// members of newer kernels (which must be zero on input and are ignored on output).
+#[repr(C)]
+#[derive(Default)]
+struct RawLinkInfo {
+    link_type: u32,
+    id: u32,
+    prog_id: u32,
+    /// Alignment of the 8-byte union that follows.
+    _pad: u32,
+    cgroup_id: u64,
+    attach_type: u32,
+    _rest: [u32; 25],
+}
+
+/// Reads the kernel's description of the link pinned at `pin`. Links can only be opened
+/// read-write (flags 0); holding the descriptor changes nothing: the pin keeps the link
+/// attached, and closing ours only drops our reference.
+pub fn link_info(pin: &Path) -> io::Result<LinkInfo> {
+    let fd = obj_get(pin, 0)?;
+    let mut info = RawLinkInfo::default();
+    obj_info(std::os::fd::AsFd::as_fd(&fd), &mut info)?;
+    let cgroup = (info.link_type == BPF_LINK_TYPE_CGROUP).then_some((info.cgroup_id, info.attach_type));
+    Ok(LinkInfo { link_id: info.id, program_id: info.prog_id, cgroup })
+}
+
+/// A loaded program as the kernel describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgInfo {
+    /// `bpf_prog_type`.
+    pub prog_type: u32,
+    /// Program id.
+    pub id: u32,
+    /// The name it was loaded with (at most 15 bytes).
+    pub name: String,
+}
+
+/// `bpf_prog_info` up to `name`, then zeroed room for the rest.
+#[repr(C)]
+struct RawProgInfo {
+    prog_type: u32,
+    id: u32,
+    tag: [u8; 8],
+    jited_prog_len: u32,
+    xlated_prog_len: u32,
+    jited_prog_insns: u64,
+    xlated_prog_insns: u64,
+    load_time: u64,
+    created_by_uid: u32,
+    nr_map_ids: u32,
+    map_ids: u64,
+    name: [u8; 16],
+    _rest: [u64; 24],
+}
+
+/// Describes the program with kernel id `id`. Opening a program by id needs CAP_SYS_ADMIN:
+/// without it this fails with EPERM. Only reads: the descriptor is closed on return.
+pub fn prog_info(id: u32) -> io::Result<ProgInfo> {
+    // The `prog_id` member of `union bpf_attr`: id, next_id, open_flags.
+    let attr: [u32; 3] = [id, 0, 0];
+    // SAFETY: the kernel reads 12 bytes of `attr`, valid for the call.
+    let fd =
+        unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_GET_FD_BY_ID, attr.as_ptr(), size_of_val(&attr)) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(|_| io::Error::other("fd out of range"))?;
+    // SAFETY: the kernel just returned this new descriptor; nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: every field is an integer or an integer array, for which all zeroes is valid.
+    let mut info: RawProgInfo = unsafe { std::mem::zeroed() };
+    obj_info(std::os::fd::AsFd::as_fd(&fd), &mut info)?;
+    let len = info.name.iter().position(|&b| b == 0).unwrap_or(info.name.len());
+    Ok(ProgInfo {
+        prog_type: info.prog_type,
+        id: info.id,
+        name: String::from_utf8_lossy(&info.name[..len]).into_owned(),
+    })
+}
+
 /// Queries the TCX ingress programs of an interface: fails (EINVAL) on kernels without TCX.
 pub fn tcx_query(ifindex: u32) -> io::Result<u32> {
     let mut attr =
@@ -184,6 +352,19 @@ mod tests {
     use std::{os::fd::AsFd as _, time::Instant};
 
     use super::*;
+
+    #[test]
+    fn info_members_sit_where_the_kernel_puts_them() {
+        // struct bpf_link_info { __u32 type, id, prog_id; union { struct { __u64 cgroup_id;
+        // __u32 attach_type; } cgroup; ... } } — the union is 8-byte aligned.
+        assert_eq!(std::mem::offset_of!(RawLinkInfo, cgroup_id), 16);
+        assert_eq!(std::mem::offset_of!(RawLinkInfo, attach_type), 24);
+        // struct bpf_prog_info: char name[BPF_OBJ_NAME_LEN] follows map_ids at offset 64.
+        assert_eq!(std::mem::offset_of!(RawProgInfo, name), 64);
+        // union bpf_attr's query: prog_cnt at 24, prog_attach_flags at 32.
+        assert_eq!(std::mem::offset_of!(ProgQueryAttr, prog_cnt), 24);
+        assert_eq!(std::mem::offset_of!(ProgQueryAttr, prog_attach_flags), 32);
+    }
 
     #[test]
     fn a_receive_with_nothing_to_read_times_out() {

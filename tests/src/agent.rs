@@ -26,6 +26,8 @@ use crate::{
 pub const NODE: &str = "node-1";
 /// Port the backends listen on.
 pub const PORT: u16 = 8080;
+/// Kubelet's pods cgroup (systemd driver) below the sandbox's cgroup root.
+pub const KUBEPODS: &str = "kubepods.slice";
 
 /// Path of a workspace binary built with the same profile as the running executable: test
 /// executables live in `target/<profile>/deps`, binaries in `target/<profile>`.
@@ -232,7 +234,8 @@ pub struct AgentSandbox {
     servers: Vec<BackendServer>,
     /// The agent's pin directory.
     pub pins: PinDir,
-    /// The cgroup root (`--cgroup-root`).
+    /// The cgroup root (`--cgroup-root`), with kubelet's pods cgroup `kubepods.slice` below it,
+    /// where the agent attaches.
     pub root: TestCgroup,
     /// Network namespaces of the pods, by name.
     pub netns: BTreeMap<String, Pod>,
@@ -251,16 +254,19 @@ impl Default for AgentSandbox {
 }
 
 impl AgentSandbox {
-    /// An empty node.
+    /// An empty node: a cgroup root with kubelet's (systemd driver) pods cgroup below it, as on
+    /// a real node, so the agent attaches there and not at the root.
     #[must_use]
     pub fn new() -> Self {
         crate::require_root();
         ensure_bpffs();
+        let root = TestCgroup::new(&unique_name("root"));
+        let _ = root.child(KUBEPODS);
         Self {
             agent: None,
             servers: Vec::new(),
             pins: PinDir(Path::new(BPFFS).join(unique_name("pins"))),
-            root: TestCgroup::new(&unique_name("root")),
+            root,
             netns: BTreeMap::new(),
             callers: Vec::new(),
             node: Node::new(),
@@ -315,7 +321,13 @@ impl AgentSandbox {
 
     fn pod_cgroup_rel(uid: &str) -> String {
         let uid = uid.replace('-', "_");
-        format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid}.slice")
+        format!("{KUBEPODS}/kubepods-burstable.slice/kubepods-burstable-pod{uid}.slice")
+    }
+
+    /// Kubelet's pods cgroup, where the agent attaches.
+    #[must_use]
+    pub fn kubepods(&self) -> PathBuf {
+        self.root.path().join(KUBEPODS)
     }
 
     /// The pod-level cgroup of a caller (named after its current UID).

@@ -13,6 +13,7 @@ pub mod client;
 pub mod cluster;
 pub mod datapath;
 pub mod fake_api;
+pub mod foreign_lb;
 pub mod hold;
 pub mod kernel;
 pub mod netns;

@@ -238,3 +238,82 @@ fn pins_are_created_0600_in_0700_directories_owned_by_root() {
     // Every link pin and every map.
     assert!(pins > tagger::datapath::PROGRAMS.len(), "only {pins} pins under {}", dp.dir().display());
 }
+
+/// The cgroups (ids) the pinned links are attached at, one per program.
+fn link_cgroups(pins: &Path) -> Vec<u64> {
+    tagger::datapath::PROGRAMS
+        .iter()
+        .map(|p| {
+            tagger::sys::link_info(&pins.join("links").join(p)).unwrap().cgroup.expect("a cgroup link").0
+        })
+        .collect()
+}
+
+/// An upgrade that also moves the attach point (a release that attached at the cgroup root,
+/// replaced by one attaching at kubelet's pods cgroup): the old programs keep serving at the root
+/// until the new maps are filled, then each is attached below and only then detached above.
+#[test]
+fn an_upgrade_that_moves_the_attach_cgroup_waits_for_the_maps_and_fails_no_connection() {
+    let f = Fixture::new();
+    let (caller_pod, root, pod_cgroup, pins) = (&f.caller_pod, &f.root, &f.pod_cgroup, &f.pins);
+    let vip: SocketAddr = "10.96.3.3:80".parse().unwrap();
+    let gray_backend = SocketAddr::new(f.backend_pod.ip4.into(), 8080);
+    let fill = |dp: &mut Datapath| {
+        let t = dp.tables_mut();
+        t.register_pod(&TestCgroup::resolve(pod_cgroup), lane_id("gray")).unwrap();
+        t.replace_backends(1, lane_id("gray"), &[backend(gray_backend)]).unwrap();
+        t.upsert_frontend(&frontend_key(vip, Proto::Tcp), Service { svc_id: 1, flags: 0 }).unwrap();
+    };
+    let kubepods = root.path().join("kubepods");
+    let (root_id, kubepods_id) = (TestCgroup::resolve(root.path()).id, TestCgroup::resolve(&kubepods).id);
+
+    assert!(install_in_other_process(&pins.0, root.path()).starts_with("Attached"));
+    fill(&mut Datapath::open(&pins.0).unwrap());
+    tagger_tests::datapath::age_pins(&pins.0);
+    let client = LoopClient::start(pod_cgroup, &caller_pod.ns, vip);
+
+    let (mut dp, installed) = Datapath::install(&pins.0, &kubepods).unwrap();
+    assert!(matches!(installed, tagger::datapath::Installed::Upgrading { .. }), "{installed:?}");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(link_cgroups(&pins.0).iter().all(|&c| c == root_id), "nothing moves before the maps are filled");
+    fill(&mut dp);
+    assert_eq!(dp.finish_upgrade().unwrap().len(), tagger::datapath::PROGRAMS.len());
+    assert!(link_cgroups(&pins.0).iter().all(|&c| c == kubepods_id), "every link moved");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let summary = client.finish();
+    assert!(summary.ok > 0 && summary.failed == 0, "{summary:?}");
+    assert_eq!(summary.replies.keys().collect::<Vec<_>>(), ["gray-backend"], "{summary:?}");
+    drop(dp);
+    assert_eq!(install_in_other_process(&pins.0, &kubepods), "Adopted");
+}
+
+/// A move interrupted after the new link was attached elsewhere (a `moving-` pin at a cgroup
+/// that is no longer asked for) is undone: that link is detached and removed, the others move
+/// to the cgroup asked for. One interrupted with its `moving-` link at the cgroup asked for is
+/// finished.
+#[test]
+fn a_leftover_move_is_undone_or_finished() {
+    let f = Fixture::new();
+    let (root, pins) = (&f.root, &f.pins);
+    let kubepods = root.path().join("kubepods");
+    assert!(install_in_other_process(&pins.0, &kubepods).starts_with("Attached"));
+    // Leave a link at kubepods under the name of a move in progress, and attach at the root.
+    let links = pins.0.join("links");
+    std::fs::rename(links.join("connect4"), links.join("moving-connect4")).unwrap();
+    let (_dp, installed) = Datapath::install(&pins.0, root.path()).unwrap();
+    assert!(
+        matches!(&installed, tagger::datapath::Installed::Moved { moved, attached, .. }
+            if attached == &["connect4"] && moved.len() == tagger::datapath::PROGRAMS.len() - 1),
+        "{installed:?}"
+    );
+    assert!(!links.join("moving-connect4").exists());
+    assert!(link_cgroups(&pins.0).iter().all(|&c| c == TestCgroup::resolve(root.path()).id));
+
+    // A move interrupted after the new link was attached where it is still asked for is
+    // finished: the `moving-` link takes the program's pin, nothing is attached anew.
+    let before = tagger::sys::link_info(&links.join("connect4")).unwrap().link_id;
+    std::fs::rename(links.join("connect4"), links.join("moving-connect4")).unwrap();
+    assert_eq!(install_in_other_process(&pins.0, root.path()), "Adopted");
+    assert!(!links.join("moving-connect4").exists());
+    assert_eq!(tagger::sys::link_info(&links.join("connect4")).unwrap().link_id, before);
+}

@@ -627,6 +627,10 @@ fn check_agent_mounts(objs: &Objects, c: &Container, pod: &PodSpec, args: &Args)
     let cgroup = mount_for(c, &args.cgroup_root);
     assert_eq!(host_path(cgroup).expect("cgroup root is a hostPath").path, "/sys/fs/cgroup");
     assert_eq!(cgroup.read_only, Some(true), "the cgroup root is mounted read-only");
+    // The agent finds kubelet's pods cgroup below the mounted root (kubepods.slice or kubepods,
+    // whichever driver the node's kubelet uses) and attaches there, before a socket-LB CNI's
+    // programs at the host root: a fixed --attach-cgroup would miss it on the other driver.
+    assert_eq!(args.attach_cgroup, None, "--attach-cgroup is left to the agent's discovery");
     let netns = c.volume_mounts.iter().flatten().find(|m| m.name == "netns").expect("netns mount");
     assert_eq!(host_path(netns).expect("netns is a hostPath").path, "/var/run/netns");
     assert_eq!(netns.read_only, Some(true));

@@ -9,6 +9,7 @@ use std::{
 use anyhow::{Result, bail};
 
 use crate::{
+    cgroup::{AttachChoice, AttachPoint, choose_attach_point},
     datapath::tc::MarkDirection,
     labels::{DEFAULT_LANE_LABELS, validate_label_key},
 };
@@ -53,9 +54,17 @@ pub struct Args {
     pub node_name: Option<String>,
 
     /// The cgroup v2 directory where kubelet's pod cgroups live (kubepods.slice or kubepods
-    /// below it); the datapath attaches here.
+    /// below it). The datapath attaches at kubepods.slice or kubepods found directly below it
+    /// (see --attach-cgroup), or, when neither exists, here.
     #[arg(long, default_value = "/sys/fs/cgroup")]
     pub cgroup_root: PathBuf,
+
+    /// The cgroup the datapath attaches to, absolute or relative to --cgroup-root; every pod's
+    /// cgroup must be at or below it. Default: kubelet's pods cgroup (kubepods.slice, then
+    /// kubepods) below --cgroup-root, so tagger's programs run before those a socket-LB CNI
+    /// attaches at the root; the root itself when neither exists (logged as a warning).
+    #[arg(long, value_name = "PATH")]
+    pub attach_cgroup: Option<PathBuf>,
 
     /// bpffs directory for the pinned maps and links.
     #[arg(long, default_value = "/sys/fs/bpf/tagger")]
@@ -112,6 +121,8 @@ pub struct AgentConfig {
     pub node_name: String,
     /// Where pod cgroups live.
     pub cgroup_root: PathBuf,
+    /// Where the datapath attaches.
+    pub attach: AttachPoint,
     /// Lane label keys, in priority order.
     pub lane_keys: Vec<String>,
     /// Interface globs to mark on (empty: no marking).
@@ -140,6 +151,10 @@ impl Args {
                 self.cgroup_root.display()
             );
         }
+        let attach = choose_attach_point(&self.cgroup_root, self.attach_cgroup.as_deref(), Path::is_dir);
+        if attach.choice == AttachChoice::Configured && !attach.path.is_dir() {
+            bail!("--attach-cgroup {}: no such directory", attach.path.display());
+        }
         if let Source::File(path) = &self.source
             && !path.exists()
         {
@@ -147,7 +162,13 @@ impl Args {
         }
         let mark_interfaces = crate::datapath::tc::parse_globs(&self.mark_interfaces)
             .map_err(|e| anyhow::anyhow!("--mark-interfaces {e}"))?;
-        Ok(AgentConfig { node_name, cgroup_root: self.cgroup_root.clone(), lane_keys, mark_interfaces })
+        Ok(AgentConfig {
+            node_name,
+            cgroup_root: self.cgroup_root.clone(),
+            attach,
+            lane_keys,
+            mark_interfaces,
+        })
     }
 }
 
@@ -188,6 +209,18 @@ mod tests {
             Args::try_parse_from(["tagger-agent", "--node-name", "n1", "--cgroup-root", "/nonexistent/x"])
                 .unwrap();
         assert!(missing.validate().unwrap_err().to_string().contains("--cgroup-root"));
+        let attach = Args::try_parse_from([
+            "tagger-agent",
+            "--node-name",
+            "n1",
+            "--cgroup-root",
+            "/",
+            "--attach-cgroup",
+            "nonexistent-tagger-pods",
+        ])
+        .unwrap();
+        let e = attach.validate().unwrap_err().to_string();
+        assert!(e.contains("--attach-cgroup /nonexistent-tagger-pods"), "{e}");
         assert!(Args::try_parse_from(["tagger-agent", "--uninstall"]).is_ok());
     }
 }

@@ -166,6 +166,12 @@ impl Collector for AgentCollector {
         )?;
         gauge(
             &mut encoder,
+            "agent_attached_at_cgroup_root",
+            "1 when the datapath attaches at the cgroup root (no kubelet pods cgroup found): programs attached there earlier, such as a socket-LB CNI's, run before tagger's",
+            i64::from(s.attached_at_root()),
+        )?;
+        gauge(
+            &mut encoder,
             "agent_pending_pods",
             "Local pods whose cgroup has not appeared yet",
             clamp(snap.pending_pods),

@@ -1,4 +1,5 @@
-//! `tagger-agent`, the node daemon: installs (or adopts) the pinned datapath on the cgroup root,
+//! `tagger-agent`, the node daemon: installs (or adopts) the pinned datapath on kubelet's pods
+//! cgroup (below the cgroup root, so its programs run before those attached at the root),
 //! watches its source (the Kubernetes API or a YAML file) and the lanes config, and keeps the
 //! maps equal to what they describe.
 //!
@@ -33,7 +34,11 @@ pub use status::AgentStatus;
 pub(crate) use poll::file_changes;
 use tracing::{error, info, warn};
 
-use crate::{datapath::Datapath, lanes_config::LanesConfig};
+use crate::{
+    cgroup::{AttachChoice, AttachPoint},
+    datapath::Datapath,
+    lanes_config::LanesConfig,
+};
 
 /// Waits for the datapath install started by [`run`] (once; later calls find nothing to join).
 fn join_install(
@@ -70,18 +75,19 @@ pub fn run(args: &Args) -> Result<()> {
     // Loading the programs (the verifier) takes a fifth of a second: the sources start their
     // lists meanwhile, and the changes they queue wait for the reconciler, which starts once the
     // datapath is there.
+    let status = Arc::new(AgentStatus::default());
+    report_attach_point(&config.attach, &status);
     let mut install = Some({
-        let (bpffs, cgroup_root) = (args.bpffs.clone(), config.cgroup_root.clone());
+        let (bpffs, attach) = (args.bpffs.clone(), config.attach.path.clone());
         std::thread::Builder::new()
             .name("install".into())
             .spawn(move || {
-                Datapath::install(&bpffs, &cgroup_root)
-                    .with_context(|| format!("installing the datapath on {}", cgroup_root.display()))
+                Datapath::install(&bpffs, &attach)
+                    .with_context(|| format!("installing the datapath on {}", attach.display()))
             })
             .context("spawning the datapath install")?
     });
 
-    let status = Arc::new(AgentStatus::default());
     let lanes = Arc::new(std::sync::Mutex::new(lanes));
     let (wake_tx, wake_rx) = std::sync::mpsc::channel::<Wake>();
 
@@ -121,7 +127,7 @@ pub fn run(args: &Args) -> Result<()> {
             }
         };
         let (datapath, installed) = join_install(&mut install)?;
-        info!(?installed, bpffs = %args.bpffs.display(), cgroup_root = %config.cgroup_root.display(), "datapath ready");
+        info!(?installed, bpffs = %args.bpffs.display(), cgroup = %config.attach.path.display(), "datapath ready");
         marking = start_marking(args, &config)?;
         let mut reconciler = Reconciler::new(datapath, config.clone(), Arc::clone(&status))?;
         let reconciler_lanes = Arc::clone(&lanes);
@@ -161,6 +167,23 @@ pub fn run(args: &Args) -> Result<()> {
     }
     runtime.shutdown_timeout(Duration::from_secs(1));
     result
+}
+
+/// Logs where the datapath attaches, and records it for the metrics; at the cgroup root, a
+/// warning: programs others attached there first (a socket-LB CNI translating ClusterIPs) run
+/// before tagger's.
+fn report_attach_point(attach: &AttachPoint, status: &AgentStatus) {
+    status.set_attached_at_root(attach.choice == AttachChoice::CgroupRoot);
+    let cgroup = attach.path.display();
+    match attach.choice {
+        AttachChoice::CgroupRoot => warn!(
+            %cgroup,
+            "neither kubepods.slice nor kubepods is below --cgroup-root: attaching at the cgroup root, \
+             where tagger runs after socket LBs attached at the root earlier (a socket-LB CNI translates \
+             ClusterIPs before tagger sees them); set --attach-cgroup to kubelet's pods cgroup"
+        ),
+        choice => info!(%cgroup, choice = choice.name(), "attaching the datapath"),
+    }
 }
 
 /// The Kubernetes client (in-cluster config or KUBECONFIG), with the watch timeouts.

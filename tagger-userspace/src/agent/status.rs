@@ -29,6 +29,7 @@ pub struct AgentStatus {
     last_sync_unix: AtomicU64,
     pending_pods: AtomicU64,
     connections_reset: AtomicU64,
+    attached_at_root: AtomicBool,
     warnings: Mutex<BTreeMap<String, u64>>,
     ignored_kinds: Mutex<BTreeMap<String, u64>>,
     reconcile_seconds: Histogram,
@@ -48,6 +49,7 @@ impl Default for AgentStatus {
             last_sync_unix: AtomicU64::default(),
             pending_pods: AtomicU64::default(),
             connections_reset: AtomicU64::default(),
+            attached_at_root: AtomicBool::default(),
             warnings: Mutex::default(),
             ignored_kinds: Mutex::default(),
             // 50 µs to ~3.3 s.
@@ -57,6 +59,16 @@ impl Default for AgentStatus {
 }
 
 impl AgentStatus {
+    /// Records that the datapath attaches at the cgroup root (no pods cgroup was found).
+    pub fn set_attached_at_root(&self, at_root: bool) {
+        self.attached_at_root.store(at_root, Ordering::Relaxed);
+    }
+
+    /// Whether the datapath attaches at the cgroup root.
+    pub fn attached_at_root(&self) -> bool {
+        self.attached_at_root.load(Ordering::Relaxed)
+    }
+
     /// Ready: the first full sync has been applied.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)

@@ -54,6 +54,9 @@ pub enum Command {
     ///
     /// For each program: its link pin, since when it is pinned (attached), the kernel's link and
     /// program ids, and the cgroup it is attached to. For each map: entries vs capacity.
+    /// Then every other program on tagger's hooks at its attach cgroup and each ancestor, in the
+    /// order the kernel runs them (a socket LB running before tagger is warned about); program
+    /// names need CAP_SYS_ADMIN.
     ///
     /// Exits 0 when every program link and every map is pinned, 1 otherwise (after printing
     /// the report). An agent that does not answer is reported, not an error: the datapath keeps

@@ -32,7 +32,10 @@
 //!   pinned, pinned_since_unix, pinned_since, link_id, program_id, cgroup_id, cgroup_path,
 //!   attach_type, error}], maps: [{map, pin, pinned, entries, capacity, fill_ratio}],
 //!   maps_error, config: {pod_level_min, pod_level_max}, agent: {address, reachable, ready,
-//!   detail}}`;
+//!   detail}, attach: {cgroup_path, level, at_cgroup_root, others, others_before_tagger, note,
+//!   hooks: [{program, attach_type, error, programs: [{order, program_id, name, prog_type,
+//!   attached_at, attach_flags, tagger}]}]} | null}` (every program on tagger's hooks at its
+//!   cgroup and above, in run order: [`hooks::AttachReport`]);
 //! - `pods` ([`pods::PodsReport`]): `{pods: [{cgroup_id, level, lane, namespace, name}]}`;
 //! - `services` ([`services::ServicesReport`]): `{services: [{svc_id, frontends: [string],
 //!   service, flags: ["strict"], strict, lanes: [{lane, generation, count, backends: [string],
@@ -58,6 +61,7 @@
 pub mod args;
 pub mod caller;
 pub mod explain;
+pub mod hooks;
 pub mod inbound;
 pub mod lanes;
 pub mod links;

@@ -14,6 +14,7 @@ use tagger_common::ALL_MAPS;
 
 use super::{
     args::{Format, StatusArgs},
+    hooks,
     links::{attach_type_name, cgroup_paths, link_info},
     open::{check_pin_dir, open_read_only},
     render::{ago, print_json, rfc3339, table, unix_seconds},
@@ -51,6 +52,9 @@ pub struct StatusReport {
     pub marking: Vec<MarkedInterface>,
     /// How marking attaches on this kernel: `tcx` or `netlink`.
     pub marking_mode: String,
+    /// tagger's attach cgroup and every program on its hooks there and above, in run order
+    /// (null when no link could be traced to a cgroup directory).
+    pub attach: Option<hooks::AttachReport>,
 }
 
 /// An interface with a marking link.
@@ -149,7 +153,11 @@ pub fn collect(dir: &Path, agent_addr: &str, cgroup_root: Option<&Path>) -> anyh
     check_pin_dir(dir)?;
     let layout = PinLayout::new(dir);
     let mut programs: Vec<ProgramStatus> = PROGRAMS.iter().map(|&p| program_status(&layout, p)).collect();
-    resolve_cgroup_paths(&mut programs, cgroup_root);
+    let mount_root = resolve_cgroup_paths(&mut programs, cgroup_root);
+    let attach = mount_root.zip(programs.iter().find_map(|p| p.cgroup_path.clone())).map(|(root, cgroup)| {
+        let own: Vec<u32> = programs.iter().filter_map(|p| p.program_id).collect();
+        hooks::collect(Path::new(&cgroup), &root, &PROGRAMS, &own)
+    });
 
     let mut maps: Vec<MapStatus> = ALL_MAPS
         .iter()
@@ -203,6 +211,7 @@ pub fn collect(dir: &Path, agent_addr: &str, cgroup_root: Option<&Path>) -> anyh
             .map(|(interface, direction)| MarkedInterface { interface, direction })
             .collect(),
         marking_mode: crate::datapath::tc::probe().to_string(),
+        attach,
     })
 }
 
@@ -244,19 +253,21 @@ fn program_status(layout: &PinLayout, program: &'static str) -> ProgramStatus {
     s
 }
 
-/// Fills in the cgroup directories of the links (one walk of the cgroup tree for all of them).
-fn resolve_cgroup_paths(programs: &mut [ProgramStatus], cgroup_root: Option<&Path>) {
+/// Fills in the cgroup directories of the links (one walk of the cgroup tree for all of them);
+/// returns the root of the tree walked.
+fn resolve_cgroup_paths(programs: &mut [ProgramStatus], cgroup_root: Option<&Path>) -> Option<PathBuf> {
     let ids: BTreeSet<u64> = programs.iter().filter_map(|p| p.cgroup_id).collect();
     if ids.is_empty() {
-        return;
+        return None;
     }
-    let Ok(root) = cgroup_root.map_or_else(cgroup2_mount, |r| Ok(r.to_owned())) else { return };
+    let root = cgroup_root.map_or_else(cgroup2_mount, |r| Ok(r.to_owned())).ok()?;
     let paths: BTreeMap<u64, PathBuf> = cgroup_paths(&root, &ids);
     for p in programs {
         if let Some(path) = p.cgroup_id.and_then(|id| paths.get(&id)) {
             p.cgroup_path = Some(path.display().to_string());
         }
     }
+    Some(root)
 }
 
 /// A plain HTTP GET of `/readyz` with short timeouts.
@@ -386,6 +397,10 @@ fn print_tables(r: &StatusReport) {
         let list: Vec<String> =
             r.marking.iter().map(|m| format!("{} ({})", m.interface, m.direction)).collect();
         println!("lane marking ({}): {}", r.marking_mode, list.join(", "));
+    }
+    if let Some(attach) = &r.attach {
+        println!();
+        hooks::print(attach);
     }
 }
 

@@ -7,6 +7,7 @@
 //! ```text
 //! <dir>/maps/<MAP NAME>     every map of tagger-common's ALL_MAPS
 //! <dir>/links/<program>     one cgroup link per program of PROGRAMS
+//! <dir>/links/moving-<program>  its link at a new attach cgroup, during a move (see below)
 //! <dir>/object-<hash>       which build of the datapath the links run (a second pin of the
 //!                           config map, named after a hash of the embedded object)
 //! ```
@@ -21,9 +22,16 @@
 //! the hook never runs neither), removes the map pins no program of this build uses, and
 //! records the build.
 //!
+//! **Moving to another cgroup.** When a pinned link is attached at another cgroup than the one
+//! asked for (a release that attached at the cgroup root, or a changed `--attach-cgroup`), the
+//! program is attached at the new cgroup first, pinned as `moving-<program>`, and only then is the
+//! old link detached and the new pin renamed over it: the hook runs once or twice, never not
+//! at all. A move interrupted between those steps is finished (or undone) by the next install.
+//!
 //! Because links and maps are pinned, programs stay attached and maps stay filled when the
 //! process that installed them exits; a later process opens the same pins ([`Datapath::open`]).
 
+mod ancestors;
 mod compat;
 mod inbound;
 mod tables;
@@ -67,6 +75,46 @@ pub const PROGRAMS: [&str; 10] = [
     "conn_release",
 ];
 
+/// The kernel attach type (`bpf_attach_type`) of each program of [`PROGRAMS`].
+#[must_use]
+pub fn attach_type(program: &str) -> Option<u32> {
+    Some(match program {
+        "connect4" => 10,
+        "connect6" => 11,
+        "sendmsg4" => 14,
+        "sendmsg6" => 15,
+        "recvmsg4" => 19,
+        "recvmsg6" => 20,
+        "getpeername4" => 29,
+        "getpeername6" => 30,
+        "conn_track" => 3,
+        "conn_release" => 34,
+        _ => return None,
+    })
+}
+
+/// The kernel's name of a cgroup attach type tagger uses (`bpf_attach_type`).
+#[must_use]
+pub fn attach_type_name(t: u32) -> Option<&'static str> {
+    Some(match t {
+        3 => "cgroup_sock_ops",
+        10 => "cgroup_inet4_connect",
+        11 => "cgroup_inet6_connect",
+        14 => "cgroup_udp4_sendmsg",
+        15 => "cgroup_udp6_sendmsg",
+        19 => "cgroup_udp4_recvmsg",
+        20 => "cgroup_udp6_recvmsg",
+        29 => "cgroup_inet4_getpeername",
+        30 => "cgroup_inet6_getpeername",
+        34 => "cgroup_inet_sock_release",
+        _ => return None,
+    })
+}
+
+/// Prefix of a link pin attached at a new cgroup while the old link still serves (bpffs
+/// refuses names with a dot).
+const MOVING_PREFIX: &str = "moving-";
+
 /// Where the datapath's pins live.
 #[derive(Clone, Debug)]
 pub struct PinLayout {
@@ -108,6 +156,12 @@ impl PinLayout {
     #[must_use]
     pub fn link(&self, program: &str) -> PathBuf {
         self.links_dir().join(program)
+    }
+
+    /// Pin path of a program's link at the cgroup it is moving to (see the module docs).
+    #[must_use]
+    pub fn moving_link(&self, program: &str) -> PathBuf {
+        self.links_dir().join(format!("{MOVING_PREFIX}{program}"))
     }
 
     /// Map pins that do not exist.
@@ -172,6 +226,16 @@ pub enum Installed {
         /// Programs attached by this call.
         programs: Vec<&'static str>,
     },
+    /// This build's links were attached at another cgroup: each is now attached at the one
+    /// asked for (attached there first, then the old link detached).
+    Moved {
+        /// The cgroups (ids) the links were attached at.
+        from: Vec<u64>,
+        /// Programs moved.
+        moved: Vec<&'static str>,
+        /// Programs whose link was missing, attached by this call.
+        attached: Vec<&'static str>,
+    },
     /// The links run another build's programs (or an interrupted install's): this build's are
     /// loaded, and [`Datapath::finish_upgrade`] swaps them in once the maps are filled.
     Upgrading {
@@ -179,7 +243,8 @@ pub enum Installed {
         from: Option<String>,
         /// Programs whose link was missing, attached by this call.
         attached: Vec<&'static str>,
-        /// Programs whose link `finish_upgrade` will switch to this build.
+        /// Programs whose link `finish_upgrade` will switch to this build (and move to the
+        /// cgroup asked for, if attached elsewhere).
         replacing: Vec<&'static str>,
     },
 }
@@ -188,6 +253,7 @@ pub enum Installed {
 struct PendingUpgrade {
     ebpf: aya::Ebpf,
     programs: Vec<&'static str>,
+    cgroup: CgroupRef,
 }
 
 impl std::fmt::Debug for PendingUpgrade {
@@ -224,13 +290,22 @@ impl Datapath {
         // The linked programs use exactly the pinned maps of their build: a map pin missing
         // now gets a new map, which they do not see, so they are replaced as in an upgrade.
         let current = recorded.contains(&version) && layout.missing_maps().is_empty();
+        recover_moves(&layout, &cgroup)?;
         let missing_links = layout.missing_links();
-        if current && missing_links.is_empty() {
+        let elsewhere = links_elsewhere(&layout, &cgroup);
+        if current && missing_links.is_empty() && elsewhere.is_empty() {
             return Ok((Self::open(bpffs_dir)?, Installed::Adopted));
         }
+        let attaching: Vec<&'static str> =
+            missing_links.iter().copied().chain(elsewhere.iter().map(|&(p, _)| p)).collect();
+        ancestors::check(&cgroup, &attaching)?;
         let mut ebpf = load(&layout)?;
         attach(&mut ebpf, &layout, &cgroup, &missing_links)?;
         let replacing: Vec<&'static str> = if current {
+            // This build's programs, on this build's maps: moving them needs no filled maps first.
+            for &(name, _) in &elsewhere {
+                move_link(&mut ebpf, &layout, &cgroup, name)?;
+            }
             Vec::new()
         } else {
             PROGRAMS.into_iter().filter(|p| !missing_links.contains(p)).collect()
@@ -238,20 +313,32 @@ impl Datapath {
         let mut datapath = Self::open(bpffs_dir)?;
         if replacing.is_empty() {
             datapath.record_version()?;
-            return Ok((datapath, Installed::Attached { programs: missing_links }));
+            if elsewhere.is_empty() {
+                return Ok((datapath, Installed::Attached { programs: missing_links }));
+            }
+            let mut from: Vec<u64> = elsewhere.iter().map(|&(_, id)| id).collect();
+            from.dedup();
+            let moved = elsewhere.into_iter().map(|(name, _)| name).collect();
+            return Ok((datapath, Installed::Moved { from, moved, attached: missing_links }));
         }
-        datapath.pending = Some(PendingUpgrade { ebpf, programs: replacing.clone() });
+        datapath.pending = Some(PendingUpgrade { ebpf, programs: replacing.clone(), cgroup });
         let from = recorded.into_iter().next();
         Ok((datapath, Installed::Upgrading { from, attached: missing_links, replacing }))
     }
 
     /// Completes an upgrade [`Datapath::install`] began (nothing to do otherwise): call it once
     /// this build's maps hold the desired state. Each link switches to this build's program in
-    /// one step; then the map pins no program of this build uses are removed and the build is
-    /// recorded. Returns the programs switched.
+    /// one step (a link attached at another cgroup than the install's is replaced by one at
+    /// that cgroup, attached before the old one is detached); then the map pins no program of
+    /// this build uses are removed and the build is recorded. Returns the programs switched.
     pub fn finish_upgrade(&mut self) -> Result<Vec<&'static str>> {
-        let Some(pending) = self.pending.take() else { return Ok(Vec::new()) };
+        let Some(mut pending) = self.pending.take() else { return Ok(Vec::new()) };
+        let elsewhere = links_elsewhere(&self.layout, &pending.cgroup);
         for &name in &pending.programs {
+            if elsewhere.iter().any(|&(p, _)| p == name) {
+                move_link(&mut pending.ebpf, &self.layout, &pending.cgroup, name)?;
+                continue;
+            }
             let pin = self.layout.link(name);
             let link = crate::sys::obj_get(&pin, 0).map_err(|e| Error::io(&pin, e))?;
             let program = pending.ebpf.program(name).ok_or_else(|| Error::Invalid {
@@ -325,14 +412,8 @@ impl Datapath {
         // Links first: once they are gone no program reads the maps. Each link is detached
         // explicitly before its pin goes, because the kernel releases an unpinned link
         // asynchronously.
-        for program in PROGRAMS {
-            let pin = layout.link(program);
-            if let Ok(fd) = crate::sys::obj_get(&pin, 0)
-                && let Err(e) = crate::sys::link_detach(fd.as_fd())
-            {
-                log::warn!("detaching {}: {e}; removing its pin detaches it shortly", pin.display());
-            }
-            remove_pin(&pin)?;
+        for pin in PROGRAMS.into_iter().flat_map(|p| [layout.moving_link(p), layout.link(p)]) {
+            detach_and_remove(&pin)?;
         }
         tc::remove_all(&layout).map_err(|e| Error::io(layout.links_dir(), e))?;
         for map in ALL_MAPS.iter().map(|m| (*m).to_owned()).chain(layout.stale_maps()) {
@@ -416,6 +497,85 @@ fn attach(
         fd_link.pin(&path).map_err(|e| Error::Pin { path: path.clone(), reason: e.to_string() })?;
     }
     Ok(())
+}
+
+/// Programs whose pinned link is attached at another cgroup than `cgroup`, with that cgroup's
+/// id (0: a link detached by an interrupted move). A link that cannot be read is left alone
+/// (logged): it is adopted as it is.
+fn links_elsewhere(layout: &PinLayout, cgroup: &CgroupRef) -> Vec<(&'static str, u64)> {
+    PROGRAMS
+        .into_iter()
+        .filter_map(|name| {
+            let pin = layout.link(name);
+            if !pin.exists() {
+                return None;
+            }
+            match crate::sys::link_info(&pin) {
+                Ok(info) => info.cgroup.map(|(id, _)| id).filter(|&id| id != cgroup.id).map(|id| (name, id)),
+                Err(e) => {
+                    log::warn!("reading {}: {e}; adopting the link as it is", pin.display());
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+/// Moves one program's link to `cgroup` with no moment without the hook: attaches this build's
+/// program there, pinned as `moving-<program>`, then detaches the old link and renames the new
+/// pin over the old one.
+fn move_link(ebpf: &mut aya::Ebpf, layout: &PinLayout, cgroup: &CgroupRef, name: &'static str) -> Result<()> {
+    let moving = layout.moving_link(name);
+    detach_and_remove(&moving)?;
+    let cgroup_dir = fs::File::open(&cgroup.path).map_err(|e| Error::io(&cgroup.path, e))?;
+    let fd_link = attach_loaded(program_mut(ebpf, name)?, &cgroup_dir)
+        .map_err(|source| Error::Program { program: name, source: Box::new(source) })?;
+    fd_link.pin(&moving).map_err(|e| Error::Pin { path: moving.clone(), reason: e.to_string() })?;
+    finish_move(layout, name)
+}
+
+/// The second half of a move: the new link (`moving-<program>`) is attached; detach the old one
+/// and rename the new pin over it.
+fn finish_move(layout: &PinLayout, name: &str) -> Result<()> {
+    let (pin, moving) = (layout.link(name), layout.moving_link(name));
+    detach(&pin);
+    fs::rename(&moving, &pin).map_err(|e| Error::io(&moving, e))
+}
+
+/// Finishes or undoes moves an earlier install left half-done: a `moving-<program>` link attached
+/// at `cgroup` takes its program's pin (the old link is detached); one attached elsewhere (a
+/// move towards another cgroup) is detached and removed, the old link still serving.
+fn recover_moves(layout: &PinLayout, cgroup: &CgroupRef) -> Result<()> {
+    for name in PROGRAMS {
+        let moving = layout.moving_link(name);
+        if !moving.exists() {
+            continue;
+        }
+        let at_target =
+            crate::sys::link_info(&moving).is_ok_and(|i| i.cgroup.is_some_and(|(id, _)| id == cgroup.id));
+        if at_target {
+            finish_move(layout, name)?;
+        } else {
+            detach_and_remove(&moving)?;
+        }
+    }
+    Ok(())
+}
+
+/// Detaches the link pinned at `pin` now (the kernel releases an unpinned or replaced link from a
+/// workqueue, a moment later); a missing pin is fine.
+fn detach(pin: &Path) {
+    if let Ok(fd) = crate::sys::obj_get(pin, 0)
+        && let Err(e) = crate::sys::link_detach(fd.as_fd())
+    {
+        log::warn!("detaching {}: {e}; removing its pin detaches it shortly", pin.display());
+    }
+}
+
+/// [`detach`]es the link pinned at `pin` and removes the pin; a missing pin is fine.
+fn detach_and_remove(pin: &Path) -> Result<()> {
+    detach(pin);
+    remove_pin(pin)
 }
 
 /// Attaches one loaded cgroup program with a link (kernel >= 5.7 for every type used).
