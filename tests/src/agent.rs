@@ -245,6 +245,10 @@ pub struct AgentSandbox {
     pub cluster: ClusterDesc,
     /// Scratch files (source file, lanes config, logs).
     pub dir: TempDir,
+    /// The node's own Service implementation (what kube-proxy or a socket-LB CNI is on a real
+    /// node), attached at the cgroup root: it balances every Service of [`Self::cluster`] over
+    /// its serving endpoints, and so serves whatever tagger leaves to the cluster.
+    pub cluster_lb: std::sync::Mutex<crate::foreign_lb::ForeignLb>,
 }
 
 impl Default for AgentSandbox {
@@ -262,7 +266,9 @@ impl AgentSandbox {
         ensure_bpffs();
         let root = TestCgroup::new(&unique_name("root"));
         let _ = root.child(KUBEPODS);
+        let cluster_lb = std::sync::Mutex::new(crate::foreign_lb::ForeignLb::attach(root.path()));
         Self {
+            cluster_lb,
             agent: None,
             servers: Vec::new(),
             pins: PinDir(Path::new(BPFFS).join(unique_name("pins"))),
@@ -356,11 +362,41 @@ impl AgentSandbox {
     /// Writes the cluster to the source file (atomically, as `kubectl get -o yaml > f` would
     /// not, so the agent never reads half a file in tests that do not test that).
     pub fn write_source_file(&self) -> PathBuf {
+        self.sync_cluster_lb();
         let path = self.dir.0.join("cluster.yaml");
         let tmp = self.dir.0.join("cluster.yaml.tmp");
         std::fs::write(&tmp, self.cluster.to_yaml()).expect("write source");
         std::fs::rename(&tmp, &path).expect("rename source");
         path
+    }
+
+    /// Programs the node's own Service implementation ([`Self::cluster_lb`]) with the described
+    /// cluster's Services, as kube-proxy would: each cluster IP and port to the ready endpoints,
+    /// else the serving-terminating ones.
+    pub fn sync_cluster_lb(&self) {
+        let mut lb = self.cluster_lb.lock().expect("cluster LB");
+        let mut wanted: BTreeMap<SocketAddr, Vec<SocketAddr>> = BTreeMap::new();
+        for svc in self.cluster.services.values() {
+            let pods: Vec<&crate::cluster::PodDesc> =
+                svc.backends.iter().filter_map(|b| self.cluster.pods.get(b)).filter(|p| p.ready).collect();
+            let ready: Vec<&&crate::cluster::PodDesc> = pods.iter().filter(|p| !p.terminating).collect();
+            let serving: Vec<&&crate::cluster::PodDesc> =
+                if ready.is_empty() { pods.iter().collect() } else { ready };
+            for vip in &svc.cluster_ips {
+                let backends = serving
+                    .iter()
+                    .filter_map(|p| p.ips.iter().find(|ip| ip.is_ipv4() == vip.is_ipv4()))
+                    .map(|ip| SocketAddr::new(*ip, svc.target_port))
+                    .collect();
+                wanted.insert(SocketAddr::new(*vip, svc.port), backends);
+            }
+        }
+        for vip in lb.vips() {
+            wanted.entry(vip).or_default();
+        }
+        for (vip, backends) in wanted {
+            lb.serve_pool(vip, &backends);
+        }
     }
 
     /// Writes the lanes config file; returns its path.
@@ -420,6 +456,7 @@ impl AgentSandbox {
     /// Puts every object of the described cluster into the API server, and takes the UIDs it
     /// assigns to pods (creating callers' cgroups under them, as kubelet would).
     pub fn publish_to(&mut self, api: &crate::fake_api::FakeApiServer) {
+        self.sync_cluster_lb();
         for object in self.cluster.objects() {
             let stored = api.apply(&object);
             if stored["kind"] == "Pod" {
@@ -435,6 +472,7 @@ impl AgentSandbox {
     /// Puts the EndpointSlices of the described cluster into the API server, IPv4 first (timed
     /// measurements probe IPv4 addresses).
     pub fn publish_slices_to(&self, api: &crate::fake_api::FakeApiServer) {
+        self.sync_cluster_lb();
         let mut slices: Vec<serde_json::Value> =
             self.cluster.objects().into_iter().filter(|o| o["kind"] == "EndpointSlice").collect();
         slices.sort_by_key(|s| s["addressType"] != "IPv4");

@@ -32,7 +32,9 @@ struct ProgAttachAttr {
 }
 
 /// Its VIP map.
-const SERVICES: &str = "FLB_SVC_V1";
+const SERVICES: &str = "FLB_SVC_V2";
+/// tests/foreign-lb's `MAX_BACKENDS`.
+const MAX_BACKENDS: usize = 16;
 
 /// tests/foreign-lb's `Addr`: four network-order words (IPv4 mapped) and the port in network
 /// order in the low 16 bits, as the context's `user_port` holds it.
@@ -45,6 +47,17 @@ struct Addr {
 
 // SAFETY: `#[repr(C)]`, integers only, no padding (20 bytes of u32s).
 unsafe impl aya::Pod for Addr {}
+
+/// tests/foreign-lb's `Pool`: a VIP's backends, the first `count` used.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct Pool {
+    count: u32,
+    backends: [Addr; MAX_BACKENDS],
+}
+
+// SAFETY: `#[repr(C)]`, u32s only, no padding.
+unsafe impl aya::Pod for Pool {}
 
 impl From<SocketAddr> for Addr {
     fn from(a: SocketAddr) -> Self {
@@ -133,9 +146,39 @@ impl ForeignLb {
 
     /// Serves `vip` (IPv4 or IPv6) with `backend`: connects to it go there.
     pub fn serve(&mut self, vip: SocketAddr, backend: SocketAddr) {
-        let mut services: HashMap<_, Addr, Addr> =
+        self.serve_pool(vip, &[backend]);
+    }
+
+    /// Serves `vip` with `backends`, one picked at random per connection (at most 16 are
+    /// used); none: `vip` is no longer served.
+    pub fn serve_pool(&mut self, vip: SocketAddr, backends: &[SocketAddr]) {
+        let mut services: HashMap<_, Addr, Pool> =
             HashMap::try_from(self.ebpf.map_mut(SERVICES).expect("VIP map")).expect("a hash map");
-        services.insert(Addr::from(vip), Addr::from(backend), 0).expect("insert a VIP");
+        if backends.is_empty() {
+            let _ = services.remove(&Addr::from(vip));
+            return;
+        }
+        let mut pool = Pool { count: 0, backends: [Addr { addr: [0; 4], port: 0 }; MAX_BACKENDS] };
+        for (slot, b) in pool.backends.iter_mut().zip(backends) {
+            *slot = Addr::from(*b);
+            pool.count += 1;
+        }
+        services.insert(Addr::from(vip), pool, 0).expect("insert a VIP");
+    }
+
+    /// Every VIP it serves.
+    #[must_use]
+    pub fn vips(&self) -> Vec<SocketAddr> {
+        let services: HashMap<_, Addr, Pool> =
+            HashMap::try_from(self.ebpf.map(SERVICES).expect("VIP map")).expect("a hash map");
+        services
+            .keys()
+            .filter_map(Result::ok)
+            .map(|a| {
+                let ip = tagger::net::words_addr(&a.addr);
+                SocketAddr::new(ip, u16::from_be(u16::try_from(a.port).unwrap_or(0)))
+            })
+            .collect()
     }
 
     /// Kernel ids of its programs (what `tagger status` lists).

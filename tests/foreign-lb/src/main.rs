@@ -20,7 +20,7 @@ extern crate std;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::bpf_sock_addr,
-    helpers::generated::bpf_get_socket_cookie,
+    helpers::generated::{bpf_get_prandom_u32, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map},
     maps::{HashMap, LruHashMap},
     programs::SockAddrContext,
@@ -46,9 +46,23 @@ pub struct Rev {
     pub backend: Addr,
 }
 
-/// VIP → backend.
-#[map(name = "FLB_SVC_V1")]
-static SERVICES: HashMap<Addr, Addr> = HashMap::with_max_entries(64, 0);
+/// Most backends of one VIP.
+pub const MAX_BACKENDS: usize = 16;
+
+/// A VIP's backends: the first `count` of `backends`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Pool {
+    /// How many of `backends` are used (at least 1).
+    pub count: u32,
+    /// The backends.
+    pub backends: [Addr; MAX_BACKENDS],
+}
+
+/// VIP → its backends, one picked at random per connection (as kube-proxy's iptables mode and
+/// socket LBs do).
+#[map(name = "FLB_SVC_V2")]
+static SERVICES: HashMap<Addr, Pool> = HashMap::with_max_entries(256, 0);
 
 /// Socket cookie → (VIP, backend) of translated connections.
 #[map(name = "FLB_REV_V1")]
@@ -81,8 +95,13 @@ pub fn flb_peer6(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 fn try_connect(ctx: &SockAddrContext, v6: bool) -> Option<i32> {
     let vip = read(ctx.sock_addr, v6);
-    // SAFETY: a plain hash map; Addr is Copy.
-    let backend = *unsafe { SERVICES.get(&vip) }?;
+    // SAFETY: a plain hash map, read at once; Pool is Copy.
+    let pool = unsafe { SERVICES.get(&vip) }?;
+    // SAFETY: the helper has no preconditions.
+    let draw = unsafe { bpf_get_prandom_u32() };
+    // Verifier: `checked_rem` has no panic path, and the index is bounds-checked by `get`.
+    let i = draw.checked_rem(pool.count)? as usize;
+    let backend = *pool.backends.get(i)?;
     write(ctx.sock_addr, v6, &backend);
     // SAFETY: `bpf_get_socket_cookie` accepts a sock_addr context and has no other precondition.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
