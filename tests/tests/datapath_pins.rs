@@ -158,6 +158,8 @@ fn an_upgrade_to_a_new_map_layout_switches_programs_with_no_failed_connection() 
         t.register_pod(&TestCgroup::resolve(pod_cgroup), lane_id("gray")).unwrap();
         t.replace_backends(1, lane_id("gray"), &[backend(gray_backend)]).unwrap();
         t.upsert_frontend(&frontend_key(vip, Proto::Tcp), Service { svc_id: 1, flags: 0 }).unwrap();
+        // As the agent's first complete pass does, before the switch.
+        tagger_tests::datapath::arm_lease(t);
     };
 
     let first = install_in_other_process(&pins.0, root.path());
