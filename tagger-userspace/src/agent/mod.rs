@@ -12,6 +12,7 @@ mod addrs;
 mod args;
 mod inputs;
 mod kube_source;
+mod lease;
 mod line_limit;
 mod marking;
 mod metrics;
