@@ -85,6 +85,7 @@ fn pins_outlive_the_installer_and_a_restart_adopts_them_with_no_failed_connectio
         t.register_pod(&TestCgroup::resolve(pod_cgroup), lane_id("gray")).unwrap();
         t.replace_backends(1, lane_id("gray"), &[backend(gray_backend)]).unwrap();
         t.upsert_frontend(&frontend_key(vip, Proto::Tcp), Service { svc_id: 1, flags: 0 }).unwrap();
+        tagger_tests::datapath::arm_lease(t);
     }
     for a in attempts(pod_cgroup, &caller_pod.ns, Mode::Tcp, vip, 10) {
         assert_eq!(a.reply(), "gray-backend");
