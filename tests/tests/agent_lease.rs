@@ -1,7 +1,8 @@
 //! The datapath lease with the real agent: a SIGKILLed agent's datapath keeps steering for the
 //! lease, then leaves Service connections to the cluster (a stand-in for kube-proxy answers the
 //! VIP in the caller's namespace) and counts them; a restarted agent re-arms it at its first
-//! complete pass and not before, also when it is an upgrade; `--datapath-lease 0` never expires.
+//! complete pass and not before, also when it is an upgrade; a running agent renews it through an
+//! API server outage; `--datapath-lease 0` never expires.
 
 use std::{
     net::SocketAddr,
@@ -15,6 +16,7 @@ use tagger_tests::{
     agent::{AgentSandbox, cli_json, http_get, pod_in_lane, set_size, workspace_bin},
     backend::{BackendServer, service_stand_in},
     client::HoldClient,
+    fake_api::FakeApiServer,
 };
 
 /// Generous: under qemu TCG the first install (the verifier) alone can take seconds.
@@ -197,4 +199,27 @@ fn a_lease_of_zero_never_expires() {
     assert_eq!(sb.reached("gw", vip(), 10), ["a-gray"]);
     assert_eq!(lease_status(&sb)["state"], "disabled");
     assert_eq!(lease_expired_count(&sb), 0);
+}
+
+/// The agent is alive through an API server outage: it keeps the datapath as the API last
+/// described it, as kube-proxy on the node does, and keeps renewing the lease.
+#[test]
+fn a_running_agent_keeps_renewing_through_an_api_server_outage() {
+    let api = FakeApiServer::start();
+    let (mut sb, _kube_proxy) = sandbox();
+    sb.publish_to(&api);
+    sb.start_agent_on_api_with(&api, &["--datapath-lease", "2s"]);
+    wait_ready(&sb);
+    assert_eq!(wait_lease_state(&sb, "armed")["duration_seconds"].as_f64(), Some(2.0));
+
+    api.set_unreachable(true);
+    api.drop_watches();
+    wait_log(&sb, "watch failed", 1);
+    // Twice the lease into the outage.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(lease_status(&sb)["state"], "armed", "{}", sb.agent_log());
+    assert_eq!(sb.reached("gw", vip(), 10), ["a-gray"], "still steered during the outage");
+    assert_eq!(lease_expired_count(&sb), 0);
+    assert!(!sb.agent_log().contains("re-armed"), "it never lapsed:\n{}", sb.agent_log());
+    api.set_unreachable(false);
 }
