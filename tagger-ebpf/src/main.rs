@@ -33,8 +33,8 @@ use tagger_common::{
 };
 
 use crate::maps::{
-    BACKEND_SLOTS, CONFIG, CONNS, FRONTENDS, LEASE, PODS, REVNAT, SOCKS, Tables, count, count_service, count_shadow,
-    insert_revnat,
+    BACKEND_SLOTS, CONFIG, CONNS, FRONTENDS, LEASE, PODS, REVNAT, SOCKS, Tables, count, count_service,
+    count_shadow, insert_revnat,
 };
 
 /// Return value that lets the syscall proceed.

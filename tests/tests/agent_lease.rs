@@ -86,8 +86,10 @@ fn wait_log(sb: &AgentSandbox, what: &str, times: usize) {
 fn a_killed_agents_datapath_steers_for_the_lease_then_leaves_connections_to_the_cluster() {
     let (mut sb, _kube_proxy) = sandbox();
     sb.start_agent_on_file(&["--datapath-lease", "5s", "--metrics-addr", "127.0.0.1:0"]);
-    let port = sb.metrics_port();
+    // Ready first: the endpoints are served once the datapath is installed, which under qemu
+    // TCG on a busy host can take longer than the port helper waits.
     wait_ready(&sb);
+    let port = sb.metrics_port();
     assert_eq!(sb.reached("gw", vip(), 10), ["a-gray"]);
     let armed = wait_lease_state(&sb, "armed");
     assert_eq!((armed["steering"].as_bool(), armed["duration_seconds"].as_f64()), (Some(true), Some(5.0)));
@@ -204,7 +206,7 @@ fn a_lease_of_zero_never_expires() {
 /// The agent is alive through an API server outage: it keeps the datapath as the API last
 /// described it, as kube-proxy on the node does, and keeps renewing the lease.
 #[test]
-fn a_running_agent_keeps_renewing_through_an_api_server_outage() {
+fn a_running_agent_keeps_renewing_the_lease_through_an_api_server_outage() {
     let api = FakeApiServer::start();
     let (mut sb, _kube_proxy) = sandbox();
     sb.publish_to(&api);
