@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod lane;
+pub mod lease;
 pub mod maps;
 pub mod pods;
 pub mod resolve;
@@ -14,6 +15,7 @@ pub mod shaping;
 pub mod wire;
 
 pub use lane::{BASE_LANE, fnv1a, lane_id};
+pub use lease::*;
 pub use maps::*;
 pub use pods::*;
 pub use resolve::{LaneTables, Resolution, resolve_lane, resolve_shaped, shaping_of, svc_is_passthrough};

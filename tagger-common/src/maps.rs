@@ -41,7 +41,7 @@ pub const MAP_SOCK: &str = "TAGGER_SOCK_V1";
 pub const MAP_CONNS: &str = "TAGGER_CONN_V1";
 
 /// Every map the datapath pins, in a fixed order (used for pin management and `status`).
-pub const ALL_MAPS: [&str; 19] = [
+pub const ALL_MAPS: [&str; 20] = [
     MAP_PODS,
     MAP_FRONTENDS,
     MAP_BACKEND_SETS,
@@ -61,6 +61,7 @@ pub const ALL_MAPS: [&str; 19] = [
     MAP_CONNS,
     crate::pods::MAP_POD_ADDRS,
     crate::pods::MAP_INBOUND,
+    crate::lease::MAP_LEASE,
 ];
 
 /// Pod cgroups registered on one node.
@@ -427,6 +428,9 @@ pub enum Outcome {
     /// A connection to a Service frontend tagger does not steer ([`SVC_F_PASSTHROUGH`]): left
     /// to the cluster's Service implementation.
     Passthrough = 14,
+    /// A connection to a Service frontend while the datapath lease had run out (no agent renewed
+    /// it in time, or none has completed a pass yet): failed open, untouched.
+    LeaseExpired = 15,
 }
 
 /// Number of slots in [`MAP_COUNTERS`]: the outcomes, then their shadow counterparts at
@@ -435,7 +439,7 @@ pub const OUTCOME_SLOTS: u32 = 32;
 
 impl Outcome {
     /// Every outcome, in index order.
-    pub const ALL: [Outcome; 15] = [
+    pub const ALL: [Outcome; 16] = [
         Outcome::NotService,
         Outcome::Steered,
         Outcome::FellBack,
@@ -451,6 +455,7 @@ impl Outcome {
         Outcome::InboundFull,
         Outcome::InboundNoSyn,
         Outcome::Passthrough,
+        Outcome::LeaseExpired,
     ];
 
     /// Stable snake-case name, used in CLI JSON and metric labels.
@@ -472,6 +477,7 @@ impl Outcome {
             Outcome::InboundFull => "inbound_full",
             Outcome::InboundNoSyn => "inbound_no_syn",
             Outcome::Passthrough => "passthrough",
+            Outcome::LeaseExpired => "lease_expired",
         }
     }
 }

@@ -20,19 +20,21 @@ mod sockops;
 use aya_ebpf::{
     EbpfContext,
     bindings::bpf_sock_addr,
-    helpers::generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_prandom_u32, bpf_get_socket_cookie},
+    helpers::generated::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
+    },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use tagger_common::{
-    BASE_LANE, Backend, BackendSet, FAMILY_V6, FrontendKey, IPPROTO_UDP, LaneTables, Outcome, Resolution,
-    RevNatKey, RevNatValue, SOCK_F_FELL_BACK, SOCK_F_ROUTED, SlotKey, SockRecord, is_v4_mapped, shaping_of,
-    svc_is_passthrough, v4_mapped,
+    BASE_LANE, Backend, BackendSet, FAMILY_V6, FrontendKey, IPPROTO_UDP, LEASE_NEVER, LaneTables, Outcome,
+    Resolution, RevNatKey, RevNatValue, SOCK_F_FELL_BACK, SOCK_F_ROUTED, SlotKey, SockRecord, is_v4_mapped,
+    lease_expired, shaping_of, svc_is_passthrough, v4_mapped,
 };
 
 use crate::maps::{
-    BACKEND_SLOTS, CONFIG, CONNS, FRONTENDS, PODS, REVNAT, SOCKS, Tables, count, count_service, count_shadow,
-    insert_revnat,
+    BACKEND_SLOTS, CONFIG, CONNS, FRONTENDS, LEASE, PODS, REVNAT, SOCKS, Tables, count, count_service,
+    count_shadow, insert_revnat,
 };
 
 /// Return value that lets the syscall proceed.
@@ -236,6 +238,24 @@ fn decision(resolution: Resolution, caller_lane: u32) -> (BackendSet, u32, Outco
 /// Re-reads of a backend set replaced while a connection picked from it.
 const PICK_RETRIES: u32 = 3;
 
+/// Whether an agent still vouches for the maps: the lease has not run out. Asked only for
+/// Service traffic (after the frontend lookup hit), so other connections pay nothing; a lease
+/// that never expires costs one array lookup and no clock read.
+#[inline(always)]
+fn lease_valid() -> bool {
+    // An array's index 0 always exists; should the lookup fail anyway, nobody vouches.
+    let Some(lease) = LEASE.get(0) else {
+        return false;
+    };
+    let deadline = lease.deadline_ns;
+    if deadline == LEASE_NEVER {
+        return true;
+    }
+    // SAFETY: the helper has no preconditions; it reads CLOCK_MONOTONIC, the clock the agent
+    // writes the deadline on.
+    !lease_expired(deadline, unsafe { bpf_ktime_get_ns() })
+}
+
 #[inline(always)]
 fn try_steer(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
     let sa = ctx.sock_addr;
@@ -252,6 +272,14 @@ fn try_steer(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
     };
     if svc_is_passthrough(&svc) {
         count(Outcome::Passthrough);
+        return PROCEED;
+    }
+    // Before anything else that steers: an expired lease means maps nobody maintains, which
+    // must not override the cluster's own Service implementation (fail open, destination
+    // untouched). After the passthrough check, which leaves the connection alone anyway: those
+    // Services pay no lease check and are not counted as stopped by it.
+    if !lease_valid() {
+        count(Outcome::LeaseExpired);
         return PROCEED;
     }
     let who = caller();

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use tagger_common::{
     BPF_F_NO_PREALLOC, Backend, BackendSet, DatapathConfig, FrontendKey, InboundKey, LaneName, LanePolicy,
-    LaneTables, MAX_BACKEND_SETS, MAX_BACKEND_SLOTS, MAX_CONNS, MAX_FRONTENDS, MAX_INBOUND, MAX_LANES,
+    LaneTables, Lease, MAX_BACKEND_SETS, MAX_BACKEND_SLOTS, MAX_CONNS, MAX_FRONTENDS, MAX_INBOUND, MAX_LANES,
     MAX_POD_ADDRS, MAX_PODS, MAX_REVNAT, MAX_ROUTES, MAX_SVC_STATS, MAX_WARM, OUTCOME_SLOTS, Outcome,
     PodAddr, PodEntry, PodMeta, RevNatKey, RevNatValue, RouteKey, SHADOW_OFFSET, STAT_F_SHADOW, Service,
     ServiceMeta, SetKey, SlotKey, SockRecord, StatKey, SvcShaping, WarmEntry, WarmKey,
@@ -50,6 +50,11 @@ pub static SVC_STATS: LruPerCpuHashMap<StatKey, u64> = LruPerCpuHashMap::with_ma
 
 #[map(name = "TAGGER_CFG_V1")]
 pub static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
+
+/// The datapath lease (see `tagger_common::lease`): renewed by the agent, read by the steering
+/// hooks. A plain array: its one value is a few `u64`s the agent replaces whole.
+#[map(name = "TAGGER_LEASE_V1")]
+pub static LEASE: Array<Lease> = Array::with_max_entries(1, 0);
 
 #[map(name = "TAGGER_SHAPE_V1")]
 pub static SHAPING: HashMap<u32, SvcShaping> = HashMap::with_max_entries(MAX_FRONTENDS, BPF_F_NO_PREALLOC);

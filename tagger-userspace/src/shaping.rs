@@ -1,6 +1,6 @@
 //! Traffic shaping settings as users write them — warm-up durations and curves, canary
 //! weights — parsed and checked, and turned into the datapath's encodings (tagger-common's
-//! `shaping`). Pure functions, except [`monotonic_now_ns`].
+//! `shaping`). Pure functions.
 //!
 //! Syntax (Service annotations and the lanes config share it):
 //!
@@ -102,14 +102,8 @@ pub fn warm_curve(min_percent: f64, aggression: f64) -> [u16; CURVE_POINTS + 1] 
     curve
 }
 
-/// The kernel's monotonic clock (`CLOCK_MONOTONIC`, what `bpf_ktime_get_ns` reads), in ns.
-#[must_use]
-pub fn monotonic_now_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid timespec for the call to write.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
+/// The kernel's monotonic clock, which warm-up ready times are stamped on (see [`crate::sys`]).
+pub use crate::sys::monotonic_now_ns;
 
 /// A canary split for base callers.
 #[derive(Clone, Debug, PartialEq, Eq)]

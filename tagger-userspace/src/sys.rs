@@ -1,7 +1,8 @@
 //! Raw system calls that aya 0.14 and std do not expose: `bpf(2)` commands (opening a pin with
 //! file flags, as aya opens pins read-write only; pinning any descriptor; detaching a link and
 //! replacing its program; describing a link; listing the programs on a cgroup hook and
-//! describing them), and sockets of the families std has no type for (netlink, packet).
+//! describing them), sockets of the families std has no type for (netlink, packet), and the
+//! kernel's monotonic clock as a number (std's `Instant` hides it).
 
 use std::{
     ffi::CString,
@@ -10,6 +11,16 @@ use std::{
     path::Path,
     time::Duration,
 };
+
+/// The kernel's monotonic clock (`CLOCK_MONOTONIC`, what `bpf_ktime_get_ns` reads), in ns: the
+/// clock of warm-up ready times and of the datapath lease's deadline.
+#[must_use]
+pub fn monotonic_now_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec for the call to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
 
 /// `BPF_OBJ_GET`.
 const BPF_OBJ_GET: libc::c_long = 7;

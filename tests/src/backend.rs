@@ -48,6 +48,17 @@ impl BackendServer {
     }
 }
 
+/// A stand-in for the cluster's own Service implementation (kube-proxy) as one pod sees it: `vip`
+/// becomes a local address of the pod's network namespace, answered there as `identity` (TCP and
+/// UDP). Only a connection the datapath left untouched reaches it; a steered one goes to its
+/// backend.
+#[must_use]
+pub fn service_stand_in(pod: &Pod, vip: std::net::SocketAddr, identity: &str) -> BackendServer {
+    let prefix = if vip.is_ipv4() { 32 } else { 128 };
+    pod.ns.ip(&["addr", "add", &format!("{}/{prefix}", vip.ip()), "dev", "lo"]);
+    BackendServer::start(pod, identity, vip.port())
+}
+
 fn serve(tcp: &TcpListener, udp: &UdpSocket, reply: &[u8], stop: &AtomicBool) {
     let mut buf = [0u8; 1500];
     while !stop.load(Ordering::Relaxed) {

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tagger::datapath::{Datapath, Installed, check_bpffs};
+use tagger::datapath::{Datapath, Installed, Tables, check_bpffs};
 
 use crate::unique_name;
 
@@ -34,6 +34,22 @@ pub fn age_pins(pins: &Path) {
     }
 }
 
+/// How long [`arm_lease`] arms the datapath lease: far longer than any test.
+pub const TEST_LEASE: std::time::Duration = std::time::Duration::from_hours(24);
+
+/// Arms the datapath lease as an agent's first complete pass does, for [`TEST_LEASE`]: a test
+/// that writes the maps itself plays the agent, and without a lease the programs steer nothing.
+/// Finite, so the programs take the path with the clock read, as under an agent.
+///
+/// # Panics
+/// If the lease cannot be written.
+pub fn arm_lease(tables: &mut Tables) {
+    let duration = u64::try_from(TEST_LEASE.as_nanos()).expect("ns");
+    tables
+        .set_lease(tagger_common::Lease::renewed(tagger::sys::monotonic_now_ns(), duration))
+        .expect("arming the datapath lease");
+}
+
 /// A datapath owned by one test.
 #[derive(Debug)]
 pub struct TestDatapath {
@@ -43,12 +59,12 @@ pub struct TestDatapath {
 }
 
 impl TestDatapath {
-    /// Installs on `cgroup` with a fresh pin directory.
+    /// Installs on `cgroup` with a fresh pin directory, and arms the lease ([`arm_lease`]).
     #[must_use]
     pub fn install(cgroup: &Path) -> Self {
         ensure_bpffs();
         let dir = Path::new(BPFFS).join(unique_name("pins"));
-        let (dp, installed) = Datapath::install(&dir, cgroup).unwrap_or_else(|e| {
+        let (mut dp, installed) = Datapath::install(&dir, cgroup).unwrap_or_else(|e| {
             let _ = Datapath::uninstall(&dir);
             panic!("installing the datapath: {e}")
         });
@@ -56,6 +72,7 @@ impl TestDatapath {
             matches!(installed, Installed::Attached { ref programs } if programs.len() == tagger::datapath::PROGRAMS.len()),
             "{installed:?}"
         );
+        arm_lease(dp.tables_mut());
         Self { dp, dir }
     }
 

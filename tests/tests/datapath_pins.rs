@@ -85,6 +85,7 @@ fn pins_outlive_the_installer_and_a_restart_adopts_them_with_no_failed_connectio
         t.register_pod(&TestCgroup::resolve(pod_cgroup), lane_id("gray")).unwrap();
         t.replace_backends(1, lane_id("gray"), &[backend(gray_backend)]).unwrap();
         t.upsert_frontend(&frontend_key(vip, Proto::Tcp), Service { svc_id: 1, flags: 0 }).unwrap();
+        tagger_tests::datapath::arm_lease(t);
     }
     for a in attempts(pod_cgroup, &caller_pod.ns, Mode::Tcp, vip, 10) {
         assert_eq!(a.reply(), "gray-backend");
@@ -158,6 +159,8 @@ fn an_upgrade_to_a_new_map_layout_switches_programs_with_no_failed_connection() 
         t.register_pod(&TestCgroup::resolve(pod_cgroup), lane_id("gray")).unwrap();
         t.replace_backends(1, lane_id("gray"), &[backend(gray_backend)]).unwrap();
         t.upsert_frontend(&frontend_key(vip, Proto::Tcp), Service { svc_id: 1, flags: 0 }).unwrap();
+        // As the agent's first complete pass does, before the switch.
+        tagger_tests::datapath::arm_lease(t);
     };
 
     let first = install_in_other_process(&pins.0, root.path());

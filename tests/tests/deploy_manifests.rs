@@ -579,6 +579,16 @@ fn check_agent_pod(objs: &Objects) {
     assert!(req >= 48, "requests.memory {req}Mi is below an idle agent with empty maps");
     assert!(lim >= 256, "limits.memory {lim}Mi is below the measured large-cluster peak");
 
+    // The datapath lease outlasts a rolling update's gap (the old pod's grace period, the new
+    // image's pull, the first list) and still expires: a deleted agent's datapath must stop.
+    let grace = pod.termination_grace_period_seconds.unwrap_or(30);
+    let lease = args.datapath_lease.as_secs();
+    assert!(lease > 0, "--datapath-lease must expire");
+    assert!(
+        lease >= u64::try_from(grace).unwrap() + 60,
+        "--datapath-lease {lease}s leaves less than a minute after the {grace}s grace period"
+    );
+
     check_agent_mounts(objs, &c, &pod, &args);
 
     // The container: root of the host (pins and cgroups are root's), nothing writable but bpffs.

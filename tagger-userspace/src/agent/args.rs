@@ -109,6 +109,17 @@ pub struct Args {
     #[arg(long, value_name = "ingress|egress", default_value = "ingress", value_parser = MarkDirection::from_str)]
     pub mark_direction: MarkDirection,
 
+    /// How long the datapath keeps steering without this agent (or its successor) renewing it:
+    /// once no agent has completed a reconcile pass or a renewal for this long (the agent
+    /// deleted, crash-looping, or an upgrade stuck before its first pass), connections to
+    /// Services are left untouched for the cluster's own Service implementation, and counted
+    /// as `lease_expired`. Renewed on every pass and every 2 s (a quarter of a shorter lease);
+    /// the next agent re-arms it at its first complete pass. `0`: never expires. Durations:
+    /// `90s`, `2m`, `1h` (at least 1 s, at most 24 h).
+    #[arg(long, value_name = "DURATION", default_value = crate::agent::lease::DEFAULT_LEASE,
+          value_parser = crate::agent::lease::parse_lease)]
+    pub datapath_lease: std::time::Duration,
+
     /// Detach the programs and remove every pin under --bpffs, then exit.
     #[arg(long)]
     pub uninstall: bool,
@@ -127,6 +138,8 @@ pub struct AgentConfig {
     pub lane_keys: Vec<String>,
     /// Interface globs to mark on (empty: no marking).
     pub mark_interfaces: Vec<String>,
+    /// `--datapath-lease` (zero: never expires).
+    pub datapath_lease: std::time::Duration,
 }
 
 impl Args {
@@ -168,6 +181,7 @@ impl Args {
             attach,
             lane_keys,
             mark_interfaces,
+            datapath_lease: self.datapath_lease,
         })
     }
 }
@@ -200,6 +214,12 @@ mod tests {
         .unwrap();
         assert_eq!(a.lane_labels, ["a/b", "c"]);
         assert_eq!(a.source, Source::Kubernetes);
+        assert_eq!(a.datapath_lease, std::time::Duration::from_mins(2), "default lease");
+        let never =
+            Args::try_parse_from(["tagger-agent", "--node-name", "n1", "--datapath-lease", "0"]).unwrap();
+        assert!(never.datapath_lease.is_zero());
+        let short = Args::try_parse_from(["tagger-agent", "--node-name", "n1", "--datapath-lease", "10ms"]);
+        assert!(short.unwrap_err().to_string().contains("--datapath-lease"));
         let bad =
             Args::try_parse_from(["tagger-agent", "--node-name", "n1", "--lane-label", "no spaces allowed"])
                 .unwrap();

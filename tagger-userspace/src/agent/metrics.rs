@@ -6,6 +6,7 @@
 use std::{
     path::PathBuf,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use prometheus_client::{
@@ -14,7 +15,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
-use tagger_common::{BASE_LANE, Outcome, STAT_F_SHADOW};
+use tagger_common::{BASE_LANE, Lease, LeaseState, Outcome, STAT_F_SHADOW};
 
 use super::AgentStatus;
 use crate::datapath::Datapath;
@@ -368,6 +369,35 @@ fn encode_steering(
     )?)
 }
 
+/// The datapath lease: whether the programs steer, and for how long without a renewal.
+fn encode_lease(encoder: &mut DescriptorEncoder, lease: &Lease, now_ns: u64) -> Result<(), std::fmt::Error> {
+    let state = lease.state(now_ns);
+    gauge(
+        encoder,
+        "datapath_lease_expired",
+        "1 while the datapath lease has run out (or was never armed): Service connections are left \
+         untouched, not steered",
+        i64::from(!state.steers()),
+    )?;
+    // Armed: time left; expired or never armed: 0; a lease that never expires: no sample.
+    let remaining = match state {
+        LeaseState::Armed { remaining_ns } => Some(Duration::from_nanos(remaining_ns).as_secs_f64()),
+        LeaseState::Expired { .. } | LeaseState::NeverArmed => Some(0.0),
+        LeaseState::Disabled => None,
+    };
+    if let Some(seconds) = remaining {
+        let g = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        g.set(seconds);
+        g.encode(encoder.encode_descriptor(
+            "datapath_lease_remaining_seconds",
+            "Seconds before the datapath lease runs out unless an agent renews it (absent when it never expires)",
+            None,
+            g.metric_type(),
+        )?)?;
+    }
+    Ok(())
+}
+
 fn clamp(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -390,6 +420,9 @@ impl Collector for DatapathCollector {
         };
         let t = dp.tables();
         gauge(&mut encoder, "datapath_up", "1 when the pinned maps could be read", 1)?;
+        if let Ok(lease) = t.lease() {
+            encode_lease(&mut encoder, &lease, crate::sys::monotonic_now_ns())?;
+        }
         if let Ok(counters) = t.counters() {
             let family = Family::<OutcomeLabel, Counter>::default();
             for (outcome, n) in &counters.by_outcome {
@@ -479,5 +512,43 @@ impl Collector for DatapathCollector {
             None,
             ratio.metric_type(),
         )?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct LeaseOnly(Lease, u64);
+
+    impl Collector for LeaseOnly {
+        fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+            encode_lease(&mut encoder, &self.0, self.1)
+        }
+    }
+
+    fn exposition(lease: Lease, now_ns: u64) -> String {
+        let mut registry = Registry::with_prefix("tagger");
+        registry.register_collector(Box::new(LeaseOnly(lease, now_ns)));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).expect("encode");
+        out
+    }
+
+    #[test]
+    fn the_lease_gauges_follow_its_state() {
+        const S: u64 = 1_000_000_000;
+        let armed = exposition(Lease::renewed(10 * S, 120 * S), 40 * S);
+        assert!(armed.contains("tagger_datapath_lease_expired 0\n"), "{armed}");
+        assert!(armed.contains("tagger_datapath_lease_remaining_seconds 90.0\n"), "{armed}");
+        let expired = exposition(Lease::renewed(10 * S, 120 * S), 200 * S);
+        assert!(expired.contains("tagger_datapath_lease_expired 1\n"), "{expired}");
+        assert!(expired.contains("tagger_datapath_lease_remaining_seconds 0.0\n"), "{expired}");
+        let fresh = exposition(Lease::default(), 5 * S);
+        assert!(fresh.contains("tagger_datapath_lease_expired 1\n"), "{fresh}");
+        let never = exposition(Lease::renewed(10 * S, 0), 200 * S);
+        assert!(never.contains("tagger_datapath_lease_expired 0\n"), "{never}");
+        assert!(!never.contains("remaining_seconds"), "{never}");
     }
 }

@@ -13,6 +13,7 @@ mod addrs;
 mod args;
 mod inputs;
 mod kube_source;
+mod lease;
 mod line_limit;
 mod marking;
 mod metrics;

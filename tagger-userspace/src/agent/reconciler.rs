@@ -21,6 +21,7 @@ use super::{
     addrs::PodAddrs,
     args::AgentConfig,
     inputs::InputsHandle,
+    lease::LeaseKeeper,
     publish::Names,
     transitions::{LaneAvailability, Transition, describe},
 };
@@ -82,6 +83,8 @@ pub struct Reconciler {
     strays_checked: bool,
     /// The last reset pass left connections to try again (busy, or not reachable yet).
     retry_resets: bool,
+    /// The datapath lease, armed by the first complete pass.
+    lease: LeaseKeeper,
 }
 
 impl Reconciler {
@@ -92,6 +95,7 @@ impl Reconciler {
         let ids = current.frontend_ids();
         let names = Names::read(datapath.tables())?;
         let addrs = PodAddrs::read(datapath.tables())?;
+        let lease = LeaseKeeper::new(config.datapath_lease);
         info!(
             pods = current.pods.len(),
             frontends = current.frontends.len(),
@@ -116,6 +120,7 @@ impl Reconciler {
             resets: probe_resets(),
             strays_checked: false,
             retry_resets: false,
+            lease,
         })
     }
 
@@ -165,11 +170,19 @@ impl Reconciler {
             self.reset_stale();
         }
         self.full_next = false;
+        // Every complete pass vouches for the maps; the first one arms the lease. Before an
+        // upgrade's switch, so this build's programs start with a live lease.
+        let lease_failed = usize::from(self.renew_lease().is_err());
         if full && report.is_complete() && self.datapath.upgrade_pending() {
             // This build's maps now hold the desired state: its programs take over the links.
             match self.datapath.finish_upgrade() {
                 Ok(programs) => info!(?programs, "upgrade finished: links switched to this build's programs"),
-                Err(e) => warn!("finishing the upgrade: {e}; the previous build's programs keep serving"),
+                Err(e) => {
+                    warn!("finishing the upgrade: {e}; the previous build's programs keep serving");
+                    // They may read maps of a layout this agent does not write: vouching for
+                    // them would keep a stale datapath steering.
+                    self.lease.stop("the upgrade could not switch the links to this build's programs");
+                }
             }
         }
         if report.is_complete() {
@@ -200,10 +213,19 @@ impl Reconciler {
         self.report_warnings();
         let pending = self.model.pending_pods();
         self.status.set_pending_pods(pending as u64);
-        let failed = report.failed.len() + report.skipped.len();
+        let failed = report.failed.len() + report.skipped.len() + lease_failed;
         self.status.count_reconcile(failed as u64);
         self.status.applied_full_sync();
         Some(ReconcileReport { applied: report.applied, failed, pending_pods: pending, pruned: true, full })
+    }
+
+    /// Arms or renews the datapath lease; a failed write is logged (and counted by the pass).
+    fn renew_lease(&mut self) -> Result<()> {
+        let renewed = self.lease.renew(self.datapath.tables_mut());
+        if let Err(e) = &renewed {
+            warn!("renewing the datapath lease: {e}; retried in a moment");
+        }
+        renewed
     }
 
     /// Resets tracked connections made stale by what was just applied, judged against the
@@ -326,11 +348,19 @@ impl Reconciler {
             if let Some(warm) = self.model.next_warm_expiry() {
                 timeout = timeout.min(warm + Duration::from_millis(10));
             }
-            let timed_out = match wake.recv_timeout(timeout) {
+            // The lease is renewed between passes too, without a pass of its own.
+            let lease_only = self.lease.until_due().filter(|due| *due < timeout);
+            let timed_out = match wake.recv_timeout(lease_only.unwrap_or(timeout)) {
                 Ok(Wake::Stop) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
                 Ok(Wake::Changed) => false,
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => true,
             };
+            if timed_out && lease_only.is_some() {
+                // Nothing else was due; a change signalled meanwhile stays queued for the next
+                // receive.
+                let _ = self.renew_lease();
+                continue;
+            }
             // Coalesce a burst of events into one pass.
             while let Ok(w) = wake.try_recv() {
                 if matches!(w, Wake::Stop) {

@@ -10,8 +10,8 @@ use std::{
 use anyhow::{anyhow, bail};
 use serde::Serialize;
 use tagger_common::{
-    BASE_LANE, Backend, CANARY_FULL, FAMILY_V6, LaneTables, Outcome, Resolution, SHAPE_F_CANARY,
-    SHAPE_F_STICKY, SHAPE_F_WARMUP, SVC_F_ROUTED, Service, WEIGHT_FULL, WarmEntry, WarmKey,
+    BASE_LANE, Backend, CANARY_FULL, FAMILY_V6, LaneTables, Lease, LeaseState, Outcome, Resolution,
+    SHAPE_F_CANARY, SHAPE_F_STICKY, SHAPE_F_WARMUP, SVC_F_ROUTED, Service, WEIGHT_FULL, WarmEntry, WarmKey,
     resolve::{lane_is_strict, svc_is_strict},
     resolve_shaped, shaping_of, sticky_draw, svc_is_passthrough, warm_weight,
 };
@@ -43,6 +43,10 @@ pub trait ExplainTables: LaneTables {
     fn now_ns(&self) -> u64 {
         crate::shaping::monotonic_now_ns()
     }
+    /// The datapath lease (`None`: unknown, explained as steering).
+    fn lease(&self) -> Option<Lease> {
+        None
+    }
 }
 
 impl ExplainTables for Tables {
@@ -54,6 +58,9 @@ impl ExplainTables for Tables {
     }
     fn config_flags(&self) -> u32 {
         self.config().map_or(0, |c| c.flags)
+    }
+    fn lease(&self) -> Option<Lease> {
+        Tables::lease(self).ok()
     }
 }
 
@@ -174,7 +181,8 @@ pub struct BackendView {
 /// One line of the explanation.
 #[derive(Debug, Serialize)]
 pub struct Step {
-    /// What was checked: `caller`, `frontend`, `service_flags`, `own_lane`, `base_caller`,
+    /// What was checked: `caller`, `frontend`, `service_flags`, `lease` (only when it stops
+    /// steering), `own_lane`, `base_caller`,
     /// `strict`, `fallback_chain`, `fallback`, `decision`, `backends`.
     pub check: &'static str,
     /// What was found.
@@ -245,13 +253,14 @@ pub fn explain<T: ExplainTables>(
         steps: Vec::new(),
     };
     let Some(svc) = frontend else {
-        steps.push(Step { check: "frontend", result: format!("{destination} is not a Service frontend") });
-        steps.push(Step {
-            check: "decision",
-            result: "not_service: untouched, the connection goes where it was addressed".into(),
-        });
-        ex.steps = steps;
-        return Ok(ex);
+        let why = Step { check: "frontend", result: format!("{destination} is not a Service frontend") };
+        return Ok(untouched(
+            ex,
+            steps,
+            why,
+            Outcome::NotService,
+            "the connection goes where it was addressed",
+        ));
     };
     let lane = ex.caller.lane.id;
     let strict_svc = svc_is_strict(&svc);
@@ -273,6 +282,12 @@ pub fn explain<T: ExplainTables>(
     });
     if svc_is_passthrough(&svc) {
         return Ok(passthrough(ex, steps));
+    }
+    // Then the lease, as the programs check it: before anything that steers.
+    if let Some(words) = t.lease().and_then(|l| lease_stops_steering(l.state(t.now_ns()))) {
+        let why = Step { check: "lease", result: words };
+        let then = "the connection goes where it was addressed (the cluster's own Service implementation)";
+        return Ok(untouched(ex, steps, why, Outcome::LeaseExpired, then));
     }
 
     // The decision: the same function the programs run. A non-sticky canary draw is random
@@ -330,22 +345,50 @@ pub fn explain<T: ExplainTables>(
 }
 
 /// A frontend tagger leaves to the cluster: the explanation ends there.
-fn passthrough(mut ex: Explanation, mut steps: Vec<Step>) -> Explanation {
-    steps.push(Step {
+fn passthrough(ex: Explanation, steps: Vec<Step>) -> Explanation {
+    let why = Step {
         check: "steering",
         result: "not steered on this node: its backends are all base and nothing shapes it or could refuse \
                  a local caller"
             .into(),
-    });
-    steps.push(Step {
-        check: "decision",
-        result: "passthrough: untouched, the cluster's Service implementation (kube-proxy, Cilium, ...) \
-                 balances it"
-            .into(),
-    });
-    ex.outcome = Outcome::Passthrough.name();
+    };
+    untouched(
+        ex,
+        steps,
+        why,
+        Outcome::Passthrough,
+        "the cluster's Service implementation (kube-proxy, Cilium, ...) balances it",
+    )
+}
+
+/// Ends an explanation where the programs leave the connection untouched: `why`, then the
+/// decision (`<outcome>: untouched, <then>`).
+fn untouched(
+    mut ex: Explanation,
+    mut steps: Vec<Step>,
+    why: Step,
+    outcome: Outcome,
+    then: &str,
+) -> Explanation {
+    steps.push(why);
+    steps.push(Step { check: "decision", result: format!("{}: untouched, {then}", outcome.name()) });
+    ex.outcome = outcome.name();
     ex.steps = steps;
     ex
+}
+
+/// Why the lease stops steering, if it does.
+fn lease_stops_steering(state: LeaseState) -> Option<String> {
+    match state {
+        LeaseState::Expired { since_ns } => Some(format!(
+            "the datapath lease expired {} ago (no agent renewed it): nothing is steered",
+            super::render::ago(std::time::Duration::from_nanos(since_ns))
+        )),
+        LeaseState::NeverArmed => {
+            Some("the datapath lease was never armed (no agent completed a pass): nothing is steered".into())
+        }
+        LeaseState::Armed { .. } | LeaseState::Disabled => None,
+    }
 }
 
 /// The fallback steps the datapath tries for `resolution` (up to the chosen one, or all).
@@ -563,6 +606,7 @@ mod tests {
         shaping: Option<tagger_common::SvcShaping>,
         warm: BTreeMap<WarmKey, WarmEntry>,
         flags: u32,
+        lease: Option<Lease>,
     }
 
     impl Fake {
@@ -607,6 +651,9 @@ mod tests {
         }
         fn now_ns(&self) -> u64 {
             5_000_000_000
+        }
+        fn lease(&self) -> Option<Lease> {
+            self.lease
         }
     }
 
@@ -722,6 +769,25 @@ mod tests {
         assert_eq!(ex.backends[0].address, "10.244.0.3:8080");
         assert!(ex.fallback.is_empty());
         assert_eq!(checks(&ex), ["caller", "frontend", "service_flags", "own_lane", "decision", "backends"]);
+    }
+
+    #[test]
+    fn an_expired_or_unarmed_lease_leaves_the_connection_untouched() {
+        let mut t = Fake::default().set("gray", &["10.244.0.3:8080"]);
+        // Renewed at 1 s for 2 s: expired at 3 s, explained at 5 s.
+        t.lease = Some(Lease::renewed(1_000_000_000, 2_000_000_000));
+        let ex = explain(&t, &names(), caller("gray"), dest(), SVC).unwrap();
+        assert_eq!(ex.outcome, "lease_expired");
+        assert!(ex.backends.is_empty() && ex.backend_lane.is_none());
+        assert_eq!(checks(&ex), ["caller", "frontend", "service_flags", "lease", "decision"]);
+        assert!(render_table(&ex).contains("the datapath lease expired 2s ago"), "{}", render_table(&ex));
+        t.lease = Some(Lease::default());
+        assert_eq!(explain(&t, &names(), caller("gray"), dest(), SVC).unwrap().outcome, "lease_expired");
+        // Armed, or never expiring: explained as before.
+        for lease in [Lease::renewed(4_000_000_000, 2_000_000_000), Lease::renewed(1, 0)] {
+            t.lease = Some(lease);
+            assert_eq!(explain(&t, &names(), caller("gray"), dest(), SVC).unwrap().outcome, "steered");
+        }
     }
 
     #[test]

@@ -98,6 +98,9 @@ pub fn outcome_meaning(o: Outcome) -> &'static str {
         Outcome::Passthrough => {
             "Service needs no lane steering here: left to the cluster's Service implementation"
         }
+        Outcome::LeaseExpired => {
+            "datapath lease ran out (no agent renewed it): Service connection failed open, untouched"
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use std::{
 };
 
 use serde::Serialize;
-use tagger_common::ALL_MAPS;
+use tagger_common::{ALL_MAPS, Lease, LeaseState};
 
 use super::{
     args::{Format, StatusArgs},
@@ -22,6 +22,7 @@ use super::{
 use crate::{
     cgroup::cgroup2_mount,
     datapath::{PROGRAMS, PinLayout},
+    sys::monotonic_now_ns,
 };
 
 /// How long `status` waits for the agent, per step (connect, then the answer).
@@ -42,6 +43,8 @@ pub struct StatusReport {
     pub maps_error: Option<String>,
     /// The datapath configuration, if the maps could be read.
     pub config: Option<ConfigStatus>,
+    /// The datapath lease, if the maps could be read.
+    pub lease: Option<LeaseStatus>,
     /// Whether the agent answers.
     pub agent: AgentProbe,
     /// How stale connections are reset on this kernel (see `tagger::lifecycle`).
@@ -119,6 +122,81 @@ pub struct ConfigStatus {
     pub pod_level_max: u32,
 }
 
+/// The datapath lease (`TAGGER_LEASE_V1`): whether the programs still steer without an agent
+/// renewing it.
+#[derive(Debug, Serialize)]
+pub struct LeaseStatus {
+    /// The state itself (JSON: `state` and the fields below).
+    #[serde(skip)]
+    pub kind: LeaseState,
+    /// `armed`, `expired`, `never_armed` (no agent completed a pass yet) or `disabled`
+    /// (`--datapath-lease 0`).
+    pub state: &'static str,
+    /// Whether the programs steer (armed or disabled); otherwise Service connections are left
+    /// to the cluster's own Service implementation.
+    pub steering: bool,
+    /// Seconds left before it expires (armed only).
+    pub remaining_seconds: Option<f64>,
+    /// Seconds since it expired (expired only).
+    pub expired_seconds_ago: Option<f64>,
+    /// Seconds since an agent last renewed it (null: never).
+    pub renewed_seconds_ago: Option<f64>,
+    /// The duration the agent renews it for, seconds (null when it never expires).
+    pub duration_seconds: Option<f64>,
+}
+
+impl LeaseStatus {
+    /// The lease at `now_ns` (`CLOCK_MONOTONIC`).
+    #[must_use]
+    pub fn of(lease: &Lease, now_ns: u64) -> Self {
+        let secs = |ns: u64| Duration::from_nanos(ns).as_secs_f64();
+        let state = lease.state(now_ns);
+        Self {
+            kind: state,
+            state: state.name(),
+            steering: state.steers(),
+            remaining_seconds: match state {
+                LeaseState::Armed { remaining_ns } => Some(secs(remaining_ns)),
+                _ => None,
+            },
+            expired_seconds_ago: match state {
+                LeaseState::Expired { since_ns } => Some(secs(since_ns)),
+                _ => None,
+            },
+            renewed_seconds_ago: (lease.renewed_ns != 0)
+                .then(|| secs(now_ns.saturating_sub(lease.renewed_ns))),
+            duration_seconds: (lease.duration_ns != 0).then(|| secs(lease.duration_ns)),
+        }
+    }
+
+    /// One line for people.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        let d = |s: Option<f64>| ago(Duration::from_secs_f64(s.unwrap_or(0.0).max(0.0)));
+        let renewed = match (self.renewed_seconds_ago, self.duration_seconds) {
+            (Some(_), Some(_)) => {
+                format!(" (renewed {} ago, for {})", d(self.renewed_seconds_ago), d(self.duration_seconds))
+            }
+            (Some(_), None) => format!(" (renewed {} ago)", d(self.renewed_seconds_ago)),
+            (None, _) => String::new(),
+        };
+        match self.kind {
+            LeaseState::Armed { .. } => {
+                format!("armed, {} left{renewed}: steering", d(self.remaining_seconds))
+            }
+            LeaseState::Expired { .. } => format!(
+                "EXPIRED {} ago{renewed}: steering is OFF, Service connections go untouched to the cluster's \
+                 Service implementation until an agent completes a pass",
+                d(self.expired_seconds_ago)
+            ),
+            LeaseState::NeverArmed => {
+                "not armed yet: steering is OFF until an agent completes its first pass".to_owned()
+            }
+            LeaseState::Disabled => format!("disabled (--datapath-lease 0){renewed}: steering never expires"),
+        }
+    }
+}
+
 /// The agent's `/readyz`.
 #[derive(Debug, Serialize)]
 pub struct AgentProbe {
@@ -173,6 +251,7 @@ pub fn collect(dir: &Path, agent_addr: &str, cgroup_root: Option<&Path>) -> anyh
             }
         })
         .collect();
+    let mut lease = None;
     let (maps_error, config) = match open_read_only(dir) {
         Ok(dp) => {
             let fill: BTreeMap<&str, (usize, u32)> =
@@ -186,6 +265,7 @@ pub fn collect(dir: &Path, agent_addr: &str, cgroup_root: Option<&Path>) -> anyh
                     m.fill_ratio = Some(ratio);
                 }
             }
+            lease = dp.tables().lease().ok().map(|l| LeaseStatus::of(&l, monotonic_now_ns()));
             match dp.tables().config() {
                 Ok(c) => (
                     None,
@@ -204,6 +284,7 @@ pub fn collect(dir: &Path, agent_addr: &str, cgroup_root: Option<&Path>) -> anyh
         maps,
         maps_error,
         config,
+        lease,
         agent: probe_agent(agent_addr),
         reset_mechanism: crate::lifecycle::Mechanism::probe().name(),
         marking: crate::datapath::tc::pinned_interfaces(&layout)
@@ -382,6 +463,9 @@ fn print_tables(r: &StatusReport) {
             );
         }
     }
+    if let Some(l) = &r.lease {
+        println!("datapath lease: {}", l.describe());
+    }
     let agent = match (r.agent.reachable, r.agent.ready) {
         (true, Some(true)) => format!("ready ({})", r.agent.detail),
         (true, _) => format!("reachable, NOT READY ({})", r.agent.detail),
@@ -437,6 +521,34 @@ mod tests {
         assert_eq!(percent(0, 0.0), "0.0%");
         assert_eq!(percent(2, 2.0 / 16_384.0), "<0.1%");
         assert_eq!(percent(512, 0.5), "50.0%");
+    }
+
+    #[test]
+    fn the_lease_reads_as_its_state() {
+        const S: u64 = 1_000_000_000;
+        let armed = LeaseStatus::of(&Lease::renewed(100 * S, 120 * S), 130 * S);
+        assert_eq!((armed.state, armed.steering), ("armed", true));
+        assert_eq!(armed.remaining_seconds, Some(90.0));
+        assert_eq!(armed.renewed_seconds_ago, Some(30.0));
+        assert_eq!(armed.describe(), "armed, 1m30s left (renewed 30s ago, for 2m0s): steering");
+
+        let expired = LeaseStatus::of(&Lease::renewed(100 * S, 120 * S), 250 * S);
+        assert_eq!((expired.state, expired.steering), ("expired", false));
+        assert_eq!((expired.remaining_seconds, expired.expired_seconds_ago), (None, Some(30.0)));
+        assert!(
+            expired.describe().starts_with("EXPIRED 30s ago (renewed 2m30s ago, for 2m0s): steering is OFF")
+        );
+
+        let fresh = LeaseStatus::of(&Lease::default(), 5 * S);
+        assert_eq!((fresh.state, fresh.steering, fresh.renewed_seconds_ago), ("never_armed", false, None));
+        assert!(fresh.describe().contains("steering is OFF"));
+
+        let off = LeaseStatus::of(&Lease::renewed(100 * S, 0), 200 * S);
+        assert_eq!((off.state, off.steering, off.duration_seconds), ("disabled", true, None));
+        assert_eq!(
+            off.describe(),
+            "disabled (--datapath-lease 0) (renewed 1m40s ago): steering never expires"
+        );
     }
 
     #[test]

@@ -9,12 +9,12 @@ use std::{
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap};
 use tagger_common::{
     BASE_LANE, Backend, BackendSet, DatapathConfig, FrontendKey, InboundKey, LaneName, LanePolicy,
-    LaneTables, MAP_BACKEND_SETS, MAP_BACKEND_SLOTS, MAP_CONFIG, MAP_CONNS, MAP_COUNTERS, MAP_FRONTENDS,
-    MAP_INBOUND, MAP_LANE_NAMES, MAP_LANES, MAP_POD_ADDRS, MAP_POD_META, MAP_PODS, MAP_REVNAT, MAP_ROUTES,
-    MAP_SERVICE_META, MAP_SHAPING, MAP_SVC_STATS, MAP_WARM, MAX_BACKEND_SETS, MAX_BACKENDS, MAX_CGROUP_LEVEL,
-    MAX_FRONTENDS, MAX_LANES, MAX_PODS, MAX_ROUTES, MAX_WARM, Outcome, PodAddr, PodEntry, PodMeta, RevNatKey,
-    RevNatValue, RouteKey, SHADOW_OFFSET, Service, ServiceMeta, SetKey, SlotKey, SockRecord, StatKey,
-    SvcShaping, WarmEntry, WarmKey, field_str, name_field,
+    LaneTables, Lease, MAP_BACKEND_SETS, MAP_BACKEND_SLOTS, MAP_CONFIG, MAP_CONNS, MAP_COUNTERS,
+    MAP_FRONTENDS, MAP_INBOUND, MAP_LANE_NAMES, MAP_LANES, MAP_LEASE, MAP_POD_ADDRS, MAP_POD_META, MAP_PODS,
+    MAP_REVNAT, MAP_ROUTES, MAP_SERVICE_META, MAP_SHAPING, MAP_SVC_STATS, MAP_WARM, MAX_BACKEND_SETS,
+    MAX_BACKENDS, MAX_CGROUP_LEVEL, MAX_FRONTENDS, MAX_LANES, MAX_PODS, MAX_ROUTES, MAX_WARM, Outcome,
+    PodAddr, PodEntry, PodMeta, RevNatKey, RevNatValue, RouteKey, SHADOW_OFFSET, Service, ServiceMeta,
+    SetKey, SlotKey, SockRecord, StatKey, SvcShaping, WarmEntry, WarmKey, field_str, name_field,
 };
 
 use super::PinLayout;
@@ -31,6 +31,7 @@ pub struct Tables {
     counters: PerCpuArray<MapData, u64>,
     svc_stats: PerCpuHashMap<MapData, StatKey, u64>,
     config: Array<MapData, DatapathConfig>,
+    lease: Array<MapData, Lease>,
     pod_meta: HashMap<MapData, u64, PodMeta>,
     service_meta: HashMap<MapData, u32, ServiceMeta>,
     lane_names: HashMap<MapData, u32, LaneName>,
@@ -182,6 +183,7 @@ impl Tables {
             counters: open_typed!(layout, MAP_COUNTERS, access),
             svc_stats: open_typed!(layout, MAP_SVC_STATS, access),
             config: open_typed!(layout, MAP_CONFIG, access),
+            lease: open_typed!(layout, MAP_LEASE, access),
             pod_meta: open_typed!(layout, MAP_POD_META, access),
             service_meta: open_typed!(layout, MAP_SERVICE_META, access),
             lane_names: open_typed!(layout, MAP_LANE_NAMES, access),
@@ -370,6 +372,17 @@ impl Tables {
 
     fn set_config(&mut self, cfg: DatapathConfig) -> Result<()> {
         self.config.set(0, cfg, 0).map_err(map_err(MAP_CONFIG, "set", 0))
+    }
+
+    /// The datapath lease (see `tagger_common::lease`).
+    pub fn lease(&self) -> Result<Lease> {
+        self.lease.get(&0, 0).map_err(map_err(MAP_LEASE, "get", 0))
+    }
+
+    /// Replaces the datapath lease (one array update: the programs see the old value or the new
+    /// one).
+    pub fn set_lease(&mut self, lease: Lease) -> Result<()> {
+        self.lease.set(0, lease, 0).map_err(map_err(MAP_LEASE, "set", 0))
     }
 
     // ---- frontends --------------------------------------------------------------------------

@@ -16,6 +16,8 @@
 //!        `testpod --cgroup DIR --netns NAME (hold-tcp|hold-udp|hold-udp-unconnected) ADDR` (holds one
 //!        connection open; prints `ok` lines as above on connect, `closed <TAB> <errno>` when it
 //!        fails, and reconnects; runs until killed)
+//!        `testpod --cgroup DIR --netns NAME peer-tcp ADDR` (one TCP connection: an `ok` line as
+//!        above, then `peer <TAB> <getpeername>` for every line read from stdin, until it closes)
 //!        `testpod --cgroup DIR --netns NAME pool ADDR` (one pooled HTTP/1.1 keep-alive connection,
 //!        a request every 20 ms, reconnecting when the connection is reset; prints
 //!        `<ms since start> <TAB> ok|reset <TAB> <body or error>` whenever that changes, until
@@ -79,6 +81,7 @@ fn main() {
         }
         "rollout-pool" => tagger_tests::rollout::pool(addr, count()),
         "hold-tcp" | "hold-udp" | "hold-udp-unconnected" => hold(&mut out, mode, addr),
+        "peer-tcp" => peer_tcp(&mut out, addr),
         other => panic!("unknown mode {other}"),
     }
 }
@@ -97,6 +100,16 @@ fn tcp_once(addr: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
     let mut reply = String::new();
     s.read_to_string(&mut reply)?;
     Ok((reply.trim_end().to_owned(), peer))
+}
+
+/// Connects and reads the reply line, keeping the connection.
+fn tcp_connect(addr: SocketAddr) -> std::io::Result<(String, SocketAddr, TcpStream)> {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let peer = s.peer_addr()?;
+    let mut reply = String::new();
+    std::io::BufReader::new(&s).read_line(&mut reply)?;
+    Ok((reply.trim_end().to_owned(), peer, s))
 }
 
 fn http_once(addr: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
@@ -228,6 +241,27 @@ fn tcp_loop(out: &mut impl std::io::Write, addr: SocketAddr) {
     }
     for (r, n) in replies {
         writeln!(out, "reply\t{n}\t{r}").expect("stdout");
+    }
+}
+
+/// One TCP connection, asked for its peer address again whenever stdin says so: what
+/// `getpeername` shows long after the connect.
+fn peer_tcp(out: &mut impl std::io::Write, addr: SocketAddr) {
+    let (reply, peer, s) = match tcp_connect(addr) {
+        Ok(connected) => connected,
+        Err(e) => {
+            report(out, Err(e));
+            return;
+        }
+    };
+    report(out, Ok((reply, peer)));
+    out.flush().expect("stdout");
+    for _ in std::io::stdin().lock().lines() {
+        match s.peer_addr() {
+            Ok(p) => writeln!(out, "peer\t{p}").expect("stdout"),
+            Err(e) => writeln!(out, "err\t{}\t{e}", e.raw_os_error().unwrap_or(0)).expect("stdout"),
+        }
+        out.flush().expect("stdout");
     }
 }
 
