@@ -284,10 +284,8 @@ pub fn explain<T: ExplainTables>(
         return Ok(passthrough(ex, steps));
     }
     // Then the lease, as the programs check it: before anything that steers.
-    if let Some(words) = t.lease().and_then(|l| lease_stops_steering(l.state(t.now_ns()))) {
-        let why = Step { check: "lease", result: words };
-        let then = "the connection goes where it was addressed (the cluster's own Service implementation)";
-        return Ok(untouched(ex, steps, why, Outcome::LeaseExpired, then));
+    if let Some(why) = t.lease().and_then(|l| lease_stops_steering(l.state(t.now_ns()))) {
+        return Ok(untouched(ex, steps, why, Outcome::LeaseExpired, LEASE_EXPIRED_THEN));
     }
 
     // The decision: the same function the programs run. A non-sticky canary draw is random
@@ -377,18 +375,23 @@ fn untouched(
     ex
 }
 
-/// Why the lease stops steering, if it does.
-fn lease_stops_steering(state: LeaseState) -> Option<String> {
-    match state {
-        LeaseState::Expired { since_ns } => Some(format!(
+/// Where a connection goes while the lease stops steering.
+const LEASE_EXPIRED_THEN: &str =
+    "the connection goes where it was addressed (the cluster's own Service implementation)";
+
+/// The `lease` step when the lease stops steering, if it does.
+fn lease_stops_steering(state: LeaseState) -> Option<Step> {
+    let result = match state {
+        LeaseState::Expired { since_ns } => format!(
             "the datapath lease expired {} ago (no agent renewed it): nothing is steered",
             super::render::ago(std::time::Duration::from_nanos(since_ns))
-        )),
+        ),
         LeaseState::NeverArmed => {
-            Some("the datapath lease was never armed (no agent completed a pass): nothing is steered".into())
+            "the datapath lease was never armed (no agent completed a pass): nothing is steered".into()
         }
-        LeaseState::Armed { .. } | LeaseState::Disabled => None,
-    }
+        LeaseState::Armed { .. } | LeaseState::Disabled => return None,
+    };
+    Some(Step { check: "lease", result })
 }
 
 /// The fallback steps the datapath tries for `resolution` (up to the chosen one, or all).
