@@ -248,7 +248,8 @@ pub struct AgentSandbox {
     /// The node's own Service implementation (what kube-proxy or a socket-LB CNI is on a real
     /// node), attached at the cgroup root: it balances every Service of [`Self::cluster`] over
     /// its serving endpoints, and so serves whatever tagger leaves to the cluster.
-    pub cluster_lb: std::sync::Mutex<crate::foreign_lb::ForeignLb>,
+    /// `None` after [`Self::without_cluster_lb`].
+    pub cluster_lb: std::sync::Mutex<Option<crate::foreign_lb::ForeignLb>>,
 }
 
 impl Default for AgentSandbox {
@@ -266,7 +267,7 @@ impl AgentSandbox {
         ensure_bpffs();
         let root = TestCgroup::new(&unique_name("root"));
         let _ = root.child(KUBEPODS);
-        let cluster_lb = std::sync::Mutex::new(crate::foreign_lb::ForeignLb::attach(root.path()));
+        let cluster_lb = std::sync::Mutex::new(Some(crate::foreign_lb::ForeignLb::attach(root.path())));
         Self {
             cluster_lb,
             agent: None,
@@ -374,7 +375,8 @@ impl AgentSandbox {
     /// cluster's Services, as kube-proxy would: each cluster IP and port to the ready endpoints,
     /// else the serving-terminating ones.
     pub fn sync_cluster_lb(&self) {
-        let mut lb = self.cluster_lb.lock().expect("cluster LB");
+        let mut guard = self.cluster_lb.lock().expect("cluster LB");
+        let Some(lb) = guard.as_mut() else { return };
         let mut wanted: BTreeMap<SocketAddr, Vec<SocketAddr>> = BTreeMap::new();
         for svc in self.cluster.services.values() {
             let pods: Vec<&crate::cluster::PodDesc> =
@@ -397,6 +399,15 @@ impl AgentSandbox {
         for (vip, backends) in wanted {
             lb.serve_pool(vip, &backends);
         }
+    }
+
+    /// The same sandbox without the node's own Service implementation at the cgroup root: for
+    /// tests that put other programs there themselves (an earlier release of tagger, another
+    /// socket LB attached exclusively), whose order at the root is what they test.
+    #[must_use]
+    pub fn without_cluster_lb(self) -> Self {
+        *self.cluster_lb.lock().expect("cluster LB") = None;
+        self
     }
 
     /// Writes the lanes config file; returns its path.

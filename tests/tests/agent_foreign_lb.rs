@@ -174,7 +174,9 @@ fn a_socket_lb_attached_the_legacy_way_at_the_root_is_never_silently_disabled() 
     // refuses programs below. Either way tagger refuses to attach, naming the program, and the
     // socket LB keeps serving.
     for (flags, says) in [(1, "BPF_F_ALLOW_OVERRIDE"), (0, "exclusively")] {
-        let sb = sandbox();
+        // This test's socket LB is the only program at the root (an exclusive one admits none
+        // beside it).
+        let sb = sandbox().without_cluster_lb();
         let mut lb = ForeignLb::attach_legacy(sb.root.path(), flags);
         serve(&mut lb, &sb, &lb_vips(), "lb-backend");
         tagger_tests::datapath::ensure_bpffs();
@@ -188,7 +190,8 @@ fn a_socket_lb_attached_the_legacy_way_at_the_root_is_never_silently_disabled() 
 
 #[test]
 fn a_datapath_attached_at_the_root_by_an_earlier_release_moves_to_the_pods_cgroup() {
-    let mut sb = AgentSandbox::with_service_a(vip4(), Some("gray"));
+    // The earlier release at the root must see the VIPs first: no socket LB attached before it.
+    let mut sb = AgentSandbox::with_service_a(vip4(), Some("gray")).without_cluster_lb();
     let hold_vip: SocketAddr = "10.96.30.2:80".parse().unwrap();
     restart::prepare(&mut sb, hold_vip);
     let root = sb.root.path().to_string_lossy().into_owned();

@@ -29,7 +29,9 @@ fn vip() -> SocketAddr {
 /// Service `a` (base and gray backends), a gray caller `gw`, and the cluster's own Service
 /// implementation as `gw` sees it.
 fn sandbox() -> (AgentSandbox, BackendServer) {
-    let sb = AgentSandbox::with_service_a(vip(), Some("gray"));
+    // The cluster's implementation here answers as `kube-proxy` (a local address of gw's
+    // namespace), so that a connection tagger left alone is told apart from a steered one.
+    let sb = AgentSandbox::with_service_a(vip(), Some("gray")).without_cluster_lb();
     let kube_proxy = service_stand_in(&sb.netns["gw"], vip(), "kube-proxy");
     (sb, kube_proxy)
 }

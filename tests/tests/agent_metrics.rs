@@ -140,18 +140,31 @@ fn the_agent_registers_pod_addresses_and_inbound_counts_reach_metrics_and_the_cl
     assert_eq!(sb.reached("gw", b_vip, 5), ["b"]);
     assert_eq!(inbound_series(port, "gray", "gray", "in_lane"), Some(5.0));
 
-    // `b` is relabelled base: gray callers fall back to it, and it counts them as such.
+    // `b` is relabelled base: Service b has base backends only and tagger leaves it to the
+    // cluster (passthrough): the node's own Service implementation sends the gray caller to b,
+    // with no lane option, so b counts those connections as untagged.
     sb.cluster.set_lane("b", None);
     sb.write_source_file();
     sb.wait_for("b's addresses in base", Duration::from_secs(10), |t| lane_in_map(t, "base"));
     sb.wait_for("service b's base set", Duration::from_secs(10), |t| set_size(t, b_vip, "base") == Some(1));
     assert_eq!(sb.reached("gw", b_vip, 3), ["b"]);
-    assert_eq!(inbound_series(port, "gray", "base", "fell_back"), Some(3.0));
+    let (_, body) = http_get(port, "/metrics");
+    let steered = parse(&body);
+    assert_eq!(
+        steered.get(
+            "tagger_service_steered{namespace=\"demo\",service=\"b\",port=\"main\",steering=\"base_only\"}"
+        ),
+        Some(&0.0),
+        "{body}"
+    );
+    assert_eq!(steered.get("tagger_datapath_decisions_total{outcome=\"passthrough\"}"), Some(&3.0), "{body}");
+    assert_eq!(inbound_series(port, "gray", "base", "fell_back"), None);
 
     let (status, r) = tagger_tests::agent::cli_json(&sb.pins.0, &["stats", "--inbound"]);
     assert!(status.success(), "{r}");
     assert_eq!(r["totals"]["in_lane"], 5, "{r}");
-    assert_eq!(r["totals"]["fell_back"], 3, "{r}");
+    assert_eq!(r["totals"]["fell_back"], 0, "{r}");
+    assert_eq!(r["totals"]["untagged"], 3, "{r}");
     assert_eq!(r["totals"]["leak"], 0, "{r}");
     assert!(r["rows"].as_array().unwrap().iter().all(|row| row["pod"] == "demo/b"), "{r}");
     drop(server);

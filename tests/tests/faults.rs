@@ -346,7 +346,8 @@ fn wait_http(port: u16, path: &str, code: u16) -> (u16, String) {
 /// then the links switch; no connection fails or leaves its lane.
 #[test]
 fn the_agent_upgrades_an_older_layout_without_a_failed_connection() {
-    let mut sb = AgentSandbox::with_service_a(vip(), Some("gray"));
+    // The older build attaches where it is told (the root here): no socket LB before it there.
+    let mut sb = AgentSandbox::with_service_a(vip(), Some("gray")).without_cluster_lb();
     sb.start_agent_on_file(&[]);
     sb.wait_for("first agent synced", WAIT, |t| set_size(t, vip(), "gray") == Some(1));
     sb.agent.as_mut().unwrap().kill();
