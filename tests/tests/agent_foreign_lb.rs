@@ -19,8 +19,10 @@ use tagger_tests::{
     restart::{self, RestartLoad},
 };
 
-/// Generous: under qemu TCG on a loaded host the first install (the verifier) alone can take seconds.
-const WAIT: Duration = Duration::from_secs(30);
+/// Generous: under qemu TCG on a loaded host an install (the verifier) took 18 s in one guest
+/// run, and this file's three tests each start one at the same time (a move loads the programs
+/// again). Only a failing test waits this long.
+const WAIT: Duration = Duration::from_secs(120);
 
 /// tagger's Service `a` (a base and a gray backend).
 fn vip4() -> SocketAddr {
