@@ -22,7 +22,7 @@ use tagger_tests::{
 /// Generous: under qemu TCG on a loaded host an install (the verifier) took 18 s in one guest
 /// run, and this file's three tests each start one at the same time (a move loads the programs
 /// again). Only a failing test waits this long.
-const WAIT: Duration = Duration::from_secs(120);
+const WAIT: Duration = Duration::from_mins(2);
 
 /// tagger's Service `a` (a base and a gray backend).
 fn vip4() -> SocketAddr {
