@@ -171,16 +171,19 @@ fn tagger_runs_before_a_socket_lb_attached_at_the_root_first() {
 }
 
 #[test]
-fn a_socket_lb_attached_the_legacy_way_at_the_root_is_never_silently_disabled() {
+fn a_socket_lb_attached_the_legacy_way_above_tagger_is_never_silently_disabled() {
     // BPF_F_ALLOW_OVERRIDE: a program below would replace it for every pod. Exclusive: the kernel
     // refuses programs below. Either way tagger refuses to attach, naming the program, and the
-    // socket LB keeps serving.
+    // socket LB keeps serving. The sandbox's own Service implementation holds the root with a
+    // link (multi, as on a node), so the legacy LB sits at kubepods.slice and tagger is asked
+    // to attach below it.
     for (flags, says) in [(1, "BPF_F_ALLOW_OVERRIDE"), (0, "exclusively")] {
         let sb = sandbox();
-        let mut lb = ForeignLb::attach_legacy(sb.root.path(), flags);
+        let mut lb = ForeignLb::attach_legacy(&sb.kubepods(), flags);
         serve(&mut lb, &sb, &lb_vips(), "lb-backend");
         tagger_tests::datapath::ensure_bpffs();
-        let err = tagger::datapath::Datapath::install(&sb.pins.0, &sb.kubepods()).unwrap_err().to_string();
+        let below = sb.kubepods().join("kubepods-burstable.slice");
+        let err = tagger::datapath::Datapath::install(&sb.pins.0, &below).unwrap_err().to_string();
         let id = lb.program_ids()[0];
         assert!(err.contains(says) && err.contains(&format!("program id {id} ")), "{err}");
         assert!(!sb.pins.0.join("links/connect4").exists(), "nothing attached");
@@ -190,7 +193,13 @@ fn a_socket_lb_attached_the_legacy_way_at_the_root_is_never_silently_disabled() 
 
 #[test]
 fn a_datapath_attached_at_the_root_by_an_earlier_release_moves_to_the_pods_cgroup() {
+    // This test is about tagger's own hooks across the move: the sandbox's Service
+    // implementation is taken off the root, so a connection that missed tagger's hook would
+    // fail rather than be served by it (and the earlier release at the root, attached after it,
+    // would steer nothing).
+    let elsewhere = TestCgroup::new(&tagger_tests::unique_name("idle"));
     let mut sb = AgentSandbox::with_service_a(vip4(), Some("gray"));
+    *sb.cluster_lb.lock().unwrap() = ForeignLb::attach(elsewhere.path());
     let hold_vip: SocketAddr = "10.96.30.2:80".parse().unwrap();
     restart::prepare(&mut sb, hold_vip);
     let root = sb.root.path().to_string_lossy().into_owned();
