@@ -8,7 +8,6 @@ use tagger::datapath::Tables;
 use tagger_common::{Outcome, SVC_F_ROUTED, SVC_F_SHAPED, lane_id};
 use tagger_tests::{
     agent::{AgentSandbox, PORT, pod_in_lane, set_size},
-    client::Attempt,
     stats::{assert_binomial, mean_linear_warm_share},
 };
 

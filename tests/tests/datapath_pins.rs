@@ -266,6 +266,8 @@ fn an_upgrade_that_moves_the_attach_cgroup_waits_for_the_maps_and_fails_no_conne
         t.register_pod(&TestCgroup::resolve(pod_cgroup), lane_id("gray")).unwrap();
         t.replace_backends(1, lane_id("gray"), &[backend(gray_backend)]).unwrap();
         t.upsert_frontend(&frontend_key(vip, Proto::Tcp), Service { svc_id: 1, flags: 0 }).unwrap();
+        // As the agent's first complete pass does, before the switch.
+        tagger_tests::datapath::arm_lease(t);
     };
     let kubepods = root.path().join("kubepods");
     let (root_id, kubepods_id) = (TestCgroup::resolve(root.path()).id, TestCgroup::resolve(&kubepods).id);

@@ -317,6 +317,7 @@ impl Datapath {
                 return Ok((datapath, Installed::Attached { programs: missing_links }));
             }
             let mut from: Vec<u64> = elsewhere.iter().map(|&(_, id)| id).collect();
+            from.sort_unstable();
             from.dedup();
             let moved = elsewhere.into_iter().map(|(name, _)| name).collect();
             return Ok((datapath, Installed::Moved { from, moved, attached: missing_links }));
