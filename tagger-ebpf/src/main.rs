@@ -12,6 +12,7 @@
 // The program entry signature is fixed by the aya macros: the context arrives by value.
 #![expect(clippy::needless_pass_by_value, reason = "see above")]
 
+mod affinity;
 mod maps;
 mod mark;
 mod shaping;
@@ -25,12 +26,13 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use tagger_common::{
-    BASE_LANE, Backend, FAMILY_V6, FrontendKey, IPPROTO_UDP, LaneTables, Outcome, Resolution, RevNatKey,
-    RevNatValue, SOCK_F_FELL_BACK, SOCK_F_ROUTED, SlotKey, SockRecord, is_v4_mapped, shaping_of, v4_mapped,
+    BASE_LANE, Backend, FAMILY_V6, FrontendKey, IPPROTO_UDP, LaneTables, Outcome, RevNatKey, RevNatValue,
+    SOCK_F_FELL_BACK, SOCK_F_ROUTED, SlotKey, SockRecord, is_v4_mapped, shaping_of, v4_mapped,
 };
 
 use crate::maps::{
-    BACKEND_SLOTS, CONFIG, CONNS, FRONTENDS, PODS, REVNAT, SOCKS, Tables, count, count_service, insert_revnat,
+    BACKEND_SLOTS, CONFIG, CONNS, FRONTENDS, PODS, REVNAT, SOCKS, Tables, count, count_service, count_shadow,
+    insert_revnat,
 };
 
 /// Return value that lets the syscall proceed.
@@ -188,17 +190,23 @@ fn caller() -> shaping::Caller {
     caller
 }
 
-/// Picks a backend from a set, at random. A slot that vanished under a concurrent replacement is
-/// retried once against the set's current generation.
+/// Picks a backend from a set, at random; with its slot. A slot that vanished under a concurrent
+/// replacement is retried once against the set's current generation.
 #[inline(always)]
-fn pick(tables: &Tables, svc_id: u32, lane: u32, count_in_set: u32, generation: u32) -> Option<Backend> {
+fn pick(
+    tables: &Tables,
+    svc_id: u32,
+    lane: u32,
+    count_in_set: u32,
+    generation: u32,
+) -> Option<(Backend, u32)> {
     // SAFETY: the helper has no preconditions.
     let r = unsafe { bpf_get_prandom_u32() };
     // `checked_rem`: the set is never empty here, but the verifier must not see a panic path.
     let key = SlotKey { svc_id, lane, generation, slot: r.checked_rem(count_in_set)? };
     // SAFETY: BACKEND_SLOTS is BPF_F_NO_PREALLOC; Backend is Copy.
     if let Some(b) = unsafe { BACKEND_SLOTS.get(&key) } {
-        return Some(*b);
+        return Some((*b, key.slot));
     }
     // The set was replaced since it was read and its old generation's slots are gone (the agent
     // deletes them 250 ms after the swap, or at once when the slots map is full): read it
@@ -208,7 +216,7 @@ fn pick(tables: &Tables, svc_id: u32, lane: u32, count_in_set: u32, generation: 
         let key = SlotKey { svc_id, lane, generation: set.generation, slot: r.checked_rem(set.count)? };
         // SAFETY: as above.
         if let Some(b) = unsafe { BACKEND_SLOTS.get(&key) } {
-            return Some(*b);
+            return Some((*b, key.slot));
         }
     }
     None
@@ -237,28 +245,33 @@ fn try_steer(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
     let tables = Tables;
     let shaping = shaping_of(&tables, &svc);
     let resolution = shaping::resolve(&tables, &svc, &who, shaping.as_ref());
+    let (set, lane, outcome) = shaping::decision(&resolution, caller);
     if shaping::is_shadow(&tables, &who) {
-        shaping::count_shadow_decision(svc.svc_id, caller, &resolution);
+        count_shadow(svc.svc_id, caller, lane, outcome);
         return PROCEED;
     }
-    let (set, lane, outcome) = match resolution {
-        Resolution::Own { set } => (set, caller, Outcome::Steered),
-        Resolution::FellBack { lane, set, .. } => (set, lane, Outcome::FellBack),
-        Resolution::Routed { lane, set, .. } => (set, lane, Outcome::Routed),
-        Resolution::Canary { lane, set } => (set, lane, Outcome::Canary),
-        Resolution::RefusedStrict => {
-            count(Outcome::RefusedStrict);
-            count_service(svc.svc_id, caller, BASE_LANE, Outcome::RefusedStrict);
+    match outcome {
+        Outcome::RefusedStrict => {
+            count(outcome);
+            count_service(svc.svc_id, caller, lane, outcome);
             return REFUSE;
         }
-        Resolution::NoBackend => {
-            count(Outcome::NoBackend);
-            count_service(svc.svc_id, caller, BASE_LANE, Outcome::NoBackend);
+        Outcome::NoBackend => {
+            count(outcome);
+            count_service(svc.svc_id, caller, lane, outcome);
             return PROCEED;
         }
-    };
-    let warm = shaping::pick_warm(shaping.as_ref(), svc.svc_id, lane, &set);
-    let Some(backend) = warm.or_else(|| pick(&tables, svc.svc_id, lane, set.count, set.generation)) else {
+        _ => {}
+    }
+    // Affinity applies within the resolved lane: the caller's remembered backend while it is
+    // still a member of this set (no warm-up draw for it), else a fresh pick.
+    let sticky = affinity::Sticky::of(svc, &who, lane);
+    let picked = sticky
+        .as_ref()
+        .and_then(|s| s.remembered(&tables, set))
+        .or_else(|| shaping::pick_warm(shaping.as_ref(), svc.svc_id, lane, &set))
+        .or_else(|| pick(&tables, svc.svc_id, lane, set.count, set.generation));
+    let Some((backend, slot)) = picked else {
         count(Outcome::SlotMiss);
         return PROCEED;
     };
@@ -270,6 +283,9 @@ fn try_steer(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
         return PROCEED;
     }
     set_user_addr(sa, v6, &backend.addr, backend.port);
+    if let Some(s) = &sticky {
+        s.remember(&backend, slot);
+    }
     let record = SockRecord {
         vip: addr,
         backend,

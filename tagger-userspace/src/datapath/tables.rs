@@ -8,13 +8,14 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap};
 use tagger_common::{
-    BASE_LANE, Backend, BackendSet, DatapathConfig, FrontendKey, InboundKey, LaneName, LanePolicy,
-    LaneTables, MAP_BACKEND_SETS, MAP_BACKEND_SLOTS, MAP_CONFIG, MAP_CONNS, MAP_COUNTERS, MAP_FRONTENDS,
-    MAP_INBOUND, MAP_LANE_NAMES, MAP_LANES, MAP_POD_ADDRS, MAP_POD_META, MAP_PODS, MAP_REVNAT, MAP_ROUTES,
-    MAP_SERVICE_META, MAP_SHAPING, MAP_SVC_STATS, MAP_WARM, MAX_BACKEND_SETS, MAX_BACKENDS, MAX_CGROUP_LEVEL,
-    MAX_FRONTENDS, MAX_LANES, MAX_PODS, MAX_ROUTES, MAX_WARM, Outcome, PodAddr, PodEntry, PodMeta, RevNatKey,
-    RevNatValue, RouteKey, SHADOW_OFFSET, Service, ServiceMeta, SetKey, SlotKey, SockRecord, StatKey,
-    SvcShaping, WarmEntry, WarmKey, field_str, name_field,
+    AffinityEntry, AffinityKey, BASE_LANE, Backend, BackendSet, DatapathConfig, FrontendKey, InboundKey,
+    LaneName, LanePolicy, LaneTables, MAP_AFFINITY, MAP_AFFINITY_CFG, MAP_BACKEND_SETS, MAP_BACKEND_SLOTS,
+    MAP_CONFIG, MAP_CONNS, MAP_COUNTERS, MAP_FRONTENDS, MAP_INBOUND, MAP_LANE_NAMES, MAP_LANES,
+    MAP_POD_ADDRS, MAP_POD_META, MAP_PODS, MAP_REVNAT, MAP_ROUTES, MAP_SERVICE_META, MAP_SHAPING,
+    MAP_SVC_STATS, MAP_WARM, MAX_BACKEND_SETS, MAX_BACKENDS, MAX_CGROUP_LEVEL, MAX_FRONTENDS, MAX_LANES,
+    MAX_PODS, MAX_ROUTES, MAX_WARM, Outcome, PodAddr, PodEntry, PodMeta, RevNatKey, RevNatValue, RouteKey,
+    SHADOW_OFFSET, Service, ServiceMeta, SetKey, SlotKey, SockRecord, StatKey, SvcAffinity, SvcShaping,
+    WarmEntry, WarmKey, field_str, name_field,
 };
 
 use super::PinLayout;
@@ -37,6 +38,8 @@ pub struct Tables {
     shaping: HashMap<MapData, u32, SvcShaping>,
     routes: HashMap<MapData, RouteKey, LanePolicy>,
     warm: HashMap<MapData, WarmKey, WarmEntry>,
+    affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
+    affinity_cfg: HashMap<MapData, u32, SvcAffinity>,
     conns: HashMap<MapData, u64, SockRecord>,
     /// Local pods by address (written by `inbound.rs`).
     pub(super) pod_addrs: HashMap<MapData, [u32; 4], PodAddr>,
@@ -188,6 +191,8 @@ impl Tables {
             shaping: open_typed!(layout, MAP_SHAPING, access),
             routes: open_typed!(layout, MAP_ROUTES, access),
             warm: open_typed!(layout, MAP_WARM, access),
+            affinity: open_typed!(layout, MAP_AFFINITY, access),
+            affinity_cfg: open_typed!(layout, MAP_AFFINITY_CFG, access),
             conns: open_typed!(layout, MAP_CONNS, access),
             pod_addrs: open_typed!(layout, MAP_POD_ADDRS, access),
             inbound: open_typed!(layout, MAP_INBOUND, access),
@@ -304,6 +309,8 @@ impl Tables {
             (MAP_SHAPING, self.shaping.keys().count(), MAX_FRONTENDS),
             (MAP_ROUTES, self.routes.keys().count(), MAX_ROUTES),
             (MAP_WARM, self.warm.keys().count(), MAX_WARM),
+            (MAP_AFFINITY, self.affinity.keys().count(), tagger_common::MAX_AFFINITY),
+            (MAP_AFFINITY_CFG, self.affinity_cfg.keys().count(), MAX_FRONTENDS),
             (MAP_CONNS, self.conns.keys().count(), tagger_common::MAX_CONNS),
             (MAP_POD_ADDRS, self.pod_addrs.keys().count(), tagger_common::MAX_POD_ADDRS),
             (MAP_INBOUND, self.inbound.keys().count(), tagger_common::MAX_INBOUND),
@@ -412,7 +419,21 @@ impl Tables {
     /// set or the new one.
     /// On error nothing visible changed: slots already written for the new generation are
     /// removed again and the old set stays live.
+    ///
+    /// The slots are written in `Backend`'s order (sorted here if `backends` is not), which the
+    /// datapath's search for a caller's remembered backend relies on (`find_member`).
     pub fn replace_backends(&mut self, svc_id: u32, lane: u32, backends: &[Backend]) -> Result<()> {
+        let sorted;
+        let backends = if backends.is_sorted() {
+            backends
+        } else {
+            sorted = {
+                let mut v = backends.to_vec();
+                v.sort_unstable();
+                v
+            };
+            &sorted
+        };
         let set_key = SetKey { svc_id, lane };
         let count =
             u32::try_from(backends.len()).ok().filter(|&n| n <= MAX_BACKENDS).ok_or(Error::MapFull {
@@ -685,6 +706,33 @@ impl Tables {
         self.warm.iter().map(|r| r.map_err(map_err(MAP_WARM, "iterate", ()))).collect()
     }
 
+    // ---- session affinity ---------------------------------------------------------------------
+
+    /// Sets a Service frontend's affinity timeout (the frontend needs `SVC_F_AFFINITY`).
+    pub fn set_affinity(&mut self, svc_id: u32, affinity: &SvcAffinity) -> Result<()> {
+        self.affinity_cfg.insert(svc_id, affinity, 0).map_err(map_err(MAP_AFFINITY_CFG, "insert", svc_id))
+    }
+
+    /// Removes a Service frontend's affinity timeout.
+    pub fn remove_affinity(&mut self, svc_id: u32) -> Result<()> {
+        ignore_not_found(self.affinity_cfg.remove(&svc_id)).map_err(map_err(
+            MAP_AFFINITY_CFG,
+            "remove",
+            svc_id,
+        ))
+    }
+
+    /// Every frontend's affinity timeout.
+    pub fn affinities(&self) -> Result<BTreeMap<u32, SvcAffinity>> {
+        self.affinity_cfg.iter().map(|r| r.map_err(map_err(MAP_AFFINITY_CFG, "iterate", ()))).collect()
+    }
+
+    /// A caller's remembered backend for (Service, lane), if the datapath holds one (expired or
+    /// not).
+    pub fn affinity_entry(&self, key: &AffinityKey) -> Result<Option<AffinityEntry>> {
+        get_opt(self.affinity.get(key, 0)).map_err(map_err(MAP_AFFINITY, "get", key))
+    }
+
     // ---- reverse translation and counters ---------------------------------------------------
 
     /// Number of reverse-translation entries.
@@ -754,5 +802,9 @@ impl LaneTables for Tables {
 
     fn shaping(&self, svc_id: u32) -> Option<SvcShaping> {
         get_opt(self.shaping.get(&svc_id, 0)).ok().flatten()
+    }
+
+    fn slot(&self, svc_id: u32, lane: u32, generation: u32, slot: u32) -> Option<Backend> {
+        get_opt(self.slots.get(&SlotKey { svc_id, lane, generation, slot }, 0)).ok().flatten()
     }
 }
