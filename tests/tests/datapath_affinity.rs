@@ -43,7 +43,7 @@ fn one_backend(sb: &Sandbox, caller: &Caller, mode: Mode, n: usize) -> String {
 }
 
 #[test]
-fn each_caller_sticks_to_one_backend_and_callers_spread() {
+fn affinity_keeps_each_caller_on_one_backend_and_callers_spread() {
     let (mut sb, _, vip2) = sandbox("a", "base", 4, 10_800);
     let mut chosen = BTreeSet::new();
     for i in 0..8 {
@@ -67,7 +67,7 @@ fn each_caller_sticks_to_one_backend_and_callers_spread() {
 }
 
 #[test]
-fn the_entry_is_refreshed_by_each_connection_and_expires_after_the_timeout() {
+fn affinity_is_refreshed_by_each_connection_and_expires_after_the_timeout() {
     let (mut sb, _, _) = sandbox("t", "base", 4, 1);
     let caller = sb.caller("c", Some("base"));
     let key =
@@ -95,7 +95,7 @@ fn the_entry_is_refreshed_by_each_connection_and_expires_after_the_timeout() {
 }
 
 #[test]
-fn a_backend_leaving_the_set_ends_affinity_and_a_new_one_is_kept() {
+fn affinity_ends_when_the_backend_leaves_the_set_and_the_new_one_is_kept() {
     let (mut sb, addrs, _) = sandbox("r", "base", 4, 10_800);
     let caller = sb.caller("c", Some("base"));
     let first = one_backend(&sb, &caller, Mode::Tcp, 10);
