@@ -14,11 +14,13 @@ use std::{
     mem,
 };
 
-use tagger_common::{FrontendKey, LanePolicy, PodEntry, RouteKey, Service, SetKey, SvcShaping};
+use tagger_common::{FrontendKey, LanePolicy, PodEntry, RouteKey, Service, SetKey, SvcAffinity, SvcShaping};
 
 use super::{
     DatapathState, DesiredRef, Scope,
-    shaping::{WarmTracker, backend_warmup, shaped_flags, svc_routes, svc_shaping},
+    shaping::{
+        WarmTracker, affinity_flags, backend_warmup, shaped_flags, svc_affinity, svc_routes, svc_shaping,
+    },
 };
 use crate::{
     cgroup::CgroupRef,
@@ -98,6 +100,7 @@ pub struct Incremental {
     svc_keys: HashMap<u32, FrontendKey>,
     shaping: BTreeMap<u32, SvcShaping>,
     routes: BTreeMap<RouteKey, LanePolicy>,
+    affinity: BTreeMap<u32, SvcAffinity>,
     config_flags: u32,
     warm: WarmTracker,
     clock: fn() -> u64,
@@ -124,6 +127,7 @@ impl Incremental {
             svc_keys: HashMap::new(),
             shaping: BTreeMap::new(),
             routes: BTreeMap::new(),
+            affinity: BTreeMap::new(),
             config_flags: 0,
             warm: WarmTracker::default(),
             clock: crate::shaping::monotonic_now_ns,
@@ -233,6 +237,7 @@ impl Incremental {
             touched.extend(out.frontends.values().map(|s| s.svc_id));
             touched.extend(self.shaping.keys().copied());
             touched.extend(self.routes.keys().map(|k| k.svc_id));
+            touched.extend(self.affinity.keys().copied());
             sets.extend(out.sets.keys().copied());
         }
         for key in sets {
@@ -245,6 +250,14 @@ impl Incremental {
             let origin = out.origins.get(&svc_id);
             let shaping = origin.and_then(|o| svc_shaping(o, self.warm.warming(svc_id)));
             let routes = origin.map(|o| svc_routes(svc_id, o, lanes)).unwrap_or_default();
+            let affinity = origin.and_then(svc_affinity);
+            if self.affinity.get(&svc_id) != affinity.as_ref() {
+                scope.affinity.insert(svc_id);
+                match affinity {
+                    Some(a) => self.affinity.insert(svc_id, a),
+                    None => self.affinity.remove(&svc_id),
+                };
+            }
             if self.shaping.get(&svc_id) != shaping.as_ref() {
                 scope.shaping.insert(svc_id);
                 match shaping {
@@ -268,10 +281,8 @@ impl Incremental {
             if let Some(key) = self.svc_keys.get(&svc_id)
                 && let Some(base) = out.frontends.get(key)
             {
-                let patched = Service {
-                    flags: shaped_flags(base.flags, shaping.is_some(), !routes.is_empty()),
-                    ..*base
-                };
+                let flags = shaped_flags(base.flags, shaping.is_some(), !routes.is_empty());
+                let patched = Service { flags: affinity_flags(flags, affinity.is_some()), ..*base };
                 if self.frontends.get(key) != Some(&patched) {
                     self.frontends.insert(*key, patched);
                     scope.frontends.insert(*key);
@@ -366,6 +377,7 @@ impl Incremental {
             shaping: &self.shaping,
             routes: &self.routes,
             warm: self.warm.entries(),
+            affinity: &self.affinity,
             config_flags: self.config_flags,
         }
     }
@@ -382,6 +394,7 @@ impl Incremental {
             shaping: d.shaping.clone(),
             routes: d.routes.clone(),
             warm: d.warm.clone(),
+            affinity: d.affinity.clone(),
             config_flags: d.config_flags,
         }
     }
