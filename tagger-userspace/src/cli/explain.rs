@@ -631,7 +631,8 @@ mod tests {
 
     impl Fake {
         fn set(mut self, lane: &str, addrs: &[&str]) -> Self {
-            let b = addrs.iter().map(|a| backend(a.parse().unwrap())).collect();
+            let mut b: Vec<Backend> = addrs.iter().map(|a| backend(a.parse().unwrap())).collect();
+            b.sort_unstable();
             self.sets.insert((1, lane_id(lane)), b);
             self
         }
@@ -658,7 +659,10 @@ mod tests {
             self.shaping
         }
         fn slot(&self, svc_id: u32, lane: u32, _generation: u32, slot: u32) -> Option<Backend> {
-            self.sets.get(&(svc_id, lane))?.get(usize::try_from(slot).ok()?).copied()
+            // The slots as the agent writes them: in slot order.
+            let mut slots = self.sets.get(&(svc_id, lane))?.clone();
+            slots.sort_unstable_by(tagger_common::slot_order);
+            slots.get(usize::try_from(slot).ok()?).copied()
         }
     }
 

@@ -15,7 +15,7 @@ use tagger_common::{
     MAP_SVC_STATS, MAP_WARM, MAX_BACKEND_SETS, MAX_BACKENDS, MAX_CGROUP_LEVEL, MAX_FRONTENDS, MAX_LANES,
     MAX_PODS, MAX_ROUTES, MAX_WARM, Outcome, PodAddr, PodEntry, PodMeta, RevNatKey, RevNatValue, RouteKey,
     SHADOW_OFFSET, Service, ServiceMeta, SetKey, SlotKey, SockRecord, StatKey, SvcAffinity, SvcShaping,
-    WarmEntry, WarmKey, field_str, name_field,
+    WarmEntry, WarmKey, field_str, name_field, slot_order,
 };
 
 use super::PinLayout;
@@ -420,20 +420,12 @@ impl Tables {
     /// On error nothing visible changed: slots already written for the new generation are
     /// removed again and the old set stays live.
     ///
-    /// The slots are written in `Backend`'s order (sorted here if `backends` is not), which the
-    /// datapath's search for a caller's remembered backend relies on (`find_member`).
+    /// The slots are written in `slot_order`, which the datapath's search for a caller's
+    /// remembered backend relies on (`find_member`).
     pub fn replace_backends(&mut self, svc_id: u32, lane: u32, backends: &[Backend]) -> Result<()> {
-        let sorted;
-        let backends = if backends.is_sorted() {
-            backends
-        } else {
-            sorted = {
-                let mut v = backends.to_vec();
-                v.sort_unstable();
-                v
-            };
-            &sorted
-        };
+        let mut sorted = backends.to_vec();
+        sorted.sort_unstable_by(slot_order);
+        let backends = sorted.as_slice();
         let set_key = SetKey { svc_id, lane };
         let count =
             u32::try_from(backends.len()).ok().filter(|&n| n <= MAX_BACKENDS).ok_or(Error::MapFull {
@@ -566,17 +558,20 @@ impl Tables {
         self.sets.iter().map(|r| r.map_err(map_err(MAP_BACKEND_SETS, "iterate", ()))).collect()
     }
 
-    /// The members of the live set of (Service, lane), in slot order.
+    /// The members of the live set of (Service, lane), sorted (`Backend`'s order, not the
+    /// slots' hash order: the same set always lists the same way).
     pub fn backends(&self, svc_id: u32, lane: u32) -> Result<Vec<Backend>> {
         let Some(set) = self.backend_set(svc_id, lane)? else {
             return Ok(Vec::new());
         };
-        (0..set.count)
+        let mut members = (0..set.count)
             .map(|slot| {
                 let key = SlotKey { svc_id, lane, generation: set.generation, slot };
                 self.slots.get(&key, 0).map_err(map_err(MAP_BACKEND_SLOTS, "get", key))
             })
-            .collect()
+            .collect::<Result<Vec<Backend>>>()?;
+        members.sort_unstable();
+        Ok(members)
     }
 
     /// Number of slot entries in the map (all generations).
