@@ -12,15 +12,11 @@
 //! if it is still a member of that set, else a fresh pick (warm-up weighted if the Service has
 //! a warm-up), which becomes the remembered one. Affinity never changes the lane.
 //!
-//! Membership is checked against the live generation of the set, with no control-plane help:
-//! the entry keeps the slot its backend had, so one slot lookup confirms it while the set is
-//! unchanged; after a replacement (slots shift: sets are written sorted by [`slot_order`]) a
-//! binary search over the slots finds it in at most [`AFFINITY_SEARCH_STEPS`] lookups, and the entry is
-//! rewritten with the new slot. The backend's address is always compared, so a reused
-//! generation number or a slot that now holds another backend can never send a connection to a
-//! backend that left the set.
-
-use core::cmp::Ordering;
+//! Membership is checked against the live generation of the set, with no extra control-plane
+//! state: the entry keeps the slot its backend had, and the agent keeps surviving backends in
+//! their slots when it replaces a set, so one slot lookup confirms it. The backend's address is
+//! always compared, so a reused generation number or a slot that now holds another backend can
+//! never send a connection to a backend that left the set.
 
 use crate::{Backend, BackendSet, LaneTables};
 
@@ -43,12 +39,6 @@ pub const SVC_F_AFFINITY: u32 = 1 << 3;
 pub const AFFINITY_DEFAULT_TIMEOUT_S: u32 = 10_800;
 /// The largest timeout Kubernetes accepts (one day).
 pub const AFFINITY_MAX_TIMEOUT_S: u32 = 86_400;
-
-/// Most backends in one (frontend, lane) set; the model caps every set at this.
-pub const MAX_SET_BACKENDS: u32 = 1_024;
-/// Slot lookups of the binary search for a remembered backend: `log2(MAX_SET_BACKENDS) + 1`
-/// probes find any member of a sorted set of up to [`MAX_SET_BACKENDS`].
-pub const AFFINITY_SEARCH_STEPS: u32 = 11;
 
 /// A frontend's affinity settings.
 #[repr(C)]
@@ -106,33 +96,6 @@ pub fn affinity_timeout_s(cfg: Option<&SvcAffinity>) -> u32 {
     }
 }
 
-/// A backend's position in the slot order: a 64-bit mix (splitmix64's finaliser) of its
-/// address words and port. Sets are written sorted by (`backend_key`, `Backend`), so the
-/// datapath's search compares one `u64` per probe: a branch-free mix and one comparison, which
-/// keeps the verifier's path count low on older kernels (a field-by-field comparison of the
-/// address made the connect program exceed 6.1's one-million-instruction budget).
-#[inline(always)]
-#[must_use]
-pub const fn backend_key(b: &Backend) -> u64 {
-    let hi = (b.addr[0] as u64) << 32 | b.addr[1] as u64;
-    let lo = (b.addr[2] as u64) << 32 | b.addr[3] as u64;
-    let z = mix64(hi ^ 0x9e37_79b9_7f4a_7c15);
-    let z = mix64(z ^ lo);
-    mix64(z ^ b.port as u64)
-}
-
-const fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// The order slots are written in (userspace sorts with it).
-#[must_use]
-pub fn slot_order(a: &Backend, b: &Backend) -> Ordering {
-    backend_key(a).cmp(&backend_key(b)).then_with(|| a.cmp(b))
-}
-
 /// Whether two backends are the same address and port, without branches (a derived `==` on
 /// arrays may become a `memcmp` call, which BPF lacks).
 #[inline(always)]
@@ -146,11 +109,11 @@ pub const fn same_backend(a: &Backend, b: &Backend) -> bool {
         == 0
 }
 
-/// The slot of `backend` in the live generation `set` of (svc_id, lane), if it is a member:
-/// the `hint` slot first, then a binary search over the slots in [`slot_order`] (at most
-/// [`AFFINITY_SEARCH_STEPS`] lookups). `None`: not a member (or a slot vanished under a
-/// concurrent replacement, or two members share a key: read as not a member, a fresh pick
-/// follows).
+/// The slot of `backend` in the live generation `set` of (svc_id, lane) when the remembered
+/// `hint` slot still holds it: one lookup and a branch-free comparison. The agent keeps a
+/// surviving backend in its slot across replacements (`stable_slots` in userspace), so this
+/// finds every member except one moved into a freed slot when its set shrank. `None`: not
+/// there (or the slot vanished under a concurrent replacement): a fresh pick follows.
 #[inline(always)]
 pub fn find_member<T: LaneTables>(
     tables: &T,
@@ -160,29 +123,11 @@ pub fn find_member<T: LaneTables>(
     backend: &Backend,
     hint: u32,
 ) -> Option<u32> {
-    let generation = set.generation;
-    if hint < set.count
-        && let Some(b) = tables.slot(svc_id, lane, generation, hint)
-        && same_backend(&b, backend)
-    {
-        return Some(hint);
+    if hint >= set.count {
+        return None;
     }
-    let key = backend_key(backend);
-    let (mut lo, mut hi) = (0u32, set.count);
-    // Verifier: at most AFFINITY_SEARCH_STEPS iterations, whatever the set's count.
-    let mut steps = 0;
-    while steps < AFFINITY_SEARCH_STEPS && lo < hi {
-        steps += 1;
-        let mid = lo + (hi - lo) / 2;
-        let b = tables.slot(svc_id, lane, generation, mid)?;
-        let k = backend_key(&b);
-        match k.cmp(&key) {
-            Ordering::Less => lo = mid + 1,
-            Ordering::Greater => hi = mid,
-            Ordering::Equal => return if same_backend(&b, backend) { Some(mid) } else { None },
-        }
-    }
-    None
+    let b = tables.slot(svc_id, lane, set.generation, hint)?;
+    if same_backend(&b, backend) { Some(hint) } else { None }
 }
 
 /// The remembered backend's slot when `entry` is live at `now_ns` and its backend is still in
@@ -251,8 +196,7 @@ mod tests {
         }
     }
 
-    fn write(t: &mut Slots, generation: u32, mut members: Vec<Backend>) -> BackendSet {
-        members.sort_unstable_by(slot_order);
+    fn write(t: &mut Slots, generation: u32, members: &[Backend]) -> BackendSet {
         for (i, b) in members.iter().enumerate() {
             t.slots.insert((generation, u32::try_from(i).unwrap()), *b);
         }
@@ -273,54 +217,26 @@ mod tests {
         other.port = 9090u16.to_be();
         assert!(!same_backend(&be(5), &other));
         assert!(!same_backend(&be(5), &be(6)));
-        assert_eq!(slot_order(&be(5), &be(5)), Ordering::Equal);
-        assert_ne!(slot_order(&be(5), &other), Ordering::Equal);
     }
 
     #[test]
-    fn the_search_finds_every_member_of_a_full_set_within_its_steps() {
-        const { assert!(1u32 << (AFFINITY_SEARCH_STEPS - 1) >= MAX_SET_BACKENDS) };
+    fn a_member_is_found_in_its_slot_and_nothing_else_is() {
         let mut t = Slots::default();
-        let members: Vec<Backend> = (0..MAX_SET_BACKENDS).map(|i| be(i * 3)).collect();
-        let set = write(&mut t, 4, members.clone());
-        for b in &members {
-            // A wrong hint: the search alone must find it.
-            let slot = find_member(&t, 7, 0, &set, b, u32::MAX).expect("a member");
-            assert_eq!(t.slots[&(4, slot)], *b);
-        }
-        // Non-members, between and beyond the members, are never found.
-        for i in 0..MAX_SET_BACKENDS {
-            assert_eq!(find_member(&t, 7, 0, &set, &be(i * 3 + 1), 0), None);
-        }
+        let set = write(&mut t, 1, &(10..20).map(be).collect::<Vec<_>>());
         t.lookups.set(0);
-        let at = t.slots[&(4, 100)];
-        assert_eq!(find_member(&t, 7, 0, &set, &at, 100), Some(100));
-        assert_eq!(t.lookups.get(), 1, "a right hint costs one lookup");
-        let empty = BackendSet { count: 0, generation: 5 };
-        assert_eq!(find_member(&t, 7, 0, &empty, &members[0], 0), None);
-    }
-
-    #[test]
-    fn a_member_is_found_after_the_set_changes_and_a_gone_one_is_not() {
-        let mut t = Slots::default();
-        let set1 = write(&mut t, 1, (10..20).map(be).collect());
-        let remembered = be(15);
-        let hint = find_member(&t, 7, 0, &set1, &remembered, 0).unwrap();
-        // Scaled up with lower addresses: every slot shifts; the hint misses, the search finds it.
-        let set2 = write(&mut t, 2, (0..20).map(be).collect());
-        let slot = find_member(&t, 7, 0, &set2, &remembered, hint).unwrap();
-        assert_ne!(slot, hint);
-        assert_eq!(t.slots[&(2, slot)], remembered);
-        // The remembered backend left: not found, although its old slot holds another one.
-        let set3 = write(&mut t, 3, (0..20).filter(|&i| i != 15).map(be).collect());
-        assert_eq!(find_member(&t, 7, 0, &set3, &remembered, slot), None);
+        assert_eq!(find_member(&t, 7, 0, &set, &be(13), 3), Some(3));
+        assert_eq!(t.lookups.get(), 1, "one lookup");
+        // Another backend in that slot (it left, or moved), or a slot past the set: not found.
+        assert_eq!(find_member(&t, 7, 0, &set, &be(13), 4), None);
+        assert_eq!(find_member(&t, 7, 0, &set, &be(13), 10), None);
+        assert_eq!(find_member(&t, 7, 0, &set, &be(13), u32::MAX), None);
         // A generation number reused by a re-created set: the address decides.
         t.slots.clear();
-        let reused = write(&mut t, 1, (30..40).map(be).collect());
-        assert_eq!(find_member(&t, 7, 0, &reused, &remembered, hint), None);
+        let reused = write(&mut t, 1, &(30..40).map(be).collect::<Vec<_>>());
+        assert_eq!(find_member(&t, 7, 0, &reused, &be(13), 3), None);
         // A slot deleted under a concurrent replacement reads as not a member.
-        let set = BackendSet { count: 10, generation: 9 };
-        assert_eq!(find_member(&t, 7, 0, &set, &remembered, 0), None);
+        let gone = BackendSet { count: 10, generation: 9 };
+        assert_eq!(find_member(&t, 7, 0, &gone, &be(33), 3), None);
     }
 
     #[test]
@@ -331,7 +247,7 @@ mod tests {
         assert!(!affinity_expired(20 * s, 10, 15 * s), "ahead of the clock: just used");
         assert!(!affinity_expired(0, AFFINITY_MAX_TIMEOUT_S, u64::from(AFFINITY_MAX_TIMEOUT_S) * s));
         let mut t = Slots::default();
-        let set = write(&mut t, 1, (0..4).map(be).collect());
+        let set = write(&mut t, 1, &(0..4).map(be).collect::<Vec<_>>());
         let key = AffinityKey { svc_id: 7, lane: 0, caller: 42 };
         let entry = AffinityEntry { backend: be(2), slot: 2, last_ns: 5 * s };
         assert_eq!(sticky_slot(&t, &key, &set, &entry, 10, 14 * s), Some(2));

@@ -659,10 +659,7 @@ mod tests {
             self.shaping
         }
         fn slot(&self, svc_id: u32, lane: u32, _generation: u32, slot: u32) -> Option<Backend> {
-            // The slots as the agent writes them: in slot order.
-            let mut slots = self.sets.get(&(svc_id, lane))?.clone();
-            slots.sort_unstable_by(tagger_common::slot_order);
-            slots.get(usize::try_from(slot).ok()?).copied()
+            self.sets.get(&(svc_id, lane))?.get(usize::try_from(slot).ok()?).copied()
         }
     }
 
@@ -757,7 +754,7 @@ mod tests {
         assert!(render_table(&ex).contains("nothing remembered yet"), "{}", render_table(&ex));
         // Held: used 1 s ago (timeout 2 s), still in the set.
         let held = backend("10.244.0.4:8080".parse().unwrap());
-        t.affinity.insert(key, AffinityEntry { backend: held, slot: 0, last_ns: 4_000_000_000 });
+        t.affinity.insert(key, AffinityEntry { backend: held, slot: 1, last_ns: 4_000_000_000 });
         let ex = explain(&t, &names(), caller("gray"), dest(), svc).unwrap();
         let a = ex.affinity.as_ref().unwrap();
         assert_eq!((a.remembered.as_deref(), a.held), (Some("10.244.0.4:8080"), true));

@@ -15,7 +15,7 @@ use tagger_common::{
     MAP_SVC_STATS, MAP_WARM, MAX_BACKEND_SETS, MAX_BACKENDS, MAX_CGROUP_LEVEL, MAX_FRONTENDS, MAX_LANES,
     MAX_PODS, MAX_ROUTES, MAX_WARM, Outcome, PodAddr, PodEntry, PodMeta, RevNatKey, RevNatValue, RouteKey,
     SHADOW_OFFSET, Service, ServiceMeta, SetKey, SlotKey, SockRecord, StatKey, SvcAffinity, SvcShaping,
-    WarmEntry, WarmKey, field_str, name_field, slot_order,
+    WarmEntry, WarmKey, field_str, name_field,
 };
 
 use super::PinLayout;
@@ -65,6 +65,27 @@ struct Retired {
     lane: u32,
     generation: u32,
     count: u32,
+}
+
+/// The slot order of a set's new members `new` given its current slots `old`: a member that
+/// stays keeps its slot when that slot still exists; the other slots take the new members and
+/// then the members whose slot is gone (past the new count), in `new`'s order. Only a set that
+/// shrinks moves anyone, and at most as many as it lost.
+#[must_use]
+pub fn stable_slots(old: &[Backend], new: &[Backend]) -> Vec<Backend> {
+    let wanted: std::collections::HashSet<&Backend> = new.iter().collect();
+    let mut out: Vec<Option<Backend>> = vec![None; new.len()];
+    let mut kept = std::collections::HashSet::new();
+    for (slot, b) in out.iter_mut().zip(old) {
+        if wanted.contains(b) && kept.insert(*b) {
+            *slot = Some(*b);
+        }
+    }
+    let mut rest = new.iter().filter(|b| !kept.contains(*b));
+    out.into_iter()
+        .map(|slot| slot.or_else(|| rest.next().copied()))
+        .collect::<Option<Vec<_>>>()
+        .unwrap_or_else(|| new.to_vec())
 }
 
 /// How the maps are opened.
@@ -420,12 +441,15 @@ impl Tables {
     /// On error nothing visible changed: slots already written for the new generation are
     /// removed again and the old set stays live.
     ///
-    /// The slots are written in `slot_order`, which the datapath's search for a caller's
-    /// remembered backend relies on (`find_member`).
+    /// A backend that stays keeps its slot ([`stable_slots`]): the datapath finds a caller's
+    /// remembered backend by the slot it had (session affinity, `find_member`).
     pub fn replace_backends(&mut self, svc_id: u32, lane: u32, backends: &[Backend]) -> Result<()> {
-        let mut sorted = backends.to_vec();
-        sorted.sort_unstable_by(slot_order);
-        let backends = sorted.as_slice();
+        let before = match self.backend_set(svc_id, lane)? {
+            Some(set) => self.slot_members(svc_id, lane, set).unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let placed = stable_slots(&before, backends);
+        let backends = placed.as_slice();
         let set_key = SetKey { svc_id, lane };
         let count =
             u32::try_from(backends.len()).ok().filter(|&n| n <= MAX_BACKENDS).ok_or(Error::MapFull {
@@ -559,19 +583,24 @@ impl Tables {
     }
 
     /// The members of the live set of (Service, lane), sorted (`Backend`'s order, not the
-    /// slots' hash order: the same set always lists the same way).
+    /// slots' order: the same set always lists the same way).
     pub fn backends(&self, svc_id: u32, lane: u32) -> Result<Vec<Backend>> {
         let Some(set) = self.backend_set(svc_id, lane)? else {
             return Ok(Vec::new());
         };
-        let mut members = (0..set.count)
+        let mut members = self.slot_members(svc_id, lane, set)?;
+        members.sort_unstable();
+        Ok(members)
+    }
+
+    /// The members of one generation, in slot order.
+    fn slot_members(&self, svc_id: u32, lane: u32, set: BackendSet) -> Result<Vec<Backend>> {
+        (0..set.count)
             .map(|slot| {
                 let key = SlotKey { svc_id, lane, generation: set.generation, slot };
                 self.slots.get(&key, 0).map_err(map_err(MAP_BACKEND_SLOTS, "get", key))
             })
-            .collect::<Result<Vec<Backend>>>()?;
-        members.sort_unstable();
-        Ok(members)
+            .collect()
     }
 
     /// Number of slot entries in the map (all generations).
@@ -801,5 +830,41 @@ impl LaneTables for Tables {
 
     fn slot(&self, svc_id: u32, lane: u32, generation: u32, slot: u32) -> Option<Backend> {
         get_opt(self.slots.get(&SlotKey { svc_id, lane, generation, slot }, 0)).ok().flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stable_slots;
+    use crate::net::backend;
+
+    fn be(i: u8) -> tagger_common::Backend {
+        backend(std::net::SocketAddr::from(([10, 0, 0, i], 8080)))
+    }
+
+    fn set(ids: &[u8]) -> Vec<tagger_common::Backend> {
+        ids.iter().map(|&i| be(i)).collect()
+    }
+
+    #[test]
+    fn members_that_stay_keep_their_slots() {
+        // New set: written as given.
+        assert_eq!(stable_slots(&[], &set(&[3, 1, 2])), set(&[3, 1, 2]));
+        // Grown: everyone stays put, the new ones take the new slots.
+        assert_eq!(stable_slots(&set(&[1, 3, 5]), &set(&[1, 2, 3, 4, 5])), set(&[1, 3, 5, 2, 4]));
+        // A member in the middle leaves: a new one takes its slot, nobody moves.
+        assert_eq!(stable_slots(&set(&[1, 3, 5]), &set(&[1, 4, 5])), set(&[1, 4, 5]));
+        // Shrunk: only the member whose slot is gone moves, into the freed slot.
+        assert_eq!(stable_slots(&set(&[1, 3, 5, 7]), &set(&[1, 5, 7])), set(&[1, 7, 5]));
+        // Same members in another order: unchanged.
+        assert_eq!(stable_slots(&set(&[5, 1]), &set(&[1, 5])), set(&[5, 1]));
+        // Every member of the new set exactly once.
+        let mut got = stable_slots(&set(&[9, 8, 7, 6]), &set(&[1, 6, 9]));
+        got.sort_unstable();
+        assert_eq!(got, {
+            let mut v = set(&[1, 6, 9]);
+            v.sort_unstable();
+            v
+        });
     }
 }
