@@ -6,6 +6,7 @@
 //! bump the suffix of the maps that store it, so a pin left by an older agent is never misread.
 #![no_std]
 
+pub mod affinity;
 pub mod lane;
 pub mod lease;
 pub mod maps;
@@ -14,6 +15,7 @@ pub mod resolve;
 pub mod shaping;
 pub mod wire;
 
+pub use affinity::*;
 pub use lane::{BASE_LANE, fnv1a, lane_id};
 pub use lease::*;
 pub use maps::*;

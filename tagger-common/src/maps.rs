@@ -41,7 +41,7 @@ pub const MAP_SOCK: &str = "TAGGER_SOCK_V1";
 pub const MAP_CONNS: &str = "TAGGER_CONN_V1";
 
 /// Every map the datapath pins, in a fixed order (used for pin management and `status`).
-pub const ALL_MAPS: [&str; 20] = [
+pub const ALL_MAPS: [&str; 22] = [
     MAP_PODS,
     MAP_FRONTENDS,
     MAP_BACKEND_SETS,
@@ -62,6 +62,8 @@ pub const ALL_MAPS: [&str; 20] = [
     crate::pods::MAP_POD_ADDRS,
     crate::pods::MAP_INBOUND,
     crate::lease::MAP_LEASE,
+    crate::affinity::MAP_AFFINITY,
+    crate::affinity::MAP_AFFINITY_CFG,
 ];
 
 /// Pod cgroups registered on one node.

@@ -22,6 +22,11 @@ pub trait LaneTables {
     fn shaping(&self, _svc_id: u32) -> Option<SvcShaping> {
         None
     }
+    /// Slot `slot` of generation `generation` of (Service, lane); only asked for a Service with
+    /// [`SVC_F_AFFINITY`](crate::SVC_F_AFFINITY), to check a remembered backend.
+    fn slot(&self, _svc_id: u32, _lane: u32, _generation: u32, _slot: u32) -> Option<crate::Backend> {
+        None
+    }
 }
 
 /// The lane decision for one connection.

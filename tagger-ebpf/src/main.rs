@@ -12,6 +12,7 @@
 // The program entry signature is fixed by the aya macros: the context arrives by value.
 #![expect(clippy::needless_pass_by_value, reason = "see above")]
 
+mod affinity;
 mod maps;
 mod mark;
 mod shaping;
@@ -27,9 +28,9 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use tagger_common::{
-    BASE_LANE, Backend, BackendSet, FAMILY_V6, FrontendKey, IPPROTO_UDP, LEASE_NEVER, LaneTables, Outcome,
-    Resolution, RevNatKey, RevNatValue, SOCK_F_FELL_BACK, SOCK_F_ROUTED, SlotKey, SockRecord, is_v4_mapped,
-    lease_expired, shaping_of, svc_is_passthrough, v4_mapped,
+    BASE_LANE, Backend, FAMILY_V6, FrontendKey, IPPROTO_UDP, LEASE_NEVER, LaneTables, Outcome, RevNatKey,
+    RevNatValue, SOCK_F_FELL_BACK, SOCK_F_ROUTED, SlotKey, SockRecord, is_v4_mapped, lease_expired,
+    shaping_of, svc_is_passthrough, v4_mapped,
 };
 
 use crate::maps::{
@@ -192,17 +193,23 @@ fn caller() -> shaping::Caller {
     caller
 }
 
-/// Picks a backend from a set, at random. A slot that vanished under a concurrent replacement is
-/// retried once against the set's current generation.
+/// Picks a backend from a set, at random; with its slot. A slot that vanished under a concurrent
+/// replacement is retried once against the set's current generation.
 #[inline(always)]
-fn pick(tables: &Tables, svc_id: u32, lane: u32, count_in_set: u32, generation: u32) -> Option<Backend> {
+fn pick(
+    tables: &Tables,
+    svc_id: u32,
+    lane: u32,
+    count_in_set: u32,
+    generation: u32,
+) -> Option<(Backend, u32)> {
     // SAFETY: the helper has no preconditions.
     let r = unsafe { bpf_get_prandom_u32() };
     // `checked_rem`: the set is never empty here, but the verifier must not see a panic path.
     let key = SlotKey { svc_id, lane, generation, slot: r.checked_rem(count_in_set)? };
     // SAFETY: BACKEND_SLOTS is BPF_F_NO_PREALLOC; Backend is Copy.
     if let Some(b) = unsafe { BACKEND_SLOTS.get(&key) } {
-        return Some(*b);
+        return Some((*b, key.slot));
     }
     // The set was replaced since it was read and its old generation's slots are gone (the agent
     // deletes them 250 ms after the swap, or at once when the slots map is full): read it
@@ -212,27 +219,10 @@ fn pick(tables: &Tables, svc_id: u32, lane: u32, count_in_set: u32, generation: 
         let key = SlotKey { svc_id, lane, generation: set.generation, slot: r.checked_rem(set.count)? };
         // SAFETY: as above.
         if let Some(b) = unsafe { BACKEND_SLOTS.get(&key) } {
-            return Some(*b);
+            return Some((*b, key.slot));
         }
     }
     None
-}
-
-/// The resolution as (set to pick from, its lane, outcome); no set (count 0) and the base lane
-/// when nothing is chosen. Every field is defined on every variant: a payload left undefined
-/// for some of them let LLVM copy a register never written on that path, which the verifier
-/// rejects ("R3 !read_ok").
-#[inline(always)]
-fn decision(resolution: Resolution, caller_lane: u32) -> (BackendSet, u32, Outcome) {
-    let none = BackendSet { count: 0, generation: 0 };
-    match resolution {
-        Resolution::Own { set } => (set, caller_lane, Outcome::Steered),
-        Resolution::FellBack { lane, set, .. } => (set, lane, Outcome::FellBack),
-        Resolution::Routed { lane, set, .. } => (set, lane, Outcome::Routed),
-        Resolution::Canary { lane, set } => (set, lane, Outcome::Canary),
-        Resolution::RefusedStrict => (none, BASE_LANE, Outcome::RefusedStrict),
-        Resolution::NoBackend => (none, BASE_LANE, Outcome::NoBackend),
-    }
 }
 
 /// Re-reads of a backend set replaced while a connection picked from it.
@@ -288,7 +278,7 @@ fn try_steer(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
     let tables = Tables;
     let shaping = shaping_of(&tables, &svc);
     let resolution = shaping::resolve(&tables, &svc, &who, shaping.as_ref());
-    let (set, lane, outcome) = decision(resolution, caller);
+    let (set, lane, outcome) = shaping::decision(&resolution, caller);
     if shaping::is_shadow(&tables, &who) {
         // Counted apart from applied decisions; the destination is left unchanged.
         count_shadow(svc.svc_id, caller, lane, outcome);
@@ -296,19 +286,26 @@ fn try_steer(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
     }
     match outcome {
         Outcome::RefusedStrict => {
-            count(Outcome::RefusedStrict);
-            count_service(svc.svc_id, caller, BASE_LANE, Outcome::RefusedStrict);
+            count(outcome);
+            count_service(svc.svc_id, caller, lane, outcome);
             return REFUSE;
         }
         Outcome::NoBackend => {
-            count(Outcome::NoBackend);
-            count_service(svc.svc_id, caller, BASE_LANE, Outcome::NoBackend);
+            count(outcome);
+            count_service(svc.svc_id, caller, lane, outcome);
             return PROCEED;
         }
         _ => {}
     }
-    let warm = shaping::pick_warm(shaping.as_ref(), svc.svc_id, lane, &set);
-    let Some(backend) = warm.or_else(|| pick(&tables, svc.svc_id, lane, set.count, set.generation)) else {
+    // Affinity applies within the resolved lane: the caller's remembered backend while it is
+    // still a member of this set (no warm-up draw for it), else a fresh pick.
+    let sticky = affinity::Sticky::of(svc, &who, lane);
+    let picked = sticky
+        .as_ref()
+        .and_then(|s| s.remembered(&tables, set))
+        .or_else(|| shaping::pick_warm(shaping.as_ref(), svc.svc_id, lane, &set))
+        .or_else(|| pick(&tables, svc.svc_id, lane, set.count, set.generation));
+    let Some((backend, slot)) = picked else {
         count(Outcome::SlotMiss);
         return PROCEED;
     };
@@ -320,6 +317,9 @@ fn try_steer(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
         return PROCEED;
     }
     set_user_addr(sa, v6, &backend.addr, backend.port);
+    if let Some(s) = &sticky {
+        s.remember(&backend, slot);
+    }
     let record = SockRecord {
         vip: addr,
         backend,

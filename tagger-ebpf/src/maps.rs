@@ -7,11 +7,12 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap},
 };
 use tagger_common::{
-    BPF_F_NO_PREALLOC, Backend, BackendSet, DatapathConfig, FrontendKey, InboundKey, LaneName, LanePolicy,
-    LaneTables, Lease, MAX_BACKEND_SETS, MAX_BACKEND_SLOTS, MAX_CONNS, MAX_FRONTENDS, MAX_INBOUND, MAX_LANES,
-    MAX_POD_ADDRS, MAX_PODS, MAX_REVNAT, MAX_ROUTES, MAX_SVC_STATS, MAX_WARM, OUTCOME_SLOTS, Outcome,
-    PodAddr, PodEntry, PodMeta, RevNatKey, RevNatValue, RouteKey, SHADOW_OFFSET, STAT_F_SHADOW, Service,
-    ServiceMeta, SetKey, SlotKey, SockRecord, StatKey, SvcShaping, WarmEntry, WarmKey,
+    AffinityEntry, AffinityKey, BPF_F_NO_PREALLOC, Backend, BackendSet, DatapathConfig, FrontendKey,
+    InboundKey, LaneName, LanePolicy, LaneTables, Lease, MAX_AFFINITY, MAX_BACKEND_SETS, MAX_BACKEND_SLOTS,
+    MAX_CONNS, MAX_FRONTENDS, MAX_INBOUND, MAX_LANES, MAX_POD_ADDRS, MAX_PODS, MAX_REVNAT, MAX_ROUTES,
+    MAX_SVC_STATS, MAX_WARM, OUTCOME_SLOTS, Outcome, PodAddr, PodEntry, PodMeta, RevNatKey, RevNatValue,
+    RouteKey, SHADOW_OFFSET, STAT_F_SHADOW, Service, ServiceMeta, SetKey, SlotKey, SockRecord, StatKey,
+    SvcAffinity, SvcShaping, WarmEntry, WarmKey,
 };
 
 #[map(name = "TAGGER_PODS_V1")]
@@ -65,6 +66,15 @@ pub static ROUTES: HashMap<RouteKey, LanePolicy> = HashMap::with_max_entries(MAX
 #[map(name = "TAGGER_WARM_V1")]
 pub static WARM: HashMap<WarmKey, WarmEntry> = HashMap::with_max_entries(MAX_WARM, BPF_F_NO_PREALLOC);
 
+/// Each caller's remembered backend per (Service, lane), for `sessionAffinity: ClientIP`.
+#[map(name = "TAGGER_AFF_V1")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityEntry> = LruHashMap::with_max_entries(MAX_AFFINITY, 0);
+
+/// The affinity timeout of each frontend with `SVC_F_AFFINITY`.
+#[map(name = "TAGGER_AFFC_V1")]
+pub static AFFINITY_CFG: HashMap<u32, SvcAffinity> =
+    HashMap::with_max_entries(MAX_FRONTENDS, BPF_F_NO_PREALLOC);
+
 /// Local pods by address: read by the TC marking program and the passive side of `conn_track`.
 #[map(name = "TAGGER_PADDR_V1")]
 pub static POD_ADDRS: HashMap<[u32; 4], PodAddr> =
@@ -114,6 +124,12 @@ impl LaneTables for Tables {
     fn shaping(&self, svc_id: u32) -> Option<SvcShaping> {
         // SAFETY: as above, SHAPING is BPF_F_NO_PREALLOC.
         unsafe { SHAPING.get(&svc_id) }.copied()
+    }
+
+    #[inline(always)]
+    fn slot(&self, svc_id: u32, lane: u32, generation: u32, slot: u32) -> Option<Backend> {
+        // SAFETY: as above, BACKEND_SLOTS is BPF_F_NO_PREALLOC.
+        unsafe { BACKEND_SLOTS.get(&SlotKey { svc_id, lane, generation, slot }) }.copied()
     }
 }
 

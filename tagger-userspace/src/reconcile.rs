@@ -31,10 +31,10 @@ use std::{
 };
 
 use tagger_common::{
-    BASE_LANE, Backend, FrontendKey, LanePolicy, MAP_BACKEND_SETS, MAP_BACKEND_SLOTS, MAP_FRONTENDS,
-    MAP_LANES, MAP_PODS, MAP_ROUTES, MAP_WARM, MAX_BACKEND_SETS, MAX_BACKENDS, MAX_CGROUP_LEVEL, MAX_CHAIN,
-    MAX_FRONTENDS, MAX_LANES, MAX_PODS, MAX_ROUTES, MAX_WARM, PodEntry, RouteKey, Service, SetKey,
-    SvcShaping, WarmEntry, WarmKey,
+    BASE_LANE, Backend, FrontendKey, LanePolicy, MAP_AFFINITY_CFG, MAP_BACKEND_SETS, MAP_BACKEND_SLOTS,
+    MAP_FRONTENDS, MAP_LANES, MAP_PODS, MAP_ROUTES, MAP_WARM, MAX_BACKEND_SETS, MAX_BACKENDS,
+    MAX_CGROUP_LEVEL, MAX_CHAIN, MAX_FRONTENDS, MAX_LANES, MAX_PODS, MAX_ROUTES, MAX_WARM, PodEntry,
+    RouteKey, Service, SetKey, SvcAffinity, SvcShaping, WarmEntry, WarmKey,
 };
 
 use crate::{
@@ -68,6 +68,8 @@ pub struct DatapathState {
     pub routes: BTreeMap<RouteKey, LanePolicy>,
     /// Warming backends.
     pub warm: BTreeMap<WarmKey, WarmEntry>,
+    /// svc_id → session affinity timeout.
+    pub affinity: BTreeMap<u32, SvcAffinity>,
     /// `DatapathConfig::flags` (shadow mode).
     pub config_flags: u32,
 }
@@ -78,6 +80,7 @@ impl DatapathState {
     pub fn desired(pods: BTreeMap<u64, PodEntry>, services: &DesiredServices, lanes: &LanesConfig) -> Self {
         let mut shaping = BTreeMap::new();
         let mut routes = BTreeMap::new();
+        let mut affinity = BTreeMap::new();
         let mut frontends = services.frontends.clone();
         let policies = lanes.policies();
         let strict_caller = steering::strict_caller(pods.values(), &policies);
@@ -85,12 +88,17 @@ impl DatapathState {
             let Some(origin) = services.origins.get(&service.svc_id) else { continue };
             let s = self::shaping::svc_shaping(origin, false);
             let r = self::shaping::svc_routes(service.svc_id, origin, lanes);
+            let a = self::shaping::svc_affinity(origin);
             let flags = self::shaping::shaped_flags(service.flags, s.is_some(), !r.is_empty());
+            let flags = self::shaping::affinity_flags(flags, a.is_some());
             let lane_backends =
                 steering::has_lane_backends(services.sets.range(set_range(service.svc_id)).map(|(k, _)| k));
             service.flags = Reasons::of(flags, lane_backends, strict_caller).apply(flags);
             if let Some(s) = s {
                 shaping.insert(service.svc_id, s);
+            }
+            if let Some(a) = a {
+                affinity.insert(service.svc_id, a);
             }
             routes.extend(r);
         }
@@ -102,6 +110,7 @@ impl DatapathState {
             shaping,
             routes,
             warm: BTreeMap::new(),
+            affinity,
             config_flags: lanes.config_flags(),
         }
     }
@@ -125,6 +134,7 @@ impl DatapathState {
             shaping: tables.shapings()?,
             routes: tables.routes()?,
             warm: tables.warm_entries()?,
+            affinity: tables.affinities()?,
             config_flags: tables.config()?.flags,
         })
     }
@@ -148,6 +158,7 @@ impl DatapathState {
             && self.shaping == other.shaping
             && self.routes == other.routes
             && self.warm == other.warm
+            && self.affinity == other.affinity
             && self.config_flags == other.config_flags
             && self.sets.len() == other.sets.len()
             && self.sets.iter().all(|(k, v)| other.sets.get(k).is_some_and(|o| same_members(v, o)))
@@ -172,6 +183,8 @@ pub struct DesiredRef<'a> {
     pub routes: &'a BTreeMap<RouteKey, LanePolicy>,
     /// Warming backends.
     pub warm: &'a BTreeMap<WarmKey, WarmEntry>,
+    /// svc_id → session affinity timeout.
+    pub affinity: &'a BTreeMap<u32, SvcAffinity>,
     /// `DatapathConfig::flags`.
     pub config_flags: u32,
 }
@@ -188,6 +201,7 @@ impl DatapathState {
             shaping: &self.shaping,
             routes: &self.routes,
             warm: &self.warm,
+            affinity: &self.affinity,
             config_flags: self.config_flags,
         }
     }
@@ -212,6 +226,8 @@ pub struct Scope {
     pub routes: BTreeSet<RouteKey>,
     /// Warming backends.
     pub warm: BTreeSet<WarmKey>,
+    /// Affinity timeouts, by svc_id.
+    pub affinity: BTreeSet<u32>,
     /// The global flags.
     pub config: bool,
 }
@@ -228,6 +244,7 @@ impl Scope {
             shaping: current.shaping.keys().chain(desired.shaping.keys()).copied().collect(),
             routes: current.routes.keys().chain(desired.routes.keys()).copied().collect(),
             warm: current.warm.keys().chain(desired.warm.keys()).copied().collect(),
+            affinity: current.affinity.keys().chain(desired.affinity.keys()).copied().collect(),
             config: true,
         }
     }
@@ -242,6 +259,7 @@ impl Scope {
             && self.shaping.is_empty()
             && self.routes.is_empty()
             && self.warm.is_empty()
+            && self.affinity.is_empty()
             && !self.config
     }
 
@@ -254,6 +272,7 @@ impl Scope {
         self.shaping.extend(other.shaping);
         self.routes.extend(other.routes);
         self.warm.extend(other.warm);
+        self.affinity.extend(other.affinity);
         self.config |= other.config;
     }
 }
@@ -431,6 +450,18 @@ pub enum Op {
         /// The backend of a frontend.
         key: WarmKey,
     },
+    /// Sets a frontend's session affinity timeout.
+    SetAffinity {
+        /// The frontend's id.
+        svc_id: u32,
+        /// The timeout.
+        affinity: SvcAffinity,
+    },
+    /// Removes a frontend's session affinity timeout.
+    RemoveAffinity {
+        /// The frontend's id.
+        svc_id: u32,
+    },
 }
 
 impl Op {
@@ -447,6 +478,7 @@ impl Op {
                 | Op::RemoveShaping { .. }
                 | Op::RemoveRoute { .. }
                 | Op::RemoveWarm { .. }
+                | Op::RemoveAffinity { .. }
         )
     }
 }
@@ -521,6 +553,10 @@ impl fmt::Display for Op {
             Op::RemoveWarm { key } => {
                 write!(f, "remove warm-up of svc {} backend {:?}", key.svc_id, key.addr)
             }
+            Op::SetAffinity { svc_id, affinity } => {
+                write!(f, "set svc {svc_id} session affinity ({} s)", affinity.timeout_s)
+            }
+            Op::RemoveAffinity { svc_id } => write!(f, "remove svc {svc_id} session affinity"),
         }
     }
 }
@@ -591,6 +627,9 @@ pub fn plan_scoped(
         chain,
     });
     upserts(&mut ops, &scope.warm, desired.warm, &current.warm, |key, entry| Op::SetWarm { key, entry });
+    upserts(&mut ops, &scope.affinity, desired.affinity, &current.affinity, |svc_id, affinity| {
+        Op::SetAffinity { svc_id, affinity }
+    });
     let appearing: BTreeSet<u32> = scope
         .frontends
         .iter()
@@ -651,6 +690,9 @@ pub fn plan_scoped(
     });
     removals(&mut ops, &scope.routes, desired.routes, &current.routes, |key| Op::RemoveRoute { key });
     removals(&mut ops, &scope.warm, desired.warm, &current.warm, |key| Op::RemoveWarm { key });
+    removals(&mut ops, &scope.affinity, desired.affinity, &current.affinity, |svc_id| Op::RemoveAffinity {
+        svc_id,
+    });
     ops
 }
 
@@ -729,6 +771,8 @@ impl DatapathWriter for Tables {
             Op::RemoveShaping { svc_id } => self.remove_shaping(*svc_id),
             Op::RemoveRoute { key } => self.remove_route(*key),
             Op::RemoveWarm { key } => self.remove_warm(*key),
+            Op::SetAffinity { svc_id, affinity } => self.set_affinity(*svc_id, affinity),
+            Op::RemoveAffinity { svc_id } => self.remove_affinity(*svc_id),
         }
     }
 }
@@ -780,6 +824,12 @@ impl DatapathState {
             }
             Op::RemoveWarm { key } => {
                 self.warm.remove(&key);
+            }
+            Op::SetAffinity { svc_id, affinity } => {
+                self.affinity.insert(svc_id, affinity);
+            }
+            Op::RemoveAffinity { svc_id } => {
+                self.affinity.remove(&svc_id);
             }
         }
         Ok(())
@@ -860,7 +910,13 @@ impl DatapathState {
             | Op::SetShaping { .. }
             | Op::RemoveShaping { .. }
             | Op::RemoveRoute { .. }
-            | Op::RemoveWarm { .. } => {}
+            | Op::RemoveWarm { .. }
+            | Op::RemoveAffinity { .. } => {}
+            Op::SetAffinity { svc_id, .. } => {
+                if !self.affinity.contains_key(svc_id) && self.affinity.len() >= MAX_FRONTENDS as usize {
+                    return Err(full(MAP_AFFINITY_CFG, MAX_FRONTENDS));
+                }
+            }
         }
         Ok(())
     }
@@ -943,7 +999,7 @@ pub fn apply_plan<W: DatapathWriter + ?Sized>(writer: &mut W, ops: &[Op]) -> App
                 unwritten_sets.insert(key.svc_id);
             }
             // A frontend must not appear with its flags pointing at entries that are not there.
-            Op::SetShaping { svc_id, .. } => {
+            Op::SetShaping { svc_id, .. } | Op::SetAffinity { svc_id, .. } => {
                 unwritten_sets.insert(*svc_id);
             }
             Op::SetRoute { key, .. } => {

@@ -10,10 +10,11 @@ use std::{
 use anyhow::{anyhow, bail};
 use serde::Serialize;
 use tagger_common::{
-    BASE_LANE, Backend, CANARY_FULL, FAMILY_V6, LaneTables, Lease, LeaseState, Outcome, Resolution,
-    SHAPE_F_CANARY, SHAPE_F_STICKY, SHAPE_F_WARMUP, SVC_F_ROUTED, Service, WEIGHT_FULL, WarmEntry, WarmKey,
+    AffinityEntry, AffinityKey, BASE_LANE, Backend, CANARY_FULL, FAMILY_V6, LaneTables, Lease, LeaseState,
+    Outcome, Resolution, SHAPE_F_CANARY, SHAPE_F_STICKY, SHAPE_F_WARMUP, SVC_F_AFFINITY, SVC_F_ROUTED,
+    Service, SvcAffinity, WEIGHT_FULL, WarmEntry, WarmKey, affinity_expired, affinity_timeout_s,
     resolve::{lane_is_strict, svc_is_strict},
-    resolve_shaped, shaping_of, sticky_draw, svc_is_passthrough, warm_weight,
+    resolve_shaped, shaping_of, sticky_draw, sticky_slot, svc_is_passthrough, warm_weight,
 };
 
 use super::{
@@ -47,6 +48,14 @@ pub trait ExplainTables: LaneTables {
     fn lease(&self) -> Option<Lease> {
         None
     }
+    /// A frontend's session affinity timeout entry.
+    fn affinity(&self, _svc_id: u32) -> Option<SvcAffinity> {
+        None
+    }
+    /// A caller's remembered backend.
+    fn affinity_entry(&self, _key: &AffinityKey) -> Option<AffinityEntry> {
+        None
+    }
 }
 
 impl ExplainTables for Tables {
@@ -61,6 +70,12 @@ impl ExplainTables for Tables {
     }
     fn lease(&self) -> Option<Lease> {
         Tables::lease(self).ok()
+    }
+    fn affinity(&self, svc_id: u32) -> Option<SvcAffinity> {
+        self.affinities().ok().and_then(|a| a.get(&svc_id).copied())
+    }
+    fn affinity_entry(&self, key: &AffinityKey) -> Option<AffinityEntry> {
+        Tables::affinity_entry(self, key).ok().flatten()
     }
 }
 
@@ -117,6 +132,8 @@ pub struct Explanation {
     pub routed: bool,
     /// Whether the caller is in shadow mode: the decision is counted, not applied.
     pub shadow: bool,
+    /// The Service's `sessionAffinity: ClientIP` (null: none).
+    pub affinity: Option<AffinityView>,
     /// The explanation for people, in order.
     pub steps: Vec<Step>,
 }
@@ -163,6 +180,21 @@ pub struct CanaryView {
     pub sticky: bool,
     /// Sticky: whether this pod is in the share (null: not sticky, or not a base caller).
     pub this_pod: Option<bool>,
+}
+
+/// A Service's session affinity, for this caller in the decided lane.
+#[derive(Debug, Serialize)]
+pub struct AffinityView {
+    /// `sessionAffinityConfig.clientIP.timeoutSeconds`.
+    pub timeout_seconds: u32,
+    /// The backend the datapath remembers for this caller in the decided lane (null: none, or
+    /// the caller's cgroup is not known).
+    pub remembered: Option<String>,
+    /// Seconds since the caller's last connection through that entry.
+    pub idle_seconds: Option<f64>,
+    /// Whether the next connection goes to the remembered backend (live and still a member);
+    /// false: a fresh pick, which becomes the remembered one.
+    pub held: bool,
 }
 
 /// A backend of the chosen set.
@@ -250,6 +282,7 @@ pub fn explain<T: ExplainTables>(
         canary: None,
         routed: false,
         shadow: false,
+        affinity: None,
         steps: Vec::new(),
     };
     let Some(svc) = frontend else {
@@ -337,6 +370,12 @@ pub fn explain<T: ExplainTables>(
         let (backends, words) = chosen_backends(t, svc.svc_id, to, dest, warmup)?;
         ex.backends = backends;
         steps.push(Step { check: "backends", result: words });
+        if svc.flags & SVC_F_AFFINITY != 0 && !ex.shadow {
+            let id = caller_identity(&ex.caller);
+            let (view, words) = affinity_step(t, svc.svc_id, to, id);
+            ex.affinity = Some(view);
+            steps.push(Step { check: "affinity", result: words });
+        }
     }
     ex.steps = steps;
     Ok(ex)
@@ -392,6 +431,52 @@ fn lease_stops_steering(state: LeaseState) -> Option<Step> {
         LeaseState::Armed { .. } | LeaseState::Disabled => return None,
     };
     Some(Step { check: "lease", result })
+}
+
+/// The caller as the datapath keys its affinity: the registered pod cgroup, or an unregistered
+/// caller's own cgroup (known when it was given by id).
+fn caller_identity(c: &Caller) -> Option<u64> {
+    if c.registered {
+        return c.pod_cgroup_id;
+    }
+    (c.found_by == "cgroup_id").then(|| c.query.parse().ok()).flatten()
+}
+
+/// The affinity of `caller` for (svc_id, lane), checked with the datapath's own test
+/// (`sticky_slot`: within the timeout, and the backend still in the live set).
+fn affinity_step<T: ExplainTables>(
+    t: &T,
+    svc_id: u32,
+    lane: u32,
+    caller: Option<u64>,
+) -> (AffinityView, String) {
+    let timeout_s = affinity_timeout_s(t.affinity(svc_id).as_ref());
+    let head = format!("sessionAffinity ClientIP, timeout {timeout_s} s, per caller pod");
+    let mut view =
+        AffinityView { timeout_seconds: timeout_s, remembered: None, idle_seconds: None, held: false };
+    let Some(caller) = caller else {
+        return (view, format!("{head} (this caller's cgroup id is not known: its entry is not shown)"));
+    };
+    let key = AffinityKey { svc_id, lane, caller };
+    let Some(entry) = t.affinity_entry(&key) else {
+        return (view, format!("{head}: nothing remembered yet, the next connection's pick is kept"));
+    };
+    let now = t.now_ns();
+    let address = backend_addr(&entry.backend).to_string();
+    #[expect(clippy::cast_precision_loss, reason = "seconds for people")]
+    let idle = now.saturating_sub(entry.last_ns) as f64 / 1e9;
+    view.remembered = Some(address.clone());
+    view.idle_seconds = Some(idle);
+    let slot = t.backend_set(svc_id, lane).and_then(|set| sticky_slot(t, &key, &set, &entry, timeout_s, now));
+    view.held = slot.is_some();
+    let words = if view.held {
+        format!("{head}: held to {address} (last connection {idle:.0} s ago), not a random pick")
+    } else if affinity_expired(entry.last_ns, timeout_s, now) {
+        format!("{head}: {address} expired ({idle:.0} s idle): the next connection is a fresh pick")
+    } else {
+        format!("{head}: {address} left the set: the next connection is a fresh pick")
+    };
+    (view, words)
 }
 
 /// The fallback steps the datapath tries for `resolution` (up to the chosen one, or all).
@@ -610,11 +695,13 @@ mod tests {
         warm: BTreeMap<WarmKey, WarmEntry>,
         flags: u32,
         lease: Option<Lease>,
+        affinity: BTreeMap<AffinityKey, AffinityEntry>,
     }
 
     impl Fake {
         fn set(mut self, lane: &str, addrs: &[&str]) -> Self {
-            let b = addrs.iter().map(|a| backend(a.parse().unwrap())).collect();
+            let mut b: Vec<Backend> = addrs.iter().map(|a| backend(a.parse().unwrap())).collect();
+            b.sort_unstable();
             self.sets.insert((1, lane_id(lane)), b);
             self
         }
@@ -640,6 +727,9 @@ mod tests {
         fn shaping(&self, _svc_id: u32) -> Option<tagger_common::SvcShaping> {
             self.shaping
         }
+        fn slot(&self, svc_id: u32, lane: u32, _generation: u32, slot: u32) -> Option<Backend> {
+            self.sets.get(&(svc_id, lane))?.get(usize::try_from(slot).ok()?).copied()
+        }
     }
 
     impl ExplainTables for Fake {
@@ -657,6 +747,12 @@ mod tests {
         }
         fn lease(&self) -> Option<Lease> {
             self.lease
+        }
+        fn affinity(&self, _svc_id: u32) -> Option<SvcAffinity> {
+            Some(SvcAffinity { timeout_s: 2, _pad: 0 })
+        }
+        fn affinity_entry(&self, key: &AffinityKey) -> Option<AffinityEntry> {
+            self.affinity.get(key).copied()
         }
     }
 
@@ -716,6 +812,36 @@ mod tests {
         let text = render_table(&ex);
         assert!(text.contains("routing rule") && text.contains("shadow mode"), "{text}");
         assert!(text.contains("warming up: weight 55%"), "{text}");
+    }
+
+    #[test]
+    fn session_affinity_shows_the_timeout_and_the_backend_this_pod_is_held_to() {
+        let mut t = Fake::default().set("gray", &["10.244.0.3:8080", "10.244.0.4:8080"]);
+        let svc = Some(Service { svc_id: 1, flags: SVC_F_AFFINITY });
+        let key = AffinityKey { svc_id: 1, lane: lane_id("gray"), caller: 100 };
+        // Nothing remembered yet.
+        let ex = explain(&t, &names(), caller("gray"), dest(), svc).unwrap();
+        let a = ex.affinity.as_ref().unwrap();
+        assert_eq!((a.timeout_seconds, a.remembered.as_deref(), a.held), (2, None, false));
+        assert!(render_table(&ex).contains("nothing remembered yet"), "{}", render_table(&ex));
+        // Held: used 1 s ago (timeout 2 s), still in the set.
+        let held = backend("10.244.0.4:8080".parse().unwrap());
+        t.affinity.insert(key, AffinityEntry { backend: held, slot: 1, last_ns: 4_000_000_000 });
+        let ex = explain(&t, &names(), caller("gray"), dest(), svc).unwrap();
+        let a = ex.affinity.as_ref().unwrap();
+        assert_eq!((a.remembered.as_deref(), a.held), (Some("10.244.0.4:8080"), true));
+        assert!(render_table(&ex).contains("held to 10.244.0.4:8080"), "{}", render_table(&ex));
+        // Expired, and gone from the set: a fresh pick either way, and the table says why.
+        t.affinity.insert(key, AffinityEntry { backend: held, slot: 1, last_ns: 1_000_000_000 });
+        let ex = explain(&t, &names(), caller("gray"), dest(), svc).unwrap();
+        assert!(!ex.affinity.as_ref().unwrap().held);
+        assert!(render_table(&ex).contains("expired"), "{}", render_table(&ex));
+        let gone = backend("10.244.0.9:8080".parse().unwrap());
+        t.affinity.insert(key, AffinityEntry { backend: gone, slot: 1, last_ns: 4_500_000_000 });
+        let ex = explain(&t, &names(), caller("gray"), dest(), svc).unwrap();
+        assert!(render_table(&ex).contains("left the set"), "{}", render_table(&ex));
+        // Without the flag nothing is shown.
+        assert!(explain(&t, &names(), caller("gray"), dest(), SVC).unwrap().affinity.is_none());
     }
 
     fn names() -> Names {

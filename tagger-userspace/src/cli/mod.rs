@@ -52,7 +52,8 @@
 //!   cgroup_level, registered, pod_cgroup_id, pod_level, namespace, name, lane, note},
 //!   destination, frontend: {svc_id, service, strict} | null, own_set: {lane, count} | null,
 //!   lane_strict, fallback: [{step, set: {lane, count}, chosen}], outcome, backend_lane,
-//!   backends: [{address, reachable}], steps: [{check, result}]}`.
+//!   backends: [{address, reachable}], affinity: {timeout_seconds, remembered, idle_seconds,
+//!   held} | null, steps: [{check, result}]}`.
 //!
 //! # Exit codes
 //! 0 on success; 1 on an error (message on stderr, naming the pin path that is missing or

@@ -39,7 +39,8 @@ pub struct ServiceRow {
     /// Names, when the agent published them.
     pub service: Option<ServiceName>,
     /// Flag names (`strict`; `shaped`: canary or warm-up in force, see `tagger explain`;
-    /// `routed`: a routing rule applies to some caller lane).
+    /// `routed`: a routing rule applies to some caller lane; `client_ip_affinity`:
+    /// `sessionAffinity: ClientIP`).
     pub flags: Vec<&'static str>,
     /// Whether the Service forbids fallback.
     pub strict: bool,
@@ -79,7 +80,13 @@ pub struct LanePolicyRow {
 
 fn flag_names(svc: Service) -> Vec<&'static str> {
     let mut v = Vec::new();
-    for (bit, name) in [(SVC_F_STRICT, "strict"), (SVC_F_SHAPED, "shaped"), (SVC_F_ROUTED, "routed")] {
+    let bits = [
+        (SVC_F_STRICT, "strict"),
+        (SVC_F_SHAPED, "shaped"),
+        (SVC_F_ROUTED, "routed"),
+        (tagger_common::SVC_F_AFFINITY, "client_ip_affinity"),
+    ];
+    for (bit, name) in bits {
         if svc.flags & bit != 0 {
             v.push(name);
         }

@@ -8,13 +8,14 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap};
 use tagger_common::{
-    BASE_LANE, Backend, BackendSet, DatapathConfig, FrontendKey, InboundKey, LaneName, LanePolicy,
-    LaneTables, Lease, MAP_BACKEND_SETS, MAP_BACKEND_SLOTS, MAP_CONFIG, MAP_CONNS, MAP_COUNTERS,
-    MAP_FRONTENDS, MAP_INBOUND, MAP_LANE_NAMES, MAP_LANES, MAP_LEASE, MAP_POD_ADDRS, MAP_POD_META, MAP_PODS,
-    MAP_REVNAT, MAP_ROUTES, MAP_SERVICE_META, MAP_SHAPING, MAP_SVC_STATS, MAP_WARM, MAX_BACKEND_SETS,
-    MAX_BACKENDS, MAX_CGROUP_LEVEL, MAX_FRONTENDS, MAX_LANES, MAX_PODS, MAX_ROUTES, MAX_WARM, Outcome,
-    PodAddr, PodEntry, PodMeta, RevNatKey, RevNatValue, RouteKey, SHADOW_OFFSET, Service, ServiceMeta,
-    SetKey, SlotKey, SockRecord, StatKey, SvcShaping, WarmEntry, WarmKey, field_str, name_field,
+    AffinityEntry, AffinityKey, BASE_LANE, Backend, BackendSet, DatapathConfig, FrontendKey, InboundKey,
+    LaneName, LanePolicy, LaneTables, Lease, MAP_AFFINITY, MAP_AFFINITY_CFG, MAP_BACKEND_SETS,
+    MAP_BACKEND_SLOTS, MAP_CONFIG, MAP_CONNS, MAP_COUNTERS, MAP_FRONTENDS, MAP_INBOUND, MAP_LANE_NAMES,
+    MAP_LANES, MAP_LEASE, MAP_POD_ADDRS, MAP_POD_META, MAP_PODS, MAP_REVNAT, MAP_ROUTES, MAP_SERVICE_META,
+    MAP_SHAPING, MAP_SVC_STATS, MAP_WARM, MAX_BACKEND_SETS, MAX_BACKENDS, MAX_CGROUP_LEVEL, MAX_FRONTENDS,
+    MAX_LANES, MAX_PODS, MAX_ROUTES, MAX_WARM, Outcome, PodAddr, PodEntry, PodMeta, RevNatKey, RevNatValue,
+    RouteKey, SHADOW_OFFSET, Service, ServiceMeta, SetKey, SlotKey, SockRecord, StatKey, SvcAffinity,
+    SvcShaping, WarmEntry, WarmKey, field_str, name_field,
 };
 
 use super::PinLayout;
@@ -38,6 +39,8 @@ pub struct Tables {
     shaping: HashMap<MapData, u32, SvcShaping>,
     routes: HashMap<MapData, RouteKey, LanePolicy>,
     warm: HashMap<MapData, WarmKey, WarmEntry>,
+    affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
+    affinity_cfg: HashMap<MapData, u32, SvcAffinity>,
     conns: HashMap<MapData, u64, SockRecord>,
     /// Local pods by address (written by `inbound.rs`).
     pub(super) pod_addrs: HashMap<MapData, [u32; 4], PodAddr>,
@@ -63,6 +66,27 @@ struct Retired {
     lane: u32,
     generation: u32,
     count: u32,
+}
+
+/// The slot order of a set's new members `new` given its current slots `old`: a member that
+/// stays keeps its slot when that slot still exists; the other slots take the new members and
+/// then the members whose slot is gone (past the new count), in `new`'s order. Only a set that
+/// shrinks moves anyone, and at most as many as it lost.
+#[must_use]
+pub fn stable_slots(old: &[Backend], new: &[Backend]) -> Vec<Backend> {
+    let wanted: std::collections::HashSet<&Backend> = new.iter().collect();
+    let mut out: Vec<Option<Backend>> = vec![None; new.len()];
+    let mut kept = std::collections::HashSet::new();
+    for (slot, b) in out.iter_mut().zip(old) {
+        if wanted.contains(b) && kept.insert(*b) {
+            *slot = Some(*b);
+        }
+    }
+    let mut rest = new.iter().filter(|b| !kept.contains(*b));
+    out.into_iter()
+        .map(|slot| slot.or_else(|| rest.next().copied()))
+        .collect::<Option<Vec<_>>>()
+        .unwrap_or_else(|| new.to_vec())
 }
 
 /// How the maps are opened.
@@ -190,6 +214,8 @@ impl Tables {
             shaping: open_typed!(layout, MAP_SHAPING, access),
             routes: open_typed!(layout, MAP_ROUTES, access),
             warm: open_typed!(layout, MAP_WARM, access),
+            affinity: open_typed!(layout, MAP_AFFINITY, access),
+            affinity_cfg: open_typed!(layout, MAP_AFFINITY_CFG, access),
             conns: open_typed!(layout, MAP_CONNS, access),
             pod_addrs: open_typed!(layout, MAP_POD_ADDRS, access),
             inbound: open_typed!(layout, MAP_INBOUND, access),
@@ -306,6 +332,8 @@ impl Tables {
             (MAP_SHAPING, self.shaping.keys().count(), MAX_FRONTENDS),
             (MAP_ROUTES, self.routes.keys().count(), MAX_ROUTES),
             (MAP_WARM, self.warm.keys().count(), MAX_WARM),
+            (MAP_AFFINITY, self.affinity.keys().count(), tagger_common::MAX_AFFINITY),
+            (MAP_AFFINITY_CFG, self.affinity_cfg.keys().count(), MAX_FRONTENDS),
             (MAP_CONNS, self.conns.keys().count(), tagger_common::MAX_CONNS),
             (MAP_POD_ADDRS, self.pod_addrs.keys().count(), tagger_common::MAX_POD_ADDRS),
             (MAP_INBOUND, self.inbound.keys().count(), tagger_common::MAX_INBOUND),
@@ -425,7 +453,16 @@ impl Tables {
     /// set or the new one.
     /// On error nothing visible changed: slots already written for the new generation are
     /// removed again and the old set stays live.
+    ///
+    /// A backend that stays keeps its slot ([`stable_slots`]): the datapath finds a caller's
+    /// remembered backend by the slot it had (session affinity, `find_member`).
     pub fn replace_backends(&mut self, svc_id: u32, lane: u32, backends: &[Backend]) -> Result<()> {
+        let before = match self.backend_set(svc_id, lane)? {
+            Some(set) => self.slot_members(svc_id, lane, set).unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let placed = stable_slots(&before, backends);
+        let backends = placed.as_slice();
         let set_key = SetKey { svc_id, lane };
         let count =
             u32::try_from(backends.len()).ok().filter(|&n| n <= MAX_BACKENDS).ok_or(Error::MapFull {
@@ -558,11 +595,19 @@ impl Tables {
         self.sets.iter().map(|r| r.map_err(map_err(MAP_BACKEND_SETS, "iterate", ()))).collect()
     }
 
-    /// The members of the live set of (Service, lane), in slot order.
+    /// The members of the live set of (Service, lane), sorted (`Backend`'s order, not the
+    /// slots' order: the same set always lists the same way).
     pub fn backends(&self, svc_id: u32, lane: u32) -> Result<Vec<Backend>> {
         let Some(set) = self.backend_set(svc_id, lane)? else {
             return Ok(Vec::new());
         };
+        let mut members = self.slot_members(svc_id, lane, set)?;
+        members.sort_unstable();
+        Ok(members)
+    }
+
+    /// The members of one generation, in slot order.
+    fn slot_members(&self, svc_id: u32, lane: u32, set: BackendSet) -> Result<Vec<Backend>> {
         (0..set.count)
             .map(|slot| {
                 let key = SlotKey { svc_id, lane, generation: set.generation, slot };
@@ -698,6 +743,33 @@ impl Tables {
         self.warm.iter().map(|r| r.map_err(map_err(MAP_WARM, "iterate", ()))).collect()
     }
 
+    // ---- session affinity ---------------------------------------------------------------------
+
+    /// Sets a Service frontend's affinity timeout (the frontend needs `SVC_F_AFFINITY`).
+    pub fn set_affinity(&mut self, svc_id: u32, affinity: &SvcAffinity) -> Result<()> {
+        self.affinity_cfg.insert(svc_id, affinity, 0).map_err(map_err(MAP_AFFINITY_CFG, "insert", svc_id))
+    }
+
+    /// Removes a Service frontend's affinity timeout.
+    pub fn remove_affinity(&mut self, svc_id: u32) -> Result<()> {
+        ignore_not_found(self.affinity_cfg.remove(&svc_id)).map_err(map_err(
+            MAP_AFFINITY_CFG,
+            "remove",
+            svc_id,
+        ))
+    }
+
+    /// Every frontend's affinity timeout.
+    pub fn affinities(&self) -> Result<BTreeMap<u32, SvcAffinity>> {
+        self.affinity_cfg.iter().map(|r| r.map_err(map_err(MAP_AFFINITY_CFG, "iterate", ()))).collect()
+    }
+
+    /// A caller's remembered backend for (Service, lane), if the datapath holds one (expired or
+    /// not).
+    pub fn affinity_entry(&self, key: &AffinityKey) -> Result<Option<AffinityEntry>> {
+        get_opt(self.affinity.get(key, 0)).map_err(map_err(MAP_AFFINITY, "get", key))
+    }
+
     // ---- reverse translation and counters ---------------------------------------------------
 
     /// Number of reverse-translation entries.
@@ -767,5 +839,45 @@ impl LaneTables for Tables {
 
     fn shaping(&self, svc_id: u32) -> Option<SvcShaping> {
         get_opt(self.shaping.get(&svc_id, 0)).ok().flatten()
+    }
+
+    fn slot(&self, svc_id: u32, lane: u32, generation: u32, slot: u32) -> Option<Backend> {
+        get_opt(self.slots.get(&SlotKey { svc_id, lane, generation, slot }, 0)).ok().flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stable_slots;
+    use crate::net::backend;
+
+    fn be(i: u8) -> tagger_common::Backend {
+        backend(std::net::SocketAddr::from(([10, 0, 0, i], 8080)))
+    }
+
+    fn set(ids: &[u8]) -> Vec<tagger_common::Backend> {
+        ids.iter().map(|&i| be(i)).collect()
+    }
+
+    #[test]
+    fn members_that_stay_keep_their_slots() {
+        // New set: written as given.
+        assert_eq!(stable_slots(&[], &set(&[3, 1, 2])), set(&[3, 1, 2]));
+        // Grown: everyone stays put, the new ones take the new slots.
+        assert_eq!(stable_slots(&set(&[1, 3, 5]), &set(&[1, 2, 3, 4, 5])), set(&[1, 3, 5, 2, 4]));
+        // A member in the middle leaves: a new one takes its slot, nobody moves.
+        assert_eq!(stable_slots(&set(&[1, 3, 5]), &set(&[1, 4, 5])), set(&[1, 4, 5]));
+        // Shrunk: only the member whose slot is gone moves, into the freed slot.
+        assert_eq!(stable_slots(&set(&[1, 3, 5, 7]), &set(&[1, 5, 7])), set(&[1, 7, 5]));
+        // Same members in another order: unchanged.
+        assert_eq!(stable_slots(&set(&[5, 1]), &set(&[1, 5])), set(&[5, 1]));
+        // Every member of the new set exactly once.
+        let mut got = stable_slots(&set(&[9, 8, 7, 6]), &set(&[1, 6, 9]));
+        got.sort_unstable();
+        assert_eq!(got, {
+            let mut v = set(&[1, 6, 9]);
+            v.sort_unstable();
+            v
+        });
     }
 }

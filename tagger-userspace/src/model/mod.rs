@@ -40,7 +40,9 @@ use k8s_openapi::{
 pub use self::{
     ids::FrontendIds,
     index::{ClusterIndex, ServiceDelta, ServiceIndex, ServicesOut},
-    objects::{Change, Kind, Labels, Object, ServiceInput, ServiceShaping, SliceInput, Topology},
+    objects::{
+        Change, Kind, Labels, Object, ServiceInput, ServiceShaping, SessionAffinity, SliceInput, Topology,
+    },
     pods::{DesiredPod, DesiredPods, LocalPod, QosClass, desired_pods, pod_cgroup_candidates, pod_entries},
     services::{
         DesiredServices, FrontendOrigin, Limits, MAX_SET_SIZE, desired_services, desired_services_within,

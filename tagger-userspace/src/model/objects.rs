@@ -16,7 +16,7 @@ use k8s_openapi::api::{
     core::v1::{Service as K8sService, ServicePort},
     discovery::v1::{Endpoint, EndpointSlice},
 };
-use tagger_common::SVC_F_STRICT;
+use tagger_common::{AFFINITY_DEFAULT_TIMEOUT_S, AFFINITY_MAX_TIMEOUT_S, SVC_F_STRICT};
 
 use super::{LocalPod, ObjectRef, WarningKind, Warnings};
 use crate::{
@@ -89,6 +89,16 @@ pub struct ServiceShaping {
     pub warmup: Option<Warmup>,
     /// The Service's labels.
     pub labels: Labels,
+    /// `spec.sessionAffinity: ClientIP` (`None`: no affinity).
+    pub affinity: Option<SessionAffinity>,
+}
+
+/// `spec.sessionAffinity: ClientIP` with its `sessionAffinityConfig`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionAffinity {
+    /// `sessionAffinityConfig.clientIP.timeoutSeconds`, within
+    /// 1..=[`AFFINITY_MAX_TIMEOUT_S`] (default [`AFFINITY_DEFAULT_TIMEOUT_S`]).
+    pub timeout_s: u32,
 }
 
 /// A Service port.
@@ -438,7 +448,54 @@ fn service_shaping(svc_ref: &ObjectRef, svc: &K8sService, warnings: &mut Warning
     let warmup = get(WARMUP_ANNOTATION)
         .and_then(|v| parse_warmup(v).map_err(|e| invalid(WARMUP_ANNOTATION, v, &e)).ok().flatten());
     let labels = svc.metadata.labels.clone().unwrap_or_default();
-    ServiceShaping { canary, warmup, labels }
+    let affinity = session_affinity(svc_ref, svc, warnings);
+    ServiceShaping { canary, warmup, labels, affinity }
+}
+
+/// `spec.sessionAffinity` and its timeout, as Kubernetes validates them: `None` (or unset) or
+/// `ClientIP`, a timeout of 1..=86,400 s, default 10,800 s. A value the API server would
+/// refuse (a file source can hold anything) is counted, and read as Kubernetes' default: no
+/// affinity for an unknown mode, the default timeout for a timeout out of range.
+fn session_affinity(
+    svc_ref: &ObjectRef,
+    svc: &K8sService,
+    warnings: &mut Warnings,
+) -> Option<SessionAffinity> {
+    let spec = svc.spec.as_ref()?;
+    let client_ip = spec.session_affinity_config.as_ref().and_then(|c| c.client_ip.as_ref());
+    let mut invalid = |what: fmt::Arguments<'_>| {
+        warnings.add(WarningKind::InvalidSessionAffinity, format_args!("Service {svc_ref}: {what}"));
+    };
+    match spec.session_affinity.as_deref() {
+        None | Some("None") => {
+            if client_ip.is_some() {
+                invalid(format_args!(
+                    "sessionAffinityConfig.clientIP without sessionAffinity: ClientIP; ignored"
+                ));
+            }
+            None
+        }
+        Some("ClientIP") => {
+            let timeout_s = match client_ip.and_then(|c| c.timeout_seconds) {
+                None => AFFINITY_DEFAULT_TIMEOUT_S,
+                Some(t) => match u32::try_from(t) {
+                    Ok(t) if (1..=AFFINITY_MAX_TIMEOUT_S).contains(&t) => t,
+                    _ => {
+                        invalid(format_args!(
+                            "sessionAffinityConfig.clientIP.timeoutSeconds {t} is not within \
+                             1..={AFFINITY_MAX_TIMEOUT_S}; the default {AFFINITY_DEFAULT_TIMEOUT_S} s is used"
+                        ));
+                        AFFINITY_DEFAULT_TIMEOUT_S
+                    }
+                },
+            };
+            Some(SessionAffinity { timeout_s })
+        }
+        Some(other) => {
+            invalid(format_args!("sessionAffinity {other:?} is not \"None\" or \"ClientIP\"; read as None"));
+            None
+        }
+    }
 }
 
 fn valid_port(port: i32) -> Option<u16> {
@@ -593,8 +650,42 @@ fn placement(ep: &Endpoint) -> Option<Box<Placement>> {
 
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::api::core::v1::{ClientIPConfig, SessionAffinityConfig};
+
     use super::*;
-    use crate::model::testing::{endpoint, slice};
+    use crate::model::testing::{endpoint, service, slice};
+
+    /// The decoded affinity and the warnings of a Service with these fields.
+    fn affinity(mode: Option<&str>, client_ip: Option<ClientIPConfig>) -> (Option<SessionAffinity>, u64) {
+        let (r, mut s) = service("shop", "cart", &["10.96.0.10"], &[("http", 80, "TCP")]);
+        let spec = s.spec.as_mut().unwrap();
+        spec.session_affinity = mode.map(str::to_owned);
+        spec.session_affinity_config = client_ip.map(|c| SessionAffinityConfig { client_ip: Some(c) });
+        let input = ServiceInput::new(&r, &s);
+        let warned = input.warnings.count(WarningKind::InvalidSessionAffinity);
+        assert_eq!(input.warnings.total(), warned, "{:?}", input.warnings);
+        (input.spec.unwrap().shaping.affinity, warned)
+    }
+
+    #[test]
+    fn session_affinity_decodes_with_kubernetes_defaults_and_bounds() {
+        let ip = |timeout_s| Some(SessionAffinity { timeout_s });
+        let t = |timeout_seconds| Some(ClientIPConfig { timeout_seconds });
+        assert_eq!(affinity(None, None), (None, 0));
+        assert_eq!(affinity(Some("None"), None), (None, 0));
+        assert_eq!(affinity(Some("ClientIP"), None), (ip(10_800), 0), "the default timeout");
+        assert_eq!(affinity(Some("ClientIP"), t(None)), (ip(10_800), 0));
+        assert_eq!(affinity(Some("ClientIP"), t(Some(1))), (ip(1), 0));
+        assert_eq!(affinity(Some("ClientIP"), t(Some(86_400))), (ip(86_400), 0));
+        // Out of Kubernetes' range: counted, and the default timeout (affinity stays on).
+        assert_eq!(affinity(Some("ClientIP"), t(Some(0))), (ip(10_800), 1));
+        assert_eq!(affinity(Some("ClientIP"), t(Some(-5))), (ip(10_800), 1));
+        assert_eq!(affinity(Some("ClientIP"), t(Some(86_401))), (ip(10_800), 1));
+        // An unknown mode is counted and read as None, as is a config without ClientIP.
+        assert_eq!(affinity(Some("clientip"), None), (None, 1));
+        assert_eq!(affinity(Some("None"), t(Some(60))), (None, 1));
+        assert_eq!(WarningKind::InvalidSessionAffinity.name(), "invalid_session_affinity");
+    }
 
     fn endpoints(n: usize, reversed: bool) -> Vec<Endpoint> {
         let mut eps: Vec<_> = (0..n)

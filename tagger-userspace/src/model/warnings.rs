@@ -40,11 +40,14 @@ pub enum WarningKind {
     InvalidAnnotation,
     /// A local pod whose UID cannot name a cgroup (not letters, digits and dashes).
     InvalidPodUid,
+    /// A Service's `sessionAffinity` or its timeout is not what Kubernetes accepts; Kubernetes'
+    /// default is used (no affinity, or 10,800 s).
+    InvalidSessionAffinity,
 }
 
 impl WarningKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [WarningKind; 16] = [
+    pub const ALL: [WarningKind; 17] = [
         WarningKind::InvalidLaneLabel,
         WarningKind::SctpPortSkipped,
         WarningKind::UnknownProtocol,
@@ -61,6 +64,7 @@ impl WarningKind {
         WarningKind::Capacity,
         WarningKind::InvalidAnnotation,
         WarningKind::InvalidPodUid,
+        WarningKind::InvalidSessionAffinity,
     ];
 
     /// Stable snake_case name (metric label value).
@@ -83,6 +87,7 @@ impl WarningKind {
             WarningKind::Capacity => "capacity",
             WarningKind::InvalidAnnotation => "invalid_annotation",
             WarningKind::InvalidPodUid => "invalid_pod_uid",
+            WarningKind::InvalidSessionAffinity => "invalid_session_affinity",
         }
     }
 }

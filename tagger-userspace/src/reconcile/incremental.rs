@@ -14,11 +14,13 @@ use std::{
     mem,
 };
 
-use tagger_common::{FrontendKey, LanePolicy, PodEntry, RouteKey, Service, SetKey, SvcShaping};
+use tagger_common::{FrontendKey, LanePolicy, PodEntry, RouteKey, Service, SetKey, SvcAffinity, SvcShaping};
 
 use super::{
     DatapathState, DesiredRef, Scope,
-    shaping::{WarmTracker, backend_warmup, shaped_flags, svc_routes, svc_shaping},
+    shaping::{
+        WarmTracker, affinity_flags, backend_warmup, shaped_flags, svc_affinity, svc_routes, svc_shaping,
+    },
 };
 use crate::{
     cgroup::CgroupRef,
@@ -101,6 +103,7 @@ pub struct Incremental {
     svc_keys: HashMap<u32, FrontendKey>,
     shaping: BTreeMap<u32, SvcShaping>,
     routes: BTreeMap<RouteKey, LanePolicy>,
+    affinity: BTreeMap<u32, SvcAffinity>,
     config_flags: u32,
     warm: WarmTracker,
     /// A registered local pod is in a strict lane (every frontend is then steered).
@@ -129,6 +132,7 @@ impl Incremental {
             svc_keys: HashMap::new(),
             shaping: BTreeMap::new(),
             routes: BTreeMap::new(),
+            affinity: BTreeMap::new(),
             config_flags: 0,
             warm: WarmTracker::default(),
             strict_caller: false,
@@ -249,6 +253,7 @@ impl Incremental {
             touched.extend(out.frontends.values().map(|s| s.svc_id));
             touched.extend(self.shaping.keys().copied());
             touched.extend(self.routes.keys().map(|k| k.svc_id));
+            touched.extend(self.affinity.keys().copied());
             sets.extend(out.sets.keys().copied());
         }
         for key in sets {
@@ -261,6 +266,14 @@ impl Incremental {
             let origin = out.origins.get(&svc_id);
             let shaping = origin.and_then(|o| svc_shaping(o, self.warm.warming(svc_id)));
             let routes = origin.map(|o| svc_routes(svc_id, o, lanes)).unwrap_or_default();
+            let affinity = origin.and_then(svc_affinity);
+            if self.affinity.get(&svc_id) != affinity.as_ref() {
+                scope.affinity.insert(svc_id);
+                match affinity {
+                    Some(a) => self.affinity.insert(svc_id, a),
+                    None => self.affinity.remove(&svc_id),
+                };
+            }
             if self.shaping.get(&svc_id) != shaping.as_ref() {
                 scope.shaping.insert(svc_id);
                 match shaping {
@@ -285,6 +298,7 @@ impl Incremental {
                 && let Some(base) = out.frontends.get(key)
             {
                 let flags = shaped_flags(base.flags, shaping.is_some(), !routes.is_empty());
+                let flags = affinity_flags(flags, affinity.is_some());
                 let lane_backends =
                     steering::has_lane_backends(out.sets.range(set_range(svc_id)).map(|(k, _)| k));
                 let patched = Service {
@@ -385,6 +399,7 @@ impl Incremental {
             shaping: &self.shaping,
             routes: &self.routes,
             warm: self.warm.entries(),
+            affinity: &self.affinity,
             config_flags: self.config_flags,
         }
     }
@@ -408,6 +423,7 @@ impl Incremental {
             shaping: d.shaping.clone(),
             routes: d.routes.clone(),
             warm: d.warm.clone(),
+            affinity: d.affinity.clone(),
             config_flags: d.config_flags,
         }
     }

@@ -14,8 +14,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use tagger_common::{
-    Backend, LanePolicy, RouteKey, SHAPE_F_CANARY, SHAPE_F_STICKY, SHAPE_F_WARMUP, SVC_F_ROUTED,
-    SVC_F_SHAPED, SetKey, SvcShaping, WarmEntry, WarmKey, lane_id,
+    Backend, LanePolicy, RouteKey, SHAPE_F_CANARY, SHAPE_F_STICKY, SHAPE_F_WARMUP, SVC_F_AFFINITY,
+    SVC_F_ROUTED, SVC_F_SHAPED, SetKey, SvcAffinity, SvcShaping, WarmEntry, WarmKey, lane_id,
 };
 
 use crate::{lanes_config::LanesConfig, model::FrontendOrigin, shaping::Warmup};
@@ -64,6 +64,18 @@ pub fn shaped_flags(flags: u32, shaped: bool, routed: bool) -> u32 {
         f |= SVC_F_ROUTED;
     }
     f
+}
+
+/// The affinity entry of a frontend (`None`: no `sessionAffinity: ClientIP`).
+#[must_use]
+pub fn svc_affinity(origin: &FrontendOrigin) -> Option<SvcAffinity> {
+    origin.shaping.affinity.map(|a| SvcAffinity { timeout_s: a.timeout_s, _pad: 0 })
+}
+
+/// A frontend's flags with [`SVC_F_AFFINITY`] set exactly when it has affinity.
+#[must_use]
+pub fn affinity_flags(flags: u32, affinity: bool) -> u32 {
+    if affinity { flags | SVC_F_AFFINITY } else { flags & !SVC_F_AFFINITY }
 }
 
 /// The warm-up of a backend in `lane` of a Service: the Service's annotation, else its lane's.
@@ -186,6 +198,7 @@ mod tests {
                 canary: canary.map(|c| parse_canary(c).unwrap()),
                 warmup: warmup.and_then(|w| parse_warmup(w).unwrap()),
                 labels: BTreeMap::new(),
+                affinity: None,
             },
         }
     }
@@ -203,6 +216,16 @@ mod tests {
         assert_eq!(svc_shaping(&origin(None, Some("60s")), false), None, "warm-up on only while warming");
         assert_eq!(shaped_flags(1, true, false), 1 | SVC_F_SHAPED);
         assert_eq!(shaped_flags(1 | SVC_F_SHAPED | SVC_F_ROUTED, false, true), 1 | SVC_F_ROUTED);
+    }
+
+    #[test]
+    fn affinity_entries_and_flags() {
+        let mut o = origin(None, None);
+        assert_eq!(svc_affinity(&o), None);
+        o.shaping.affinity = Some(crate::model::SessionAffinity { timeout_s: 60 });
+        assert_eq!(svc_affinity(&o), Some(SvcAffinity { timeout_s: 60, _pad: 0 }));
+        assert_eq!(affinity_flags(1, true), 1 | SVC_F_AFFINITY);
+        assert_eq!(affinity_flags(1 | SVC_F_AFFINITY | SVC_F_SHAPED, false), 1 | SVC_F_SHAPED);
     }
 
     #[test]
@@ -258,7 +281,7 @@ mod tests {
 mod incremental_tests {
     use std::sync::atomic::{AtomicU64, Ordering};
 
-    use tagger_common::{CFG_F_SHADOW, SVC_F_ROUTED, SVC_F_SHAPED};
+    use tagger_common::{CFG_F_SHADOW, SVC_F_AFFINITY, SVC_F_ROUTED, SVC_F_SHAPED};
 
     use super::*;
     use crate::{
@@ -266,7 +289,7 @@ mod incremental_tests {
             Change, FrontendIds, Kind, Limits, Object, ServiceInput, SliceInput,
             testing::{endpoint, service, slice},
         },
-        reconcile::{DatapathState, Mirror, incremental::Incremental},
+        reconcile::{DatapathState, Mirror, Scope, incremental::Incremental},
     };
 
     static NOW: AtomicU64 = AtomicU64::new(1_000_000_000);
@@ -384,6 +407,42 @@ mod incremental_tests {
         inc.apply([Change::Applied(svc(&[("tagger.io/strict", "true")]))]);
         inc.update(&lanes, none, |_| None);
         assert_eq!(flags(&inc) & SVC_F_PASSTHROUGH, 0);
+    }
+
+    #[test]
+    fn session_affinity_reaches_the_desired_state_and_goes_with_it() {
+        let lanes = LanesConfig::default();
+        let none = crate::reconcile::incremental::Recheck::None;
+        let (r, mut s) = service("shop", "cart", &["10.96.0.10"], &[("http", 80, "TCP")]);
+        s.spec.as_mut().unwrap().session_affinity = Some("ClientIP".to_owned());
+        let with = Object::Service(r.clone(), ServiceInput::new(&r, &s));
+        let mut inc = start(&[with, slice_of(&["10.0.0.1"])]);
+        inc.update(&lanes, none, |_| None);
+        let d = inc.desired_state();
+        let (_, frontend) = d.frontends.iter().next().unwrap();
+        assert_eq!(frontend.flags & SVC_F_AFFINITY, SVC_F_AFFINITY);
+        assert_eq!(d.affinity[&frontend.svc_id].timeout_s, tagger_common::AFFINITY_DEFAULT_TIMEOUT_S);
+        assert!(d.shaping.is_empty(), "affinity is not shaping");
+        // The same as the full computation.
+        let plan = Mirror::new(DatapathState::default()).plan(
+            inc.desired(),
+            &Scope::all(&DatapathState::default(), inc.desired()),
+            true,
+        );
+        let mut applied = DatapathState::default();
+        for op in plan {
+            applied.apply_owned(op).unwrap();
+        }
+        assert!(applied.equivalent(&d));
+
+        // Affinity removed: the entry and the flag go, and the scope says so.
+        inc.apply([Change::Applied(svc(&[]))]);
+        let update = inc.update(&lanes, none, |_| None);
+        let d = inc.desired_state();
+        assert!(d.affinity.is_empty());
+        assert!(d.frontends.values().all(|f| f.flags & SVC_F_AFFINITY == 0));
+        assert_eq!(update.scope.affinity.len(), 1);
+        assert_eq!(update.scope.frontends.len(), 1);
     }
 
     #[test]

@@ -1,6 +1,9 @@
 use std::net::SocketAddr;
 
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions};
+use k8s_openapi::api::{
+    core::v1::{ClientIPConfig, SessionAffinityConfig},
+    discovery::v1::{Endpoint, EndpointConditions},
+};
 use proptest::prelude::*;
 use tagger_common::{LANE_F_STRICT, lane_id};
 
@@ -57,7 +60,11 @@ fn one_service() -> DatapathState {
 fn rank(op: &Op, current: &DatapathState, ops: &[Op]) -> u8 {
     match op {
         Op::SetConfigFlags { .. } | Op::SetLanePolicy { .. } => 0,
-        Op::ReplaceSet { .. } | Op::SetShaping { .. } | Op::SetRoute { .. } | Op::SetWarm { .. } => 1,
+        Op::ReplaceSet { .. }
+        | Op::SetShaping { .. }
+        | Op::SetRoute { .. }
+        | Op::SetWarm { .. }
+        | Op::SetAffinity { .. } => 1,
         Op::RemoveSet { key } if is_clearing(*key, current, ops) => 1,
         Op::UpsertFrontend { .. } => 2,
         Op::RegisterPod { .. } => 3,
@@ -65,7 +72,10 @@ fn rank(op: &Op, current: &DatapathState, ops: &[Op]) -> u8 {
         Op::RemoveFrontend { .. } => 5,
         Op::RemoveSet { .. } => 6,
         Op::RemoveLanePolicy { .. } => 7,
-        Op::RemoveShaping { .. } | Op::RemoveRoute { .. } | Op::RemoveWarm { .. } => 8,
+        Op::RemoveShaping { .. }
+        | Op::RemoveRoute { .. }
+        | Op::RemoveWarm { .. }
+        | Op::RemoveAffinity { .. } => 8,
     }
 }
 
@@ -361,13 +371,39 @@ struct EndpointSpec {
 
 #[derive(Clone, Debug)]
 enum Event {
-    UpsertService { svc: usize, ips: ClusterIps, ports: u8, strict: Option<&'static str> },
-    DeleteService { svc: usize },
-    UpsertSlice { svc: usize, slice: u8, address_type: &'static str, ports: u8, endpoints: Vec<EndpointSpec> },
-    DeleteSlice { svc: usize, slice: u8 },
-    LabelPod { ns: usize, pod: u8, lane: Option<&'static str> },
-    DeletePod { ns: usize, pod: u8 },
-    SetLanes { config: usize },
+    UpsertService {
+        svc: usize,
+        ips: ClusterIps,
+        ports: u8,
+        strict: Option<&'static str>,
+        affinity: Option<i32>,
+    },
+    DeleteService {
+        svc: usize,
+    },
+    UpsertSlice {
+        svc: usize,
+        slice: u8,
+        address_type: &'static str,
+        ports: u8,
+        endpoints: Vec<EndpointSpec>,
+    },
+    DeleteSlice {
+        svc: usize,
+        slice: u8,
+    },
+    LabelPod {
+        ns: usize,
+        pod: u8,
+        lane: Option<&'static str>,
+    },
+    DeletePod {
+        ns: usize,
+        pod: u8,
+    },
+    SetLanes {
+        config: usize,
+    },
 }
 
 fn cluster_ips() -> impl Strategy<Value = ClusterIps> {
@@ -399,8 +435,15 @@ fn port_mask(below: u8) -> impl Strategy<Value = u8> {
 fn event() -> impl Strategy<Value = Event> {
     let svc = 0..SERVICES.len();
     prop_oneof![
-        3 => (svc.clone(), cluster_ips(), port_mask(16), proptest::sample::select(vec![None, Some("true"), Some("false"), Some("bogus")]))
-            .prop_map(|(svc, ips, ports, strict)| Event::UpsertService { svc, ips, ports, strict }),
+        3 => (
+            svc.clone(),
+            cluster_ips(),
+            port_mask(16),
+            proptest::sample::select(vec![None, Some("true"), Some("false"), Some("bogus")]),
+            // sessionAffinity: ClientIP with this timeout (None: no affinity; -1: out of range).
+            proptest::sample::select(vec![None, Some(60), Some(10_800), Some(-1)]),
+        )
+            .prop_map(|(svc, ips, ports, strict, affinity)| Event::UpsertService { svc, ips, ports, strict, affinity }),
         1 => svc.clone().prop_map(|svc| Event::DeleteService { svc }),
         6 => (
             svc.clone(),
@@ -435,7 +478,7 @@ impl World {
     /// Applies an event; returns the changes a source reports for it.
     fn apply(&mut self, event: &Event) -> Vec<Change> {
         match event {
-            Event::UpsertService { svc, ips, ports, strict } => {
+            Event::UpsertService { svc, ips, ports, strict, affinity } => {
                 let (ns, name) = SERVICES[*svc];
                 let ips: Vec<String> = match ips {
                     ClusterIps::V4(i) => vec![format!("10.96.0.{i}")],
@@ -449,6 +492,12 @@ impl World {
                 let (r, mut s) = service(ns, name, &ips, &ports);
                 s.metadata.annotations =
                     strict.map(|v| BTreeMap::from([("tagger.io/strict".to_owned(), v.to_owned())]));
+                if let (Some(timeout), Some(spec)) = (affinity, s.spec.as_mut()) {
+                    spec.session_affinity = Some("ClientIP".to_owned());
+                    spec.session_affinity_config = Some(SessionAffinityConfig {
+                        client_ip: Some(ClientIPConfig { timeout_seconds: Some(*timeout) }),
+                    });
+                }
                 let input = ServiceInput::new(&r, &s);
                 self.cluster.services.insert(r.clone(), s);
                 vec![Change::Applied(Object::Service(r, input))]
@@ -625,6 +674,7 @@ impl DatapathWriter for Checker<'_> {
             Op::SetShaping { svc_id, .. } | Op::RemoveShaping { svc_id } => format!("shaping {svc_id}"),
             Op::SetRoute { key, .. } | Op::RemoveRoute { key } => format!("route {key:?}"),
             Op::SetWarm { key, .. } | Op::RemoveWarm { key } => format!("warm {key:?}"),
+            Op::SetAffinity { svc_id, .. } | Op::RemoveAffinity { svc_id } => format!("affinity {svc_id}"),
         };
         assert!(self.seen.insert(target), "{op} written twice");
         match op {
@@ -680,6 +730,10 @@ impl DatapathWriter for Checker<'_> {
             Op::RemoveShaping { svc_id } => assert!(state.shaping.contains_key(svc_id), "no-op {op}"),
             Op::RemoveRoute { key } => assert!(state.routes.contains_key(key), "no-op {op}"),
             Op::RemoveWarm { key } => assert!(state.warm.contains_key(key), "no-op {op}"),
+            Op::SetAffinity { svc_id, affinity } => {
+                assert_ne!(state.affinity.get(svc_id), Some(affinity), "no-op {op}");
+            }
+            Op::RemoveAffinity { svc_id } => assert!(state.affinity.contains_key(svc_id), "no-op {op}"),
         }
         self.state.apply(op)
     }

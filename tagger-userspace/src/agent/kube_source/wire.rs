@@ -13,7 +13,10 @@ use std::{borrow::Cow, collections::BTreeMap, fmt};
 
 use k8s_openapi::{
     api::{
-        core::v1::{ObjectReference, Pod, PodIP, PodSpec, PodStatus, Service, ServicePort, ServiceSpec},
+        core::v1::{
+            ClientIPConfig, ObjectReference, Pod, PodIP, PodSpec, PodStatus, Service, ServicePort,
+            ServiceSpec, SessionAffinityConfig,
+        },
         discovery::v1::{
             Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForNode, ForZone,
         },
@@ -87,6 +90,23 @@ struct WireServiceSpec {
     internal_traffic_policy: Option<String>,
     #[serde(default, rename = "trafficDistribution")]
     traffic_distribution: Option<String>,
+    #[serde(default, rename = "sessionAffinity")]
+    session_affinity: Option<String>,
+    #[serde(default, rename = "sessionAffinityConfig")]
+    session_affinity_config: Option<WireAffinityConfig>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+struct WireAffinityConfig {
+    #[serde(default, rename = "clientIP")]
+    client_ip: Option<WireClientIp>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireClientIp {
+    #[serde(default)]
+    timeout_seconds: Option<i32>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -123,6 +143,10 @@ impl From<WireService> for Service {
                 }),
                 internal_traffic_policy: s.internal_traffic_policy,
                 traffic_distribution: s.traffic_distribution,
+                session_affinity: s.session_affinity,
+                session_affinity_config: s.session_affinity_config.map(|c| SessionAffinityConfig {
+                    client_ip: c.client_ip.map(|ip| ClientIPConfig { timeout_seconds: ip.timeout_seconds }),
+                }),
                 ..ServiceSpec::default()
             }),
             status: None,
@@ -429,7 +453,7 @@ mod tests {
             "spec": {"clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.1", "fd00::1"], "type": "ClusterIP",
                      "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"},
                                {"port": 53, "protocol": "UDP"}, {"name": "x", "port": 7, "protocol": "SCTP"}],
-                     "sessionAffinity": "None"},
+                     "sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}},
             "status": {"loadBalancer": {}},
         });
         let api: Service = serde_json::from_value(value.clone()).unwrap();
@@ -441,7 +465,10 @@ mod tests {
             "only our annotations are kept"
         );
         let key = ObjectRef::new("demo", "a");
-        assert_eq!(ServiceInput::new(&key, &Service::from(wire)), ServiceInput::new(&key, &api));
+        let decoded = ServiceInput::new(&key, &Service::from(wire));
+        assert_eq!(decoded, ServiceInput::new(&key, &api));
+        let affinity = decoded.spec.unwrap().shaping.affinity;
+        assert_eq!(affinity, Some(crate::model::SessionAffinity { timeout_s: 60 }));
         let headless: WireService =
             serde_json::from_value(json!({"metadata": {"name": "h"}, "spec": {"clusterIP": "None"}}))
                 .unwrap();
