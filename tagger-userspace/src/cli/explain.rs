@@ -336,29 +336,7 @@ pub fn explain<T: ExplainTables>(
     if !matches!(resolution, Resolution::Own { .. } | Resolution::Routed { .. } | Resolution::Canary { .. })
         && !ex.routed
     {
-        if lane == BASE_LANE {
-            steps.push(Step {
-                check: "base_caller",
-                result: "base callers never reach another lane's backends".into(),
-            });
-            if strict_svc {
-                steps.push(Step { check: "strict", result: "the Service is strict: refuse".into() });
-            }
-        } else if strict_svc || ex.lane_strict {
-            let who = if strict_svc { "the Service is strict" } else { "the caller's lane is strict" };
-            steps.push(Step { check: "strict", result: format!("{who}: no fallback") });
-        } else {
-            let chain: Vec<u32> =
-                policy.as_ref().map_or_else(|| vec![BASE_LANE], |p| policy_chain(p).to_vec());
-            let origin = if policy.is_some() { "lane policy" } else { "default: no policy for the lane" };
-            steps.push(Step {
-                check: "fallback_chain",
-                result: format!("{} ({origin})", names.chain_label(&chain)),
-            });
-            let (chain_steps, chain_words) = walk_chain(t, names, svc.svc_id, &chain, resolution);
-            steps.extend(chain_words);
-            ex.fallback = chain_steps;
-        }
+        steps.extend(not_own_lane_steps(t, names, svc, lane, policy.as_ref(), resolution, &mut ex));
     }
 
     let (outcome, chosen, sentence) = decision(names, lane, resolution);
@@ -379,6 +357,43 @@ pub fn explain<T: ExplainTables>(
     }
     ex.steps = steps;
     Ok(ex)
+}
+
+/// Why the caller's own lane does not serve it, and what its fallback chain gives.
+fn not_own_lane_steps<T: ExplainTables>(
+    t: &T,
+    names: &Names,
+    svc: Service,
+    lane: u32,
+    policy: Option<&tagger_common::LanePolicy>,
+    resolution: Resolution,
+    ex: &mut Explanation,
+) -> Vec<Step> {
+    let strict_svc = svc_is_strict(&svc);
+    let mut steps = Vec::new();
+    if lane == BASE_LANE {
+        steps.push(Step {
+            check: "base_caller",
+            result: "base callers never reach another lane's backends".into(),
+        });
+        if strict_svc {
+            steps.push(Step { check: "strict", result: "the Service is strict: refuse".into() });
+        }
+    } else if strict_svc || ex.lane_strict {
+        let who = if strict_svc { "the Service is strict" } else { "the caller's lane is strict" };
+        steps.push(Step { check: "strict", result: format!("{who}: no fallback") });
+    } else {
+        let chain: Vec<u32> = policy.map_or_else(|| vec![BASE_LANE], |p| policy_chain(p).to_vec());
+        let origin = if policy.is_some() { "lane policy" } else { "default: no policy for the lane" };
+        steps.push(Step {
+            check: "fallback_chain",
+            result: format!("{} ({origin})", names.chain_label(&chain)),
+        });
+        let (chain_steps, chain_words) = walk_chain(t, names, svc.svc_id, &chain, resolution);
+        steps.extend(chain_words);
+        ex.fallback = chain_steps;
+    }
+    steps
 }
 
 /// A frontend tagger leaves to the cluster: the explanation ends there.
