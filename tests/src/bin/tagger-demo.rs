@@ -231,13 +231,18 @@ fn run(keep: bool) -> bool {
     );
     checks.push(show_cli(&sb, &["stats"], "steered"));
     println!(
-        "The receiving pods read the caller's lane from the SYN: b-base counts a-gray's calls as\n\
-         fell_back (gray caller, no gray B), c-gray counts gw-gray's as in_lane."
+        "B has base backends only: tagger leaves it to the node's own Service implementation\n\
+         (kube-proxy, Cilium, ...), which sends every caller to b-base anyway."
     );
-    checks.push(show_cli(&sb, &["stats", "--inbound"], "fell_back"));
+    checks.push(show_cli(&sb, &["services"], "no: base only, left to the cluster"));
+    println!(
+        "The receiving pods read the caller's lane from the SYN: c-gray counts gw-gray's calls as\n\
+         in_lane; b-base, reached through the cluster's Service implementation, counts untagged."
+    );
+    checks.push(show_cli(&sb, &["stats", "--inbound"], "in_lane"));
     tagger_tests::signals::check();
 
-    say("Step 2 — the gray version of A is deleted: gray callers fall back to base A at the next connection");
+    say("Step 2 — the gray version of A is deleted: gray callers go to base A at the next connection");
     // A pooled (keep-alive) connection, as HTTP clients and connection pools keep them: it sits
     // on a-gray, whose process keeps running (a terminating pod) after its endpoint goes.
     let pool = Pool::start(&sb, "gw-gray", A);
@@ -252,7 +257,11 @@ fn run(keep: bool) -> bool {
     checks.push(pooled_move(&pool, pooled_before.as_deref(), changed_ms, gray_path, base_path));
     checks.push(traffic(&sb, "2. gw-gray → A (a-gray gone)", "gw-gray", A, base_path));
     checks.push(traffic(&sb, "2. gw-base → A", "gw-base", A, base_path));
-    checks.push(show_cli(&sb, &["explain", "--pod", "demo/gw-gray", A], "fall"));
+    println!(
+        "A now has base backends only: tagger leaves it to the cluster, whose Service implementation\n\
+         sends gray and base callers alike to a-base."
+    );
+    checks.push(show_cli(&sb, &["explain", "--pod", "demo/gw-gray", A], "passthrough"));
     tagger_tests::signals::check();
 
     say("Step 3 — a-gray is back: gray callers return to it");
@@ -262,7 +271,11 @@ fn run(keep: bool) -> bool {
     sb.write_source_file();
     sb.wait_for("A's gray set back", Duration::from_secs(10), |t| set_size(t, addr(A), "gray") == Some(1));
     checks.push(traffic(&sb, "3. gw-gray → A (a-gray back)", "gw-gray", A, gray_path));
-    checks.push(show_cli(&sb, &["stats"], "fell_back"));
+    checks.push(show_cli(&sb, &["stats"], "passthrough"));
+    tagger_tests::signals::check();
+
+    say("Step 4 — a rolling update under load loses no request (a second sandboxed node)");
+    checks.push(rolling_update());
 
     let ok = report(&checks);
     if keep && ok {
@@ -270,6 +283,45 @@ fn run(keep: bool) -> bool {
     }
     drop(services);
     ok
+}
+
+/// Kubernetes' rolling update of a Service tagger steers, under keep-alive load: see
+/// `tagger_tests::rollout`.
+fn rolling_update() -> Check {
+    const CONNS: usize = 8;
+    const BACKENDS: usize = 2;
+    println!(
+        "{CONNS} keep-alive HTTP clients send requests back to back (every fourth takes 500 ms) to Service r\n\
+         (base backends r-1, r-2 and a gray one, so tagger steers it) while r-1 and r-2 are replaced one\n\
+         by one: the new pod ready first, the old one terminating (still serving) and draining\n\
+         gracefully, then deleted. tagger sends a terminating backend no new connection and resets\n\
+         none of its open ones."
+    );
+    let mut sb = AgentSandbox::new();
+    let r = tagger_tests::rollout::rolling_update(
+        &mut sb,
+        "10.96.0.20:80".parse().expect("vip"),
+        BACKENDS,
+        CONNS,
+    );
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(["rolling update of Service r", "requests"]);
+    for (backend, n) in &r.served {
+        t.add_row([format!("answered by {backend}"), n.to_string()]);
+    }
+    t.add_row(["failed".to_owned(), r.failed.to_string()]);
+    t.add_row(["connections reset by tagger".to_owned(), r.resets.to_string()]);
+    println!("{t}");
+    for e in &r.errors {
+        println!("  {e}");
+    }
+    let all_served = (1..=2 * BACKENDS).all(|i| r.served.get(&format!("r-{i}")).is_some_and(|n| *n > 0));
+    Check {
+        step: "4. rolling update under load".into(),
+        expected: "0 failed requests, every old and new pod served".into(),
+        observed: format!("{} of {} failed, {} resets", r.failed, r.requests, r.resets),
+        ok: r.failed == 0 && r.requests > 0 && all_served && r.resets == 0,
+    }
 }
 
 fn start_service(sb: &AgentSandbox, name: &str, lane: &str, next: Option<&str>) -> ServiceProcess {
