@@ -472,13 +472,29 @@ fn program_mut<'a>(ebpf: &'a mut aya::Ebpf, name: &'static str) -> Result<&'a mu
         .ok_or_else(|| Error::Invalid { what: "datapath object", reason: format!("program {name} missing") })
 }
 
+/// Loads of one program the kernel may interrupt with `EAGAIN` before giving up: the verifier
+/// stops when the loading thread has a signal pending and asks the caller to try again (libbpf
+/// retries likewise). Seen under load, with the test suite's child processes exiting around it.
+const LOAD_ATTEMPTS: u32 = 5;
+
 /// Loads one of the datapath's cgroup programs into the kernel (the verifier runs here).
 fn load_program(program: &mut Program) -> Result<(), ProgramError> {
-    match program {
-        Program::CgroupSockAddr(p) => p.load(),
-        Program::SockOps(p) => p.load(),
-        Program::CgroupSock(p) => p.load(),
-        _ => Err(ProgramError::IOError(io::Error::other("unexpected program type"))),
+    let mut attempt = 1;
+    loop {
+        let result = match program {
+            Program::CgroupSockAddr(p) => p.load(),
+            Program::SockOps(p) => p.load(),
+            Program::CgroupSock(p) => p.load(),
+            _ => Err(ProgramError::IOError(io::Error::other("unexpected program type"))),
+        };
+        match result {
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < LOAD_ATTEMPTS =>
+            {
+                attempt += 1;
+            }
+            other => return other,
+        }
     }
 }
 
