@@ -28,6 +28,9 @@ pub struct PodDesc {
     pub ready: bool,
     /// Being deleted: its endpoint is `terminating`, and `serving` while `ready`.
     pub terminating: bool,
+    /// The zone its EndpointSlice entries state (`zone`, and `hints.forZones` when the Service
+    /// has zone hints).
+    pub zone: Option<String>,
 }
 
 /// A Service of the described cluster.
@@ -47,6 +50,12 @@ pub struct ServiceDesc {
     pub backends: Vec<String>,
     /// Annotations.
     pub annotations: BTreeMap<String, String>,
+    /// `spec.internalTrafficPolicy`.
+    pub internal_traffic_policy: Option<&'static str>,
+    /// `spec.trafficDistribution`.
+    pub traffic_distribution: Option<&'static str>,
+    /// Whether its EndpointSlices carry zone hints (each endpoint hinted for its own zone).
+    pub zone_hints: bool,
 }
 
 /// The cluster.
@@ -56,6 +65,8 @@ pub struct ClusterDesc {
     pub pods: BTreeMap<String, PodDesc>,
     /// Services by name.
     pub services: BTreeMap<String, ServiceDesc>,
+    /// Node objects by name, with their `topology.kubernetes.io/zone` label.
+    pub nodes: BTreeMap<String, Option<String>>,
 }
 
 /// A UID derived from a name (stable, valid, unique per name).
@@ -94,6 +105,7 @@ impl ClusterDesc {
                 qos: "Burstable",
                 ready: true,
                 terminating: false,
+                zone: None,
             },
         );
         self.pods.get_mut(name).expect("just inserted")
@@ -118,6 +130,9 @@ impl ClusterDesc {
                 protocol: "TCP",
                 backends: backends.iter().map(|b| (*b).to_owned()).collect(),
                 annotations: BTreeMap::new(),
+                internal_traffic_policy: None,
+                traffic_distribution: None,
+                zone_hints: false,
             },
         );
     }
@@ -135,6 +150,11 @@ impl ClusterDesc {
     #[must_use]
     pub fn objects(&self) -> Vec<Value> {
         let mut out: Vec<Value> = self.pods.values().map(pod_json).collect();
+        for (name, zone) in &self.nodes {
+            let labels: BTreeMap<&str, &str> =
+                zone.iter().map(|z| ("topology.kubernetes.io/zone", z.as_str())).collect();
+            out.push(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}}));
+        }
         for svc in self.services.values() {
             out.push(service_json(svc));
             for family in ["IPv4", "IPv6"] {
@@ -157,6 +177,11 @@ impl ClusterDesc {
                         "ready": p.ready && !p.terminating,
                         "serving": p.ready,
                         "terminating": p.terminating,
+                    },
+                    "zone": p.zone,
+                    "hints": match (&p.zone, svc.zone_hints) {
+                        (Some(z), true) => json!({"forZones": [{"name": z}]}),
+                        _ => Value::Null,
                     },
                     "nodeName": p.node,
                     "targetRef": {"kind": "Pod", "namespace": NAMESPACE, "name": p.name, "uid": p.uid},
@@ -216,6 +241,8 @@ fn service_json(s: &ServiceDesc) -> Value {
             "clusterIP": ips.first(),
             "clusterIPs": ips,
             "ports": [{"name": "main", "port": s.port, "targetPort": s.target_port, "protocol": s.protocol}],
+            "internalTrafficPolicy": s.internal_traffic_policy,
+            "trafficDistribution": s.traffic_distribution,
         },
     })
 }

@@ -253,3 +253,91 @@ fn a_rolling_update_loses_no_request() {
     assert!(!report.served.contains_key("r-gray"), "a base caller reached gray: {report:?}");
     assert_eq!(report.resets, 0, "{}", sb.agent_log());
 }
+
+/// Kubernetes' own Service semantics hold inside each lane, decided by the real datapath from
+/// the agent's sets: `internalTrafficPolicy: Local` keeps every lane step on this node (a gray
+/// caller whose gray backends are all elsewhere goes to base on this node, not to a remote
+/// gray pod), `trafficDistribution: PreferClose` prefers this node's zone within the lane and
+/// follows the Node's zone label when it changes, zone hints do the same, and a lane whose
+/// endpoints are all terminating but still serving keeps serving its callers.
+#[test]
+fn kubernetes_service_semantics_hold_inside_each_lane() {
+    const NODE2: &str = "node-2";
+    let mut sb = AgentSandbox::new();
+    sb.caller("gw-gray", Some("gray"));
+    sb.caller("gw-base", None);
+    sb.cluster.nodes.insert(tagger_tests::agent::NODE.to_owned(), Some("z1".into()));
+    let on = |sb: &mut AgentSandbox, name: &str, lane: Option<&str>, node: &str, zone: &str| {
+        sb.backend(name, lane);
+        let p = sb.cluster.pods.get_mut(name).unwrap();
+        p.node = node.to_owned();
+        p.zone = Some(zone.to_owned());
+    };
+    // internalTrafficPolicy: Local.
+    let local: SocketAddr = "10.96.11.1:80".parse().unwrap();
+    on(&mut sb, "l-here", None, tagger_tests::agent::NODE, "z1");
+    on(&mut sb, "l-there", None, NODE2, "z1");
+    on(&mut sb, "l-gray-there", Some("gray"), NODE2, "z1");
+    sb.cluster.service("l", &[local.ip()], 80, PORT, &["l-here", "l-there", "l-gray-there"]);
+    sb.cluster.services.get_mut("l").unwrap().internal_traffic_policy = Some("Local");
+    // trafficDistribution: PreferClose, gray in both zones.
+    let close: SocketAddr = "10.96.11.2:80".parse().unwrap();
+    on(&mut sb, "c-gray-z1", Some("gray"), NODE2, "z1");
+    on(&mut sb, "c-gray-z2", Some("gray"), NODE2, "z2");
+    on(&mut sb, "c-base", None, NODE2, "z2");
+    sb.cluster.service("c", &[close.ip()], 80, PORT, &["c-gray-z1", "c-gray-z2", "c-base"]);
+    sb.cluster.services.get_mut("c").unwrap().traffic_distribution = Some("PreferClose");
+    // Zone hints (as the EndpointSlice controller writes them for topology-aware routing).
+    let hinted: SocketAddr = "10.96.11.3:80".parse().unwrap();
+    on(&mut sb, "h-gray-z1", Some("gray"), NODE2, "z1");
+    on(&mut sb, "h-gray-z2", Some("gray"), NODE2, "z2");
+    sb.cluster.service("h", &[hinted.ip()], 80, PORT, &["h-gray-z1", "h-gray-z2"]);
+    sb.cluster.services.get_mut("h").unwrap().zone_hints = true;
+    // A gray lane whose only endpoint is terminating but still serving.
+    let term: SocketAddr = "10.96.11.4:80".parse().unwrap();
+    on(&mut sb, "t-gray", Some("gray"), NODE2, "z2");
+    on(&mut sb, "t-base", None, NODE2, "z2");
+    sb.cluster.pods.get_mut("t-gray").unwrap().terminating = true;
+    sb.cluster.service("t", &[term.ip()], 80, PORT, &["t-gray", "t-base"]);
+    sb.start_agent_on_file(&[]);
+    sb.wait_for("every Service's sets", WAIT, |t| {
+        set_size(t, local, "base") == Some(1)
+            && set_size(t, close, "gray") == Some(1)
+            && set_size(t, hinted, "gray") == Some(1)
+            && set_size(t, term, "gray") == Some(1)
+    });
+
+    assert_eq!(sb.reached("gw-base", local, 20), ["l-here"], "Local: this node's base endpoint only");
+    assert_eq!(sb.reached("gw-gray", local, 20), ["l-here"], "Local: no gray endpoint here, so base here");
+    assert_eq!(sb.reached("gw-gray", close, 20), ["c-gray-z1"], "PreferClose: gray in this node's zone");
+    assert_eq!(sb.reached("gw-base", close, 10), ["c-base"], "base stays base");
+    assert_eq!(sb.reached("gw-gray", hinted, 20), ["h-gray-z1"], "hints: gray hinted for this zone");
+    assert_eq!(sb.reached("gw-gray", term, 20), ["t-gray"], "a lane of terminating endpoints still serves");
+
+    // The node's zone label changes: the preference follows.
+    sb.cluster.nodes.insert(tagger_tests::agent::NODE.to_owned(), Some("z2".into()));
+    sb.write_source_file();
+    let c_gray_z2 = sb.ip4("c-gray-z2");
+    sb.wait_for("PreferClose follows the zone", WAIT, |t| {
+        let key = tagger::net::frontend_key(close, tagger::net::Proto::Tcp);
+        t.frontends().ok().and_then(|f| f.get(&key).copied()).is_some_and(|svc| {
+            t.backends(svc.svc_id, tagger_common::lane_id("gray"))
+                .is_ok_and(|b| b.len() == 1 && tagger::net::backend_addr(&b[0]).ip() == c_gray_z2)
+        })
+    });
+    assert_eq!(sb.reached("gw-gray", close, 20), ["c-gray-z2"]);
+    assert_eq!(sb.reached("gw-gray", hinted, 20), ["h-gray-z2"]);
+    // A ready gray endpoint appears: the terminating one gets no new connection.
+    on(&mut sb, "t-gray-new", Some("gray"), NODE2, "z2");
+    sb.cluster.services.get_mut("t").unwrap().backends.push("t-gray-new".into());
+    sb.write_source_file();
+    let t_new = sb.ip4("t-gray-new");
+    sb.wait_for("the ready gray endpoint replaces the terminating one", WAIT, |t| {
+        let key = tagger::net::frontend_key(term, tagger::net::Proto::Tcp);
+        t.frontends().ok().and_then(|f| f.get(&key).copied()).is_some_and(|svc| {
+            t.backends(svc.svc_id, tagger_common::lane_id("gray"))
+                .is_ok_and(|b| b.len() == 1 && tagger::net::backend_addr(&b[0]).ip() == t_new)
+        })
+    });
+    assert_eq!(sb.reached("gw-gray", term, 20), ["t-gray-new"]);
+}
