@@ -373,14 +373,20 @@ impl AgentSandbox {
 
     /// Programs the node's own Service implementation ([`Self::cluster_lb`]) with the described
     /// cluster's Services, as kube-proxy would: each cluster IP and port to the ready endpoints,
-    /// else the serving-terminating ones.
+    /// else the serving-terminating ones; with `internalTrafficPolicy: Local`, those on this node
+    /// only.
     pub fn sync_cluster_lb(&self) {
         let mut guard = self.cluster_lb.lock().expect("cluster LB");
         let Some(lb) = guard.as_mut() else { return };
         let mut wanted: BTreeMap<SocketAddr, Vec<SocketAddr>> = BTreeMap::new();
         for svc in self.cluster.services.values() {
-            let pods: Vec<&crate::cluster::PodDesc> =
-                svc.backends.iter().filter_map(|b| self.cluster.pods.get(b)).filter(|p| p.ready).collect();
+            let local_only = svc.internal_traffic_policy == Some("Local");
+            let pods: Vec<&crate::cluster::PodDesc> = svc
+                .backends
+                .iter()
+                .filter_map(|b| self.cluster.pods.get(b))
+                .filter(|p| p.ready && (!local_only || p.node == NODE))
+                .collect();
             let ready: Vec<&&crate::cluster::PodDesc> = pods.iter().filter(|p| !p.terminating).collect();
             let serving: Vec<&&crate::cluster::PodDesc> =
                 if ready.is_empty() { pods.iter().collect() } else { ready };

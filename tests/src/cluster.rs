@@ -153,7 +153,9 @@ impl ClusterDesc {
         for (name, zone) in &self.nodes {
             let labels: BTreeMap<&str, &str> =
                 zone.iter().map(|z| ("topology.kubernetes.io/zone", z.as_str())).collect();
-            out.push(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}}));
+            out.push(
+                json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}}),
+            );
         }
         for svc in self.services.values() {
             out.push(service_json(svc));

@@ -277,8 +277,9 @@ fn kubernetes_service_semantics_hold_inside_each_lane() {
     let local: SocketAddr = "10.96.11.1:80".parse().unwrap();
     on(&mut sb, "l-here", None, tagger_tests::agent::NODE, "z1");
     on(&mut sb, "l-there", None, NODE2, "z1");
+    on(&mut sb, "l-gray-here", Some("gray"), tagger_tests::agent::NODE, "z1");
     on(&mut sb, "l-gray-there", Some("gray"), NODE2, "z1");
-    sb.cluster.service("l", &[local.ip()], 80, PORT, &["l-here", "l-there", "l-gray-there"]);
+    sb.cluster.service("l", &[local.ip()], 80, PORT, &["l-here", "l-there", "l-gray-here", "l-gray-there"]);
     sb.cluster.services.get_mut("l").unwrap().internal_traffic_policy = Some("Local");
     // trafficDistribution: PreferClose, gray in both zones.
     let close: SocketAddr = "10.96.11.2:80".parse().unwrap();
@@ -308,7 +309,7 @@ fn kubernetes_service_semantics_hold_inside_each_lane() {
     });
 
     assert_eq!(sb.reached("gw-base", local, 20), ["l-here"], "Local: this node's base endpoint only");
-    assert_eq!(sb.reached("gw-gray", local, 20), ["l-here"], "Local: no gray endpoint here, so base here");
+    assert_eq!(sb.reached("gw-gray", local, 20), ["l-gray-here"], "Local: this node's gray endpoint only");
     assert_eq!(sb.reached("gw-gray", close, 20), ["c-gray-z1"], "PreferClose: gray in this node's zone");
     assert_eq!(sb.reached("gw-base", close, 10), ["c-base"], "base stays base");
     assert_eq!(sb.reached("gw-gray", hinted, 20), ["h-gray-z1"], "hints: gray hinted for this zone");
@@ -327,6 +328,14 @@ fn kubernetes_service_semantics_hold_inside_each_lane() {
     });
     assert_eq!(sb.reached("gw-gray", close, 20), ["c-gray-z2"]);
     assert_eq!(sb.reached("gw-gray", hinted, 20), ["h-gray-z2"]);
+
+    // No gray endpoint on this node any more: the only gray one is remote, so a gray caller
+    // gets base on this node (tagger leaves l to the cluster now: it has no lane set here, and
+    // the cluster's Local policy gives the same answer), never the remote gray pod.
+    sb.cluster.services.get_mut("l").unwrap().backends.retain(|b| b != "l-gray-here");
+    sb.write_source_file();
+    sb.wait_for("l without a local gray endpoint", WAIT, |t| set_size(t, local, "gray").unwrap_or(0) == 0);
+    assert_eq!(sb.reached("gw-gray", local, 20), ["l-here"], "Local: no gray endpoint here, so base here");
     // A ready gray endpoint appears: the terminating one gets no new connection.
     on(&mut sb, "t-gray-new", Some("gray"), NODE2, "z2");
     sb.cluster.services.get_mut("t").unwrap().backends.push("t-gray-new".into());
