@@ -1,6 +1,6 @@
-//! Lane resolution: which lane's backend set serves a caller, following PRODUCT.md's datapath
-//! semantics. The same code runs in the kernel (over BPF maps) and in userspace (`tagger
-//! explain`, tests), through the [`LaneTables`] trait.
+//! Lane resolution: which lane's backend set serves a caller, following the datapath semantics
+//! the README states ("How the datapath decides"). The same code runs in the kernel (over BPF
+//! maps) and in userspace (`tagger explain`, tests), through the [`LaneTables`] trait.
 
 use crate::{
     BASE_LANE, BackendSet, LANE_F_STRICT, LanePolicy, MAX_CHAIN, SVC_F_PASSTHROUGH, SVC_F_STRICT, Service,

@@ -1,7 +1,7 @@
 //! Lane labels: which label keys name a pod's lane, Kubernetes' validation rules for label keys
 //! and values, and the one function that turns a pod's labels into its lane.
 //!
-//! PRODUCT.md: the first configured key that is present wins; no label or an empty value is the
+//! The lane model (README, "The agent"): the first configured key that is present wins; no label or an empty value is the
 //! base lane; a value that is not a valid label value is the base lane with a warning and a
 //! counter — never a crash, never a wrong lane. The validation here mirrors apimachinery's
 //! `IsValidLabelValue` and `IsQualifiedName`, so an agent never accepts what the API server

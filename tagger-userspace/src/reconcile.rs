@@ -1,7 +1,7 @@
 //! The reconciler's diff: what the datapath maps hold versus what the model wants, as an ordered
 //! list of map writes, and the application of that list.
 //!
-//! Guarantees (PRODUCT.md, issue 3):
+//! Guarantees (docs/ARCHITECTURE.md, "Control plane: incremental reconciliation"):
 //! - **Minimal**: equal entries produce no op; a backend set with the same members in another
 //!   order is not rewritten (each rewrite is a new generation of slots).
 //! - **Safe order**: lane policies and backend sets are written before the pods and frontends
