@@ -574,6 +574,21 @@ pub fn pod_in_lane(t: &Tables, cgroup: &Path, lane: &str) -> bool {
     t.pods().is_ok_and(|p| p.get(&id).is_some_and(|e| e.lane == tagger_common::lane_id(lane)))
 }
 
+/// The addresses of (TCP frontend `vip`, `lane`)'s backends, sorted (empty without a set).
+#[must_use]
+pub fn set_ips(t: &Tables, vip: SocketAddr, lane: &str) -> Vec<IpAddr> {
+    let key = tagger::net::frontend_key(vip, tagger::net::Proto::Tcp);
+    let Some(svc) = t.frontend(&key).ok().flatten() else { return Vec::new() };
+    let mut ips: Vec<IpAddr> = t
+        .backends(svc.svc_id, tagger_common::lane_id(lane))
+        .unwrap_or_default()
+        .iter()
+        .map(|b| tagger::net::backend_addr(b).ip())
+        .collect();
+    ips.sort();
+    ips
+}
+
 /// Whether (frontend `vip`, `lane`) has `n` backends.
 #[must_use]
 pub fn set_size(t: &Tables, vip: SocketAddr, lane: &str) -> Option<u32> {

@@ -273,20 +273,9 @@ pub fn rolling_update(
     sb.cluster.service("r", &[vip.ip()], vip.port(), port, &backends);
     sb.write_source_file();
     sb.start_agent_on_file(&[]);
-    let base_set = |t: &tagger::datapath::Tables| -> Vec<String> {
-        let key = tagger::net::frontend_key(vip, tagger::net::Proto::Tcp);
-        let Some(svc) = t.frontends().ok().and_then(|f| f.get(&key).copied()) else { return Vec::new() };
-        let mut v: Vec<String> = t
-            .backends(svc.svc_id, tagger_common::BASE_LANE)
-            .unwrap_or_default()
-            .iter()
-            .map(|b| tagger::net::backend_addr(b).ip().to_string())
-            .collect();
-        v.sort();
-        v
-    };
-    let ip = |sb: &crate::agent::AgentSandbox, name: &str| sb.ip4(name).to_string();
-    let mut want: Vec<String> = old.iter().map(|n| ip(sb, n)).collect();
+    let base_set = |t: &tagger::datapath::Tables| crate::agent::set_ips(t, vip, "base");
+    let ip = |sb: &crate::agent::AgentSandbox, name: &str| sb.ip4(name);
+    let mut want: Vec<std::net::IpAddr> = old.iter().map(|n| ip(sb, n)).collect();
     want.sort();
     sb.wait_for("the Service's base set", WAIT, |t| base_set(t) == want);
 

@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, path::Path, time::Duration};
 
 use tagger_tests::{
-    agent::{AgentSandbox, PORT, http_get, pod_in_lane, set_size},
+    agent::{AgentSandbox, PORT, http_get, pod_in_lane, set_ips, set_size},
     client::{Attempt, Mode, attempts},
     restart::{self, RestartLoad},
 };
@@ -319,13 +319,7 @@ fn kubernetes_service_semantics_hold_inside_each_lane() {
     sb.cluster.nodes.insert(tagger_tests::agent::NODE.to_owned(), Some("z2".into()));
     sb.write_source_file();
     let c_gray_z2 = sb.ip4("c-gray-z2");
-    sb.wait_for("PreferClose follows the zone", WAIT, |t| {
-        let key = tagger::net::frontend_key(close, tagger::net::Proto::Tcp);
-        t.frontends().ok().and_then(|f| f.get(&key).copied()).is_some_and(|svc| {
-            t.backends(svc.svc_id, tagger_common::lane_id("gray"))
-                .is_ok_and(|b| b.len() == 1 && tagger::net::backend_addr(&b[0]).ip() == c_gray_z2)
-        })
-    });
+    sb.wait_for("PreferClose follows the zone", WAIT, |t| set_ips(t, close, "gray") == [c_gray_z2]);
     assert_eq!(sb.reached("gw-gray", close, 20), ["c-gray-z2"]);
     assert_eq!(sb.reached("gw-gray", hinted, 20), ["h-gray-z2"]);
 
@@ -342,11 +336,7 @@ fn kubernetes_service_semantics_hold_inside_each_lane() {
     sb.write_source_file();
     let t_new = sb.ip4("t-gray-new");
     sb.wait_for("the ready gray endpoint replaces the terminating one", WAIT, |t| {
-        let key = tagger::net::frontend_key(term, tagger::net::Proto::Tcp);
-        t.frontends().ok().and_then(|f| f.get(&key).copied()).is_some_and(|svc| {
-            t.backends(svc.svc_id, tagger_common::lane_id("gray"))
-                .is_ok_and(|b| b.len() == 1 && tagger::net::backend_addr(&b[0]).ip() == t_new)
-        })
+        set_ips(t, term, "gray") == [t_new]
     });
     assert_eq!(sb.reached("gw-gray", term, 20), ["t-gray-new"]);
 }
