@@ -43,8 +43,19 @@ impl Lifecycle {
 
     fn reset(&mut self) -> lifecycle::ResetReport {
         let root = self.sb.cgroup.path().to_owned();
+        self.reset_with(&root, &mut lifecycle::netns::Finder::new(None))
+    }
+
+    /// A reset pass that finds pods' processes below `root` (none: a root without them) and
+    /// namespaces with `finder`.
+    fn reset_with(
+        &mut self,
+        root: &std::path::Path,
+        finder: &mut lifecycle::netns::Finder,
+    ) -> lifecycle::ResetReport {
         let mut view = lifecycle::MapSnapshot::read(self.sb.dp.dp.tables()).expect("read the maps");
-        let report = lifecycle::reset_stale(self.sb.dp.dp.tables_mut(), &root, &mut view).expect("reset");
+        let report =
+            lifecycle::reset_stale(self.sb.dp.dp.tables_mut(), root, finder, &mut view).expect("reset");
         assert!(report.errors.is_empty(), "{:?}", report.errors);
         report
     }
@@ -65,7 +76,77 @@ fn wait_tracked(sb: &Sandbox, n: usize) {
 
 #[test]
 fn mechanism_probe_finds_sock_destroy() {
-    assert_eq!(lifecycle::Mechanism::probe(), lifecycle::Mechanism::SockDestroy);
+    let own = lifecycle::Mechanism::probe(&lifecycle::netns::Finder::new(None));
+    assert!(own.available(), "{own:?}");
+    let missing =
+        lifecycle::Mechanism::probe(&lifecycle::netns::Finder::new(Some("/nonexistent-netns".into())));
+    assert!(!missing.available() && missing.name().contains("no such directory"), "{missing:?}");
+}
+
+/// The DaemonSet's way: the agent sees no process of the pod (its own PID namespace), so the
+/// pod's namespace is found among the runtime's pinned namespaces, by the socket's cookie.
+#[test]
+fn resets_reach_pods_through_the_namespace_directory_when_their_processes_are_hidden() {
+    let (mut lc, addrs) = Lifecycle::new(&["gray-1", "base-1"]);
+    let vip: SocketAddr = "10.96.5.3:80".parse().unwrap();
+    lc.sb.service(vip, Proto::Tcp, 1, 0, &[("gray", &[addrs[0]]), ("base", &[addrs[1]])]);
+    let gray = lc.sb.caller("gray", Some("gray"));
+    let base = lc.sb.caller("base", Some("base"));
+    let gray_client = HoldClient::start(&gray.cgroup, &gray.pod.ns, "hold-tcp", vip);
+    let base_client = HoldClient::start(&base.cgroup, &base.pod.ns, "hold-tcp", vip);
+    expect_ok(&gray_client, "gray-1", vip);
+    expect_ok(&base_client, "base-1", vip);
+    wait_tracked(&lc.sb, 2);
+
+    // The runtime's directory: both callers' namespaces (links to their `ip netns` pins).
+    let dir = tempfile_dir();
+    for (name, pod) in [("cni-base", &base.pod), ("cni-gray", &gray.pod)] {
+        std::os::unix::fs::symlink(pod.ns.path(), dir.0.join(name)).unwrap();
+    }
+    let hidden = dir.0.join("no-pods-here");
+    std::fs::create_dir(&hidden).unwrap();
+    let mut finder = lifecycle::netns::Finder::new(Some(dir.0.clone()));
+
+    lc.sb.dp.dp.tables_mut().replace_backends(1, lane_id("gray"), &[]).unwrap();
+    let report = lc.reset_with(&hidden, &mut finder);
+    assert_eq!(report.reset.len(), 1, "{report:?}");
+    let line = gray_client.next_line(Duration::from_secs(1)).expect("gray connection not reset");
+    assert!(line.starts_with(&format!("closed\t{}", libc::ECONNABORTED)), "{line}");
+    expect_ok(&gray_client, "base-1", vip);
+    assert_eq!(base_client.next_line(QUIET), None, "the base connection must stay up");
+
+    // The gray pod's namespace is known now: the next reset finds it there first.
+    let gray_cgroup_id = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&gray.cgroup).unwrap());
+    assert!(finder.learned(gray_cgroup_id).is_some(), "where the gray pod's socket was is remembered");
+
+    // Without the directory, the pod cannot be reached: counted as failed and kept.
+    wait_tracked(&lc.sb, 2);
+    lc.sb.dp.dp.tables_mut().replace_backends(1, lane_id("gray"), &[]).unwrap();
+    lc.sb.dp.dp.tables_mut().replace_backends(1, lane_id("base"), &[]).unwrap();
+    let mut view = lifecycle::MapSnapshot::read(lc.sb.dp.dp.tables()).expect("read the maps");
+    let mut blind = lifecycle::netns::Finder::new(None);
+    let report =
+        lifecycle::reset_stale(lc.sb.dp.dp.tables_mut(), &hidden, &mut blind, &mut view).expect("reset");
+    assert!(report.reset.is_empty() && report.failed == 2 && report.retry(), "{report:?}");
+    assert!(report.errors.iter().any(|e| e.contains("cannot reach their network namespace")), "{report:?}");
+    assert_eq!(lc.sb.dp.dp.tables().connections().unwrap().len(), 2, "failed ones stay tracked");
+    // With it again, both go.
+    assert_eq!(lc.reset_with(&hidden, &mut finder).reset.len(), 2);
+}
+
+/// A scratch directory, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempfile_dir() -> TempDir {
+    let dir = std::env::temp_dir().join(tagger_tests::unique_name("netns-dir"));
+    std::fs::create_dir_all(&dir).unwrap();
+    TempDir(dir)
 }
 
 #[test]

@@ -66,6 +66,14 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub attach_cgroup: Option<PathBuf>,
 
+    /// Directory where the container runtime pins pod network namespaces (containerd and CRI-O:
+    /// /var/run/netns; cri-dockerd: /var/run/docker/netns), for resetting stale connections
+    /// from inside a pod's namespace when the pod's processes are not visible (an agent without
+    /// the host's PID namespace). Entering a namespace needs CAP_SYS_ADMIN. Unset: only pods
+    /// whose processes the agent sees (/proc/<pid>/ns/net).
+    #[arg(long, value_name = "DIR")]
+    pub netns_dir: Option<PathBuf>,
+
     /// bpffs directory for the pinned maps and links.
     #[arg(long, default_value = "/sys/fs/bpf/tagger")]
     pub bpffs: PathBuf,
@@ -140,6 +148,8 @@ pub struct AgentConfig {
     pub mark_interfaces: Vec<String>,
     /// `--datapath-lease` (zero: never expires).
     pub datapath_lease: std::time::Duration,
+    /// `--netns-dir`.
+    pub netns_dir: Option<PathBuf>,
 }
 
 impl Args {
@@ -182,6 +192,7 @@ impl Args {
             lane_keys,
             mark_interfaces,
             datapath_lease: self.datapath_lease,
+            netns_dir: self.netns_dir.clone(),
         })
     }
 }

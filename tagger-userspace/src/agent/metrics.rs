@@ -35,6 +35,35 @@ pub fn render(status: &Arc<AgentStatus>, bpffs: &std::path::Path) -> String {
     out
 }
 
+/// `agent_feature_available{feature, detail}`.
+fn encode_features(encoder: &mut DescriptorEncoder, s: &AgentStatus) -> Result<(), std::fmt::Error> {
+    let features = Family::<FeatureLabels, Gauge>::default();
+    for (feature, f) in s.features() {
+        features
+            .get_or_create(&FeatureLabels { feature, detail: label_value(&f.detail) })
+            .set(i64::from(f.available));
+    }
+    features.encode(encoder.encode_descriptor(
+        "agent_feature_available",
+        "Optional features: 1 when the feature works on this node, 0 when it cannot (the detail label says why: a missing capability, mount or kernel feature)",
+        None,
+        features.metric_type(),
+    )?)?;
+    Ok(())
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FeatureLabels {
+    feature: String,
+    detail: String,
+}
+
+/// A free-text label value the text format carries unescaped: without quotes, backslashes and
+/// line breaks.
+fn label_value(text: &str) -> String {
+    text.chars().map(|c| if matches!(c, '"' | '\\' | '\n' | '\r') { '\'' } else { c }).collect()
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: String,
@@ -141,6 +170,13 @@ impl Collector for AgentCollector {
             "Tracked connections reset because their backend left its set or their lane came back (rehome)",
             s.connections_reset(),
         )?;
+        counter(
+            &mut encoder,
+            "agent_connections_reset_failed",
+            "Stale connections a reset pass could not reset (their pod's network namespace not reachable, a netlink error); each is kept and tried again every second, and counted each time",
+            s.reset_failures(),
+        )?;
+        encode_features(&mut encoder, s)?;
         counter(
             &mut encoder,
             "agent_source_errors",

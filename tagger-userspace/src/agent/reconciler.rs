@@ -14,7 +14,7 @@ use std::{
 };
 
 use tagger_common::SetKey;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{
     AgentStatus, Wake,
@@ -61,10 +61,6 @@ pub struct ReconcileReport {
 }
 
 /// Owns the datapath, its mirror and the desired state.
-#[expect(
-    clippy::struct_excessive_bools,
-    reason = "independent conditions of the next pass, not a state machine"
-)]
 pub struct Reconciler {
     datapath: Datapath,
     config: AgentConfig,
@@ -77,8 +73,10 @@ pub struct Reconciler {
     last_warnings: BTreeMap<String, u64>,
     /// The next pass plans every entry (a write failed).
     full_next: bool,
-    /// Whether stale connections can be reset on this kernel.
-    resets: bool,
+    /// How stale connections are reset, if they can be (the start-up probe's finding).
+    resets: crate::lifecycle::Mechanism,
+    /// Where pods' network namespaces are found.
+    netns: crate::lifecycle::netns::Finder,
     /// Whether slots of no live generation were looked for since start.
     strays_checked: bool,
     /// The last reset pass left connections to try again (busy, or not reachable yet).
@@ -96,6 +94,8 @@ impl Reconciler {
         let names = Names::read(datapath.tables())?;
         let addrs = PodAddrs::read(datapath.tables())?;
         let lease = LeaseKeeper::new(config.datapath_lease);
+        let netns = crate::lifecycle::netns::Finder::new(config.netns_dir.clone());
+        let resets = probe_resets(&netns, &status);
         info!(
             pods = current.pods.len(),
             frontends = current.frontends.len(),
@@ -117,7 +117,8 @@ impl Reconciler {
             availability: LaneAvailability::default(),
             last_warnings: BTreeMap::default(),
             full_next: false,
-            resets: probe_resets(),
+            resets,
+            netns,
             strays_checked: false,
             retry_resets: false,
             lease,
@@ -166,7 +167,7 @@ impl Reconciler {
                 Err(e) => warn!("removing stray backend slots: {e}"),
             }
         }
-        if self.resets && (self.retry_resets || ops.iter().any(changes_steering)) {
+        if self.resets.available() && (self.retry_resets || ops.iter().any(changes_steering)) {
             self.reset_stale();
         }
         self.full_next = false;
@@ -232,7 +233,12 @@ impl Reconciler {
     /// desired state (which also knows the backends that still serve without being in a set).
     fn reset_stale(&mut self) {
         let mut view = DesiredView(&self.model);
-        match crate::lifecycle::reset_stale(self.datapath.tables_mut(), &self.config.cgroup_root, &mut view) {
+        match crate::lifecycle::reset_stale(
+            self.datapath.tables_mut(),
+            &self.config.cgroup_root,
+            &mut self.netns,
+            &mut view,
+        ) {
             Ok(report) => {
                 self.retry_resets = report.retry();
                 for (cookie, rec, why) in &report.reset {
@@ -246,11 +252,15 @@ impl Reconciler {
                     );
                 }
                 self.status.count_resets(report.reset.len() as u64);
+                self.status.count_reset_failures(report.failed as u64);
                 for e in report.errors {
-                    warn!("resetting stale connections: {e}");
+                    error!(failed = report.failed, "resetting stale connections (tried again in 1 s): {e}");
                 }
             }
-            Err(e) => warn!("resetting stale connections: {e}"),
+            Err(e) => {
+                self.retry_resets = true;
+                error!("resetting stale connections (tried again in 1 s): {e}");
+            }
         }
     }
 
@@ -428,17 +438,24 @@ fn changes_steering(op: &Op) -> bool {
     )
 }
 
-fn probe_resets() -> bool {
-    let mechanism = crate::lifecycle::Mechanism::probe();
-    match &mechanism {
-        crate::lifecycle::Mechanism::SockDestroy => {
-            info!(mechanism = %mechanism.name(), "stale connections will be reset");
-        }
-        crate::lifecycle::Mechanism::Unavailable(_) => {
-            warn!(mechanism = %mechanism.name(), "stale connections cannot be reset on this kernel");
-        }
+/// Probes the reset path once at start, logs and records the finding: an unavailable
+/// mechanism is an error in the log, `tagger_agent_feature_available{feature="connection_reset"}`
+/// 0 and its reason in `tagger status`.
+fn probe_resets(
+    netns: &crate::lifecycle::netns::Finder,
+    status: &AgentStatus,
+) -> crate::lifecycle::Mechanism {
+    let mechanism = crate::lifecycle::Mechanism::probe(netns);
+    if mechanism.available() {
+        info!(mechanism = %mechanism.name(), "stale connections will be reset");
+    } else {
+        error!(
+            mechanism = %mechanism.name(),
+            "stale connections cannot be reset: connections to removed backends stay open until the application closes them"
+        );
     }
-    mechanism == crate::lifecycle::Mechanism::SockDestroy
+    status.set_feature("connection_reset", mechanism.available(), &mechanism.name());
+    mechanism
 }
 
 pub(super) fn limit_malloc_arenas() {

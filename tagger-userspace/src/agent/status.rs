@@ -29,7 +29,9 @@ pub struct AgentStatus {
     last_sync_unix: AtomicU64,
     pending_pods: AtomicU64,
     connections_reset: AtomicU64,
+    reset_failures: AtomicU64,
     attached_at_root: AtomicBool,
+    features: Mutex<BTreeMap<String, Feature>>,
     warnings: Mutex<BTreeMap<String, u64>>,
     ignored_kinds: Mutex<BTreeMap<String, u64>>,
     reconcile_seconds: Histogram,
@@ -49,7 +51,9 @@ impl Default for AgentStatus {
             last_sync_unix: AtomicU64::default(),
             pending_pods: AtomicU64::default(),
             connections_reset: AtomicU64::default(),
+            reset_failures: AtomicU64::default(),
             attached_at_root: AtomicBool::default(),
+            features: Mutex::default(),
             warnings: Mutex::default(),
             ignored_kinds: Mutex::default(),
             // 50 µs to ~3.3 s.
@@ -58,7 +62,37 @@ impl Default for AgentStatus {
     }
 }
 
+/// Whether an optional feature works here, and what it uses or why not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Feature {
+    /// Whether it works.
+    pub available: bool,
+    /// How it works, or why it does not.
+    pub detail: String,
+}
+
 impl AgentStatus {
+    /// Records whether an optional feature (`connection_reset`, `lane_marking`) works here.
+    pub fn set_feature(&self, name: &str, available: bool, detail: &str) {
+        let f = Feature { available, detail: detail.to_owned() };
+        self.features.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(name.to_owned(), f);
+    }
+
+    /// The optional features recorded so far.
+    pub fn features(&self) -> BTreeMap<String, Feature> {
+        self.features.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Counts stale connections a reset pass could not reset (kept, tried again).
+    pub fn count_reset_failures(&self, n: u64) {
+        self.reset_failures.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Connection resets that failed so far.
+    pub fn reset_failures(&self) -> u64 {
+        self.reset_failures.load(Ordering::Relaxed)
+    }
+
     /// Records that the datapath attaches at the cgroup root (no pods cgroup was found).
     pub fn set_attached_at_root(&self, at_root: bool) {
         self.attached_at_root.store(at_root, Ordering::Relaxed);

@@ -47,7 +47,8 @@ pub struct StatusReport {
     pub lease: Option<LeaseStatus>,
     /// Whether the agent answers.
     pub agent: AgentProbe,
-    /// How stale connections are reset on this kernel (see `tagger::lifecycle`).
+    /// How stale connections are reset here, as the running agent found at its start (see
+    /// `tagger::lifecycle`); `tagger status` itself probes nothing.
     pub reset_mechanism: String,
     /// TC lane marking: the interfaces with a pinned TCX marking link, as
     /// `{interface, direction}` (netlink filters, on kernels before 6.6, hold no pin: see
@@ -208,6 +209,47 @@ pub struct AgentProbe {
     pub ready: Option<bool>,
     /// The answer's status line and body, or why it was not reachable.
     pub detail: String,
+    /// The optional features the agent reports (`tagger_agent_feature_available`): whether
+    /// each works on this node, and how or why not.
+    pub features: BTreeMap<String, AgentFeature>,
+}
+
+/// One optional feature, as the agent reports it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct AgentFeature {
+    /// Whether it works here.
+    pub available: bool,
+    /// How it works, or why it does not.
+    pub detail: String,
+}
+
+/// What the agent reports of a feature, for one status line.
+fn feature_line(agent: &AgentProbe, feature: &str) -> String {
+    match agent.features.get(feature) {
+        Some(f) if f.available => f.detail.clone(),
+        Some(f) => format!("UNAVAILABLE: {}", f.detail),
+        None if agent.reachable => "not reported by the agent".to_owned(),
+        None => "unknown: the agent is not reachable (it probes this at start)".to_owned(),
+    }
+}
+
+/// The features in a metrics text: `tagger_agent_feature_available{feature="…",detail="…"} 1`.
+fn parse_features(metrics: &str) -> BTreeMap<String, AgentFeature> {
+    let label = |labels: &str, key: &str| -> Option<String> {
+        let start = labels.find(&format!("{key}=\""))? + key.len() + 2;
+        let len = labels[start..].find('"')?;
+        Some(labels[start..start + len].to_owned())
+    };
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("tagger_agent_feature_available{"))
+        .filter_map(|rest| {
+            let (labels, value) = rest.rsplit_once("} ")?;
+            let feature = label(labels, "feature")?;
+            let detail = label(labels, "detail").unwrap_or_default();
+            Some((feature, AgentFeature { available: value.trim() == "1", detail }))
+        })
+        .collect()
 }
 
 /// Runs `tagger status`; the exit code is 0 when healthy.
@@ -276,6 +318,7 @@ pub fn collect(dir: &Path, agent_addr: &str, cgroup_root: Option<&Path>) -> anyh
         }
         Err(e) => (Some(format!("{e:#}")), None),
     };
+    let agent = probe_agent(agent_addr);
     let healthy = maps_error.is_none() && programs.iter().all(|p| p.pinned) && maps.iter().all(|m| m.pinned);
     Ok(StatusReport {
         bpffs: dir.display().to_string(),
@@ -285,8 +328,8 @@ pub fn collect(dir: &Path, agent_addr: &str, cgroup_root: Option<&Path>) -> anyh
         maps_error,
         config,
         lease,
-        agent: probe_agent(agent_addr),
-        reset_mechanism: crate::lifecycle::Mechanism::probe().name(),
+        reset_mechanism: feature_line(&agent, "connection_reset"),
+        agent,
         marking: crate::datapath::tc::pinned_interfaces(&layout)
             .into_iter()
             .map(|(interface, direction)| MarkedInterface { interface, direction })
@@ -351,34 +394,50 @@ fn resolve_cgroup_paths(programs: &mut [ProgramStatus], cgroup_root: Option<&Pat
     Some(root)
 }
 
-/// A plain HTTP GET of `/readyz` with short timeouts.
+/// A plain HTTP GET of `/readyz` (and of `/metrics`, for the features) with short timeouts.
 #[must_use]
 pub fn probe_agent(addr: &str) -> AgentProbe {
-    let unreachable =
-        |detail: String| AgentProbe { address: addr.to_owned(), reachable: false, ready: None, detail };
+    let unreachable = |detail: String| AgentProbe {
+        address: addr.to_owned(),
+        reachable: false,
+        ready: None,
+        detail,
+        features: BTreeMap::new(),
+    };
     let target = match addr.to_socket_addrs().map(|mut a| a.next()) {
         Ok(Some(a)) => a,
         Ok(None) => return unreachable("the address resolves to nothing".into()),
         Err(e) => return unreachable(format!("bad address: {e}")),
     };
-    let answer = (|| -> std::io::Result<String> {
-        let mut s = TcpStream::connect_timeout(&target, AGENT_TIMEOUT)?;
-        s.set_read_timeout(Some(AGENT_TIMEOUT))?;
-        s.set_write_timeout(Some(AGENT_TIMEOUT))?;
-        s.write_all(format!("GET /readyz HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())?;
-        let mut buf = Vec::new();
-        s.take(64 * 1024).read_to_end(&mut buf)?;
-        Ok(String::from_utf8_lossy(&buf).into_owned())
-    })();
-    match answer {
+    match http_get(target, addr, "/readyz", 64 * 1024) {
         Err(e) => unreachable(e.to_string()),
         Ok(text) => match parse_http_status(&text) {
             Some((code, detail)) => {
-                AgentProbe { address: addr.to_owned(), reachable: true, ready: Some(code == 200), detail }
+                let features = http_get(target, addr, "/metrics", 8 << 20)
+                    .map(|t| parse_features(&t))
+                    .unwrap_or_default();
+                AgentProbe {
+                    address: addr.to_owned(),
+                    reachable: true,
+                    ready: Some(code == 200),
+                    detail,
+                    features,
+                }
             }
             None => unreachable("the answer is not HTTP".into()),
         },
     }
+}
+
+/// The whole answer (head and body) to `GET path`, at most `limit` bytes.
+fn http_get(target: std::net::SocketAddr, host: &str, path: &str, limit: u64) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&target, AGENT_TIMEOUT)?;
+    s.set_read_timeout(Some(AGENT_TIMEOUT))?;
+    s.set_write_timeout(Some(AGENT_TIMEOUT))?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())?;
+    let mut buf = Vec::new();
+    s.take(limit).read_to_end(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
 /// The status code of an HTTP response and a one-line summary (`200 OK: ready`).
@@ -555,5 +614,27 @@ mod tests {
     fn a_bad_agent_address_is_an_answer_not_an_error() {
         let p = probe_agent("not an address");
         assert!(!p.reachable && p.ready.is_none(), "{p:?}");
+    }
+
+    #[test]
+    fn features_are_read_from_the_agents_metrics() {
+        let text = "# HELP tagger_agent_feature_available Optional features\n\
+            tagger_agent_feature_available{feature=\"connection_reset\",detail=\"unavailable: setns: EPERM\"} 0\n\
+            tagger_agent_feature_available{feature=\"lane_marking\",detail=\"tcx in /host/netns\"} 1\n\
+            tagger_agent_ready 1\n";
+        let f = parse_features(text);
+        assert_eq!(f.len(), 2);
+        assert!(!f["connection_reset"].available);
+        assert_eq!(f["connection_reset"].detail, "unavailable: setns: EPERM");
+        assert!(f["lane_marking"].available);
+        let agent = AgentProbe {
+            address: "x".into(),
+            reachable: true,
+            ready: Some(true),
+            detail: String::new(),
+            features: f,
+        };
+        assert_eq!(feature_line(&agent, "connection_reset"), "UNAVAILABLE: unavailable: setns: EPERM");
+        assert_eq!(feature_line(&agent, "other"), "not reported by the agent");
     }
 }

@@ -12,12 +12,12 @@
 //! else is ever touched: untracked sockets (not steered by tagger, unconnected UDP) are never
 //! looked at.
 
+pub mod netns;
 pub mod sockdiag;
 pub mod stale;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs::File,
     path::Path,
 };
 
@@ -30,30 +30,62 @@ use crate::{Result, datapath::Tables};
 /// connection of a node at once).
 pub const REHOME_MAX_PER_PASS: usize = 256;
 
-/// How stale connections are reset on this kernel.
+/// How stale connections are reset here, as the start-up probe found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Mechanism {
-    /// netlink `SOCK_DESTROY` inside the pod's network namespace.
-    SockDestroy,
-    /// No mechanism works; stale connections are left alone (the reason).
+    /// netlink `SOCK_DESTROY` inside the pod's network namespace, reached as described.
+    SockDestroy {
+        /// How pods' namespaces are found, and where the probe ran.
+        via: String,
+    },
+    /// Stale connections are left alone (the reason).
     Unavailable(String),
 }
 
 impl Mechanism {
-    /// Probes the kernel (needs `CAP_NET_ADMIN`).
+    /// Probes the path a reset takes: entering a pod's network namespace (the first in the
+    /// namespace directory; the agent's own when there is none yet) and asking the kernel
+    /// there for `SOCK_DESTROY` of a socket that cannot exist. Needs `CAP_SYS_ADMIN` (setns)
+    /// and `CAP_NET_ADMIN` (destroy); destroys nothing.
     #[must_use]
-    pub fn probe() -> Self {
-        match sockdiag::probe() {
-            Ok(()) => Mechanism::SockDestroy,
-            Err(e) => Mechanism::Unavailable(format!("netlink SOCK_DESTROY: {e}")),
+    pub fn probe(finder: &netns::Finder) -> Self {
+        if let Some(dir) = finder.dir().filter(|d| !d.is_dir()) {
+            return Mechanism::Unavailable(format!("--netns-dir {}: no such directory", dir.display()));
+        }
+        let Some(target) = finder.probe_target() else {
+            return Mechanism::Unavailable("no network namespace to probe in".into());
+        };
+        let found = match finder.dir() {
+            Some(dir) => format!("pods' processes, else the namespaces in {}", dir.display()),
+            None => "pods' processes (/proc/<pid>/ns/net; no --netns-dir)".to_owned(),
+        };
+        match sockdiag::probe_in(&target.file) {
+            Ok(()) => Mechanism::SockDestroy { via: format!("{found}; probed in {}", target.path.display()) },
+            Err(e) => Mechanism::Unavailable(format!(
+                "netlink SOCK_DESTROY in {}: {e}{}",
+                target.path.display(),
+                if e.kind() == std::io::ErrorKind::PermissionDenied {
+                    " (entering a pod's network namespace needs CAP_SYS_ADMIN, destroying its sockets CAP_NET_ADMIN)"
+                } else {
+                    ""
+                }
+            )),
         }
     }
 
-    /// Short name for status output.
+    /// Whether resets happen.
+    #[must_use]
+    pub fn available(&self) -> bool {
+        matches!(self, Mechanism::SockDestroy { .. })
+    }
+
+    /// Short description for status output.
     #[must_use]
     pub fn name(&self) -> String {
         match self {
-            Mechanism::SockDestroy => "sock_destroy (netlink SOCK_DIAG in the pod's netns)".to_owned(),
+            Mechanism::SockDestroy { via } => {
+                format!("sock_destroy (netlink SOCK_DIAG in the pod's netns; {via})")
+            }
             Mechanism::Unavailable(why) => format!("unavailable: {why}"),
         }
     }
@@ -139,6 +171,7 @@ impl Gauges {
 pub fn reset_stale(
     tables: &mut Tables,
     cgroup_root: &Path,
+    finder: &mut netns::Finder,
     view: &mut impl stale::View,
 ) -> Result<ResetReport> {
     let conns = tables.connections()?;
@@ -161,84 +194,107 @@ pub fn reset_stale(
     for (cookie, rec, _) in &candidates {
         by_pod.entry(rec.pod_cgroup).or_default().insert(*cookie);
     }
-    let mut report = ResetReport::default();
-    let mut destroyed = BTreeSet::new();
-    for (pod, cookies) in &by_pod {
-        let namespaces = pod_netns(cgroup_root, *pod);
-        if namespaces.is_empty() {
-            report.errors.push(format!("pod cgroup {pod}: no process found to enter its network namespace"));
+    let mut pass = Pass { when_idle, ..Pass::default() };
+    // Pods whose processes this agent sees: their own namespaces are searched, and what is in
+    // none of them is closed. The rest are looked for where they were found before, then in
+    // every namespace of the directory.
+    let mut unplaced: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
+    for (pod, cookies) in by_pod {
+        let own = netns::Finder::of_processes(cgroup_root, pod);
+        if own.is_empty() {
+            unplaced.insert(pod, cookies);
+            continue;
         }
         // Normally one namespace (the pod's); a process of the pod's cgroup in another one (a
         // helper started into the cgroup only) must not hide the pod's sockets.
-        let mut left = cookies.clone();
-        let mut busy = BTreeSet::new();
-        let mut failed = namespaces.is_empty();
-        for netns in &namespaces {
-            if left.is_empty() {
-                break;
-            }
-            match sockdiag::destroy_in(netns, &left, &when_idle) {
-                Ok(out) => {
-                    left.retain(|c| !out.done.contains(c) && !out.busy.contains(c));
-                    destroyed.extend(out.done);
-                    busy.extend(out.busy);
-                }
-                Err(e) => {
-                    failed = true;
-                    report.errors.push(format!("pod cgroup {pod}: SOCK_DESTROY: {e}"));
-                }
-            }
+        let left = pass.search(&own, cookies, &format!("pod cgroup {pod}"));
+        pass.closed.extend(left);
+    }
+    for (pod, cookies) in &mut unplaced {
+        if let Some(ns) = finder.learned(*pod) {
+            *cookies =
+                pass.search(std::slice::from_ref(&ns), std::mem::take(cookies), &format!("pod cgroup {pod}"));
         }
-        report.busy += busy.len();
-        // Destroyed now, or found in none of the pod's namespaces (closed already): done with.
-        // Busy ones, and all of a pod whose namespaces could not be searched, are kept.
-        for cookie in cookies {
-            if busy.contains(cookie) || (failed && !destroyed.contains(cookie)) {
-                continue;
+    }
+    let owner: BTreeMap<u64, u64> =
+        unplaced.iter().flat_map(|(pod, cookies)| cookies.iter().map(move |c| (*c, *pod))).collect();
+    if !owner.is_empty() {
+        let all = finder.all();
+        if all.is_empty() {
+            let why = match finder.dir() {
+                Some(dir) => format!("no network namespace in {}", dir.display()),
+                None => "no --netns-dir and no process of theirs visible (no host PID namespace)".to_owned(),
+            };
+            pass.errors
+                .push(format!("{} pod(s): cannot reach their network namespace: {why}", unplaced.len()));
+            pass.failed.extend(owner.keys().copied());
+        } else {
+            let mut left: BTreeSet<u64> = owner.keys().copied().collect();
+            for ns in &all {
+                if left.is_empty() {
+                    break;
+                }
+                let before = left.clone();
+                left = pass.search(std::slice::from_ref(ns), left, "pods of the namespace directory");
+                for cookie in before.difference(&left) {
+                    if let Some(pod) = owner.get(cookie) {
+                        finder.learn(*pod, ns.id);
+                    }
+                }
             }
+            // Searched every namespace of the node: closed meanwhile.
+            pass.closed.extend(left);
+        }
+    }
+    // Destroyed, or closed already: done with. Busy and failed ones stay tracked.
+    for cookie in pass.destroyed.iter().chain(&pass.closed) {
+        if !pass.failed.contains(cookie) || pass.destroyed.contains(cookie) {
             tables.forget_connection(*cookie)?;
         }
-        if failed {
-            report.failed += cookies.iter().filter(|c| !destroyed.contains(c) && !busy.contains(c)).count();
-        }
     }
-    report.reset = candidates.into_iter().filter(|(c, _, _)| destroyed.contains(c)).collect();
-    Ok(report)
+    let failed = pass.failed.iter().filter(|c| !pass.destroyed.contains(c) && !pass.busy.contains(c)).count();
+    Ok(ResetReport {
+        reset: candidates.into_iter().filter(|(c, _, _)| pass.destroyed.contains(c)).collect(),
+        busy: pass.busy.len(),
+        failed,
+        errors: pass.errors,
+    })
 }
 
-/// The network namespaces of the processes in a pod's cgroup subtree (found below the
-/// datapath's cgroup root by the cgroup id, the directory's inode number), each once, in the
-/// order their first process was found; at most [`MAX_NETNS_PIDS`] processes are looked at.
-fn pod_netns(cgroup_root: &Path, cgroup_id: u64) -> Vec<File> {
-    use std::os::unix::fs::MetadataExt as _;
-    let Some(dir) = crate::cgroup::cgroup_paths(cgroup_root, &[cgroup_id].into()).remove(&cgroup_id) else {
-        return Vec::new();
-    };
-    let mut pids = Vec::new();
-    collect_pids(&dir, 0, &mut pids);
-    let mut seen = BTreeSet::new();
-    pids.into_iter()
-        .filter_map(|pid| File::open(format!("/proc/{pid}/ns/net")).ok())
-        .filter(|f| f.metadata().is_ok_and(|m| seen.insert((m.dev(), m.ino()))))
-        .collect()
+/// What a reset pass found so far.
+#[derive(Default)]
+struct Pass {
+    when_idle: BTreeSet<u64>,
+    destroyed: BTreeSet<u64>,
+    busy: BTreeSet<u64>,
+    /// Looked for where they must be, not found: closed.
+    closed: BTreeSet<u64>,
+    /// Not searched for, or a search failed: kept and tried again.
+    failed: BTreeSet<u64>,
+    errors: Vec<String>,
 }
 
-/// Processes looked at to find a pod's network namespaces.
-const MAX_NETNS_PIDS: usize = 64;
-
-fn collect_pids(dir: &Path, depth: u32, out: &mut Vec<u32>) {
-    if out.len() >= MAX_NETNS_PIDS || depth > tagger_common::MAX_CGROUP_LEVEL {
-        return;
-    }
-    if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
-        out.extend(
-            procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()).take(MAX_NETNS_PIDS - out.len()),
-        );
-    }
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
-    for e in entries.filter_map(std::result::Result::ok) {
-        if e.file_type().is_ok_and(|t| t.is_dir()) {
-            collect_pids(&e.path(), depth + 1, out);
+impl Pass {
+    /// Destroys what it finds of `cookies` in these namespaces; returns the cookies found in
+    /// none of them. After a failed search, the cookies are also marked failed (kept).
+    fn search(&mut self, namespaces: &[netns::Ns], mut cookies: BTreeSet<u64>, whose: &str) -> BTreeSet<u64> {
+        for ns in namespaces {
+            if cookies.is_empty() {
+                break;
+            }
+            match sockdiag::destroy_in(&ns.file, &cookies, &self.when_idle) {
+                Ok(out) => {
+                    cookies.retain(|c| !out.done.contains(c) && !out.busy.contains(c));
+                    self.destroyed.extend(out.done);
+                    self.busy.extend(out.busy);
+                }
+                Err(e) => {
+                    self.failed.extend(cookies.iter().copied());
+                    self.errors.push(format!("{whose}: SOCK_DESTROY in {}: {e}", ns.path.display()));
+                }
+            }
         }
+        cookies.retain(|c| !self.failed.contains(c));
+        cookies
     }
 }

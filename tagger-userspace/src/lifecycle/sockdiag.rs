@@ -280,27 +280,42 @@ fn destroy_here(cookies: &BTreeSet<u64>, when_idle: &BTreeSet<u64>) -> io::Resul
     Ok(out)
 }
 
-/// Destroys the sockets with these cookies inside the network namespace `netns` (an open
-/// `/proc/<pid>/ns/net`), those in `when_idle` only if idle, from a short-lived thread so the
-/// caller's namespace never changes.
+/// Destroys the sockets with these cookies inside the network namespace `netns`, those in
+/// `when_idle` only if idle.
 pub fn destroy_in(netns: &File, cookies: &BTreeSet<u64>, when_idle: &BTreeSet<u64>) -> io::Result<Destroyed> {
+    in_netns(netns, || destroy_here(cookies, when_idle))
+}
+
+/// Whether `SOCK_DESTROY` works inside the network namespace `netns`: entering it (`setns`,
+/// `CAP_SYS_ADMIN`), then [`probe`] there (`CAP_NET_ADMIN`, a kernel with
+/// `CONFIG_INET_DIAG_DESTROY`). Nothing is destroyed.
+pub fn probe_in(netns: &File) -> io::Result<()> {
+    in_netns(netns, probe)
+}
+
+/// Runs `f` on a short-lived thread inside the network namespace `netns`, so the caller's
+/// namespace never changes. A failed `setns` is returned as it is (`EPERM`: no
+/// `CAP_SYS_ADMIN`).
+fn in_netns<T: Send>(netns: &File, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
     std::thread::scope(|s| {
         s.spawn(|| {
             // SAFETY: setns on this (scoped, short-lived) thread only, with a netns descriptor.
             if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::last_os_error());
+                let e = io::Error::last_os_error();
+                return Err(io::Error::new(e.kind(), format!("entering the network namespace (setns): {e}")));
             }
-            destroy_here(cookies, when_idle)
+            f()
         })
         .join()
         .unwrap_or_else(|_| Err(io::Error::other("socket destroy thread panicked")))
     })
 }
 
-/// Whether `SOCK_DESTROY` is available: asks to destroy a socket that cannot exist (cookie 0 of
-/// an unbound TCP tuple). `ENOENT` means the kernel looked it up, so destroy is supported;
-/// `EOPNOTSUPP` means the kernel lacks `CONFIG_INET_DIAG_DESTROY`.
-pub fn probe() -> io::Result<()> {
+/// Whether `SOCK_DESTROY` is available in the calling thread's namespace: asks to destroy a
+/// socket that cannot exist (cookie 0 of an unbound TCP tuple). `ENOENT` means the kernel
+/// looked it up, so destroy is supported; `EOPNOTSUPP` means the kernel lacks
+/// `CONFIG_INET_DIAG_DESTROY`; `EPERM` a missing `CAP_NET_ADMIN`.
+fn probe() -> io::Result<()> {
     let mut diag = Diag::open()?;
     let req = ReqV2 {
         family: AF_INET,
