@@ -448,21 +448,6 @@ impl AgentSandbox {
         self.node.netns()
     }
 
-    /// Starts the agent on the file source inside the node's network namespace (`nsenter
-    /// --net`: its mounts, bpffs and cgroups included, stay the host's), so that it sees the
-    /// pods' host-side veths and nothing else.
-    pub fn start_agent_on_file_in_node(&mut self, extra: &[&str]) {
-        let path = self.write_source_file();
-        let mut args = vec![
-            format!("--net={}", self.node.netns().path().display()),
-            workspace_bin("tagger-agent").to_string_lossy().into_owned(),
-        ];
-        args.extend(self.agent_args(&format!("file:{}", path.display()), extra));
-        let log = self.dir.0.join("agent.log");
-        self.agent =
-            Some(AgentProcess::start_with(Path::new("nsenter"), &args, &[], &log, "info,tagger=debug"));
-    }
-
     /// Starts the agent on the file source (written first).
     pub fn start_agent_on_file(&mut self, extra: &[&str]) {
         let path = self.write_source_file();

@@ -193,7 +193,10 @@ fn the_agent_marks_its_pods_with_the_lanes_config_dscp() {
     sb.backend("dst", None);
     let lanes = sb.write_lanes_config("lanes:\n  gray:\n    dscp: 10\n");
     let lanes = lanes.to_string_lossy().into_owned();
-    sb.start_agent_on_file_in_node(&["--lanes-config", &lanes, "--mark-interfaces", "p*"]);
+    // The agent stays in the host's namespace (the DaemonSet's is its pod's) and marks in the
+    // node's, where the pods' host-side veths are, through --node-netns.
+    let node_ns = sb.node_netns().path().to_string_lossy().into_owned();
+    sb.start_agent_on_file(&["--lanes-config", &lanes, "--mark-interfaces", "p*", "--node-netns", &node_ns]);
     let g_addr = tagger::net::addr_words(IpAddr::V4(sb.netns["g"].ip4));
     sb.wait_for("g's address registered with gray's DSCP", Duration::from_secs(10), |t| {
         t.pod_addrs().unwrap().get(&g_addr).is_some_and(|e| e.dscp == GRAY_DSCP)
@@ -223,4 +226,5 @@ fn the_agent_marks_its_pods_with_the_lanes_config_dscp() {
         assert!(ifaces.contains(&"p2"), "{status}");
     }
     assert!(sb.agent_log().contains("lane marking attached"), "{}", sb.agent_log());
+    assert!(sb.agent_log().contains(&format!("in {node_ns}")), "{}", sb.agent_log());
 }

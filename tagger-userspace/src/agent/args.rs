@@ -117,6 +117,13 @@ pub struct Args {
     #[arg(long, value_name = "ingress|egress", default_value = "ingress", value_parser = MarkDirection::from_str)]
     pub mark_direction: MarkDirection,
 
+    /// The node's network namespace (an nsfs file, e.g. the host's /proc/1/ns/net mounted into
+    /// the agent's pod), where the pods' host-side interfaces are: lane marking enters it
+    /// (needs CAP_SYS_ADMIN) to find and attach to them. Unset: the agent's own namespace
+    /// (an agent run on the host, or with hostNetwork).
+    #[arg(long, value_name = "PATH")]
+    pub node_netns: Option<PathBuf>,
+
     /// How long the datapath keeps steering without this agent (or its successor) renewing it:
     /// once no agent has completed a reconcile pass or a renewal for this long (the agent
     /// deleted, crash-looping, or an upgrade stuck before its first pass), connections to

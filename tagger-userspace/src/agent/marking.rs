@@ -2,6 +2,8 @@
 //! `--mark-interfaces` at start and to new ones every [`RESCAN`] (pod veths come and go).
 
 use std::{
+    fs::File,
+    os::fd::AsRawFd as _,
     path::Path,
     sync::{
         Arc,
@@ -14,6 +16,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use tracing::{info, warn};
 
+use super::AgentStatus;
 use crate::datapath::tc::{MarkDirection, Marker};
 
 /// How often new interfaces are looked for.
@@ -28,16 +31,42 @@ pub struct MarkingLoop {
 }
 
 impl MarkingLoop {
-    /// Loads the program and starts the loop. Fails if the program cannot be loaded.
-    pub fn start(bpffs: &Path, globs: &[String], direction: MarkDirection) -> Result<Self> {
+    /// Loads the program and starts the loop, in the node's network namespace `node_netns`
+    /// (the agent's own when `None`). Fails if the program cannot be loaded or the namespace
+    /// entered; records the feature in `status` either way.
+    pub fn start(
+        bpffs: &Path,
+        globs: &[String],
+        direction: MarkDirection,
+        node_netns: Option<&Path>,
+        status: Arc<AgentStatus>,
+    ) -> Result<Self> {
         let mut marker =
             Marker::load(bpffs, globs.to_vec(), direction, None).context("loading lane marking")?;
-        info!(mode = %marker.mode(), ?globs, direction = ?direction, "lane marking on");
+        let netns = node_netns
+            .map(|p| File::open(p).with_context(|| format!("--node-netns {}", p.display())))
+            .transpose()?;
+        let place = node_netns
+            .map_or_else(|| "the agent's network namespace".to_owned(), |p| p.display().to_string());
+        let mode = marker.mode();
+        let (entered_tx, entered_rx) = std::sync::mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name("marking".into())
             .spawn(move || {
+                if let Some(ns) = &netns {
+                    // SAFETY: setns on this thread only (it lives in the node's namespace from
+                    // here on), with an open namespace descriptor.
+                    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        let e = std::io::Error::last_os_error();
+                        let _ = entered_tx.send(Err(anyhow::anyhow!(
+                            "entering the node's network namespace (setns, needs CAP_SYS_ADMIN): {e}"
+                        )));
+                        return;
+                    }
+                }
+                let _ = entered_tx.send(Ok(()));
                 let mut known = std::collections::BTreeSet::new();
                 while !flag.load(Ordering::Relaxed) {
                     for (iface, e) in marker.sync() {
@@ -54,6 +83,14 @@ impl MarkingLoop {
                 }
             })
             .context("spawning the marking thread")?;
+        let entered = entered_rx.recv().unwrap_or_else(|_| Err(anyhow::anyhow!("the marking thread ended")));
+        if let Err(e) = entered {
+            let _ = thread.join();
+            return Err(e);
+        }
+        let detail = format!("{mode} on {} ({direction:?}) in {place}", globs.join(","));
+        info!("lane marking on: {detail}");
+        status.set_feature("lane_marking", true, &detail);
         Ok(Self { stop, thread: Some(thread) })
     }
 

@@ -129,7 +129,7 @@ pub fn run(args: &Args) -> Result<()> {
         };
         let (datapath, installed) = join_install(&mut install)?;
         info!(?installed, bpffs = %args.bpffs.display(), cgroup = %config.attach.path.display(), "datapath ready");
-        marking = start_marking(args, &config)?;
+        marking = start_marking(args, &config, &status);
         let mut reconciler = Reconciler::new(datapath, config.clone(), Arc::clone(&status))?;
         let reconciler_lanes = Arc::clone(&lanes);
         reconciler_thread = Some(
@@ -208,12 +208,32 @@ async fn kube_client(api_timeout: u32, max_line_mib: u32) -> Result<kube::Client
         .build())
 }
 
-/// Starts TC lane marking when `--mark-interfaces` asks for it.
-fn start_marking(args: &Args, config: &args::AgentConfig) -> Result<Option<marking::MarkingLoop>> {
+/// Starts TC lane marking when `--mark-interfaces` asks for it. Marking that cannot work here
+/// (the program does not load on this kernel, the node's namespace cannot be entered) is
+/// reported unavailable (an error in the log, `tagger_agent_feature_available`, `tagger
+/// status`); steering goes on.
+fn start_marking(
+    args: &Args,
+    config: &args::AgentConfig,
+    status: &Arc<AgentStatus>,
+) -> Option<marking::MarkingLoop> {
     if config.mark_interfaces.is_empty() {
-        return Ok(None);
+        return None;
     }
-    marking::MarkingLoop::start(&args.bpffs, &config.mark_interfaces, args.mark_direction).map(Some)
+    match marking::MarkingLoop::start(
+        &args.bpffs,
+        &config.mark_interfaces,
+        args.mark_direction,
+        args.node_netns.as_deref(),
+        Arc::clone(status),
+    ) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            error!("lane marking is unavailable: {e:#}");
+            status.set_feature("lane_marking", false, &format!("{e:#}"));
+            None
+        }
+    }
 }
 
 fn load_lanes(path: &std::path::Path) -> Result<LanesConfig> {
