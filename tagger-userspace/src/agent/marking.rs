@@ -39,7 +39,7 @@ impl MarkingLoop {
         globs: &[String],
         direction: MarkDirection,
         node_netns: Option<&Path>,
-        status: Arc<AgentStatus>,
+        status: &AgentStatus,
     ) -> Result<Self> {
         let mut marker =
             Marker::load(bpffs, globs.to_vec(), direction, None).context("loading lane marking")?;

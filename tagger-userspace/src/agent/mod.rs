@@ -225,7 +225,7 @@ fn start_marking(
         &config.mark_interfaces,
         args.mark_direction,
         args.node_netns.as_deref(),
-        Arc::clone(status),
+        status,
     ) {
         Ok(m) => Some(m),
         Err(e) => {
