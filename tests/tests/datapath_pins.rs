@@ -242,6 +242,28 @@ fn pins_are_created_0600_in_0700_directories_owned_by_root() {
     assert!(pins > tagger::datapath::PROGRAMS.len(), "only {pins} pins under {}", dp.dir().display());
 }
 
+/// A pin directory that exists already with a looser mode (kubelet creates a hostPath
+/// `DirectoryOrCreate` 0755) is made private at install, and at every later start.
+#[test]
+fn an_existing_pin_directory_is_made_private() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+
+    require_root();
+    ensure_bpffs();
+    let root = TestCgroup::new(&unique_name("root"));
+    let pins = PinDir(Path::new(BPFFS).join(unique_name("pins")));
+    std::fs::create_dir(&pins.0).unwrap();
+    std::fs::set_permissions(&pins.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mode = || std::fs::metadata(&pins.0).unwrap().mode() & 0o7777;
+    let (dp, _) = Datapath::install(&pins.0, root.path()).expect("install");
+    assert_eq!(mode(), 0o700, "made private at install");
+    drop(dp);
+    std::fs::set_permissions(&pins.0, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (_dp, installed) = Datapath::install(&pins.0, root.path()).expect("adopt");
+    assert_eq!(format!("{installed:?}"), "Adopted");
+    assert_eq!(mode(), 0o700, "and again when adopted");
+}
+
 /// The cgroups (ids) the pinned links are attached at, one per program.
 fn link_cgroups(pins: &Path) -> Vec<u64> {
     tagger::datapath::PROGRAMS

@@ -283,6 +283,7 @@ impl Datapath {
         let cgroup = CgroupRef::open(cgroup)?;
         for dir in [layout.root().to_owned(), layout.maps_dir(), layout.links_dir()] {
             fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(|e| Error::io(&dir, e))?;
+            enforce_private(&dir)?;
         }
         compat::check_pins(&layout)?;
         let version = object_version();
@@ -624,6 +625,19 @@ pub fn check_bpffs(dir: &Path) -> Result<()> {
                 existing.display()
             ),
         });
+    }
+    Ok(())
+}
+
+/// Makes a pin directory that existed already (created by kubelet for a hostPath, 0755, or by
+/// hand) the agent's alone again: mode 0700. Whoever can open a pinned map can read it and,
+/// with write access, change every pod's steering.
+fn enforce_private(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = fs::metadata(dir).map_err(|e| Error::io(dir, e))?.permissions().mode() & 0o7777;
+    if mode != 0o700 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| Error::io(dir, e))?;
+        tracing::warn!(dir = %dir.display(), was = format!("{mode:04o}"), "pin directory was not private; set to 0700");
     }
     Ok(())
 }
