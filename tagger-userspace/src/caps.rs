@@ -15,6 +15,13 @@
 //!
 //! `CAP_SYS_ADMIN` stands in for each of them (the kernel's `bpf_capable()`, `perfmon_capable()`
 //! and the networking program types' check all accept it): a `privileged` container passes.
+//!
+//! The DaemonSet grants `CAP_SYS_ADMIN` and `CAP_NET_ADMIN` rather than these three, because
+//! the optional features need more than steering: resetting stale connections and lane marking
+//! enter other network namespaces (`setns`, `CAP_SYS_ADMIN` only), and destroying a pod's
+//! sockets takes `CAP_NET_ADMIN` (which `CAP_SYS_ADMIN` does not stand in for). Those features
+//! probe what they need at start and report themselves unavailable; only steering's needs stop
+//! the agent.
 //! `CAP_SYS_RESOURCE` is not needed: since Linux 5.11 BPF memory is charged to the memory cgroup,
 //! not to `RLIMIT_MEMLOCK`.
 //!
@@ -285,8 +292,9 @@ impl fmt::Display for MissingCapabilities {
         write!(
             f,
             ". The process has: {}. In Kubernetes, add [{}] to the container's \
-             securityContext.capabilities (deploy/base/daemonset.yaml does), or run it privileged \
-             (deploy/overlays/privileged); CAP_SYS_ADMIN alone also suffices",
+             securityContext.capabilities for steering alone, or CAP_SYS_ADMIN, which stands in \
+             for all of them (deploy/base/daemonset.yaml adds [SYS_ADMIN, NET_ADMIN] for every \
+             feature), or run it privileged (deploy/overlays/privileged)",
             self.effective,
             grant.join(", ")
         )

@@ -1,21 +1,26 @@
 //! Least privilege, proven on the real kernel: the capabilities the DaemonSet grants (read from
-//! `deploy/base/daemonset.yaml`) suffice, and each one is needed.
+//! `deploy/base/daemonset.yaml`) suffice for every feature, and each one is needed for a named
+//! feature ([`needed_for`]).
 //!
 //! Processes run as the DaemonSet's container would: uid 0 (of the host) with exactly the
 //! listed capabilities in the bounding, permitted and effective sets, empty inheritable and
-//! ambient sets, `no_new_privs` (`allowPrivilegeEscalation: false`), and in a private mount
-//! namespace where the root filesystem, /sys and the cgroup v2 tree are read-only
-//! (`readOnlyRootFilesystem` and the read-only cgroup mount) while bpffs stays writable.
-//! `unshare` and `setpriv` (util-linux) set that up.
+//! ambient sets, `no_new_privs` only if the manifest sets `allowPrivilegeEscalation: false`,
+//! and in a private mount namespace where the root filesystem, /sys and the cgroup v2 tree are
+//! read-only (`readOnlyRootFilesystem` and the read-only cgroup mount) while bpffs stays
+//! writable. `unshare` and `setpriv` (util-linux) set that up. (The container's own PID and
+//! network namespaces are what `tests/tests/deploy_image.rs` adds, with the real image.)
 //!
 //! Two observations per capability:
 //! - the kernel's: this test binary re-runs itself confined (the `confined_helper` test, which
-//!   does nothing unless asked to) and calls the datapath library directly, with no check of
-//!   ours in between: with the full set the install succeeds, without any one of them it fails;
-//! - the agent's: the real `tagger-agent`, confined, steers connections with the full set, and
-//!   without any one capability refuses to start with a message naming it.
+//!   does nothing unless asked to) and calls the library directly, with no check of ours in
+//!   between: with the full set the install and the reset path (entering a pod's network
+//!   namespace, `SOCK_DESTROY` there) succeed; without a capability, its feature fails;
+//! - the agent's: the real `tagger-agent`, confined, steers, resets a stale connection and marks
+//!   with the full set; without a capability steering needs it refuses to start with a message
+//!   naming it, and without one an optional feature needs it reports that feature unavailable.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
@@ -26,7 +31,9 @@ use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::ConfigMap};
 use tagger::datapath::Datapath;
 use tagger_tests::{
     agent::{AgentProcess, AgentSandbox, PORT, PinDir, http_get, pod_in_lane, set_size, workspace_bin},
+    client::HoldClient,
     datapath::BPFFS,
+    hold::HoldServer,
     unique_name,
 };
 
@@ -49,6 +56,37 @@ fn daemonset_capabilities() -> Vec<String> {
     let add = caps.add.unwrap_or_default();
     assert!(!add.is_empty());
     add
+}
+
+/// What is lost without a capability the DaemonSet adds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Loss {
+    /// The datapath cannot be installed: the agent refuses to start, naming the capability.
+    Steering,
+    /// An optional feature (its `tagger_agent_feature_available` name) reports itself
+    /// unavailable; steering goes on.
+    Feature(&'static str),
+}
+
+/// The feature each capability is there for. A capability the manifest adds that is not here
+/// fails the tests: say what needs it first.
+fn needed_for(cap: &str) -> Loss {
+    match cap {
+        "SYS_ADMIN" => Loss::Steering,
+        "NET_ADMIN" => Loss::Feature("connection_reset"),
+        other => panic!(
+            "the DaemonSet adds {other}, and this test does not know what for: name its feature in needed_for"
+        ),
+    }
+}
+
+/// Whether the DaemonSet's container runs with `no_new_privs` (`allowPrivilegeEscalation:
+/// false`).
+fn daemonset_no_new_privs() -> bool {
+    let path = deploy_file("base/daemonset.yaml");
+    let ds: DaemonSet = serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let containers = ds.spec.unwrap().template.spec.unwrap().containers;
+    containers[0].security_context.as_ref().and_then(|s| s.allow_privilege_escalation) == Some(false)
 }
 
 /// The base ConfigMap's lanes config, as the DaemonSet mounts it.
@@ -92,10 +130,11 @@ exec setpriv "$@""#;
         "--inh-caps=-all".to_owned(),
         "--ambient-caps=-all".to_owned(),
         format!("--bounding-set={}", bounding.join(",")),
-        "--no-new-privs".to_owned(),
-        "--".to_owned(),
-        program.to_string_lossy().into_owned(),
     ]);
+    if daemonset_no_new_privs() {
+        command_line.push("--no-new-privs".to_owned());
+    }
+    command_line.extend(["--".to_owned(), program.to_string_lossy().into_owned()]);
     command_line.extend(args.iter().cloned());
     (PathBuf::from("unshare"), command_line)
 }
@@ -119,6 +158,18 @@ fn confined_helper() {
         "install" => {
             let cgroup = PathBuf::from(std::env::var("TAGGER_CAPS_HELPER_CGROUP").unwrap());
             Datapath::install(&bpffs, &cgroup).map(|(_, installed)| format!("{installed:?}"))
+        }
+        // The reset path: a pod's namespace entered, SOCK_DESTROY asked there.
+        "reset" => {
+            let dir = PathBuf::from(std::env::var("TAGGER_CAPS_HELPER_NETNS").unwrap());
+            let m = tagger::lifecycle::Mechanism::probe(&tagger::lifecycle::netns::Finder::new(Some(
+                dir.clone(),
+            )));
+            if m.available() {
+                Ok(m.name())
+            } else {
+                Err(tagger::Error::Io { path: dir, source: std::io::Error::other(m.name()) })
+            }
         }
         // What `kubectl exec ds/tagger-agent -- tagger …` does: open the pins read-only, read.
         "read" => Datapath::open_read_only(&bpffs).and_then(|dp| {
@@ -147,8 +198,9 @@ fn confined_helper() {
     }
 }
 
-/// Runs `confined_helper` confined with `caps`; its result line.
-fn helper(mode: &str, caps: &[String], bpffs: &Path, cgroup: &Path) -> Result<String, String> {
+/// Runs `confined_helper` confined with `caps`; its result line. `netns`: the namespace
+/// directory the reset mode probes in.
+fn helper(mode: &str, caps: &[String], bpffs: &Path, cgroup: &Path, netns: &Path) -> Result<String, String> {
     let exe = std::env::current_exe().unwrap();
     let test_args = ["--exact", "confined_helper", "--nocapture", "--test-threads=1"].map(String::from);
     let (bin, argv) = confined(caps, &exe, &test_args);
@@ -157,6 +209,7 @@ fn helper(mode: &str, caps: &[String], bpffs: &Path, cgroup: &Path) -> Result<St
         .env(HELPER_ENV, mode)
         .env("TAGGER_CAPS_HELPER_BPFFS", bpffs)
         .env("TAGGER_CAPS_HELPER_CGROUP", cgroup)
+        .env("TAGGER_CAPS_HELPER_NETNS", netns)
         .output()
         .expect("run the helper");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -176,38 +229,67 @@ fn helper(mode: &str, caps: &[String], bpffs: &Path, cgroup: &Path) -> Result<St
 #[test]
 fn the_kernel_needs_each_capability_and_nothing_more() {
     let caps = daemonset_capabilities();
-    let sb = AgentSandbox::new();
+    let mut sb = AgentSandbox::new();
+    sb.caller("pod", Some("gray"));
+    let netns = NetnsDir::of(&sb, &["pod"]);
     let root = sb.root.path().to_owned();
 
-    // The full set: installs.
+    // The full set: installs, and reaches into a pod's namespace to reset.
     let pins = PinDir(Path::new(BPFFS).join(unique_name("pins")));
-    let got = helper("install", &caps, &pins.0, &root);
+    let got = helper("install", &caps, &pins.0, &root, &netns.0);
     assert!(got.as_deref().is_ok_and(|s| s.starts_with("Attached")), "with {caps:?}: {got:?}");
+    let reset = helper("reset", &caps, &pins.0, &root, &netns.0);
+    assert!(reset.is_ok(), "the reset path with {caps:?}: {reset:?}");
     // The CLI's access, with what `kubectl exec` gets (the container's set), works.
-    let read = helper("read", &caps, &pins.0, &root);
+    let read = helper("read", &caps, &pins.0, &root, &netns.0);
     assert!(read.is_ok(), "reading the pins with {caps:?}: {read:?}");
     drop(pins);
 
-    // Each one missing: the kernel refuses (EPERM from bpf(2), or EACCES from the verifier).
+    // Each one missing: the feature it is there for fails (EPERM from bpf(2), setns or the
+    // netlink destroy, or EACCES from the verifier); optional ones leave the install working.
     for cap in &caps {
         let pins = PinDir(Path::new(BPFFS).join(unique_name("pins")));
         let fewer = without(&caps, cap);
-        let got = helper("install", &fewer, &pins.0, &root);
-        let err = got.expect_err(&format!("the install succeeded without {cap}: is {cap} needed at all?"));
+        let install = helper("install", &fewer, &pins.0, &root, &netns.0);
+        let reset = helper("reset", &fewer, &pins.0, &root, &netns.0);
+        let (feature, err) = match needed_for(cap) {
+            Loss::Steering => (
+                "steering",
+                install.expect_err(&format!("the install succeeded without {cap}: is {cap} needed?")),
+            ),
+            Loss::Feature(f) => {
+                assert!(install.is_ok(), "without {cap} steering still installs: {install:?}");
+                (f, reset.expect_err(&format!("{f} works without {cap}: is {cap} needed?")))
+            }
+        };
         assert!(
             err.contains("Operation not permitted") || err.contains("Permission denied"),
             "without {cap}: {err}"
         );
-        // The verifier's log is long; show its verdict.
         let start = err.find("prohibited").map_or(0, |i| i.saturating_sub(100));
-        let shown = &err[start..err.len().min(start + 300)];
-        eprintln!("without CAP_{cap}: {shown}");
+        eprintln!("without CAP_{cap}, {feature}: {}", &err[start..err.len().min(start + 300)]);
     }
+}
 
-    // CAP_SYS_ADMIN alone stands in for all of them (what a privileged container has).
-    let pins = PinDir(Path::new(BPFFS).join(unique_name("pins")));
-    let got = helper("install", &["SYS_ADMIN".to_owned()], &pins.0, &root);
-    assert!(got.is_ok(), "with SYS_ADMIN only: {got:?}");
+/// A runtime's namespace directory (`--netns-dir`) holding some sandbox pods' namespaces, as
+/// links to their `ip netns` pins; removed on drop.
+struct NetnsDir(PathBuf);
+
+impl NetnsDir {
+    fn of(sb: &AgentSandbox, pods: &[&str]) -> Self {
+        let dir = sb.dir.0.join("netns");
+        std::fs::create_dir_all(&dir).unwrap();
+        for pod in pods {
+            std::os::unix::fs::symlink(sb.netns[*pod].ns.path(), dir.join(format!("cni-{pod}"))).unwrap();
+        }
+        Self(dir)
+    }
+}
+
+impl Drop for NetnsDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -218,14 +300,49 @@ fn vip() -> SocketAddr {
     "10.96.10.1:80".parse().unwrap()
 }
 
-/// A node with service `a` (base and gray backends) and a gray caller `gw`.
-fn sandbox() -> AgentSandbox {
+/// Service `h`: the same pods, serving held connections.
+fn hold_vip() -> SocketAddr {
+    "10.96.10.2:80".parse().unwrap()
+}
+
+const HOLD_PORT: u16 = 9090;
+
+/// A node with services `a` and `h` (base and gray backends) and a gray caller `gw`; the
+/// holding servers of `h`.
+fn sandbox() -> (AgentSandbox, Vec<HoldServer>) {
     let mut sb = AgentSandbox::new();
     sb.backend("a-base", None);
     sb.backend("a-gray", Some("gray"));
     sb.caller("gw", Some("gray"));
     sb.cluster.service("a", &[vip().ip()], vip().port(), PORT, &["a-base", "a-gray"]);
-    sb
+    sb.cluster.service("h", &[hold_vip().ip()], hold_vip().port(), HOLD_PORT, &["a-base", "a-gray"]);
+    let servers =
+        ["a-base", "a-gray"].iter().map(|n| HoldServer::start(&sb.netns[*n], n, HOLD_PORT)).collect();
+    (sb, servers)
+}
+
+/// The agent's optional features from its metrics: name → (available, detail).
+fn features(port: u16) -> BTreeMap<String, (bool, String)> {
+    let (_, body) = http_get(port, "/metrics");
+    body.lines()
+        .filter_map(|l| l.strip_prefix("tagger_agent_feature_available{feature=\""))
+        .filter_map(|rest| {
+            let (feature, rest) = rest.split_once('"')?;
+            let detail =
+                rest.split_once("detail=\"").map(|(_, d)| d.split('"').next().unwrap_or("")).unwrap_or("");
+            Some((feature.to_owned(), (rest.trim_end().ends_with(" 1"), detail.to_owned())))
+        })
+        .collect()
+}
+
+/// Waits for `/readyz`; then the features.
+fn ready_features(sb: &AgentSandbox, port: u16) -> BTreeMap<String, (bool, String)> {
+    let deadline = Instant::now() + WAIT;
+    while http_get(port, "/readyz").0 != 200 {
+        assert!(Instant::now() < deadline, "/readyz\n{}", sb.agent_log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    features(port)
 }
 
 fn free_port() -> u16 {
@@ -267,7 +384,8 @@ fn assert_confined(pid: u32, caps: &[String]) {
         assert_eq!(hex(set), want, "{set} of the agent: {status}");
     }
     assert_eq!((hex("CapInh:"), hex("CapAmb:")), (0, 0));
-    assert_eq!(status_field(&status, "NoNewPrivs:"), "1");
+    let nnp = if daemonset_no_new_privs() { "1" } else { "0" };
+    assert_eq!(status_field(&status, "NoNewPrivs:"), nnp);
     assert_eq!(status_field(&status, "Uid:").split_whitespace().next(), Some("0"));
     let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
     let root = mountinfo.lines().find(|l| l.split_whitespace().nth(4) == Some("/")).unwrap();
@@ -275,13 +393,26 @@ fn assert_confined(pid: u32, caps: &[String]) {
 }
 
 #[test]
-fn the_agent_steers_with_exactly_the_daemonset_capabilities() {
+fn the_agent_steers_resets_and_marks_with_exactly_the_daemonset_capabilities() {
     let caps = daemonset_capabilities();
-    let mut sb = sandbox();
+    let (mut sb, _servers) = sandbox();
+    let netns = NetnsDir::of(&sb, &["gw", "a-base", "a-gray"]);
     let lanes = sb.write_lanes_config(&configmap_lanes());
     let port = free_port();
     let metrics = format!("127.0.0.1:{port}");
-    let extra = ["--lanes-config", &lanes.to_string_lossy(), "--metrics-addr", &metrics];
+    let node_ns = sb.node_netns().path();
+    let extra = [
+        "--lanes-config",
+        &lanes.to_string_lossy(),
+        "--metrics-addr",
+        &metrics,
+        "--netns-dir",
+        &netns.0.to_string_lossy(),
+        "--node-netns",
+        &node_ns.to_string_lossy(),
+        "--mark-interfaces",
+        "p*",
+    ];
     start_confined(&mut sb, &caps, &extra);
     assert_confined(sb.agent.as_ref().unwrap().pid(), &caps);
     let cg = sb.pod_cgroup("gw");
@@ -289,53 +420,85 @@ fn the_agent_steers_with_exactly_the_daemonset_capabilities() {
         pod_in_lane(t, &cg, "gray") && set_size(t, vip(), "gray") == Some(1)
     });
     assert_eq!(sb.reached("gw", vip(), 20), ["a-gray"], "steered by the confined agent");
-    // The probes' endpoints.
-    let deadline = Instant::now() + WAIT;
-    while http_get(port, "/readyz").0 != 200 {
-        assert!(Instant::now() < deadline, "/readyz\n{}", sb.agent_log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // The probes' endpoints, and every optional feature available.
+    let features = ready_features(&sb, port);
     assert_eq!(http_get(port, "/healthz").0, 200);
-    let (code, body) = http_get(port, "/metrics");
-    assert_eq!(code, 200, "{body}");
-    assert!(body.contains("tagger_agent_ready 1"), "{body}");
+    for feature in ["connection_reset", "lane_marking"] {
+        assert!(features.get(feature).is_some_and(|f| f.0), "{feature}: {features:?}\n{}", sb.agent_log());
+    }
+    sb.wait_for("a pod's veth marked", WAIT, |_| sb.agent_log().contains("lane marking attached"));
+
+    // A held gray connection, then gray's pod goes not ready: the confined agent resets it.
+    let held = HoldClient::start(&cg, &sb.netns["gw"].ns, "hold-tcp", hold_vip());
+    let line = held.next_line(WAIT).expect("no connect reported");
+    assert_eq!(line, format!("ok\ta-gray\t{}", hold_vip()));
 
     // A restart adopts the pins and keeps writing the maps, still confined.
     sb.agent.as_mut().unwrap().kill();
     start_confined(&mut sb, &caps, &extra);
     assert_confined(sb.agent.as_ref().unwrap().pid(), &caps);
     sb.wait_for("the restarted agent adopted the pins", WAIT, |_| sb.agent_log().contains("Adopted"));
+    let _ = ready_features(&sb, port);
     sb.cluster.pods.get_mut("a-gray").unwrap().ready = false;
     sb.write_source_file();
     sb.wait_for("gray set emptied", WAIT, |t| set_size(t, vip(), "gray") == Some(0));
     assert_eq!(sb.reached("gw", vip(), 20), ["a-base"], "fell back");
+    let line = held.next_line(WAIT).expect("the confined agent did not reset the held gray connection");
+    assert!(line.starts_with(&format!("closed\t{}", libc::ECONNABORTED)), "{line}\n{}", sb.agent_log());
     assert_eq!(sb.agent.as_mut().unwrap().terminate(), Some(0), "{}", sb.agent_log());
 }
 
 #[test]
-fn without_any_one_capability_the_agent_names_it() {
+fn without_any_one_capability_the_agent_says_what_it_lost() {
     let caps = daemonset_capabilities();
-    let mut sb = sandbox();
+    let (mut sb, _servers) = sandbox();
+    let netns = NetnsDir::of(&sb, &["gw", "a-base", "a-gray"]);
+    let port = free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let extra = ["--metrics-addr", &metrics, "--netns-dir", &netns.0.to_string_lossy()];
     for cap in &caps {
         // A fresh node: nothing is installed, nothing is left half-installed.
-        start_confined(&mut sb, &without(&caps, cap), &[]);
-        let code = sb.agent.as_mut().unwrap().wait_exit(WAIT);
-        let log = sb.agent_log();
-        assert_eq!(code, Some(1), "without {cap}:\n{log}");
-        assert!(
-            log.contains(&format!("CAP_{cap}")) && log.contains("missing"),
-            "the error names CAP_{cap}:\n{log}"
-        );
-        assert!(!sb.pins.0.exists(), "without {cap} nothing is pinned");
+        start_confined(&mut sb, &without(&caps, cap), &extra);
+        match needed_for(cap) {
+            Loss::Steering => {
+                let code = sb.agent.as_mut().unwrap().wait_exit(WAIT);
+                let log = sb.agent_log();
+                assert_eq!(code, Some(1), "without {cap}:\n{log}");
+                assert!(
+                    log.contains(&format!("CAP_{cap}")) && log.contains("missing"),
+                    "the error names CAP_{cap}:\n{log}"
+                );
+                assert!(!sb.pins.0.exists(), "without {cap} nothing is pinned");
+            }
+            Loss::Feature(feature) => {
+                let features = ready_features(&sb, port);
+                let (available, detail) = features.get(feature).cloned().unwrap_or_else(|| {
+                    panic!("without {cap}, {feature} is not reported: {features:?}\n{}", sb.agent_log())
+                });
+                assert!(!available, "without {cap}, {feature} says it is available: {detail}");
+                assert!(
+                    detail.contains("not permitted") && detail.contains(&format!("CAP_{cap}")),
+                    "{detail}"
+                );
+                assert!(sb.agent_log().contains("ERROR"), "an error in the log:\n{}", sb.agent_log());
+                let cg = sb.pod_cgroup("gw");
+                sb.wait_for("gw registered and service a's sets", WAIT, |t| {
+                    pod_in_lane(t, &cg, "gray") && set_size(t, vip(), "gray") == Some(1)
+                });
+                assert_eq!(sb.reached("gw", vip(), 10), ["a-gray"], "steering goes on without {cap}");
+                assert_eq!(sb.agent.as_mut().unwrap().terminate(), Some(0));
+                let _ = Datapath::uninstall(&sb.pins.0);
+            }
+        }
         std::fs::remove_file(sb.dir.0.join("agent.log")).unwrap();
     }
 
-    // Installed with the full set, then restarted without one: refused as well, so a DaemonSet
-    // that lost a capability fails on its rollout rather than after a node reboot.
+    // Installed with the full set, then restarted without what steering needs: refused as
+    // well, so a DaemonSet that lost it fails on its rollout rather than after a node reboot.
     start_confined(&mut sb, &caps, &[]);
     sb.wait_for("installed", WAIT, |t| set_size(t, vip(), "gray") == Some(1));
     assert_eq!(sb.agent.as_mut().unwrap().terminate(), Some(0));
-    let cap = &caps[0];
+    let cap = caps.iter().find(|c| needed_for(c) == Loss::Steering).expect("a capability steering needs");
     std::fs::remove_file(sb.dir.0.join("agent.log")).unwrap();
     start_confined(&mut sb, &without(&caps, cap), &[]);
     assert_eq!(sb.agent.as_mut().unwrap().wait_exit(WAIT), Some(1), "{}", sb.agent_log());

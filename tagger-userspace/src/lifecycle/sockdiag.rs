@@ -16,7 +16,7 @@ use std::{
     fs::File,
     io,
     mem::size_of,
-    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd, OwnedFd},
     time::Duration,
 };
 
@@ -311,25 +311,42 @@ fn in_netns<T: Send>(netns: &File, f: impl FnOnce() -> io::Result<T> + Send) -> 
     })
 }
 
-/// Whether `SOCK_DESTROY` is available in the calling thread's namespace: asks to destroy a
-/// socket that cannot exist (cookie 0 of an unbound TCP tuple). `ENOENT` means the kernel
-/// looked it up, so destroy is supported; `EOPNOTSUPP` means the kernel lacks
-/// `CONFIG_INET_DIAG_DESTROY`; `EPERM` a missing `CAP_NET_ADMIN`.
+/// Whether `SOCK_DESTROY` works in the calling thread's namespace, for real: binds a UDP socket
+/// there (an unused port, for an instant; nothing can reach it meaningfully), finds it in the
+/// socket dump as a reset finds its sockets, and destroys it. A lookup of a socket that does
+/// not exist would not do: the kernel checks `CAP_NET_ADMIN` only once it has found one.
+/// `EOPNOTSUPP`: a kernel without `CONFIG_INET_DIAG_DESTROY`; `EPERM`: no `CAP_NET_ADMIN`.
 fn probe() -> io::Result<()> {
+    let sock = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
+    let cookie = socket_cookie(&sock)?;
     let mut diag = Diag::open()?;
-    let req = ReqV2 {
-        family: AF_INET,
-        protocol: tagger_common::IPPROTO_TCP,
-        states: u32::MAX,
-        id: SockId { cookie: [u32::MAX, u32::MAX], ..SockId::default() },
-        ..ReqV2::default()
+    let mut found = Vec::new();
+    diag.dump(AF_INET, tagger_common::IPPROTO_UDP, &mut found)?;
+    let own = found
+        .iter()
+        .find(|s| s.id.cookie() == cookie)
+        .ok_or_else(|| io::Error::other("the probe's own UDP socket is missing from the socket dump"))?;
+    diag.destroy(own)
+}
+
+/// `SO_COOKIE` of a socket.
+fn socket_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<u64>()).unwrap_or(8);
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, which is that large.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
     };
-    let seq = diag.send(SOCK_DESTROY, NLM_F_ACK, req)?;
-    match diag.receive(seq, |_| {}) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        Ok(()) => Ok(()),
-        Err(e) => Err(e),
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
     }
+    Ok(cookie)
 }
 
 #[cfg(test)]
