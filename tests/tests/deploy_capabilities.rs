@@ -328,8 +328,7 @@ fn features(port: u16) -> BTreeMap<String, (bool, String)> {
         .filter_map(|l| l.strip_prefix("tagger_agent_feature_available{feature=\""))
         .filter_map(|rest| {
             let (feature, rest) = rest.split_once('"')?;
-            let detail =
-                rest.split_once("detail=\"").map(|(_, d)| d.split('"').next().unwrap_or("")).unwrap_or("");
+            let detail = rest.split_once("detail=\"").map_or("", |(_, d)| d.split('"').next().unwrap_or(""));
             Some((feature.to_owned(), (rest.trim_end().ends_with(" 1"), detail.to_owned())))
         })
         .collect()
