@@ -16,6 +16,7 @@ pub mod fake_api;
 pub mod foreign_lb;
 pub mod hold;
 pub mod kernel;
+pub mod kustomize;
 pub mod netns;
 pub mod restart;
 pub mod rollout;

@@ -70,7 +70,7 @@ pub fn run_task(args: &ImageArgs) -> Result<()> {
 }
 
 /// The `cargo xtask test` step: builds the image under a throw-away name, checks it, removes it.
-pub fn test_step() -> Result<()> {
+pub fn test_step() -> Result<TempImage> {
     step("container image (`cargo xtask image`), built and checked under a throw-away name");
     let image = TempImage(format!("{CHECK_REPOSITORY}:{}", std::process::id()));
     let built = build(&image.0)?;
@@ -78,7 +78,7 @@ pub fn test_step() -> Result<()> {
         "image",
         &format!("{} bytes of binaries, size {}, digest {}", built.binary_bytes(), built.size, built.digest),
     );
-    Ok(())
+    Ok(image)
 }
 
 /// What [`build`] produced.
@@ -272,7 +272,15 @@ impl Drop for WorkingContainer {
 }
 
 /// An image removed on drop.
-struct TempImage(String);
+/// An image removed on drop; the tests run it (`TAGGER_TEST_IMAGE`) meanwhile.
+pub struct TempImage(String);
+
+impl TempImage {
+    /// The image's name and tag.
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+}
 
 impl Drop for TempImage {
     fn drop(&mut self) {

@@ -120,18 +120,20 @@ fn test(no_lint: bool, filter: Option<&str>) -> Result<()> {
         shell::cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
         deny::check()?;
     }
-    shell::step("unit and kernel integration tests");
+    // Built first: tests/tests/deploy_image.rs runs it from the DaemonSet's pod template.
+    let image = image::test_step()?;
+    shell::step("unit and kernel integration tests (the image's test runs it with podman)");
     let mut args = vec!["test", "--no-fail-fast"];
     if let Some(f) = filter {
         args.extend(["--", f]);
     }
-    let result = shell::cargo(&args);
+    let result = shell::cargo_with(&args, &[("TAGGER_TEST_IMAGE", image.name())]);
     shell::step("clean up after the tests");
     cleanup::leftovers();
+    drop(image);
     result?;
     shell::step("the demo, as a smoke test (`cargo xtask demo`)");
-    run_demo(false)?;
-    image::test_step()
+    run_demo(false)
 }
 
 /// The kernel tests in qemu guests. Nothing is created on the host (no namespaces, cgroups or

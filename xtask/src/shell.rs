@@ -32,8 +32,13 @@ pub fn output(cmd: &str, args: &[&str]) -> Option<String> {
 
 /// Runs cargo (the one running this xtask) in the workspace root.
 pub fn cargo(args: &[&str]) -> Result<()> {
+    cargo_with(args, &[])
+}
+
+/// Runs cargo with extra environment variables.
+pub fn cargo_with(args: &[&str], envs: &[(&str, &str)]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run(Command::new(cargo).args(args).current_dir(workspace_root()))
+    run(Command::new(cargo).args(args).envs(envs.iter().copied()).current_dir(workspace_root()))
 }
 
 /// The workspace root (xtask's parent directory).

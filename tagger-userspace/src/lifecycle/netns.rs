@@ -133,7 +133,7 @@ impl Finder {
 fn is_netns(ns: &Ns) -> bool {
     use std::os::fd::AsRawFd as _;
     /// `_IO(0xb7, 0x3)` from `linux/nsfs.h`.
-    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    const NS_GET_NSTYPE: libc::Ioctl = 0xb703;
     // SAFETY: an ioctl without arguments on an open descriptor; any file answers (ENOTTY for
     // what is not nsfs).
     let kind = unsafe { libc::ioctl(ns.file.as_raw_fd(), NS_GET_NSTYPE) };

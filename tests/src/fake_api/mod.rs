@@ -186,6 +186,28 @@ impl FakeApiServerBuilder {
     #[must_use]
     pub fn start(self) -> FakeApiServer {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        self.start_on(listener)
+    }
+
+    /// Starts the server on `127.0.0.1` of the network namespace `netns` (a pod network a
+    /// container is started in): the listener is created there, the server runs as usual.
+    #[must_use]
+    pub fn start_in_netns(self, netns: &std::path::Path) -> FakeApiServer {
+        let ns = std::fs::File::open(netns).expect("open the network namespace");
+        let listener = std::thread::scope(|s| {
+            s.spawn(|| {
+                use std::os::fd::AsRawFd as _;
+                // SAFETY: setns on this scoped thread only, with an open namespace descriptor.
+                assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+                std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 in the namespace")
+            })
+            .join()
+            .expect("the binding thread")
+        });
+        self.start_on(listener)
+    }
+
+    fn start_on(self, listener: std::net::TcpListener) -> FakeApiServer {
         let address = listener.local_addr().expect("local address of the listener");
         listener.set_nonblocking(true).expect("non-blocking listener");
         let shared = Arc::new(Shared {
