@@ -6,10 +6,12 @@
 //! and serves `/healthz` and `/readyz`.
 //!
 //! What stands in for the node, and is the only thing this test supplies:
-//! - each hostPath volume maps to the sandbox's equivalent: its bpffs directory, its cgroup root
-//!   (with kubelet's `kubepods.slice` below), the host's `/var/run/netns` (where the sandbox's pod
+//! - each hostPath volume maps to the sandbox's equivalent: its bpffs directory, the host's
+//!   cgroup v2 root (this machine's), the host's `/var/run/netns` (where the sandbox's pod
 //!   namespaces are pinned, as containerd pins pods'), and the sandbox node's namespace for the
 //!   host's `/proc/1/ns/net`;
+//! - the sandbox's kubelet keeps its pods below a cgroup of its own (kubelet's `--cgroup-root`),
+//!   so `--cgroup-root` points there, as the DaemonSet's comment tells such nodes to;
 //! - the pod network: a namespace this test creates, as a CNI would, where the fake API server
 //!   listens on 127.0.0.1; kubelet's in-cluster credentials are given as a kubeconfig (the one
 //!   added mount and environment variable);
@@ -70,7 +72,9 @@ struct Node<'a> {
     /// The pod network's namespace file.
     pod_network: PathBuf,
     /// `spec.nodeName`.
-    node_name: &'a str,
+    name: &'a str,
+    /// Arguments replaced (`--flag` → value), as a node's operator would.
+    args: BTreeMap<&'static str, String>,
     /// ConfigMaps by name, written out as directories of files.
     config_maps: BTreeMap<String, PathBuf>,
     /// Directory holding `kubeconfig`.
@@ -131,12 +135,38 @@ fn podman_run(
     if !uid.is_empty() {
         a.push(format!("--user={uid}:{}", sc.run_as_group.unwrap_or(0)));
     }
+    container_env_and_volumes(pod, c, node, &mut a);
+    // Resources: the limits (requests only schedule).
+    if let Some(limits) = c.resources.as_ref().and_then(|r| r.limits.as_ref()) {
+        if let Some(mem) = limits.get("memory") {
+            let mib = mem.0.strip_suffix("Mi").unwrap_or_else(|| panic!("memory limit {} in Mi", mem.0));
+            a.push(format!("--memory={mib}m"));
+        }
+        if let Some(cpu) = limits.get("cpu") {
+            a.push(format!("--cpus={}", cpu.0));
+        }
+    }
+    if let Some(command) = &c.command {
+        a.push(format!("--entrypoint={}", serde_json::to_string(command).unwrap()));
+    }
+    a.push(image.to_owned());
+    for arg in c.args.iter().flatten() {
+        let flag = arg.split('=').next().unwrap_or("");
+        a.push(node.args.get(flag).map_or_else(|| arg.clone(), |v| format!("{flag}={v}")));
+    }
+    a.extend(extra_args.iter().map(|s| (*s).to_owned()));
+    a
+}
+
+/// The container's environment (literal values and the downward API's node name) and its
+/// volume mounts (hostPath and configMap volumes), as `podman run` arguments.
+fn container_env_and_volumes(pod: &PodSpec, c: &Container, node: &Node<'_>, a: &mut Vec<String>) {
     // Environment: literal values and the downward API's node name.
     for e in c.env.iter().flatten() {
         let value = match (&e.value, &e.value_from) {
             (Some(v), None) => v.clone(),
             (None, Some(from)) => match from.field_ref.as_ref().map(|f| f.field_path.as_str()) {
-                Some("spec.nodeName") => node.node_name.to_owned(),
+                Some("spec.nodeName") => node.name.to_owned(),
                 other => panic!("env {}: valueFrom {other:?} is not translated", e.name),
             },
             _ => String::new(),
@@ -176,23 +206,6 @@ fn podman_run(
         }
         a.push(format!("--mount={spec}"));
     }
-    // Resources: the limits (requests only schedule).
-    if let Some(limits) = c.resources.as_ref().and_then(|r| r.limits.as_ref()) {
-        if let Some(mem) = limits.get("memory") {
-            let mib = mem.0.strip_suffix("Mi").unwrap_or_else(|| panic!("memory limit {} in Mi", mem.0));
-            a.push(format!("--memory={mib}m"));
-        }
-        if let Some(cpu) = limits.get("cpu") {
-            a.push(format!("--cpus={}", cpu.0));
-        }
-    }
-    if let Some(command) = &c.command {
-        a.push(format!("--entrypoint={}", serde_json::to_string(command).unwrap()));
-    }
-    a.push(image.to_owned());
-    a.extend(c.args.iter().flatten().cloned());
-    a.extend(extra_args.iter().map(|s| (*s).to_owned()));
-    a
 }
 
 fn podman() -> Command {
@@ -254,6 +267,51 @@ fn image(template: &str) -> String {
     template.to_owned()
 }
 
+/// The install's ConfigMaps written out as directories of files (what kubelet mounts), by name.
+fn write_config_maps(objects: &[Value], under: &Path) -> BTreeMap<String, PathBuf> {
+    let mut config_maps = BTreeMap::new();
+    for cm in objects.iter().filter(|o| o["kind"] == "ConfigMap") {
+        let cm: ConfigMap = serde_json::from_value(cm.clone()).unwrap();
+        let name = cm.metadata.name.clone().unwrap();
+        let dir = under.join(format!("configmap-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (key, value) in cm.data.unwrap_or_default() {
+            std::fs::write(dir.join(key), value).unwrap();
+        }
+        config_maps.insert(name, dir);
+    }
+    config_maps
+}
+
+/// Waits for the readiness probe, then checks the liveness probe, as the kubelet would call
+/// them: the template's paths on its (named) ports, in the pod network.
+fn wait_for_probes(c: &Container, pod_network: &Netns, agent: &Running) {
+    // The probes, as the kubelet would call them: the template's paths on its named port.
+    let port_of = |probe: &Option<k8s_openapi::api::core::v1::Probe>| {
+        let get = probe.as_ref().and_then(|p| p.http_get.clone()).expect("an httpGet probe");
+        let port = match get.port {
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(p) => p,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(name) => {
+                c.ports
+                    .iter()
+                    .flatten()
+                    .find(|p| p.name.as_deref() == Some(name.as_str()))
+                    .unwrap()
+                    .container_port
+            }
+        };
+        (u16::try_from(port).unwrap(), get.path.unwrap_or_default())
+    };
+    let (ready_port, ready_path) = port_of(&c.readiness_probe);
+    let (live_port, live_path) = port_of(&c.liveness_probe);
+    let deadline = Instant::now() + WAIT;
+    while get_in(pod_network, ready_port, &ready_path).0 != 200 {
+        assert!(Instant::now() < deadline, "{ready_path} never answered 200:\n{}", agent.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(get_in(pod_network, live_port, &live_path).0, 200, "{}", agent.logs());
+}
+
 #[test]
 fn the_image_runs_from_the_daemonsets_pod_template_and_does_everything_the_readme_promises() {
     if Command::new("podman").arg("--version").output().is_err() {
@@ -283,27 +341,21 @@ fn the_image_runs_from_the_daemonsets_pod_template_and_does_everything_the_readm
     let kubeconfig_dir = sb.dir.0.join("kubeconfig");
     std::fs::create_dir_all(&kubeconfig_dir).unwrap();
     api.write_kubeconfig(&kubeconfig_dir.join("kubeconfig")).unwrap();
-    let mut config_maps = BTreeMap::new();
-    for cm in objects.iter().filter(|o| o["kind"] == "ConfigMap") {
-        let cm: ConfigMap = serde_json::from_value(cm.clone()).unwrap();
-        let name = cm.metadata.name.clone().unwrap();
-        let dir = sb.dir.0.join(format!("configmap-{name}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        for (key, value) in cm.data.unwrap_or_default() {
-            std::fs::write(dir.join(key), value).unwrap();
-        }
-        config_maps.insert(name, dir);
-    }
+    let config_maps = write_config_maps(&objects, &sb.dir.0);
+    let cgroup2 = tagger::cgroup::cgroup2_root_of(sb.root.path()).expect("the cgroup2 mount");
+    let kubelet_root =
+        sb.root.path().strip_prefix(&cgroup2).expect("the sandbox's cgroup is on it").to_owned();
     let node = Node {
         host_paths: [
             ("/sys/fs/bpf/tagger", sb.pins.0.clone()),
-            ("/sys/fs/cgroup", sb.root.path().to_owned()),
+            ("/sys/fs/cgroup", cgroup2.clone()),
             ("/var/run/netns", PathBuf::from("/var/run/netns")),
             ("/proc/1/ns/net", sb.node_netns().path()),
         ]
         .into(),
+        args: [("--cgroup-root", format!("/host/sys/fs/cgroup/{}", kubelet_root.display()))].into(),
         pod_network: pod_network.path(),
-        node_name: NODE,
+        name: NODE,
         config_maps,
         kubeconfig_dir,
     };
@@ -313,31 +365,7 @@ fn the_image_runs_from_the_daemonsets_pod_template_and_does_everything_the_readm
     let agent = Running(name);
     assert!(out.status.success(), "podman {}\n{}", args.join(" "), String::from_utf8_lossy(&out.stderr));
 
-    // The probes, as the kubelet would call them: the template's paths on its named port.
-    let port_of = |probe: &Option<k8s_openapi::api::core::v1::Probe>| {
-        let get = probe.as_ref().and_then(|p| p.http_get.clone()).expect("an httpGet probe");
-        let port = match get.port {
-            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(p) => p,
-            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(name) => {
-                c.ports
-                    .iter()
-                    .flatten()
-                    .find(|p| p.name.as_deref() == Some(name.as_str()))
-                    .unwrap()
-                    .container_port
-            }
-        };
-        (u16::try_from(port).unwrap(), get.path.unwrap_or_default())
-    };
-    let (ready_port, ready_path) = port_of(&c.readiness_probe);
-    let (live_port, live_path) = port_of(&c.liveness_probe);
-    let deadline = Instant::now() + WAIT;
-    while get_in(&pod_network, ready_port, &ready_path).0 != 200 {
-        assert!(Instant::now() < deadline, "{ready_path} never answered 200:\n{}", agent.logs());
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(get_in(&pod_network, live_port, &live_path).0, 200, "{}", agent.logs());
-
+    wait_for_probes(&c, &pod_network, &agent);
     // Steering.
     let cg = sb.pod_cgroup("gw");
     sb.wait_for("gw registered and service a's sets", WAIT, |t| {
@@ -346,7 +374,9 @@ fn the_image_runs_from_the_daemonsets_pod_template_and_does_everything_the_readm
     assert_eq!(sb.reached("gw", vip(), 20), ["a-gray"], "steered by the containerized agent");
 
     // Every optional feature available, per the agent's metrics.
-    let (_, metrics) = get_in(&pod_network, ready_port, "/metrics");
+    let metrics_port =
+        c.ports.iter().flatten().find(|p| p.name.as_deref() == Some("metrics")).expect("metrics port");
+    let (_, metrics) = get_in(&pod_network, u16::try_from(metrics_port.container_port).unwrap(), "/metrics");
     for feature in ["connection_reset", "lane_marking"] {
         let line = metrics
             .lines()
