@@ -14,7 +14,7 @@ use tagger_tests::{
     agent::{AgentSandbox, pod_in_lane, set_size},
     client::HoldClient,
     hold::HoldServer,
-    scenario::Sandbox,
+    scenario::{Caller, Sandbox},
 };
 
 /// Port of the holding backends (the sandbox's ordinary backends use 8080).
@@ -44,6 +44,24 @@ impl Lifecycle {
     fn reset(&mut self) -> lifecycle::ResetReport {
         let root = self.sb.cgroup.path().to_owned();
         self.reset_with(&root, &mut lifecycle::netns::Finder::new(None))
+    }
+
+    /// Service `vip` (gray and base backends at `addrs`), a gray and a base caller each holding a
+    /// connection (tracked); the callers and their clients.
+    fn held_gray_and_base(
+        &mut self,
+        vip: SocketAddr,
+        addrs: &[SocketAddr],
+    ) -> (Caller, Caller, HoldClient, HoldClient) {
+        self.sb.service(vip, Proto::Tcp, 1, 0, &[("gray", &[addrs[0]]), ("base", &[addrs[1]])]);
+        let gray = self.sb.caller("gray", Some("gray"));
+        let base = self.sb.caller("base", Some("base"));
+        let gray_client = HoldClient::start(&gray.cgroup, &gray.pod.ns, "hold-tcp", vip);
+        let base_client = HoldClient::start(&base.cgroup, &base.pod.ns, "hold-tcp", vip);
+        expect_ok(&gray_client, "gray-1", vip);
+        expect_ok(&base_client, "base-1", vip);
+        wait_tracked(&self.sb, 2);
+        (gray, base, gray_client, base_client)
     }
 
     /// A reset pass that finds pods' processes below `root` (none: a root without them) and
@@ -89,14 +107,7 @@ fn mechanism_probe_finds_sock_destroy() {
 fn resets_reach_pods_through_the_namespace_directory_when_their_processes_are_hidden() {
     let (mut lc, addrs) = Lifecycle::new(&["gray-1", "base-1"]);
     let vip: SocketAddr = "10.96.5.3:80".parse().unwrap();
-    lc.sb.service(vip, Proto::Tcp, 1, 0, &[("gray", &[addrs[0]]), ("base", &[addrs[1]])]);
-    let gray = lc.sb.caller("gray", Some("gray"));
-    let base = lc.sb.caller("base", Some("base"));
-    let gray_client = HoldClient::start(&gray.cgroup, &gray.pod.ns, "hold-tcp", vip);
-    let base_client = HoldClient::start(&base.cgroup, &base.pod.ns, "hold-tcp", vip);
-    expect_ok(&gray_client, "gray-1", vip);
-    expect_ok(&base_client, "base-1", vip);
-    wait_tracked(&lc.sb, 2);
+    let (gray, base, gray_client, base_client) = lc.held_gray_and_base(vip, &addrs);
 
     // The runtime's directory: both callers' namespaces (links to their `ip netns` pins).
     let dir = tempfile_dir();
@@ -153,14 +164,7 @@ fn tempfile_dir() -> TempDir {
 fn removed_gray_backend_resets_gray_tcp_within_100ms_and_leaves_base_alone() {
     let (mut lc, addrs) = Lifecycle::new(&["gray-1", "base-1"]);
     let vip: SocketAddr = "10.96.5.1:80".parse().unwrap();
-    lc.sb.service(vip, Proto::Tcp, 1, 0, &[("gray", &[addrs[0]]), ("base", &[addrs[1]])]);
-    let gray = lc.sb.caller("gray", Some("gray"));
-    let base = lc.sb.caller("base", Some("base"));
-    let gray_client = HoldClient::start(&gray.cgroup, &gray.pod.ns, "hold-tcp", vip);
-    let base_client = HoldClient::start(&base.cgroup, &base.pod.ns, "hold-tcp", vip);
-    expect_ok(&gray_client, "gray-1", vip);
-    expect_ok(&base_client, "base-1", vip);
-    wait_tracked(&lc.sb, 2);
+    let (_, _, gray_client, base_client) = lc.held_gray_and_base(vip, &addrs);
     let conns = lc.sb.dp.dp.tables().connections().unwrap();
     assert!(conns.iter().any(|(_, r)| r.caller_lane == lane_id("gray") && r.backend_lane == lane_id("gray")));
     assert!(conns.iter().any(|(_, r)| r.caller_lane == lane_id("base") && r.backend_lane == lane_id("base")));
