@@ -100,6 +100,33 @@ fn readiness_follows_the_first_sync_and_metrics_carry_datapath_counters() {
     assert!(has("tagger_map_fill_ratio{map=\"TAGGER_SVC_V1\"}") > 0.0);
     assert!((has("tagger_map_capacity{map=\"TAGGER_SVC_V1\"}") - 65536.0).abs() < 0.5);
     assert_eq!(http_get(port, "/nope").0, 404);
+    every_alerted_series_is_exported(&body);
+}
+
+/// The shipped alert rules (`deploy/monitoring/rules.yaml`) use only series this agent exports:
+/// each family is declared (`# TYPE`), whether or not it has samples yet.
+fn every_alerted_series_is_exported(body: &str) {
+    let rules =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/monitoring/rules.yaml"))
+            .unwrap();
+    let declared: std::collections::BTreeSet<&str> =
+        body.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split(' ').next()).collect();
+    let mut names = std::collections::BTreeSet::new();
+    for (i, _) in rules.match_indices("tagger_") {
+        let name: String = rules[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+            .collect();
+        names.insert(name);
+    }
+    assert!(names.len() >= 7, "{names:?}");
+    for name in &names {
+        let family = name.strip_suffix("_total").unwrap_or(name);
+        assert!(
+            declared.contains(family),
+            "rules.yaml uses {name}, which the agent does not export:\n{body}"
+        );
+    }
 }
 
 /// Inbound counts of pod `b`, from the agent's metrics.

@@ -102,6 +102,11 @@ fn check_types(objects: &[Value]) {
             ("rbac.authorization.k8s.io/v1", "ClusterRole") => drop(typed::<ClusterRole>(v)),
             ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => drop(typed::<ClusterRoleBinding>(v)),
             ("networking.k8s.io/v1", "Ingress") => drop(typed::<Ingress>(v)),
+            // prometheus-operator's type (no k8s-openapi type): its groups are rules.yaml's,
+            // which promtool checks.
+            ("monitoring.coreos.com/v1", "PrometheusRule") => {
+                assert!(v["spec"]["groups"].is_array(), "{}: spec.groups", id(v));
+            }
             (api, kind) => panic!("{}: unexpected {api} {kind} in deploy/", id(v)),
         }
     }
@@ -758,6 +763,13 @@ fn kustomization_dirs() -> Vec<PathBuf> {
     out
 }
 
+/// Prometheus' own files (a rules file and its unit tests), not Kubernetes objects; checked by
+/// `the_alert_rules_are_valid_and_pass_their_unit_tests`.
+fn is_prometheus_file(p: &Path) -> bool {
+    p.parent() == Some(deploy_dir().join("monitoring").as_path())
+        && p.file_name().is_some_and(|n| n == "rules.yaml" || n == "rules_test.yaml")
+}
+
 fn yaml_files() -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![deploy_dir()];
@@ -766,7 +778,7 @@ fn yaml_files() -> Vec<PathBuf> {
             let p = e.unwrap().path();
             if p.is_dir() {
                 stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+            } else if p.extension().is_some_and(|x| x == "yaml" || x == "yml") && !is_prometheus_file(&p) {
                 out.push(p);
             }
         }
@@ -880,4 +892,71 @@ fn the_minimal_renderer_handles_patches_and_images() {
     let caught = std::panic::catch_unwind(|| check_types(&bad)).unwrap_err();
     let msg = caught.downcast_ref::<String>().cloned().unwrap_or_default();
     assert!(msg.contains(".automount: unknown field"), "{msg}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Monitoring: the alert rules
+// ---------------------------------------------------------------------------------------------
+
+fn promtool(args: &[&str]) -> Option<std::process::Output> {
+    let dir = deploy_dir().join("monitoring");
+    match Command::new("promtool").args(args).current_dir(&dir).output() {
+        Ok(out) => Some(out),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => panic!("promtool: {e}"),
+    }
+}
+
+#[test]
+fn the_alert_rules_are_valid_and_pass_their_unit_tests() {
+    let Some(check) = promtool(&["check", "rules", "rules.yaml"]) else {
+        eprintln!("skipped: promtool is not installed (`cargo xtask test` installs Debian's prometheus)");
+        return;
+    };
+    let text = |o: &std::process::Output| {
+        format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    };
+    assert!(check.status.success(), "promtool check rules:\n{}", text(&check));
+    let test = promtool(&["test", "rules", "rules_test.yaml"]).unwrap();
+    assert!(test.status.success(), "promtool test rules:\n{}", text(&test));
+
+    // Every alert has a unit test that expects it to fire.
+    let rules = &load_docs(&deploy_dir().join("monitoring/rules.yaml"))[0];
+    let tests = &load_docs(&deploy_dir().join("monitoring/rules_test.yaml"))[0];
+    let alerts: BTreeSet<&str> = rules["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+        .filter_map(|r| r["alert"].as_str())
+        .collect();
+    let fired: BTreeSet<&str> = tests["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|t| t["alert_rule_test"].as_array().into_iter().flatten())
+        .filter(|a| a["exp_alerts"].as_array().is_some_and(|e| !e.is_empty()))
+        .filter_map(|a| a["alertname"].as_str())
+        .collect();
+    assert_eq!(alerts, fired, "every alert, and only those, has a test where it fires");
+    for wanted in [
+        "TaggerLaneLeak",
+        "TaggerLaneFallbackHigh",
+        "TaggerStrictRefusals",
+        "TaggerMapNearlyFull",
+        "TaggerResetFailures",
+        "TaggerDatapathLeaseExpired",
+        "TaggerAgentNotReady",
+    ] {
+        assert!(alerts.contains(wanted), "alert {wanted}");
+    }
+}
+
+#[test]
+fn the_prometheusrule_carries_exactly_the_rules_file() {
+    let rules = &load_docs(&deploy_dir().join("monitoring/rules.yaml"))[0];
+    let cr = &load_docs(&deploy_dir().join("monitoring/prometheusrule.yaml"))[0];
+    assert_eq!(cr["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(cr["kind"], "PrometheusRule");
+    assert_eq!(cr["spec"]["groups"], rules["groups"], "prometheusrule.yaml's groups are rules.yaml's");
 }

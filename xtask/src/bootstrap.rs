@@ -10,11 +10,12 @@ use crate::shell::{output, run, status, step};
 const LLVM: &str = "22";
 /// Debian packages: LLVM for bpf-linker, iproute2 for the test namespaces, bpftool for operators;
 /// buildah and musl-tools (musl-gcc, for ring's C code) for the container image (`cargo xtask
-/// image`), podman and runc to run it from the DaemonSet's pod template in the tests; util-linux's setpriv and unshare confine the agent in the capability tests; haproxy
+/// image`), podman and runc to run it from the DaemonSet's pod template in the tests, prometheus
+/// for promtool (the alert rules' unit tests); util-linux's setpriv and unshare confine the agent in the capability tests; haproxy
 /// and iptables are the baselines of `cargo xtask bench`, linux-perf its profiler; the kernel
 /// matrix (`cargo xtask test --kernel`) boots Debian's kernels in qemu with a busybox-static
 /// initramfs (binutils strips the test binaries packed into it, xz unpacks 6.12's modules).
-const APT_PACKAGES: [&str; 16] = [
+const APT_PACKAGES: [&str; 17] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "iproute2",
@@ -22,6 +23,7 @@ const APT_PACKAGES: [&str; 16] = [
     "buildah",
     "podman",
     "runc",
+    "prometheus",
     "musl-tools",
     "util-linux",
     "haproxy",
