@@ -917,8 +917,8 @@ fn the_alert_rules_are_valid_and_pass_their_unit_tests() {
         format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
     };
     assert!(check.status.success(), "promtool check rules:\n{}", text(&check));
-    let test = promtool(&["test", "rules", "rules_test.yaml"]).unwrap();
-    assert!(test.status.success(), "promtool test rules:\n{}", text(&test));
+    let unit = promtool(&["test", "rules", "rules_test.yaml"]).unwrap();
+    assert!(unit.status.success(), "promtool test rules:\n{}", text(&unit));
 
     // Every alert has a unit test that expects it to fire.
     let rules = &load_docs(&deploy_dir().join("monitoring/rules.yaml"))[0];
