@@ -18,6 +18,7 @@ pub mod hold;
 pub mod kernel;
 pub mod kustomize;
 pub mod netns;
+pub mod prometheus;
 pub mod restart;
 pub mod rollout;
 pub mod scenario;

@@ -196,3 +196,81 @@ fn the_agent_registers_pod_addresses_and_inbound_counts_reach_metrics_and_the_cl
     assert!(r["rows"].as_array().unwrap().iter().all(|row| row["pod"] == "demo/b"), "{r}");
     drop(server);
 }
+
+/// The shipped Grafana dashboard's panel queries (`deploy/monitoring/dashboard.json`).
+fn dashboard_queries() -> Vec<(String, String)> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/monitoring/dashboard.json");
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut out = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        let title = panel["title"].as_str().expect("a panel title").to_owned();
+        let targets = panel["targets"].as_array().expect("panel targets");
+        assert!(!targets.is_empty(), "panel {title} has no query");
+        for t in targets {
+            out.push((title.clone(), t["expr"].as_str().expect("a PromQL expr").to_owned()));
+        }
+    }
+    out
+}
+
+/// A real Prometheus (Debian's) scrapes a real agent on a sandboxed node with lane traffic (a
+/// gray caller steered to a gray backend, and falling back at a Service without one, received by
+/// a base pod): every panel of the shipped dashboard returns data.
+#[test]
+fn a_real_prometheus_scrapes_the_agent_and_every_dashboard_panel_has_data() {
+    if !tagger_tests::prometheus::Prometheus::installed() {
+        eprintln!("skipped: prometheus is not installed (`cargo xtask test` installs Debian's)");
+        return;
+    }
+    let mut sb = AgentSandbox::new();
+    sb.backend("a-gray", Some("gray"));
+    sb.backend("a-base", None);
+    sb.caller("gw", Some("gray"));
+    // `b` is a base pod with a cgroup that serves: its inbound counts are the receiving side.
+    sb.caller("b", None);
+    let (a, b): (SocketAddr, SocketAddr) =
+        ("10.96.30.5:80".parse().unwrap(), "10.96.30.6:80".parse().unwrap());
+    sb.cluster.service("a", &[a.ip()], 80, PORT, &["a-gray", "a-base"]);
+    // b has a blue version and none in gray: tagger steers b, and gray falls back to base there.
+    sb.backend("b-blue", Some("blue"));
+    sb.cluster.service("b", &[b.ip()], 80, PORT, &["b", "b-blue"]);
+    sb.start_agent_on_file(&["--metrics-addr", "127.0.0.1:0"]);
+    let port = sb.metrics_port();
+    sb.wait_for("the sets", Duration::from_secs(10), |t| {
+        set_size(t, a, "gray") == Some(1)
+            && set_size(t, b, "base") == Some(1)
+            && set_size(t, b, "blue") == Some(1)
+    });
+    // b serves from its pod cgroup, started after the agent attached (so its SYNs are saved).
+    let listen: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, PORT).into();
+    let server = HoldClient::start_with(&sb.pod_cgroup("b"), &sb.netns["b"].ns, "answer", listen, &["b"]);
+    assert_eq!(server.next_line(Duration::from_secs(10)).as_deref(), Some("serving"));
+    let prometheus = tagger_tests::prometheus::Prometheus::start(&[format!("127.0.0.1:{port}")]);
+    assert_eq!(sb.reached("gw", a, 10), ["a-gray"]);
+    assert_eq!(sb.reached("gw", b, 10), ["b"], "gray falls back to base at b");
+
+    // Rates need two scrapes after the traffic; scrapes come every second.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut empty: Vec<(String, String)> = dashboard_queries();
+    while !empty.is_empty() {
+        empty.retain(|(_, expr)| prometheus.query(expr).is_empty());
+        assert!(
+            Instant::now() < deadline,
+            "dashboard panels without data: {empty:#?}\nwhat there is: {:?}\nprometheus log:\n{}",
+            prometheus.query(
+                "sum by (service, caller_lane, backend_lane, outcome) (tagger_service_decisions_total)"
+            ),
+            prometheus.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // And the data is the traffic's.
+    let fell_back = prometheus.query(
+        "sum by (service, caller_lane) (increase(tagger_service_decisions_total{outcome=\"fell_back\"}[5m]))",
+    );
+    assert!(
+        fell_back.iter().any(|r| r["metric"]["service"] == "b" && r["metric"]["caller_lane"] == "gray"),
+        "{fell_back:?}"
+    );
+    drop(server);
+}
