@@ -58,9 +58,8 @@ fn apt_options(series: Series, cache: &Path) -> Result<Vec<String>> {
         format!("-oDir::State::Lists={}", lists.display()),
         format!("-oDir::Cache={}", dir.join("cache").display()),
     ];
-    let have_lists = fs::read_dir(&lists).is_ok_and(|mut d| {
-        d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().ends_with("_Packages")))
-    });
+    let have_lists = fs::read_dir(&lists)
+        .is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().contains("_Packages"))));
     if !have_lists {
         status(&format!("kernel {}", series.name), &format!("apt-get update of {suite} (its own lists)"));
         run(Command::new("apt-get").args(&opts).args(["update", "-q"]))?;
