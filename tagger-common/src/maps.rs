@@ -41,7 +41,7 @@ pub const MAP_SOCK: &str = "TAGGER_SOCK_V1";
 pub const MAP_CONNS: &str = "TAGGER_CONN_V1";
 
 /// Every map the datapath pins, in a fixed order (used for pin management and `status`).
-pub const ALL_MAPS: [&str; 22] = [
+pub const ALL_MAPS: [&str; 23] = [
     MAP_PODS,
     MAP_FRONTENDS,
     MAP_BACKEND_SETS,
@@ -61,6 +61,7 @@ pub const ALL_MAPS: [&str; 22] = [
     MAP_CONNS,
     crate::pods::MAP_POD_ADDRS,
     crate::pods::MAP_INBOUND,
+    crate::pods::MAP_LANE_MARKS,
     crate::lease::MAP_LEASE,
     crate::affinity::MAP_AFFINITY,
     crate::affinity::MAP_AFFINITY_CFG,
@@ -507,6 +508,7 @@ mod pod_impls {
     unsafe impl aya::Pod for super::SockRecord {}
     unsafe impl aya::Pod for crate::pods::PodAddr {}
     unsafe impl aya::Pod for crate::pods::InboundKey {}
+    unsafe impl aya::Pod for crate::pods::LaneMark {}
 }
 
 #[cfg(test)]

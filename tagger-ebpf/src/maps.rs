@@ -4,15 +4,15 @@
 use aya_ebpf::{
     btf_maps::SkStorage,
     macros::{btf_map, map},
-    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray},
 };
 use tagger_common::{
     AffinityEntry, AffinityKey, BPF_F_NO_PREALLOC, Backend, BackendSet, DatapathConfig, FrontendKey,
-    InboundKey, LaneName, LanePolicy, LaneTables, Lease, MAX_AFFINITY, MAX_BACKEND_SETS, MAX_BACKEND_SLOTS,
-    MAX_CONNS, MAX_FRONTENDS, MAX_INBOUND, MAX_LANES, MAX_POD_ADDRS, MAX_PODS, MAX_REVNAT, MAX_ROUTES,
-    MAX_SVC_STATS, MAX_WARM, OUTCOME_SLOTS, Outcome, PodAddr, PodEntry, PodMeta, RevNatKey, RevNatValue,
-    RouteKey, SHADOW_OFFSET, STAT_F_SHADOW, Service, ServiceMeta, SetKey, SlotKey, SockRecord, StatKey,
-    SvcAffinity, SvcShaping, WarmEntry, WarmKey,
+    InboundKey, LaneMark, LaneName, LanePolicy, LaneTables, Lease, MAX_AFFINITY, MAX_BACKEND_SETS,
+    MAX_BACKEND_SLOTS, MAX_CONNS, MAX_FRONTENDS, MAX_INBOUND, MAX_LANE_MARKS, MAX_LANES, MAX_POD_ADDRS,
+    MAX_PODS, MAX_REVNAT, MAX_ROUTES, MAX_SVC_STATS, MAX_WARM, OUTCOME_SLOTS, Outcome, PodAddr, PodEntry,
+    PodMeta, RevNatKey, RevNatValue, RouteKey, SHADOW_OFFSET, STAT_F_SHADOW, Service, ServiceMeta, SetKey,
+    SlotKey, SockRecord, StatKey, SvcAffinity, SvcShaping, WarmEntry, WarmKey,
 };
 
 #[map(name = "TAGGER_PODS_V1")]
@@ -80,13 +80,19 @@ pub static AFFINITY_CFG: HashMap<u32, SvcAffinity> =
 pub static POD_ADDRS: HashMap<[u32; 4], PodAddr> =
     HashMap::with_max_entries(MAX_POD_ADDRS, BPF_F_NO_PREALLOC);
 
-/// Inbound connections per (local pod address, caller lane, pod lane, kind).
-#[map(name = "TAGGER_INB_V1")]
-pub static INBOUND: PerCpuHashMap<InboundKey, u64> =
-    PerCpuHashMap::with_max_entries(MAX_INBOUND, BPF_F_NO_PREALLOC);
+/// Inbound connections per (local pod address, caller lane, pod lane, kind). An LRU (which
+/// is always preallocated): the least recently counted rows make room for new ones, so a flood
+/// of distinct keys can never stop the counting.
+#[map(name = "TAGGER_INB_V2")]
+pub static INBOUND: LruPerCpuHashMap<InboundKey, u64> = LruPerCpuHashMap::with_max_entries(MAX_INBOUND, 0);
 
-// Metadata for operators: written by the agent, read by the CLI, never by the programs. They
-// live in the object so that they are created, pinned and versioned with the rest.
+/// Each lane's mark bits under `--mark-mask`, for the TC marking program.
+#[map(name = "TAGGER_LMARK_V1")]
+pub static LANE_MARKS: HashMap<u32, LaneMark> = HashMap::with_max_entries(MAX_LANE_MARKS, BPF_F_NO_PREALLOC);
+
+// Metadata for operators: written by the agent, read by the CLI. They live in the object so
+// that they are created, pinned and versioned with the rest. The programs read only whether a
+// lane id has a name (`LANE_NAMES`): the set of known lanes, for the inbound counts.
 #[map(name = "TAGGER_PMETA_V1")]
 pub static POD_META: HashMap<u64, PodMeta> = HashMap::with_max_entries(MAX_PODS, BPF_F_NO_PREALLOC);
 

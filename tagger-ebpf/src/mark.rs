@@ -1,14 +1,15 @@
 //! TC lane marking: a classifier on the local pods' traffic (the host side of pod veths, or a
 //! node uplink) that looks a packet's source address up in `POD_ADDRS` and, for a local pod's
-//! packet, sets `skb->mark` to the pod's lane id (base pods' marks are left alone) and, when the
-//! pod's lane has a DSCP, rewrites
+//! packet, writes the pod's lane's small index into the bits of `skb->mark` under the
+//! operator's `--mark-mask` (`LANE_MARKS`; the other mark bits are kept, and lanes without an
+//! entry, base among them, keep the whole mark) and, when the pod's lane has a DSCP, rewrites
 //! the DSCP bits (keeping ECN; the IPv4 header checksum is updated). It never drops or
 //! redirects: it returns "continue" so the next program or filter runs. Frames are Ethernet.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use tagger_common::{BASE_LANE, DSCP_UNSET, PodAddr, v4_mapped};
+use tagger_common::{DSCP_UNSET, PodAddr, v4_mapped};
 
-use crate::maps::POD_ADDRS;
+use crate::maps::{LANE_MARKS, POD_ADDRS};
 
 /// `TC_ACT_UNSPEC` / `TCX_NEXT`: continue with the next program or filter.
 const CONTINUE: i32 = -1;
@@ -68,12 +69,16 @@ fn try_mark(ctx: &TcContext) -> Result<(), i64> {
     Ok(())
 }
 
-/// Marks a packet with its lane; base (id 0) leaves the mark as it is, so mark bits a CNI set
-/// on base traffic survive.
+/// Writes the lane's index into the masked bits of the packet's mark. A lane without an
+/// entry (base, or one that did not fit the mask: mask 0) leaves the mark as it is.
 #[inline(always)]
 fn set_mark(ctx: &TcContext, lane: u32) {
-    if lane != BASE_LANE {
-        ctx.set_mark(lane);
+    // SAFETY: LANE_MARKS is BPF_F_NO_PREALLOC; the value is copied out at once.
+    let Some(entry) = (unsafe { LANE_MARKS.get(&lane) }).copied() else { return };
+    if entry.mask != 0 {
+        // SAFETY: `mark` is a readable field of the __sk_buff context.
+        let mark = unsafe { (*ctx.skb.skb).mark };
+        ctx.set_mark(entry.apply(mark));
     }
 }
 

@@ -11,7 +11,7 @@
 //! accepts (`TCP_SAVE_SYN`, set when `listen()` runs); once such a connection is established on
 //! a local pod's address (`POD_ADDRS`), its SYN's lane option is read and the connection is
 //! counted in `INBOUND` by (pod address, caller lane, pod lane, kind: in lane, fell back, lane
-//! leak or untagged).
+//! leak, untagged, or unknown lane: an id that is no known lane, counted without its id).
 //!
 //! Neither program ever refuses a connection: they return "proceed" (1) whatever happens.
 
@@ -31,15 +31,14 @@ use aya_ebpf::{
     programs::{SockContext, SockOpsContext},
 };
 use tagger_common::{
-    INBOUND_UNTAGGED, IPPROTO_UDP, InboundKey, Outcome, SOCK_F_FELL_BACK, SOCK_F_ROUTED, SockRecord,
-    inbound_kind, v4_mapped,
+    IPPROTO_UDP, InboundKey, Outcome, SOCK_F_FELL_BACK, SOCK_F_ROUTED, SockRecord, inbound_row, v4_mapped,
     wire::{
         LANE_OPT_EXID, LANE_OPT_F_FELL_BACK, LANE_OPT_F_ROUTED, LANE_OPT_KIND, LANE_OPT_LEN,
         decode_lane_option, encode_lane_option,
     },
 };
 
-use crate::maps::{CONNS, INBOUND, POD_ADDRS, count, socks_ptr};
+use crate::maps::{CONNS, INBOUND, LANE_NAMES, POD_ADDRS, count, socks_ptr};
 
 /// `SOL_TCP`.
 const SOL_TCP: i32 = 6;
@@ -190,11 +189,11 @@ fn count_inbound(ctx: &SockOpsContext) {
         return;
     }
     let option = if found == i64::from(LANE_OPT_LEN) { decode_lane_option(&opt) } else { None };
-    let kind = inbound_kind(option, pod.lane);
-    let caller_lane = match option {
-        Some((lane, _)) if kind != INBOUND_UNTAGGED => lane,
-        _ => 0,
-    };
+    // The option is unauthenticated: an id that is not a known lane (one the agent named in
+    // LANE_NAMES) gets no row of its own, only the pod's one unknown-lane row.
+    // SAFETY: LANE_NAMES is BPF_F_NO_PREALLOC; only the presence of the entry is used.
+    let (caller_lane, kind) =
+        inbound_row(option, pod.lane, |lane| unsafe { LANE_NAMES.get(&lane) }.is_some());
     let key = InboundKey { addr, caller_lane, pod_lane: pod.lane, kind };
     if let Some(c) = INBOUND.get_ptr_mut(&key) {
         // SAFETY: per-CPU value of this CPU; programs do not migrate while running.

@@ -11,6 +11,7 @@ pub mod fs;
 #[cfg(test)]
 mod fuzz;
 pub mod labels;
+pub mod lane_marks;
 pub mod lanes_config;
 pub mod lifecycle;
 pub mod model;

@@ -105,7 +105,8 @@ impl Sandbox {
     }
 
     /// A caller pod with a kubelet-style pod cgroup, registered in `lane` (None: unlabelled,
-    /// not registered at all).
+    /// not registered at all). The lane's name is published, as the agent does for every lane
+    /// it sees on a pod: that makes it a known lane for the inbound counts.
     pub fn caller(&mut self, name: &str, lane: Option<&str>) -> Caller {
         let pod = self.node.add_pod(name);
         self.next_pod += 1;
@@ -114,7 +115,9 @@ impl Sandbox {
             .child(&format!("kubepods.slice/kubepods-burstable.slice/pod{}-{name}", self.next_pod));
         if let Some(lane) = lane {
             let cg = TestCgroup::resolve(&cgroup);
-            self.dp.dp.tables_mut().register_pod(&cg, lane_id(lane)).expect("register pod");
+            let tables = self.dp.dp.tables_mut();
+            tables.register_pod(&cg, lane_id(lane)).expect("register pod");
+            tables.set_lane_name(lane_id(lane), lane).expect("lane name");
         }
         Caller { pod, cgroup }
     }

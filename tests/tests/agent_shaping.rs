@@ -11,7 +11,8 @@ use tagger_tests::{
     stats::{assert_binomial, mean_linear_warm_share},
 };
 
-const WAIT: Duration = Duration::from_secs(10);
+/// Generous: loading the datapath takes much longer on an emulated 5.10 kernel.
+const WAIT: Duration = Duration::from_secs(30);
 
 fn vip() -> SocketAddr {
     "10.96.11.1:80".parse().unwrap()

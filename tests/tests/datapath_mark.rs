@@ -1,8 +1,10 @@
 //! TC lane marking on the real kernel: the `lane_mark` classifier on the host side of the pods'
 //! veths (inside the test's node namespace), packets captured in the destination pod. A pod of
 //! a lane with a DSCP gets it (ECN kept, IPv4 checksum valid, the exchange completes), every
-//! local pod's packets carry its lane id as `skb->mark` (counted by a `fw` filter), and a
-//! stranger's packets are untouched. Once with TCX links, once with netlink filters.
+//! local pod's packets carry its lane's small index in the bits of `skb->mark` under the mask
+//! and nothing else (counted by an iptables rule matching the whole mark), a stranger's packets
+//! are untouched, and the program run on a frame with other mark bits set keeps them all.
+//! Once with TCX links, once with netlink filters.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -10,8 +12,11 @@ use std::{
     time::Duration,
 };
 
-use tagger::datapath::tc::{MarkDirection, MarkMode, Marker};
-use tagger_common::{DSCP_UNSET, PodAddr, lane_id};
+use tagger::{
+    datapath::tc::{MarkDirection, MarkMode, Marker},
+    lane_marks::MarkMask,
+};
+use tagger_common::{DSCP_UNSET, LaneMark, PodAddr, lane_id};
 use tagger_tests::{
     backend::BackendServer,
     capture::Capture,
@@ -25,6 +30,30 @@ use tagger_tests::{
 
 const PORT: u16 = 8080;
 const GRAY_DSCP: u8 = 10;
+/// The mask the tests mark under, and the lanes' indices.
+const MASK: u32 = 0x0f00;
+const GRAY_INDEX: u32 = 1;
+const BLUE_INDEX: u32 = 2;
+
+/// An Ethernet frame with an IPv4 TCP SYN from `src`.
+fn ipv4_frame(src: std::net::Ipv4Addr) -> Vec<u8> {
+    let mut f = vec![0u8; 14 + 20 + 20];
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    let ip = &mut f[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&[10, 0, 0, 99]);
+    let sum: u32 = ip.chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum();
+    let folded = (sum & 0xffff) + (sum >> 16);
+    let csum = !u16::try_from((folded & 0xffff) + (folded >> 16)).expect("folded twice: 16 bits");
+    ip[10..12].copy_from_slice(&csum.to_be_bytes());
+    f[34 + 12] = 0x50;
+    f[34 + 13] = 0x02;
+    f
+}
 
 fn sh(args: &[&str]) -> String {
     let out = Command::new(args[0]).args(&args[1..]).output().expect("run");
@@ -76,9 +105,11 @@ fn marked_packets(ns: &Netns, mark: u32) -> u64 {
         "-x",
         "-n",
     ]);
-    let want = format!("mark match {mark:#x}");
+    // The rule matches the whole mark (`--mark V`: mask 0xffffffff), so a packet counts only
+    // if the lane's bits are its only bits.
+    let want = format!("{mark:#x}");
     out.lines()
-        .find(|l| l.contains(&want))
+        .find(|l| l.contains("mark match") && l.split_whitespace().any(|w| w == want))
         .and_then(|l| l.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
@@ -96,12 +127,21 @@ fn marking(mode: MarkMode) {
     }
     let mut dp = dp;
     let tables = dp.dp.tables_mut();
-    for (pod, lane, dscp) in [(gray, "gray", GRAY_DSCP), (blue, "blue", DSCP_UNSET)] {
+    let lane_mask = MarkMask::new(MASK).unwrap();
+    for (pod, lane, dscp, index) in
+        [(gray, "gray", GRAY_DSCP, GRAY_INDEX), (blue, "blue", DSCP_UNSET, BLUE_INDEX)]
+    {
         let entry = PodAddr { cgroup: 1, lane: lane_id(lane), dscp, _pad: [0; 3] };
         for ip in [IpAddr::V4(pod.ip4), IpAddr::V6(pod.ip6)] {
             tables.set_pod_addr(tagger::net::addr_words(ip), entry).unwrap();
         }
+        tables.set_lane_mark(lane_id(lane), lane_mask.entry(index)).unwrap();
     }
+    // A lane that did not fit the mask (recorded without an index), at an address no pod uses.
+    let unfit_ip = std::net::Ipv4Addr::new(10, 99, 0, 1);
+    let unfit = PodAddr { cgroup: 2, lane: lane_id("red"), dscp: DSCP_UNSET, _pad: [0; 3] };
+    tables.set_pod_addr(tagger::net::addr_words(IpAddr::V4(unfit_ip)), unfit).unwrap();
+    tables.set_lane_mark(lane_id("red"), LaneMark::default()).unwrap();
     let _server = BackendServer::start(dst, "dst", PORT);
     // Gray also serves, so that its packets carry data, hence ECT(0) with ECN on.
     let _gray_server = BackendServer::start(gray, "gray", PORT);
@@ -117,6 +157,17 @@ fn marking(mode: MarkMode) {
             let errors = marker.sync();
             assert!(errors.is_empty(), "{errors:?}");
             assert_eq!(marker.mode(), mode);
+            // The program on frames whose mark has other bits set: only the masked bits change.
+            for before in [0, 0xffff_ffff, 0x0000_c000, 0x1234_5678, 0xdead_beef] {
+                let after = marker.test_run(&ipv4_frame(gray.ip4), before).unwrap();
+                assert_eq!(after, (before & !MASK) | (GRAY_INDEX << 8), "gray, {before:#x} → {after:#x}");
+                let after = marker.test_run(&ipv4_frame(blue.ip4), before).unwrap();
+                assert_eq!(after, (before & !MASK) | (BLUE_INDEX << 8), "blue, {before:#x} → {after:#x}");
+                let after = marker.test_run(&ipv4_frame(stranger.ip4), before).unwrap();
+                assert_eq!(after, before, "a stranger's mark is untouched");
+                let after = marker.test_run(&ipv4_frame(unfit_ip), before).unwrap();
+                assert_eq!(after, before, "a lane without an index is untouched");
+            }
             marker.attached().clone()
         })
         .join()
@@ -126,8 +177,8 @@ fn marking(mode: MarkMode) {
     // Count marks as the node's bridge forwards the packets.
     let ns = node_ns.name();
     sh(&["ip", "netns", "exec", ns, "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"]);
-    for lane in ["gray", "blue"] {
-        let mark = format!("{:#x}", lane_id(lane));
+    for index in [GRAY_INDEX, BLUE_INDEX] {
+        let mark = format!("{:#x}", index << 8);
         sh(&[
             "ip", "netns", "exec", ns, "iptables", "-t", "mangle", "-A", "FORWARD", "-m", "mark", "--mark",
             &mark,
@@ -167,7 +218,7 @@ fn marking(mode: MarkMode) {
     }
     // Marks: every IPv4 packet of gray and blue toward dst (SYN, ACKs, FIN: at least 3 per
     // exchange, 5 exchanges each; iptables sees IPv4 only).
-    let (g, b) = (marked_packets(node_ns, lane_id("gray")), marked_packets(node_ns, lane_id("blue")));
+    let (g, b) = (marked_packets(node_ns, GRAY_INDEX << 8), marked_packets(node_ns, BLUE_INDEX << 8));
     assert!(g >= 15 && b >= 15, "marked packets: gray {g}, blue {b}");
     drop(capture);
 }
@@ -196,7 +247,16 @@ fn the_agent_marks_its_pods_with_the_lanes_config_dscp() {
     // The agent stays in the host's namespace (the DaemonSet's is its pod's) and marks in the
     // node's, where the pods' host-side veths are, through --node-netns.
     let node_ns = sb.node_netns().path().to_string_lossy().into_owned();
-    sb.start_agent_on_file(&["--lanes-config", &lanes, "--mark-interfaces", "p*", "--node-netns", &node_ns]);
+    sb.start_agent_on_file(&[
+        "--lanes-config",
+        &lanes,
+        "--mark-interfaces",
+        "p*",
+        "--mark-mask",
+        "0x0f00",
+        "--node-netns",
+        &node_ns,
+    ]);
     let g_addr = tagger::net::addr_words(IpAddr::V4(sb.netns["g"].ip4));
     sb.wait_for("g's address registered with gray's DSCP", Duration::from_secs(10), |t| {
         t.pod_addrs().unwrap().get(&g_addr).is_some_and(|e| e.dscp == GRAY_DSCP)
@@ -227,4 +287,29 @@ fn the_agent_marks_its_pods_with_the_lanes_config_dscp() {
     }
     assert!(sb.agent_log().contains("lane marking attached"), "{}", sb.agent_log());
     assert!(sb.agent_log().contains(&format!("in {node_ns}")), "{}", sb.agent_log());
+    // The lane's index under the mask, shown by `tagger lanes`.
+    let (_, lanes) = tagger_tests::agent::cli_json(&sb.pins.0, &["lanes"]);
+    let gray = lanes["lanes"].as_array().unwrap().iter().find(|l| l["lane"]["name"] == "gray").unwrap();
+    assert_eq!(gray["mark"]["index"], 1, "{lanes}");
+    assert_eq!(gray["mark"]["value"], "0x100", "{lanes}");
+}
+
+/// A `--mark-mask` that would write kube-proxy's bits, is empty or not contiguous is refused
+/// at start, naming the flag and the reason; nothing is installed.
+#[test]
+fn a_bad_mark_mask_is_refused_at_start() {
+    let out = Command::new(tagger_tests::agent::workspace_bin("tagger-agent"))
+        .args(["--node-name", "n", "--mark-interfaces", "p*", "--mark-mask", "0x4000"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--mark-mask") && err.contains("kube-proxy"), "{err}");
+    for (mask, why) in [("0", "empty"), ("0x0f0f", "contiguous")] {
+        let out = Command::new(tagger_tests::agent::workspace_bin("tagger-agent"))
+            .args(["--node-name", "n", "--mark-mask", mask])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(why), "{mask}: {err}");
+    }
 }

@@ -344,3 +344,29 @@ fn a_leftover_move_is_undone_or_finished() {
     assert!(!links.join("moving-connect4").exists());
     assert_eq!(tagger::sys::link_info(&links.join("connect4")).unwrap().link_id, before);
 }
+
+/// `TAGGER_INB_V1` (a plain per-CPU hash) became the LRU `TAGGER_INB_V2`: the pins of a build
+/// with the old inbound map upgrade to the new one, and the old pin is removed at the switch,
+/// never reused under the new name.
+#[test]
+fn an_upgrade_replaces_the_plain_inbound_map_with_the_lru_one() {
+    let f = Fixture::new();
+    let first = install_in_other_process(&f.pins.0, f.root.path());
+    assert!(first.starts_with("Attached"), "{first}");
+    let maps = f.pins.0.join("maps");
+    let new = maps.join(tagger_common::MAP_INBOUND);
+    let old = maps.join("TAGGER_INB_V1");
+    std::fs::rename(&new, &old).unwrap();
+    for e in std::fs::read_dir(&f.pins.0).unwrap().flatten() {
+        if e.file_name().to_string_lossy().starts_with("object-") {
+            std::fs::rename(e.path(), f.pins.0.join("object-00000000000000aa")).unwrap();
+        }
+    }
+    let (mut dp, installed) = Datapath::install(&f.pins.0, f.root.path()).unwrap();
+    assert!(matches!(installed, tagger::datapath::Installed::Upgrading { .. }), "{installed:?}");
+    assert!(new.exists() && old.exists(), "the old programs keep their map until the switch");
+    dp.finish_upgrade().unwrap();
+    assert!(!old.exists(), "the old inbound map's pin is removed at the switch");
+    let map = aya::maps::Map::from_map_data(aya::maps::MapData::from_pin(&new).unwrap()).unwrap();
+    assert!(matches!(map, aya::maps::Map::PerCpuLruHashMap(_)), "{map:?}");
+}

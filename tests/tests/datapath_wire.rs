@@ -10,8 +10,9 @@ use std::{
 
 use tagger::net::Proto;
 use tagger_common::{
-    DSCP_UNSET, INBOUND_FELL_BACK, INBOUND_IN_LANE, INBOUND_LEAK, INBOUND_ROUTED, INBOUND_UNTAGGED,
-    LanePolicy, Outcome, PodAddr, RouteKey, SVC_F_ROUTED, lane_id,
+    DSCP_UNSET, INBOUND_FELL_BACK, INBOUND_IN_LANE, INBOUND_LEAK, INBOUND_ROUTED, INBOUND_UNKNOWN_LANE,
+    INBOUND_UNTAGGED, InboundKey, LanePolicy, MAP_INBOUND, MAX_INBOUND, Outcome, PodAddr, RouteKey,
+    SVC_F_ROUTED, lane_id,
     wire::{LANE_OPT_F_FELL_BACK, LANE_OPT_KIND, decode_lane_option},
 };
 use tagger_tests::{
@@ -162,6 +163,65 @@ fn the_receiving_pod_counts_connections_by_the_callers_lane() {
     assert_eq!(report.totals["fell_back"], 3);
     assert_eq!(report.totals["routed"], 2);
     assert_eq!(report.not_classified, 0, "every listener was opened after tagger attached");
+}
+
+/// The lane option is unauthenticated: ids that are not known lanes (no name published) share
+/// one `unknown_lane` row per pod and never get a row per id; and the inbound map is an LRU,
+/// so one filled with other rows (a flood of distinct keys) still counts new connections.
+#[test]
+fn unknown_lane_ids_share_one_row_and_a_full_inbound_map_keeps_counting() {
+    let mut sb = Sandbox::new();
+    let gray = lane_id("gray");
+    let (g1, _) = sb.pod_backend("gray-1", "gray", "gray");
+    let forged = ["forged-a", "forged-b", "forged-c"];
+    let vip: SocketAddr = "10.96.6.9:80".parse().unwrap();
+    let mut sets: Vec<(&str, &[SocketAddr])> = vec![("gray", std::slice::from_ref(&g1))];
+    sets.extend(forged.iter().map(|l| (*l, std::slice::from_ref(&g1))));
+    sb.service(vip, Proto::Tcp, 9, 0, &sets);
+    let gray_pod = sb.caller("gray", Some("gray"));
+    let ok = |attempts: &[tagger_tests::client::Attempt]| replies(attempts).values().sum::<usize>();
+    assert_eq!(ok(&sb.call(&gray_pod, Mode::Tcp, vip, 2)), 2);
+    for lane in forged {
+        // Registered with an id whose name nobody published: what a forged option looks like.
+        let caller = sb.caller(lane, None);
+        let cg = TestCgroup::resolve(&caller.cgroup);
+        sb.dp.dp.tables_mut().register_pod(&cg, lane_id(lane)).unwrap();
+        assert_eq!(ok(&sb.call(&caller, Mode::Tcp, vip, 2)), 2, "{lane}");
+    }
+    assert_eq!(
+        inbound_of(&sb, g1),
+        BTreeMap::from([((gray, INBOUND_IN_LANE), 2), ((0, INBOUND_UNKNOWN_LANE), 6)]),
+        "three unknown ids, one row"
+    );
+    let report = tagger::cli::inbound::read(sb.dp.dp.tables()).unwrap();
+    assert_eq!(report.totals["unknown_lane"], 6);
+
+    // Fill the map with rows of other addresses, as a flood of distinct keys would.
+    let pin = sb.dp.dir().join("maps").join(MAP_INBOUND);
+    let map = aya::maps::Map::from_map_data(aya::maps::MapData::from_pin(&pin).unwrap()).unwrap();
+    let mut inbound: aya::maps::PerCpuHashMap<_, InboundKey, u64> = map.try_into().unwrap();
+    let cpus = aya::util::nr_cpus().unwrap();
+    for i in 0..MAX_INBOUND {
+        let key = InboundKey {
+            addr: [0, 0, 0xffff_u32.to_be(), 0x0a63_0000 + i],
+            caller_lane: 0,
+            pod_lane: 0,
+            kind: 0,
+        };
+        let ones = aya::maps::PerCpuValues::try_from(vec![1u64; cpus]).unwrap();
+        let _ = inbound.insert(key, ones, 0);
+    }
+    let before = sb.dp.dp.tables().counters().unwrap().by_outcome.get(&Outcome::InboundFull).copied();
+    // g1's row may have been evicted by the flood (then it starts again from 0).
+    let held = inbound_of(&sb, g1).get(&(gray, INBOUND_IN_LANE)).copied().unwrap_or(0);
+    assert_eq!(ok(&sb.call(&gray_pod, Mode::Tcp, vip, 3)), 3);
+    assert_eq!(
+        inbound_of(&sb, g1).get(&(gray, INBOUND_IN_LANE)).copied(),
+        Some(held + 3),
+        "counted despite the flood"
+    );
+    let after = sb.dp.dp.tables().counters().unwrap().by_outcome.get(&Outcome::InboundFull).copied();
+    assert_eq!(before, after, "nothing lost as inbound_full");
 }
 
 #[test]

@@ -26,7 +26,7 @@ enum Task {
     /// Install what building and testing need (idempotent).
     Setup,
     /// Bootstrap, then run formatting, lint and `cargo deny` checks, unit tests and, as root, the
-    /// kernel integration tests on this kernel and then in qemu on Debian's 6.1 and 6.12.
+    /// kernel integration tests on this kernel and then in qemu on Debian's 5.10, 6.1 and 6.12.
     Test {
         /// Skip `cargo fmt --check` and clippy.
         #[arg(long)]
@@ -34,16 +34,20 @@ enum Task {
         /// Only run tests whose name contains this string.
         filter: Option<String>,
         /// Run only the kernel integration tests, inside qemu (TCG) on this Debian kernel series
-        /// (6.1, 6.12; repeatable, or `all`) instead of on the host.
+        /// (5.10, 6.1, 6.12; repeatable, or `all`) instead of on the host.
         #[arg(long, value_name = "SERIES")]
         kernel: Vec<String>,
-        /// Skip the kernel matrix (the kernel tests in qemu on Debian's 6.1 and 6.12) that a
+        /// Skip the kernel matrix (the kernel tests in qemu on Debian's 5.10, 6.1 and 6.12) that a
         /// full run does after the host's tests.
         #[arg(long)]
         no_kernel_matrix: bool,
         /// Time limit of each qemu guest, in minutes.
         #[arg(long, default_value_t = 40, value_name = "MINUTES")]
         kernel_timeout: u64,
+        /// With --kernel: run only this test binary in the guests (e.g. `datapath_wire`;
+        /// repeatable). The cgroup v1-only guest runs only if `agent_cgroup_v1` is named.
+        #[arg(long, value_name = "BINARY", requires = "kernel")]
+        kernel_binary: Vec<String>,
     },
     /// Remove namespaces, cgroups and pins left by an interrupted test run.
     Clean,
@@ -76,15 +80,15 @@ fn main() -> Result<()> {
             cleanup::leftovers();
             Ok(())
         }
-        Task::Test { no_lint, filter, kernel, no_kernel_matrix, kernel_timeout } => {
+        Task::Test { no_lint, filter, kernel, no_kernel_matrix, kernel_timeout, kernel_binary } => {
             if kernel.is_empty() {
                 test(no_lint, filter.as_deref())?;
                 if no_kernel_matrix {
                     return Ok(());
                 }
-                kernel_matrix(&["all".to_owned()], filter.as_deref(), kernel_timeout)
+                kernel_matrix(&["all".to_owned()], filter.as_deref(), kernel_timeout, &[])
             } else {
-                kernel_matrix(&kernel, filter.as_deref(), kernel_timeout)
+                kernel_matrix(&kernel, filter.as_deref(), kernel_timeout, &kernel_binary)
             }
         }
         Task::Demo { keep } => demo(keep),
@@ -138,7 +142,12 @@ fn test(no_lint: bool, filter: Option<&str>) -> Result<()> {
 
 /// The kernel tests in qemu guests. Nothing is created on the host (no namespaces, cgroups or
 /// pins), so this does not clean leftovers either.
-fn kernel_matrix(series: &[String], filter: Option<&str>, timeout_min: u64) -> Result<()> {
+fn kernel_matrix(
+    series: &[String],
+    filter: Option<&str>,
+    timeout_min: u64,
+    binaries: &[String],
+) -> Result<()> {
     require_root("test --kernel")?;
     bootstrap::run_all()?;
     let series: Vec<String> = if series.iter().any(|s| s == "all") {
@@ -146,7 +155,8 @@ fn kernel_matrix(series: &[String], filter: Option<&str>, timeout_min: u64) -> R
     } else {
         series.to_vec()
     };
-    let opts = matrix::Options { filter, timeout: std::time::Duration::from_secs(timeout_min * 60) };
+    let opts =
+        matrix::Options { filter, timeout: std::time::Duration::from_secs(timeout_min * 60), binaries };
     matrix::run(&series, &opts)
 }
 

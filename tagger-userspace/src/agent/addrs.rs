@@ -71,3 +71,63 @@ impl PodAddrs {
         }
     }
 }
+
+/// What `TAGGER_LMARK_V1` holds: each marked lane's index under `--mark-mask`
+/// ([`crate::lane_marks`]). Lanes are those of local pods and of the lanes config.
+#[derive(Clone, Debug)]
+pub struct LaneMarks {
+    mask: crate::lane_marks::MarkMask,
+    current: BTreeMap<u32, tagger_common::LaneMark>,
+    unfit: std::collections::BTreeSet<u32>,
+}
+
+impl LaneMarks {
+    /// Reads what the map holds (an earlier agent's indices are kept where they fit `mask`).
+    pub fn read(tables: &Tables, mask: crate::lane_marks::MarkMask) -> Result<Self> {
+        Ok(Self { mask, current: tables.lane_marks()?, unfit: std::collections::BTreeSet::new() })
+    }
+
+    /// Assigns indices to the lanes of `desired` and `lanes`, writes the differences and
+    /// removes lanes no longer marked. Lanes that do not fit are logged once and recorded
+    /// without an index.
+    pub fn sync(
+        &mut self,
+        tables: &mut Tables,
+        desired: &BTreeMap<[u32; 4], LocalAddr>,
+        lanes: &LanesConfig,
+    ) {
+        let mut wanted: std::collections::BTreeSet<u32> = desired.values().map(|a| a.lane).collect();
+        wanted.extend(lanes.policies().keys().copied());
+        let assignment = crate::lane_marks::assign(&self.current, &wanted, self.mask);
+        for lane in assignment.unfit.difference(&self.unfit) {
+            warn!(
+                lane = %lane,
+                mask = format!("{:#x}", self.mask.bits()),
+                fits = self.mask.max_index(),
+                "lane marking: this lane does not fit --mark-mask (all indices taken); its packets are not marked"
+            );
+        }
+        self.unfit.clone_from(&assignment.unfit);
+        let entries = assignment.entries(self.mask);
+        for (&lane, &want) in &entries {
+            if self.current.get(&lane) == Some(&want) {
+                continue;
+            }
+            match tables.set_lane_mark(lane, want) {
+                Ok(()) => {
+                    self.current.insert(lane, want);
+                }
+                Err(e) => warn!("writing a lane's mark bits: {e}"),
+            }
+        }
+        let stale: Vec<u32> = self.current.keys().filter(|l| !entries.contains_key(l)).copied().collect();
+        for lane in stale {
+            match tables.remove_lane_mark(lane) {
+                Ok(()) => {
+                    self.current.remove(&lane);
+                }
+                Err(e) => warn!("removing a lane's mark bits: {e}"),
+            }
+        }
+    }
+}

@@ -107,10 +107,20 @@ pub struct Args {
 
     /// Stamp local pods' packets with their lane on the network interfaces matching these
     /// globs (comma-separated, `*` and `?`), e.g. `cali*,lxc*` or `veth*` for the host side of
-    /// pod veths: `skb->mark` = the lane id and, for lanes with `dscp` in the lanes config, that
-    /// DSCP. Empty (the default): no marking. New matching interfaces are picked up within 2 s.
+    /// pod veths: the bits of `skb->mark` under `--mark-mask` = the lane's small index (see
+    /// `tagger lanes`) and, for lanes with `dscp` in the lanes config, that DSCP. Empty (the
+    /// default): no marking. New matching interfaces are picked up within 2 s.
     #[arg(long, value_name = "GLOB[,GLOB...]", default_value = "")]
     pub mark_interfaces: String,
+
+    /// The bits of `skb->mark` lane marking may write (hexadecimal, one contiguous run, never
+    /// kube-proxy's 0x4000/0x8000): each marked lane gets an index 1..=mask>>shift there, base
+    /// is 0 and keeps its mark; every other bit of the mark is kept. Lanes beyond the mask's
+    /// room are not marked, and counted. The default 0x00f0 (15 lanes) avoids kube-proxy's,
+    /// Calico's and Cilium's magic bits (see the README).
+    #[arg(long, value_name = "HEX", default_value = crate::lane_marks::DEFAULT_MARK_MASK,
+          value_parser = crate::lane_marks::MarkMask::parse)]
+    pub mark_mask: crate::lane_marks::MarkMask,
 
     /// Where on those interfaces: `ingress` (packets the interface receives: the host side of a
     /// pod's veth, before routing and queueing) or `egress` (packets it sends: a node uplink).
@@ -153,6 +163,8 @@ pub struct AgentConfig {
     pub lane_keys: Vec<String>,
     /// Interface globs to mark on (empty: no marking).
     pub mark_interfaces: Vec<String>,
+    /// `--mark-mask`, when marking is on.
+    pub mark_mask: Option<crate::lane_marks::MarkMask>,
     /// `--datapath-lease` (zero: never expires).
     pub datapath_lease: std::time::Duration,
     /// `--netns-dir`.
@@ -192,12 +204,14 @@ impl Args {
         }
         let mark_interfaces = crate::datapath::tc::parse_globs(&self.mark_interfaces)
             .map_err(|e| anyhow::anyhow!("--mark-interfaces {e}"))?;
+        let mark_mask = (!mark_interfaces.is_empty()).then_some(self.mark_mask);
         Ok(AgentConfig {
             node_name,
             cgroup_root: self.cgroup_root.clone(),
             attach,
             lane_keys,
             mark_interfaces,
+            mark_mask,
             datapath_lease: self.datapath_lease,
             netns_dir: self.netns_dir.clone(),
         })

@@ -307,6 +307,7 @@ fn encode_inbound(
     let all = Family::<InboundLabels, Counter>::default();
     let leaks = Family::<LeakLabels, Counter>::default();
     let untagged = Family::<PodLabels, Counter>::default();
+    let unknown = Family::<PodLabels, Counter>::default();
     for row in rows {
         let Some((namespace, pod)) = addrs.get(&row.key.addr).and_then(|a| pods.get(&a.cgroup)).cloned()
         else {
@@ -317,7 +318,9 @@ fn encode_inbound(
             namespace: namespace.clone(),
             pod: pod.clone(),
             pod_lane: lane(row.key.pod_lane),
-            caller_lane: if row.key.kind == tagger_common::INBOUND_UNTAGGED {
+            caller_lane: if row.key.kind == tagger_common::INBOUND_UNTAGGED
+                || row.key.kind == tagger_common::INBOUND_UNKNOWN_LANE
+            {
                 String::new()
             } else {
                 lane(row.key.caller_lane)
@@ -333,13 +336,16 @@ fn encode_inbound(
             tagger_common::INBOUND_UNTAGGED => {
                 untagged.get_or_create(&PodLabels { namespace, pod }).inc_by(row.count);
             }
+            tagger_common::INBOUND_UNKNOWN_LANE => {
+                unknown.get_or_create(&PodLabels { namespace, pod }).inc_by(row.count);
+            }
             _ => {}
         }
     }
     all.encode(encoder.encode_descriptor(
         "inbound_connections",
         "Connections accepted by local pods, by caller lane (from the SYN's lane option), pod lane and kind \
-         (in_lane, fell_back, routed, leak, untagged)",
+         (in_lane, fell_back, routed, leak, untagged, unknown_lane)",
         None,
         all.metric_type(),
     )?)?;
@@ -354,7 +360,45 @@ fn encode_inbound(
         "Connections accepted by a local pod without a lane option (caller not behind tagger)",
         None,
         untagged.metric_type(),
+    )?)?;
+    unknown.encode(encoder.encode_descriptor(
+        "inbound_unknown_lane",
+        "Connections accepted by a local pod whose SYN's lane option named no known lane (the option is \
+         unauthenticated; such ids are counted here, never per id)",
+        None,
+        unknown.metric_type(),
     )?)
+}
+
+/// Lane marking's lanes: with an index under `--mark-mask`, and without (the mask is full).
+/// Nothing while marking is off (the map is empty).
+fn encode_lane_marks(
+    encoder: &mut DescriptorEncoder,
+    t: &crate::datapath::Tables,
+) -> Result<(), std::fmt::Error> {
+    let Ok(marks) = t.lane_marks() else { return Ok(()) };
+    if marks.is_empty() {
+        return Ok(());
+    }
+    let family = Family::<StateLabel, Gauge>::default();
+    let unfit = marks.values().filter(|m| m.mask == 0).count();
+    for (state, n) in [("indexed", marks.len() - unfit), ("unfit", unfit)] {
+        family
+            .get_or_create(&StateLabel { state: state.to_owned() })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    family.encode(encoder.encode_descriptor(
+        "mark_lanes",
+        "Lanes lane marking handles: `indexed` got an index under --mark-mask, `unfit` did not (their \
+         packets are not marked)",
+        None,
+        family.metric_type(),
+    )?)
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: String,
 }
 
 /// Labels of a Service frontend's steering gauge.
@@ -519,7 +563,7 @@ impl Collector for DatapathCollector {
         if let Ok(conns) = t.connections() {
             encode_connections(&mut encoder, &conns, &names, &lane)?;
         }
-        encode_inbound(&mut encoder, t, &lane)?;
+        encode_inbound(&mut encoder, t, &lane).and_then(|()| encode_lane_marks(&mut encoder, t))?;
         let entries = Family::<MapLabel, Gauge>::default();
         let capacity = Family::<MapLabel, Gauge>::default();
         let ratio = Family::<MapLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();

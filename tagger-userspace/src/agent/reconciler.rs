@@ -18,7 +18,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{
     AgentStatus, Wake,
-    addrs::PodAddrs,
+    addrs::{LaneMarks, PodAddrs},
     args::AgentConfig,
     inputs::InputsHandle,
     lease::LeaseKeeper,
@@ -68,6 +68,8 @@ pub struct Reconciler {
     current: Mirror,
     names: Names,
     addrs: PodAddrs,
+    /// Lanes' mark bits, when lane marking is on.
+    marks: Option<LaneMarks>,
     model: Incremental,
     availability: LaneAvailability,
     last_warnings: BTreeMap<String, u64>,
@@ -93,6 +95,7 @@ impl Reconciler {
         let ids = current.frontend_ids();
         let names = Names::read(datapath.tables())?;
         let addrs = PodAddrs::read(datapath.tables())?;
+        let marks = config.mark_mask.map(|m| LaneMarks::read(datapath.tables(), m)).transpose()?;
         let lease = LeaseKeeper::new(config.datapath_lease);
         let netns = crate::lifecycle::netns::Finder::new(config.netns_dir.clone());
         let resets = probe_resets(&netns, &status);
@@ -113,6 +116,7 @@ impl Reconciler {
             current: Mirror::new(current),
             names,
             addrs,
+            marks,
             model,
             availability: LaneAvailability::default(),
             last_warnings: BTreeMap::default(),
@@ -206,6 +210,9 @@ impl Reconciler {
         self.publish_names(&update, lanes, full);
         if full || update.pods_changed || update.lanes_changed {
             self.addrs.sync(self.datapath.tables_mut(), self.model.pod_addrs(), lanes);
+            if let Some(marks) = &mut self.marks {
+                marks.sync(self.datapath.tables_mut(), self.model.pod_addrs(), lanes);
+            }
         }
         if full {
             self.addrs.prune_inbound(self.datapath.tables_mut());

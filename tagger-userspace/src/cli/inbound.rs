@@ -6,8 +6,8 @@ use std::{collections::BTreeMap, fmt::Write as _};
 
 use serde::Serialize;
 use tagger_common::{
-    INBOUND_FELL_BACK, INBOUND_IN_LANE, INBOUND_LEAK, INBOUND_ROUTED, INBOUND_UNTAGGED, Outcome, PodAddr,
-    inbound_kind_name,
+    INBOUND_FELL_BACK, INBOUND_IN_LANE, INBOUND_LEAK, INBOUND_ROUTED, INBOUND_UNKNOWN_LANE, INBOUND_UNTAGGED,
+    Outcome, PodAddr, inbound_kind_name,
 };
 
 use super::render::{LaneRef, Names, table};
@@ -18,8 +18,8 @@ use crate::datapath::{InboundRow, Tables};
 pub struct InboundReport {
     /// Per pod address, caller lane, pod lane and kind.
     pub rows: Vec<InboundReportRow>,
-    /// Totals per kind (`in_lane`, `fell_back`, `routed`, `leak`, `untagged`; every kind is
-    /// present).
+    /// Totals per kind (`in_lane`, `fell_back`, `routed`, `leak`, `untagged`, `unknown_lane`;
+    /// every kind is present).
     pub totals: BTreeMap<&'static str, u64>,
     /// Accepted connections not classified: their SYN was not saved (a listener opened before
     /// tagger attached, or syncookies).
@@ -38,9 +38,10 @@ pub struct InboundReportRow {
     pub address: String,
     /// The pod's lane when it accepted the connection.
     pub pod_lane: LaneRef,
-    /// The caller's lane from the option (null when untagged).
+    /// The caller's lane from the option (null when untagged, and for `unknown_lane`: an id
+    /// that is no known lane is not kept).
     pub caller_lane: Option<LaneRef>,
-    /// `in_lane`, `fell_back`, `routed`, `leak` or `untagged`.
+    /// `in_lane`, `fell_back`, `routed`, `leak`, `untagged` or `unknown_lane`.
     pub kind: &'static str,
     /// Connections accepted.
     pub connections: u64,
@@ -55,11 +56,17 @@ pub fn report(
     rows: &[InboundRow],
     counters: &BTreeMap<Outcome, u64>,
 ) -> InboundReport {
-    let mut totals: BTreeMap<&'static str, u64> =
-        [INBOUND_IN_LANE, INBOUND_FELL_BACK, INBOUND_ROUTED, INBOUND_LEAK, INBOUND_UNTAGGED]
-            .into_iter()
-            .map(|k| (inbound_kind_name(k), 0))
-            .collect();
+    let mut totals: BTreeMap<&'static str, u64> = [
+        INBOUND_IN_LANE,
+        INBOUND_FELL_BACK,
+        INBOUND_ROUTED,
+        INBOUND_LEAK,
+        INBOUND_UNTAGGED,
+        INBOUND_UNKNOWN_LANE,
+    ]
+    .into_iter()
+    .map(|k| (inbound_kind_name(k), 0))
+    .collect();
     let mut out: Vec<InboundReportRow> = rows
         .iter()
         .map(|r| {
@@ -72,7 +79,8 @@ pub fn report(
                 pod,
                 address: crate::net::words_addr(&r.key.addr).to_string(),
                 pod_lane: names.lane(r.key.pod_lane),
-                caller_lane: (r.key.kind != INBOUND_UNTAGGED).then(|| names.lane(r.key.caller_lane)),
+                caller_lane: (r.key.kind != INBOUND_UNTAGGED && r.key.kind != INBOUND_UNKNOWN_LANE)
+                    .then(|| names.lane(r.key.caller_lane)),
                 kind: inbound_kind_name(r.key.kind),
                 connections: r.count,
             }
@@ -113,7 +121,11 @@ pub fn render(names: &Names, r: &InboundReport) -> String {
             row.pod.clone().unwrap_or_else(|| "(gone)".to_owned()),
             row.address.clone(),
             names.lane_label(row.pod_lane.id),
-            row.caller_lane.as_ref().map_or_else(|| "-".to_owned(), |l| names.lane_label(l.id)),
+            match (&row.caller_lane, row.kind) {
+                (_, "unknown_lane") => "(unknown id)".to_owned(),
+                (Some(l), _) => names.lane_label(l.id),
+                (None, _) => "-".to_owned(),
+            },
             if row.kind == "leak" { "LEAK".to_owned() } else { row.kind.to_owned() },
             row.connections.to_string(),
         ]);
@@ -126,6 +138,13 @@ pub fn render(names: &Names, r: &InboundReport) -> String {
             out,
             "LEAK: a caller of another lane reached the pod without falling back (a path that bypassed \
              tagger's steering, or a misconfigured Service)"
+        );
+    }
+    if r.totals.get("unknown_lane").is_some_and(|&n| n > 0) {
+        let _ = writeln!(
+            out,
+            "unknown_lane: SYNs whose lane option named no known lane (the option is unauthenticated: \
+             a client outside tagger sent it, or a lane this node has not learned yet)"
         );
     }
     if r.not_classified > 0 {
@@ -165,6 +184,7 @@ mod tests {
             row(0, INBOUND_LEAK, 2),
             row(0, INBOUND_UNTAGGED, 3),
             row(lane_id("blue"), INBOUND_FELL_BACK, 1),
+            row(0, INBOUND_UNKNOWN_LANE, 6),
         ];
         let counters = BTreeMap::from([(Outcome::InboundNoSyn, 4)]);
         let r = report(&names, &pod_names, &addrs, &rows, &counters);
@@ -172,14 +192,18 @@ mod tests {
         assert_eq!(r.totals["leak"], 2);
         assert_eq!(r.totals["untagged"], 3);
         assert_eq!(r.totals["fell_back"], 1);
+        assert_eq!(r.totals["unknown_lane"], 6);
         assert_eq!(r.not_classified, 4);
         assert!(r.rows.iter().all(|row| row.pod.as_deref() == Some("demo/b-gray")));
         let untagged = r.rows.iter().find(|row| row.kind == "untagged").unwrap();
         assert!(untagged.caller_lane.is_none());
+        let unknown = r.rows.iter().find(|row| row.kind == "unknown_lane").unwrap();
+        assert!(unknown.caller_lane.is_none());
         let text = render(&names, &r);
         assert!(
             text.contains("LEAK") && text.contains("10.1.0.7") && text.contains("not classified"),
             "{text}"
         );
+        assert!(text.contains("(unknown id)") && text.contains("unknown_lane 6"), "{text}");
     }
 }

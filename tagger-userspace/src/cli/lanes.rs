@@ -32,6 +32,43 @@ pub struct LaneRow {
     pub pods: usize,
     /// Backend sets (Services with a set for the lane, empty or not).
     pub backend_sets: usize,
+    /// Lane marking (`--mark-interfaces`): the lane's index under `--mark-mask` and the mark
+    /// bits its pods' packets get; null when the lane is not marked (base, or marking off).
+    pub mark: Option<MarkView>,
+}
+
+/// A lane's mark bits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MarkView {
+    /// 1..=mask>>shift; null when the lane did not fit the mask (its packets are not marked).
+    pub index: Option<u32>,
+    /// `index << shift` as `0x…` (null when unfit).
+    pub value: Option<String>,
+    /// The mask as `0x…` (null when unfit).
+    pub mask: Option<String>,
+}
+
+/// The view of a lane's entry in the lane-marks map.
+#[must_use]
+pub fn mark_view(entry: &tagger_common::LaneMark) -> MarkView {
+    if entry.mask == 0 {
+        return MarkView { index: None, value: None, mask: None };
+    }
+    MarkView {
+        index: Some(entry.index()),
+        value: Some(format!("{:#x}", entry.value)),
+        mask: Some(format!("{:#x}", entry.mask)),
+    }
+}
+
+/// The mark column: `3 (0x30/0xf0)`, `none: --mark-mask full`, or `-`.
+#[must_use]
+pub fn mark_label(view: Option<&MarkView>) -> String {
+    match view {
+        None => "-".to_owned(),
+        Some(MarkView { index: Some(i), value: Some(v), mask: Some(m) }) => format!("{i} ({v}/{m})"),
+        Some(_) => "none: does not fit --mark-mask".to_owned(),
+    }
 }
 
 /// A lane's policy, as the datapath applies it.
@@ -92,6 +129,8 @@ pub fn collect(tables: &Tables) -> anyhow::Result<LanesReport> {
     ids.extend(pods.keys());
     ids.extend(sets.keys());
     ids.extend(names.lanes.keys());
+    let marks = tables.lane_marks()?;
+    ids.extend(marks.keys());
     let mut lanes: Vec<LaneRow> = ids
         .into_iter()
         .map(|id| LaneRow {
@@ -100,6 +139,7 @@ pub fn collect(tables: &Tables) -> anyhow::Result<LanesReport> {
             policy: policy_view(&names, id, policies.get(&id)),
             pods: pods.get(&id).copied().unwrap_or(0),
             backend_sets: sets.get(&id).copied().unwrap_or(0),
+            mark: marks.get(&id).map(mark_view),
         })
         .collect();
     lanes.sort_by_key(|l| lane_order(&l.lane));
@@ -124,7 +164,14 @@ pub fn run(tables: &Tables, format: Format) -> anyhow::Result<()> {
         Format::Table => {
             let names = Names::read(tables)?;
             let mut t = table(
-                &["lane", "id", "when a Service has no backend in the lane", "pods", "backend sets"],
+                &[
+                    "lane",
+                    "id",
+                    "when a Service has no backend in the lane",
+                    "pods",
+                    "backend sets",
+                    "mark index",
+                ],
                 &[3, 4],
             );
             for l in &report.lanes {
@@ -134,6 +181,7 @@ pub fn run(tables: &Tables, format: Format) -> anyhow::Result<()> {
                     policy_label(&names, l.lane.id, &l.policy),
                     l.pods.to_string(),
                     l.backend_sets.to_string(),
+                    mark_label(l.mark.as_ref()),
                 ]);
             }
             println!("{t}");
@@ -179,6 +227,16 @@ mod tests {
         let v = policy_view(&n, lane_id("feature-x"), Some(&p));
         assert!(v.strict && v.fallback.is_empty());
         assert!(policy_label(&n, lane_id("feature-x"), &v).starts_with("strict"));
+    }
+
+    #[test]
+    fn mark_column() {
+        let v = mark_view(&tagger_common::LaneMark { value: 0x30, mask: 0xf0 });
+        assert_eq!(v.index, Some(3));
+        assert_eq!(mark_label(Some(&v)), "3 (0x30/0xf0)");
+        let unfit = mark_view(&tagger_common::LaneMark::default());
+        assert!(mark_label(Some(&unfit)).contains("does not fit"));
+        assert_eq!(mark_label(None), "-");
     }
 
     #[test]

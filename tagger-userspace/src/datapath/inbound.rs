@@ -1,9 +1,10 @@
-//! The local pods by address (`TAGGER_PADDR_V1`) and the inbound connection counts
-//! (`TAGGER_INB_V1`) the passive side of `conn_track` keeps by them.
+//! The local pods by address (`TAGGER_PADDR_V1`), the inbound connection counts
+//! (`TAGGER_INB_V2`) the passive side of `conn_track` keeps by them, and the lanes' mark bits
+//! (`TAGGER_LMARK_V1`) the TC marking program writes on their packets.
 
 use std::collections::BTreeMap;
 
-use tagger_common::{InboundKey, MAP_INBOUND, MAP_POD_ADDRS, PodAddr};
+use tagger_common::{InboundKey, LaneMark, MAP_INBOUND, MAP_LANE_MARKS, MAP_POD_ADDRS, PodAddr};
 
 use super::tables::{Tables, ignore_not_found, map_err};
 use crate::Result;
@@ -46,5 +47,20 @@ impl Tables {
     /// Removes the inbound rows of an address that no longer belongs to a local pod.
     pub fn remove_inbound(&mut self, key: &InboundKey) -> Result<()> {
         ignore_not_found(self.inbound.remove(key)).map_err(map_err(MAP_INBOUND, "remove", key))
+    }
+
+    /// Sets a lane's mark bits (see [`LaneMark`]).
+    pub fn set_lane_mark(&mut self, lane: u32, entry: LaneMark) -> Result<()> {
+        self.lane_marks.insert(lane, entry, 0).map_err(map_err(MAP_LANE_MARKS, "insert", lane))
+    }
+
+    /// Forgets a lane's mark bits: its packets keep their marks.
+    pub fn remove_lane_mark(&mut self, lane: u32) -> Result<()> {
+        ignore_not_found(self.lane_marks.remove(&lane)).map_err(map_err(MAP_LANE_MARKS, "remove", lane))
+    }
+
+    /// Every lane's mark bits.
+    pub fn lane_marks(&self) -> Result<BTreeMap<u32, LaneMark>> {
+        self.lane_marks.iter().map(|r| r.map_err(map_err(MAP_LANE_MARKS, "iterate", ()))).collect()
     }
 }

@@ -24,7 +24,7 @@ use aya::programs::{
     links::{FdLink, LinkOrder},
     tc::{NlOptions, TcAttachOptions, qdisc_add_clsact, qdisc_detach_program},
 };
-use tagger_common::MAP_POD_ADDRS;
+use tagger_common::{MAP_LANE_MARKS, MAP_POD_ADDRS};
 
 use super::{DATAPATH_OBJECT, PinLayout};
 use crate::{Error, Result};
@@ -161,8 +161,8 @@ impl fmt::Debug for Marker {
 }
 
 impl Marker {
-    /// Loads the program against the installed datapath's pinned address map. `mode`: `None`
-    /// probes (TCX if the kernel has it, else netlink).
+    /// Loads the program against the installed datapath's pinned address and lane-mark maps.
+    /// `mode`: `None` probes (TCX if the kernel has it, else netlink).
     pub fn load(
         bpffs_dir: &Path,
         globs: Vec<String>,
@@ -170,10 +170,11 @@ impl Marker {
         mode: Option<MarkMode>,
     ) -> Result<Self> {
         let layout = PinLayout::new(bpffs_dir);
-        let pin = layout.map(MAP_POD_ADDRS);
+        let (addrs, marks) = (layout.map(MAP_POD_ADDRS), layout.map(MAP_LANE_MARKS));
         let mut loader = aya::EbpfLoader::new();
-        // Only the address map is shared; the program uses no other map.
-        loader.map_pin_path(MAP_POD_ADDRS, pin.as_path());
+        // Only these two maps are shared; the program uses no other map.
+        loader.map_pin_path(MAP_POD_ADDRS, addrs.as_path());
+        loader.map_pin_path(MAP_LANE_MARKS, marks.as_path());
         let mut ebpf = loader.load(DATAPATH_OBJECT).map_err(Box::new)?;
         let program = classifier(&mut ebpf)?;
         program
@@ -264,6 +265,63 @@ impl Marker {
             }
         }
         Ok(())
+    }
+
+    /// Runs the loaded program once on `frame` (an Ethernet frame) whose `skb->mark` is `mark`,
+    /// without attaching it (`BPF_PROG_TEST_RUN`), and returns the mark it leaves: what the
+    /// kernel tests use to check that only the bits under `--mark-mask` change.
+    pub fn test_run(&mut self, frame: &[u8], mark: u32) -> Result<u32> {
+        use std::os::fd::AsRawFd as _;
+        const BPF_PROG_TEST_RUN: libc::c_long = 10;
+        #[repr(C)]
+        #[derive(Default)]
+        struct TestAttr {
+            prog_fd: u32,
+            retval: u32,
+            data_size_in: u32,
+            data_size_out: u32,
+            data_in: u64,
+            data_out: u64,
+            repeat: u32,
+            duration: u32,
+            ctx_size_in: u32,
+            ctx_size_out: u32,
+            ctx_in: u64,
+            ctx_out: u64,
+        }
+        let program = classifier(&mut self.ebpf)?;
+        let fd = program.fd().map_err(|e| Error::Invalid { what: "lane marking", reason: e.to_string() })?;
+        // `struct __sk_buff` (at most 192 bytes; zero beyond an older kernel's size is
+        // accepted): `mark` is its third u32.
+        let mut ctx_in = [0u32; 48];
+        ctx_in[2] = mark;
+        let mut ctx_out = [0u32; 48];
+        let mut out = vec![0u8; frame.len() + 256];
+        let size = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let mut attr = TestAttr {
+            prog_fd: u32::try_from(fd.as_fd().as_raw_fd()).unwrap_or_default(),
+            data_size_in: size(frame.len()),
+            data_size_out: size(out.len()),
+            data_in: frame.as_ptr() as u64,
+            data_out: out.as_mut_ptr() as u64,
+            repeat: 1,
+            ctx_size_in: size(size_of_val(&ctx_in)),
+            ctx_size_out: size(size_of_val(&ctx_out)),
+            ctx_in: ctx_in.as_ptr() as u64,
+            ctx_out: ctx_out.as_mut_ptr() as u64,
+            ..TestAttr::default()
+        };
+        // SAFETY: every pointer in `attr` is valid for the size given beside it for the whole
+        // call, and the kernel writes at most those sizes.
+        let rc =
+            unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, &raw mut attr, size_of::<TestAttr>()) };
+        if rc < 0 {
+            return Err(Error::Invalid {
+                what: "lane marking test run",
+                reason: io::Error::last_os_error().to_string(),
+            });
+        }
+        Ok(ctx_out[2])
     }
 
     /// Removes TCX link pins of interfaces that no longer exist (the kernel already detached

@@ -52,6 +52,8 @@ pub struct Options<'a> {
     pub filter: Option<&'a str>,
     /// The whole guest's time limit.
     pub timeout: Duration,
+    /// Only these test binaries (empty: all); names as `datapath_mark`.
+    pub binaries: &'a [String],
 }
 
 /// Runs the tests on each named kernel series; fails naming every failed run.
@@ -59,7 +61,14 @@ pub fn run(series: &[String], opts: &Options<'_>) -> Result<()> {
     let series: Vec<_> = series.iter().map(|s| kernels::series(s)).collect::<Result<_>>()?;
     let root = workspace_root();
     let cache = root.join("target/kernels");
-    let (tests, v1_test) = build_tests(&root)?;
+    let (mut tests, mut v1_test) = build_tests(&root)?;
+    if !opts.binaries.is_empty() {
+        tests.retain(|(name, _)| opts.binaries.contains(name));
+        v1_test = v1_test.filter(|_| opts.binaries.iter().any(|b| b == CGROUP_V1_TEST));
+        if tests.is_empty() && v1_test.is_none() {
+            bail!("--kernel-binary {}: no such guest test binary", opts.binaries.join(", "));
+        }
+    }
     // The v1-only guest runs when no filter is given or its test's name contains the filter.
     let v1_tests: Vec<TestBinary> = v1_test
         .filter(|_| opts.filter.is_none_or(|f| CGROUP_V1_TEST_NAME.contains(f)))
