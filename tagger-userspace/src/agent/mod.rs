@@ -217,8 +217,11 @@ fn start_marking(args: &Args, config: &args::AgentConfig) -> Result<Option<marki
 }
 
 fn load_lanes(path: &std::path::Path) -> Result<LanesConfig> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading lanes config {}", path.display()))?;
+    // The first poll reports the content; the size is checked before reading.
+    let text = poll::FileWatch::new(path.to_owned())
+        .poll()
+        .with_context(|| format!("reading lanes config {}", path.display()))?
+        .unwrap_or_default();
     LanesConfig::parse(&text).with_context(|| format!("lanes config {}", path.display()))
 }
 
