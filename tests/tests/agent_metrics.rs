@@ -8,7 +8,7 @@ use std::{
 };
 
 use tagger_tests::{
-    agent::{AgentSandbox, PORT, http_get, set_size},
+    agent::{AgentSandbox, PORT, fresh_metrics, http_get, set_size},
     client::HoldClient,
     fake_api::FakeApiServer,
 };
@@ -83,7 +83,7 @@ fn readiness_follows_the_first_sync_and_metrics_carry_datapath_counters() {
     });
     assert_eq!(sb.reached("gw", vip(), 25), ["m-gray"]);
 
-    let (code, body) = http_get(port, "/metrics");
+    let (code, body) = fresh_metrics(port);
     assert_eq!(code, 200);
     let m = parse(&body);
     let has = |series: &str| m.get(series).copied().unwrap_or_else(|| panic!("no {series} in\n{body}"));
@@ -104,7 +104,7 @@ fn readiness_follows_the_first_sync_and_metrics_carry_datapath_counters() {
 
 /// Inbound counts of pod `b`, from the agent's metrics.
 fn inbound_series(port: u16, caller_lane: &str, pod_lane: &str, kind: &str) -> Option<f64> {
-    let (_, body) = http_get(port, "/metrics");
+    let (_, body) = fresh_metrics(port);
     let series = format!(
         "tagger_inbound_connections_total{{namespace=\"demo\",pod=\"b\",pod_lane=\"{pod_lane}\",caller_lane=\"{caller_lane}\",kind=\"{kind}\"}}"
     );
@@ -148,7 +148,7 @@ fn the_agent_registers_pod_addresses_and_inbound_counts_reach_metrics_and_the_cl
     sb.wait_for("b's addresses in base", Duration::from_secs(10), |t| lane_in_map(t, "base"));
     sb.wait_for("service b's base set", Duration::from_secs(10), |t| set_size(t, b_vip, "base") == Some(1));
     assert_eq!(sb.reached("gw", b_vip, 3), ["b"]);
-    let (_, body) = http_get(port, "/metrics");
+    let (_, body) = fresh_metrics(port);
     let steered = parse(&body);
     assert_eq!(
         steered.get(

@@ -34,7 +34,7 @@ use crate::model::{Change, Kind, Labels, LocalPod, Object, ObjectRef, ServiceInp
 /// Starts the four watchers; their changes go to the returned queue, and each wakes the
 /// reconciler. `lane_keys` are the lane label keys: pods' other labels are dropped at once.
 pub fn spawn(
-    tasks: &mut tokio::task::JoinSet<()>,
+    tasks: &mut super::Tasks,
     client: Client,
     api_timeout: u32,
     node: &str,
@@ -61,48 +61,68 @@ pub fn spawn(
     let api = Api::<WirePod>::all(client.clone());
     let pods = move || watcher(api.clone(), local_cfg.clone()).default_backoff();
     let local_keys = Arc::clone(&keys);
-    tasks.spawn(drive(pods, Kind::LocalPod, ctx.clone(), move |pod: WirePod| {
-        let mut local = LocalPod::from_pod(&pod.into())?;
-        local.labels.retain(|k, _| local_keys.contains(k));
-        Some(Object::LocalPod(local))
-    }));
+    tasks.spawn(
+        format!("{} watcher", Kind::LocalPod),
+        drive(pods, Kind::LocalPod, ctx.clone(), move |pod: WirePod| {
+            let mut local = LocalPod::from_pod(&pod.into())?;
+            local.labels.retain(|k, _| local_keys.contains(k));
+            Some(Object::LocalPod(local))
+        }),
+    );
 
     let api = Api::<WireService>::all(client.clone());
     let services = move || watcher(api.clone(), cfg()).default_backoff();
-    tasks.spawn(drive(services, Kind::Service, ctx.clone(), |svc: WireService| {
-        let key = ObjectRef::of(&svc.metadata)?;
-        let input = ServiceInput::new(&key, &svc.into());
-        Some(Object::Service(key, input))
-    }));
+    tasks.spawn(
+        format!("{} watcher", Kind::Service),
+        drive(services, Kind::Service, ctx.clone(), |svc: WireService| {
+            let key = ObjectRef::of(&svc.metadata)?;
+            let input = ServiceInput::new(&key, &svc.into());
+            Some(Object::Service(key, input))
+        }),
+    );
 
     let api = Api::<WireSlice>::all(client.clone());
     let slices = move || watcher(api.clone(), cfg()).default_backoff();
-    tasks.spawn(drive(slices, Kind::Slice, ctx.clone(), |slice: WireSlice| {
-        let key = ObjectRef::of(&slice.metadata)?;
-        let input = SliceInput::new(&key, &slice.into());
-        Some(Object::Slice(key, input))
-    }));
+    tasks.spawn(
+        format!("{} watcher", Kind::Slice),
+        drive(slices, Kind::Slice, ctx.clone(), |slice: WireSlice| {
+            let key = ObjectRef::of(&slice.metadata)?;
+            let input = SliceInput::new(&key, &slice.into());
+            Some(Object::Slice(key, input))
+        }),
+    );
 
-    tasks.spawn(probe_api(client.clone(), Arc::clone(status)));
+    tasks.spawn("API server probe", probe_api(client.clone(), Arc::clone(status)));
 
     // This node's Node object, metadata only, for its zone (Services' topology preferences).
     let api = Api::<WireNodeMeta>::all(client.clone());
     let node_cfg = cfg().fields(&format!("metadata.name={node}"));
     let nodes = move || watcher(api.clone(), node_cfg.clone()).default_backoff();
-    tasks.spawn(drive(nodes, Kind::Node, ctx.clone(), |node: WireNodeMeta| {
-        let zone = node.metadata.labels.and_then(|mut l| l.remove(crate::model::topology::ZONE_LABEL));
-        Some(Object::Node(zone))
-    }));
+    tasks.spawn(
+        format!("{} watcher", Kind::Node),
+        drive(nodes, Kind::Node, ctx.clone(), |node: WireNodeMeta| {
+            let zone = node.metadata.labels.and_then(|mut l| l.remove(crate::model::topology::ZONE_LABEL));
+            Some(Object::Node(zone))
+        }),
+    );
 
     // Metadata only (`PartialObjectMetadata`).
     let api = Api::<WirePodMeta>::all(client);
     let meta = move || watcher(api.clone(), cfg()).default_backoff();
-    tasks.spawn(drive(meta, Kind::Pod, ctx, move |meta: WirePodMeta| {
-        let key = ObjectRef::of(&meta.metadata)?;
-        let labels: Labels =
-            meta.metadata.labels.unwrap_or_default().into_iter().filter(|(k, _)| keys.contains(k)).collect();
-        Some(Object::Pod(key, labels))
-    }));
+    tasks.spawn(
+        format!("{} watcher", Kind::Pod),
+        drive(meta, Kind::Pod, ctx, move |meta: WirePodMeta| {
+            let key = ObjectRef::of(&meta.metadata)?;
+            let labels: Labels = meta
+                .metadata
+                .labels
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(k, _)| keys.contains(k))
+                .collect();
+            Some(Object::Pod(key, labels))
+        }),
+    );
     inputs
 }
 

@@ -167,6 +167,12 @@ impl Collector for AgentCollector {
         )?;
         gauge(
             &mut encoder,
+            "agent_healthy",
+            "1 while the reconciler and every watcher run; 0 when one ended, panicked or (the reconciler) stalled: /healthz answers 503 naming it",
+            i64::from(s.health(std::time::Instant::now()).is_ok()),
+        )?;
+        gauge(
+            &mut encoder,
             "agent_attached_at_cgroup_root",
             "1 when the datapath attaches at the cgroup root (no kubelet pods cgroup found): programs attached there earlier, such as a socket-LB CNI's, run before tagger's",
             i64::from(s.attached_at_root()),
