@@ -40,7 +40,11 @@ fn deploy_file(rel: &str) -> PathBuf {
 /// The capabilities the DaemonSet adds, after checking that it drops everything else.
 fn daemonset_capabilities() -> Vec<String> {
     let path = deploy_file("base/daemonset.yaml");
-    let ds: DaemonSet = serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let ds: DaemonSet = serde_saphyr::from_str_with_options(
+        &std::fs::read_to_string(&path).unwrap(),
+        tagger_tests::yaml_options(),
+    )
+    .unwrap();
     let containers = ds.spec.unwrap().template.spec.unwrap().containers;
     let sc = containers[0].security_context.clone().expect("securityContext");
     assert_ne!(sc.privileged, Some(true));
@@ -54,7 +58,11 @@ fn daemonset_capabilities() -> Vec<String> {
 /// The base ConfigMap's lanes config, as the DaemonSet mounts it.
 fn configmap_lanes() -> String {
     let path = deploy_file("base/configmap.yaml");
-    let cm: ConfigMap = serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let cm: ConfigMap = serde_saphyr::from_str_with_options(
+        &std::fs::read_to_string(&path).unwrap(),
+        tagger_tests::yaml_options(),
+    )
+    .unwrap();
     cm.data.unwrap()["lanes.yaml"].clone()
 }
 

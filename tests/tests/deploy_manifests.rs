@@ -49,12 +49,9 @@ fn load_docs(path: &Path) -> Vec<Value> {
 }
 
 fn parse_docs(text: &str, origin: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(text)
-        .enumerate()
-        .map(|(i, doc)| {
-            <Value as serde::Deserialize>::deserialize(doc)
-                .unwrap_or_else(|e| panic!("{origin}: document {}: {e}", i + 1))
-        })
+    serde_saphyr::from_multiple_with_options::<Value>(text, tagger_tests::yaml_options())
+        .unwrap_or_else(|e| panic!("{origin}: {e}"))
+        .into_iter()
         .filter(|v| !v.is_null())
         .collect()
 }
@@ -123,7 +120,8 @@ fn apply_patch(objects: &mut [Value], patch: &Value, dir: &Path, kpath: &Path) {
         (None, Some(p)) => std::fs::read_to_string(dir.join(p)).expect("patch file"),
         _ => panic!("{}: a patch needs exactly one of patch/path", kpath.display()),
     };
-    let ops: Value = serde_yaml::from_str(&text).expect("patch YAML");
+    let ops: Value =
+        serde_saphyr::from_str_with_options(&text, tagger_tests::yaml_options()).expect("patch YAML");
     let ops = ops.as_array().unwrap_or_else(|| {
         panic!("{}: only JSON 6902 patches (a list of operations) are supported", kpath.display())
     });
@@ -1061,8 +1059,9 @@ fn the_minimal_renderer_handles_patches_and_images() {
         "inline",
     );
     let dir = Path::new("/nonexistent");
-    let patch: Value = serde_yaml::from_str(
+    let patch: Value = serde_saphyr::from_str_with_options(
         "target: {group: apps, version: v1, kind: DaemonSet, name: a}\npatch: |-\n  - {op: add, path: /spec/template/spec/containers/0/args/-, value: b}\n  - {op: add, path: /spec/template/spec/containers/0/args/0, value: first}\n  - {op: remove, path: /spec/template/metadata/labels/x~1y}\n  - {op: replace, path: /metadata/name, value: a}\n",
+        tagger_tests::yaml_options(),
     )
     .unwrap();
     apply_patch(&mut objs, &patch, dir, dir);
