@@ -169,3 +169,68 @@ fn the_agent_registers_pod_addresses_and_inbound_counts_reach_metrics_and_the_cl
     assert!(r["rows"].as_array().unwrap().iter().all(|row| row["pod"] == "demo/b"), "{r}");
     drop(server);
 }
+
+/// One thread of a child process held in a ptrace stop (only that thread stops; the rest of the
+/// process runs on) until dropped. This is how the test makes the reconciler stall for real,
+/// with no hook in the agent.
+struct FrozenThread(libc::pid_t);
+
+impl FrozenThread {
+    fn freeze(tid: libc::pid_t) -> Self {
+        // SAFETY: ptrace and waitpid on a thread of our own child; no memory is passed.
+        unsafe {
+            assert_eq!(libc::ptrace(libc::PTRACE_SEIZE, tid, 0, 0), 0, "PTRACE_SEIZE {tid}");
+            assert_eq!(libc::ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0), 0, "PTRACE_INTERRUPT {tid}");
+            let mut status = 0;
+            assert_eq!(libc::waitpid(tid, &raw mut status, libc::__WALL), tid, "the thread stops");
+        }
+        Self(tid)
+    }
+}
+
+impl Drop for FrozenThread {
+    fn drop(&mut self) {
+        // SAFETY: as above; the thread is in a ptrace stop, so it can be detached, and it resumes.
+        unsafe {
+            libc::ptrace(libc::PTRACE_DETACH, self.0, 0, 0);
+        }
+    }
+}
+
+/// The thread of process `pid` named `name`.
+fn thread_named(pid: u32, name: &str) -> libc::pid_t {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .find(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .and_then(|t| t.file_name().to_str()?.parse().ok())
+        .unwrap_or_else(|| panic!("no thread {name} in process {pid}"))
+}
+
+#[test]
+fn healthz_fails_while_the_reconciler_is_stalled_and_recovers() {
+    let mut sb = AgentSandbox::new();
+    sb.backend("h-base", None);
+    sb.caller("gw", None);
+    sb.cluster.service("h", &[vip().ip()], 80, PORT, &["h-base"]);
+    sb.start_agent_on_file(&["--metrics-addr", "127.0.0.1:0", "--reconciler-stall-after", "3"]);
+    let port = sb.metrics_port();
+    wait_code(port, "/readyz", 200);
+    // Ready and idle: the loop turns every 2 s (lease renewals), so 3 s without a turn is a stall.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(http_get(port, "/healthz"), (200, "ok\n".to_owned()));
+
+    let pid = sb.agent.as_ref().expect("agent").pid();
+    let frozen = FrozenThread::freeze(thread_named(pid, "reconciler"));
+    wait_code(port, "/healthz", 503);
+    let (_, body) = http_get(port, "/healthz");
+    assert!(body.starts_with("unhealthy: reconciler stalled (no heartbeat for "), "{body}");
+    let (_, metrics) = fresh_metrics(port);
+    assert_eq!(parse(&metrics).get("tagger_agent_healthy"), Some(&0.0), "{metrics}");
+    assert!(sb.agent_log().contains("unhealthy: reconciler stalled"), "{}", sb.agent_log());
+
+    drop(frozen);
+    wait_code(port, "/healthz", 200);
+    assert_eq!(parse(&fresh_metrics(port).1).get("tagger_agent_healthy"), Some(&1.0));
+    assert!(sb.agent_log().contains("healthy again"), "{}", sb.agent_log());
+}

@@ -139,6 +139,7 @@ pub fn run(args: &Args) -> Result<()> {
     // lists meanwhile, and the changes they queue wait for the reconciler, which starts once the
     // datapath is there.
     let status = Arc::new(AgentStatus::default());
+    status.set_stall_after(Duration::from_secs(args.reconciler_stall_after));
     report_attach_point(&config.attach, &status);
     let mut install = Some({
         let (bpffs, attach) = (args.bpffs.clone(), config.attach.path.clone());

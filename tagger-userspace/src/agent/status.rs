@@ -38,11 +38,13 @@ pub struct AgentStatus {
     dead: Mutex<BTreeMap<String, String>>,
     /// The last health verdict was a failure (logged once per change).
     unhealthy: AtomicBool,
+    /// See [`RECONCILER_STALL_AFTER`], in seconds.
+    stall_after_secs: AtomicU64,
 }
 
-/// The reconciler is stuck when its loop has not turned for this long: the loop wakes at least
-/// every 30 s (its resync), every 2 s while it renews the datapath lease, and a pass at 100,000
-/// endpoints takes about a second.
+/// The reconciler is stuck when its loop has not turned for this long (the default of
+/// `--reconciler-stall-after`): the loop wakes at least every 30 s (its resync), every 2 s while
+/// it renews the datapath lease, and a pass at 100,000 endpoints takes about a second.
 pub const RECONCILER_STALL_AFTER: Duration = Duration::from_secs(90);
 
 /// Whether the agent is alive: `Err` names each part that died, and the reconciler if its last
@@ -89,6 +91,7 @@ impl Default for AgentStatus {
             reconciler_beat: Mutex::default(),
             dead: Mutex::default(),
             unhealthy: AtomicBool::default(),
+            stall_after_secs: AtomicU64::new(RECONCILER_STALL_AFTER.as_secs()),
         }
     }
 }
@@ -109,10 +112,16 @@ impl AgentStatus {
         self.dead.lock().expect("dead lock").insert(part.to_owned(), how.to_owned());
     }
 
+    /// Sets how long the reconciler may go without a heartbeat (`--reconciler-stall-after`).
+    pub fn set_stall_after(&self, after: Duration) {
+        self.stall_after_secs.store(after.as_secs(), Ordering::Relaxed);
+    }
+
     /// [`judge_health`] now; a change of verdict is logged once.
     pub fn health(&self, now: Instant) -> Result<(), String> {
         let beat = *self.reconciler_beat.lock().expect("beat lock");
-        let verdict = judge_health(now, beat, &self.dead.lock().expect("dead lock"), RECONCILER_STALL_AFTER);
+        let stall_after = Duration::from_secs(self.stall_after_secs.load(Ordering::Relaxed));
+        let verdict = judge_health(now, beat, &self.dead.lock().expect("dead lock"), stall_after);
         let was = self.unhealthy.swap(verdict.is_err(), Ordering::Relaxed);
         match &verdict {
             Err(why) if !was => error!("unhealthy: {why}"),
