@@ -326,3 +326,34 @@ pub fn init_logging() {
         builder.init();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A task that ends or panics is named, with how; `supervise`'s loop reports exactly that.
+    #[tokio::test]
+    async fn tasks_report_which_one_ended_and_how() {
+        let mut tasks = Tasks::new();
+        tasks.spawn("services watcher", async { panic!("boom") });
+        tasks.spawn("pods watcher", async {});
+        tasks.spawn("quiet watcher", std::future::pending());
+        let mut ended = vec![tasks.next_ended().await.unwrap(), tasks.next_ended().await.unwrap()];
+        ended.sort();
+        assert_eq!(
+            ended,
+            [("pods watcher".to_owned(), "ended"), ("services watcher".to_owned(), "panicked")]
+        );
+        // A quiet task is not reported.
+        let quiet = tokio::time::timeout(Duration::from_millis(100), tasks.next_ended()).await;
+        assert!(quiet.is_err(), "{quiet:?}");
+        let status = AgentStatus::default();
+        for (part, how) in ended {
+            status.part_died(&part, how);
+        }
+        assert_eq!(
+            status.health(std::time::Instant::now()),
+            Err("pods watcher ended; services watcher panicked".to_owned())
+        );
+    }
+}
