@@ -151,17 +151,21 @@ fn parse_cgroup2_mount(line: &str) -> Option<PathBuf> {
         return None;
     }
     let mount_point = pre.split_whitespace().nth(4)?;
-    Some(PathBuf::from(unescape_mountinfo(mount_point)))
+    Some(unescape_mountinfo(mount_point))
 }
 
-/// mountinfo escapes space, tab, newline and backslash as `\ooo` octal.
-fn unescape_mountinfo(s: &str) -> String {
+/// Undoes mountinfo's escaping: the kernel (`seq_path`/`mangle_path`) writes space, tab,
+/// newline and backslash as a backslash and three octal digits (`\040`, `\011`, `\012`,
+/// `\134`). Any `\ooo` of value at most `\377` is decoded; anything else, including a trailing
+/// or incomplete escape (`\`, `\04`, `\8`, `\400`), is kept literally. The bytes are kept as they
+/// are (a path need not be UTF-8).
+fn unescape_mountinfo(s: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt as _;
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+        if let Some(v) = octal_escape(&b[i..]) {
             out.push(v);
             i += 4;
         } else {
@@ -169,7 +173,14 @@ fn unescape_mountinfo(s: &str) -> String {
             i += 1;
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
+/// The byte of a `\ooo` escape at the start of `b` (three octal digits, at most `\377`).
+fn octal_escape(b: &[u8]) -> Option<u8> {
+    let &[b'\\', d0, d1, d2] = b.get(..4)? else { return None };
+    let oct = |c: u8| matches!(c, b'0'..=b'7').then(|| u16::from(c - b'0'));
+    u8::try_from(oct(d0)? * 64 + oct(d1)? * 8 + oct(d2)?).ok()
 }
 
 /// Finds the directories of cgroup ids (inode numbers) below the cgroup v2 mount `root`,
@@ -205,6 +216,37 @@ pub fn cgroup_paths(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unescapes_every_octal_escape_and_keeps_broken_ones() {
+        let u = |s: &str| unescape_mountinfo(s).into_os_string().into_encoded_bytes();
+        assert_eq!(u(r"/a\040b\011c\012d\134e"), b"/a b\tc\nd\\e");
+        assert_eq!(u(r"/x\101\000\377"), b"/xA\0\xff");
+        // Trailing or incomplete escapes, non-octal digits, values over a byte: kept as written.
+        for kept in [r"/a\", r"/a\0", r"/a\04", r"/a\8", r"/a\089", r"/a\400", r"/a\777", r"\\"] {
+            assert_eq!(u(kept), kept.as_bytes(), "{kept}");
+        }
+        assert_eq!(u(r"\\040"), b"\\ ");
+    }
+
+    proptest::proptest! {
+        /// Escaping any byte path as the kernel does and unescaping gives it back; any input at
+        /// all unescapes without a panic.
+        #[test]
+        fn unescape_inverts_the_kernels_escaping(path in proptest::collection::vec(proptest::num::u8::ANY, 0..64), junk in ".{0,40}") {
+            use std::fmt::Write as _;
+            let mut escaped = String::new();
+            for &c in &path {
+                if matches!(c, b' ' | b'\t' | b'\n' | b'\\') || !c.is_ascii() || c.is_ascii_control() {
+                    let _ = write!(escaped, "\\{c:03o}");
+                } else {
+                    escaped.push(char::from(c));
+                }
+            }
+            proptest::prop_assert_eq!(unescape_mountinfo(&escaped).into_os_string().into_encoded_bytes(), path);
+            let _ = unescape_mountinfo(&junk);
+        }
+    }
 
     #[test]
     fn parses_cgroup2_mountinfo_lines() {

@@ -69,9 +69,9 @@ pub const BASE: &str = "base";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// Not YAML, or not the expected shape (unknown field, wrong type, duplicate lane). The
-    /// message carries serde_yaml's path (e.g. `lanes.gray`) and line.
+    /// message carries the path (e.g. `lanes.gray.dscp`), the line and the column.
     #[error("lanes config: {0}")]
-    Yaml(#[from] serde_yaml::Error),
+    Yaml(#[from] serde_saphyr::Error),
     /// A lane name that cannot be a lane.
     #[error("lanes config: lane {lane:?}: {reason}")]
     InvalidLaneName {
@@ -309,7 +309,7 @@ pub struct LaneConfig {
     pub aggression: Option<f64>,
     /// Warm-up weight right after becoming ready, percent (`10` or `10%`); default 10%.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub warmup_min: Option<serde_yaml::Value>,
+    pub warmup_min: Option<serde_json::Value>,
     /// DSCP (0..=63) the TC marking program stamps on this lane's pods' packets
     /// (`--mark-interfaces`); unset: their DSCP is left alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -319,8 +319,28 @@ pub struct LaneConfig {
 impl LanesConfig {
     /// Parses and validates a lanes config. An empty document is valid (no lane policies).
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        // `Option`: serde_yaml reads an empty (or comment-only) document as null.
-        let config: Option<LanesConfig> = serde_yaml::from_str(text)?;
+        // `Option`: an empty (or comment-only) document is null. One-line messages (no source
+        // snippet: they go to the log) that start with the path of what is wrong
+        // (`lanes.gray.dscp: invalid u8 at line 2, column 16`); a lane listed twice reaches
+        // `lanes_map`, which names it.
+        // Booleans are `true`/`false` only (YAML 1.2): `strict: yes` is refused, not read as true.
+        let options = serde_saphyr::options! {
+            with_snippet: false,
+            strict_booleans: true,
+            duplicate_keys: serde_saphyr::DuplicateKeyPolicy::LastWins,
+        };
+        let config: Option<LanesConfig> =
+            serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
+                serde_path_to_error::deserialize(de).map_err(|e| {
+                    let path = e.path().to_string();
+                    let inner = e.into_inner();
+                    if path == "." {
+                        inner
+                    } else {
+                        serde::de::Error::custom(format_args!("{path}: {inner}"))
+                    }
+                })
+            })?;
         let config = config.unwrap_or_default();
         config.validate()?;
         Ok(config)
@@ -484,10 +504,10 @@ impl LaneConfig {
         }
         let min = match &self.warmup_min {
             None => DEFAULT_MIN_PERCENT,
-            Some(serde_yaml::Value::Number(n)) => {
+            Some(serde_json::Value::Number(n)) => {
                 parse_percent("warmup_min", &n.to_string()).map_err(|e| ("warmup_min", e.to_string()))?
             }
-            Some(serde_yaml::Value::String(s)) => {
+            Some(serde_json::Value::String(s)) => {
                 parse_percent("warmup_min", s).map_err(|e| ("warmup_min", e.to_string()))?
             }
             Some(other) => return Err(("warmup_min", format!("{other:?} is not a percentage"))),
@@ -542,7 +562,7 @@ fn validate_lane_name(name: &str) -> Result<(), String> {
     validate_label_value(name)
 }
 
-/// Reads the `lanes` mapping, rejecting a lane listed twice (serde_yaml would silently keep
+/// Reads the `lanes` mapping, rejecting a lane listed twice (the parser would silently keep
 /// the last one, so a copy-paste error in the ConfigMap would go unnoticed) and reading a
 /// lane written with no settings (`gray:`) as `gray: {}`.
 fn lanes_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, LaneConfig>, D::Error> {
@@ -825,10 +845,10 @@ rules:
     #[test]
     fn round_trips_through_yaml() {
         let cfg = LanesConfig::parse(SHAPING).unwrap();
-        let text = serde_yaml::to_string(&cfg).unwrap();
+        let text = serde_saphyr::to_string(&cfg).unwrap();
         assert_eq!(LanesConfig::parse(&text).unwrap(), cfg);
         let cfg = LanesConfig::parse(EXAMPLE).unwrap();
-        let text = serde_yaml::to_string(&cfg).unwrap();
+        let text = serde_saphyr::to_string(&cfg).unwrap();
         assert_eq!(LanesConfig::parse(&text).unwrap(), cfg);
     }
 

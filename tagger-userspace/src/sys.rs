@@ -55,6 +55,19 @@ pub fn obj_get(path: &Path, file_flags: u32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Opens a link pin, asking for a read-only descriptor (`BPF_F_RDONLY`) first. Kernels up to
+/// at least 6.18 refuse that for links with `EINVAL` (`bpf_obj_get_user`: a link descriptor is
+/// always read-write); then the pin is opened with flags 0, the only mode they allow. Only
+/// `BPF_OBJ_GET` is needed, which needs no write access to the pin's file system (the CLI works
+/// on a read-only mount of the pins); whoever holds the descriptor must send nothing but reads
+/// on it, which the CLI does.
+pub fn obj_get_link(pin: &Path) -> io::Result<OwnedFd> {
+    match obj_get(pin, BPF_F_RDONLY) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => obj_get(pin, 0),
+        other => other,
+    }
+}
+
 /// `BPF_LINK_DETACH`.
 const BPF_LINK_DETACH: libc::c_long = 34;
 
@@ -240,11 +253,11 @@ struct RawLinkInfo {
     _rest: [u32; 25],
 }
 
-/// Reads the kernel's description of the link pinned at `pin`. Links can only be opened
-/// read-write (flags 0); holding the descriptor changes nothing: the pin keeps the link
-/// attached, and closing ours only drops our reference.
+/// Reads the kernel's description of the link pinned at `pin`, through [`obj_get_link`]: only
+/// `BPF_OBJ_GET_INFO_BY_FD` is sent on the descriptor. Holding it changes nothing: the pin keeps
+/// the link attached, and closing ours only drops our reference.
 pub fn link_info(pin: &Path) -> io::Result<LinkInfo> {
-    let fd = obj_get(pin, 0)?;
+    let fd = obj_get_link(pin)?;
     let mut info = RawLinkInfo::default();
     obj_info(std::os::fd::AsFd::as_fd(&fd), &mut info)?;
     let cgroup = (info.link_type == BPF_LINK_TYPE_CGROUP).then_some((info.cgroup_id, info.attach_type));

@@ -79,6 +79,14 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
     (code, body)
 }
 
+/// `GET /metrics` rendered after this call: the agent serves one rendering for up to
+/// [`tagger::agent::METRICS_CACHE_TTL`] (1 s), so this waits that long first.
+#[must_use]
+pub fn fresh_metrics(port: u16) -> (u16, String) {
+    std::thread::sleep(tagger::agent::METRICS_CACHE_TTL + Duration::from_millis(100));
+    http_get(port, "/metrics")
+}
+
 /// A running `tagger-agent` (our child); SIGKILLed on drop if still running.
 #[derive(Debug)]
 pub struct AgentProcess {

@@ -211,7 +211,7 @@ impl ClusterDesc {
         let mut out = String::new();
         for o in self.objects() {
             out.push_str("---\n");
-            out.push_str(&serde_yaml::to_string(&o).expect("yaml"));
+            out.push_str(&serde_saphyr::to_string(&o).expect("yaml"));
         }
         out
     }

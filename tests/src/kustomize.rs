@@ -17,12 +17,9 @@ pub fn load_docs(path: &Path) -> Vec<Value> {
 }
 
 pub fn parse_docs(text: &str, origin: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(text)
-        .enumerate()
-        .map(|(i, doc)| {
-            <Value as serde::Deserialize>::deserialize(doc)
-                .unwrap_or_else(|e| panic!("{origin}: document {}: {e}", i + 1))
-        })
+    serde_saphyr::from_multiple_with_options::<Value>(text, crate::yaml_options())
+        .unwrap_or_else(|e| panic!("{origin}: {e}"))
+        .into_iter()
         .filter(|v| !v.is_null())
         .collect()
 }
@@ -93,7 +90,7 @@ pub fn apply_patch(objects: &mut [Value], patch: &Value, dir: &Path, kpath: &Pat
         (None, Some(p)) => std::fs::read_to_string(dir.join(p)).expect("patch file"),
         _ => panic!("{}: a patch needs exactly one of patch/path", kpath.display()),
     };
-    let ops: Value = serde_yaml::from_str(&text).expect("patch YAML");
+    let ops: Value = serde_saphyr::from_str_with_options(&text, crate::yaml_options()).expect("patch YAML");
     let ops = ops.as_array().unwrap_or_else(|| {
         panic!("{}: only JSON 6902 patches (a list of operations) are supported", kpath.display())
     });

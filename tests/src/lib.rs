@@ -74,3 +74,10 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Options for reading YAML in tests as the agent reads it: booleans are `true`/`false` only
+/// (YAML 1.2), so `namespace: n` is the string `n`, not `false`.
+#[must_use]
+pub fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! { strict_booleans: true }
+}

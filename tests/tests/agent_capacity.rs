@@ -12,7 +12,7 @@ use std::{
 use tagger::net::{Proto, frontend_key};
 use tagger_common::maps::{MAP_FRONTENDS, MAX_FRONTENDS};
 use tagger_tests::{
-    agent::{AgentSandbox, http_get, set_size},
+    agent::{AgentSandbox, fresh_metrics, http_get, set_size},
     cluster::NAMESPACE,
     fake_api::FakeApiServer,
 };
@@ -61,7 +61,7 @@ fn frontends(t: &tagger::datapath::Tables) -> usize {
 
 /// `tagger_agent_input_warnings{kind="capacity"}` from the agent's /metrics.
 fn capacity_warnings(port: u16) -> Option<u64> {
-    let (_, body) = http_get(port, "/metrics");
+    let (_, body) = fresh_metrics(port);
     body.lines()
         .find(|l| l.starts_with("tagger_agent_input_warnings{") && l.contains("kind=\"capacity\""))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
@@ -101,7 +101,7 @@ fn more_services_than_the_frontends_map_holds() {
         match capacity_warnings(port) {
             Some(n) => break n,
             None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
-            None => panic!("no capacity warnings in /metrics:\n{}", http_get(port, "/metrics").1),
+            None => panic!("no capacity warnings in /metrics:\n{}", fresh_metrics(port).1),
         }
     };
     assert!(warned >= 1, "capacity warnings: {warned}");

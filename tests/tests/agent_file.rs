@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, path::Path, time::Duration};
 
 use tagger_tests::{
-    agent::{AgentSandbox, PORT, http_get, pod_in_lane, set_ips, set_size},
+    agent::{AgentSandbox, PORT, fresh_metrics, http_get, pod_in_lane, set_ips, set_size},
     client::{Attempt, Mode, attempts},
     restart::{self, RestartLoad},
 };
@@ -132,7 +132,7 @@ fn bad_input_is_counted_or_rejected_and_nothing_applied_is_lost() {
     // The pod with the invalid label is a base backend: Service b has base backends only, and
     // the cluster (tagger leaves b to it) sends the gray caller there.
     assert_eq!(sb.reached("gw", b_vip, 10), ["b-bad-label"]);
-    let (code, body) = http_get(port, "/metrics");
+    let (code, body) = fresh_metrics(port);
     assert_eq!(code, 200, "{body}");
     for line in [
         "tagger_agent_input_warnings{kind=\"invalid_lane_label\"}",

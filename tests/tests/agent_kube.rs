@@ -193,3 +193,37 @@ fn an_oversized_api_response_is_refused_and_the_datapath_kept() {
     });
     assert_eq!(sb.reached("gw", vip(), 20), ["a-gray"]);
 }
+
+/// A watch that fails again right after each relist (an API server whose history is always
+/// compacted past what was listed: `410 Gone` every time) must not make the agent relist in a
+/// tight loop: the pauses between relists grow (1 s doubling, with jitter), counted from the
+/// LIST requests the API server saw. kube-runtime's default back-off started over at every
+/// relist's events, relisting about once a second forever.
+#[test]
+fn relists_after_repeated_410_back_off_exponentially() {
+    let (api, sb) = running(Some("gray"));
+    let is_services_list = |r: &tagger_tests::fake_api::RequestRecord| {
+        r.resource == Some("services") && r.param("watch").is_none()
+    };
+    let start = std::time::Instant::now();
+    api.expire_watches(true);
+    // Resumed watches now get 410 at once; ending the open ones (as their timeout would) makes
+    // every watcher resume. Relists follow after 1, 2 and 4 s (each plus up to half again).
+    api.end_watches();
+    std::thread::sleep(Duration::from_secs(12));
+    let lists: Vec<_> =
+        api.requests().into_iter().filter(|r| r.at >= start && is_services_list(r)).map(|r| r.at).collect();
+    api.expire_watches(false);
+    let gaps: Vec<f64> = lists.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()).collect();
+    println!("services relists {gaps:?} s apart");
+    assert!((3..=5).contains(&lists.len()), "relists of services in 12 s: {}, gaps {gaps:?}", lists.len());
+    for pair in gaps.windows(2) {
+        assert!(pair[1] > pair[0], "the pauses between relists must grow: {gaps:?}");
+    }
+    assert!(gaps.last().is_some_and(|g| *g >= 3.5), "the last pause is at least 4 s: {gaps:?}");
+
+    // The datapath kept its state throughout, and the agent relists normally again.
+    assert_eq!(set_size_now(&sb, vip(), "gray"), Some(1));
+    api.drop_watches();
+    sb.wait_for("the watches resume", Duration::from_secs(40), |_| api.open_watches() >= 5);
+}

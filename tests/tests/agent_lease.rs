@@ -13,7 +13,7 @@ use serde_json::Value;
 use tagger::{datapath::Datapath, sys::monotonic_now_ns};
 use tagger_common::{LEASE_NEVER, Outcome};
 use tagger_tests::{
-    agent::{AgentSandbox, cli_json, http_get, pod_in_lane, set_size, workspace_bin},
+    agent::{AgentSandbox, cli_json, fresh_metrics, pod_in_lane, set_size, workspace_bin},
     backend::{BackendServer, service_stand_in},
     client::HoldClient,
     fake_api::FakeApiServer,
@@ -95,7 +95,7 @@ fn a_killed_agents_datapath_steers_for_the_lease_then_leaves_connections_to_the_
     assert_eq!(sb.reached("gw", vip(), 10), ["a-gray"]);
     let armed = wait_lease_state(&sb, "armed");
     assert_eq!((armed["steering"].as_bool(), armed["duration_seconds"].as_f64()), (Some(true), Some(5.0)));
-    let (_, metrics) = http_get(port, "/metrics");
+    let (_, metrics) = fresh_metrics(port);
     assert!(metrics.contains("tagger_datapath_lease_expired 0\n"), "{metrics}");
     assert!(metrics.contains("tagger_datapath_lease_remaining_seconds "), "{metrics}");
     let mut held = HoldClient::start(&sb.pod_cgroup("gw"), &sb.netns["gw"].ns, "peer-tcp", vip());

@@ -8,7 +8,7 @@ use std::{
 };
 
 use tagger_tests::{
-    agent::{AgentSandbox, PORT, http_get, set_size},
+    agent::{AgentSandbox, PORT, fresh_metrics, http_get, set_size},
     client::HoldClient,
     fake_api::FakeApiServer,
 };
@@ -83,7 +83,7 @@ fn readiness_follows_the_first_sync_and_metrics_carry_datapath_counters() {
     });
     assert_eq!(sb.reached("gw", vip(), 25), ["m-gray"]);
 
-    let (code, body) = http_get(port, "/metrics");
+    let (code, body) = fresh_metrics(port);
     assert_eq!(code, 200);
     let m = parse(&body);
     let has = |series: &str| m.get(series).copied().unwrap_or_else(|| panic!("no {series} in\n{body}"));
@@ -131,7 +131,7 @@ fn every_alerted_series_is_exported(body: &str) {
 
 /// Inbound counts of pod `b`, from the agent's metrics.
 fn inbound_series(port: u16, caller_lane: &str, pod_lane: &str, kind: &str) -> Option<f64> {
-    let (_, body) = http_get(port, "/metrics");
+    let (_, body) = fresh_metrics(port);
     let series = format!(
         "tagger_inbound_connections_total{{namespace=\"demo\",pod=\"b\",pod_lane=\"{pod_lane}\",caller_lane=\"{caller_lane}\",kind=\"{kind}\"}}"
     );
@@ -175,7 +175,7 @@ fn the_agent_registers_pod_addresses_and_inbound_counts_reach_metrics_and_the_cl
     sb.wait_for("b's addresses in base", Duration::from_secs(10), |t| lane_in_map(t, "base"));
     sb.wait_for("service b's base set", Duration::from_secs(10), |t| set_size(t, b_vip, "base") == Some(1));
     assert_eq!(sb.reached("gw", b_vip, 3), ["b"]);
-    let (_, body) = http_get(port, "/metrics");
+    let (_, body) = fresh_metrics(port);
     let steered = parse(&body);
     assert_eq!(
         steered.get(
@@ -273,4 +273,69 @@ fn a_real_prometheus_scrapes_the_agent_and_every_dashboard_panel_has_data() {
         "{fell_back:?}"
     );
     drop(server);
+}
+
+/// One thread of a child process held in a ptrace stop (only that thread stops; the rest of the
+/// process runs on) until dropped. This is how the test makes the reconciler stall for real,
+/// with no hook in the agent.
+struct FrozenThread(libc::pid_t);
+
+impl FrozenThread {
+    fn freeze(tid: libc::pid_t) -> Self {
+        // SAFETY: ptrace and waitpid on a thread of our own child; no memory is passed.
+        unsafe {
+            assert_eq!(libc::ptrace(libc::PTRACE_SEIZE, tid, 0, 0), 0, "PTRACE_SEIZE {tid}");
+            assert_eq!(libc::ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0), 0, "PTRACE_INTERRUPT {tid}");
+            let mut status = 0;
+            assert_eq!(libc::waitpid(tid, &raw mut status, libc::__WALL), tid, "the thread stops");
+        }
+        Self(tid)
+    }
+}
+
+impl Drop for FrozenThread {
+    fn drop(&mut self) {
+        // SAFETY: as above; the thread is in a ptrace stop, so it can be detached, and it resumes.
+        unsafe {
+            libc::ptrace(libc::PTRACE_DETACH, self.0, 0, 0);
+        }
+    }
+}
+
+/// The thread of process `pid` named `name`.
+fn thread_named(pid: u32, name: &str) -> libc::pid_t {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .find(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .and_then(|t| t.file_name().to_str()?.parse().ok())
+        .unwrap_or_else(|| panic!("no thread {name} in process {pid}"))
+}
+
+#[test]
+fn healthz_fails_while_the_reconciler_is_stalled_and_recovers() {
+    let mut sb = AgentSandbox::new();
+    sb.backend("h-base", None);
+    sb.caller("gw", None);
+    sb.cluster.service("h", &[vip().ip()], 80, PORT, &["h-base"]);
+    sb.start_agent_on_file(&["--metrics-addr", "127.0.0.1:0", "--reconciler-stall-after", "3"]);
+    let port = sb.metrics_port();
+    wait_code(port, "/readyz", 200);
+    // Ready and idle: the loop turns every 2 s (lease renewals), so 3 s without a turn is a stall.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(http_get(port, "/healthz"), (200, "ok\n".to_owned()));
+
+    let pid = sb.agent.as_ref().expect("agent").pid();
+    let frozen = FrozenThread::freeze(thread_named(pid, "reconciler"));
+    wait_code(port, "/healthz", 503);
+    let (_, body) = http_get(port, "/healthz");
+    assert!(body.starts_with("unhealthy: reconciler stalled (no heartbeat for "), "{body}");
+    let (_, metrics) = fresh_metrics(port);
+    assert_eq!(parse(&metrics).get("tagger_agent_healthy"), Some(&0.0), "{metrics}");
+    assert!(sb.agent_log().contains("unhealthy: reconciler stalled"), "{}", sb.agent_log());
+
+    drop(frozen);
+    wait_code(port, "/healthz", 200);
+    assert_eq!(parse(&fresh_metrics(port).1).get("tagger_agent_healthy"), Some(&1.0));
+    assert!(sb.agent_log().contains("healthy again"), "{}", sb.agent_log());
 }

@@ -537,3 +537,37 @@ fn every_subcommand_explains_itself() {
     let out = Command::new(workspace_bin("tagger")).arg("--help").output().unwrap();
     assert!(ok(&out, "--help").contains("read-only"));
 }
+
+/// `tagger status` reads link pins with nothing but `BPF_OBJ_GET` and info queries: it works on
+/// a read-only bind mount of the pins (in a private mount namespace of its own). The kernel
+/// refuses read-only descriptors of links (`EINVAL`), which is why the CLI's open falls back to
+/// flags 0: if a kernel ever allows them, this test says so, and the fallback is unused there.
+#[test]
+fn status_reads_link_pins_on_a_read_only_mount() {
+    let s = setup(true);
+    let dir = s.sb.dp.dir();
+    let pin = dir.join("links/connect4");
+    let e = tagger::sys::obj_get(&pin, tagger::sys::BPF_F_RDONLY).expect_err("a read-only link descriptor");
+    assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
+    assert!(tagger::sys::link_info(&pin).is_ok_and(|i| i.link_id > 0));
+
+    let ro = std::env::temp_dir().join(unique_name("tagger-ro-pins"));
+    std::fs::create_dir_all(&ro).unwrap();
+    let script = format!(
+        "set -e; mount --bind '{dir}' '{ro}'; mount -o remount,bind,ro '{ro}'; \
+         if touch '{ro}/probe' 2>/dev/null; then echo 'the mount is writable'; exit 99; fi; \
+         exec '{bin}' --bpffs '{ro}' status -o json --agent-addr 127.0.0.1:9",
+        dir = dir.display(),
+        ro = ro.display(),
+        bin = workspace_bin("tagger").display()
+    );
+    let out =
+        Command::new("unshare").args(["--mount", "--propagation", "private", "sh", "-c", &script]).output();
+    let _ = std::fs::remove_dir(&ro);
+    let out = out.expect("unshare");
+    let st: Value = serde_json::from_str(&ok(&out, "status on a read-only mount")).expect("status JSON");
+    assert_eq!(st["healthy"], true, "{st}");
+    for p in st["programs"].as_array().unwrap() {
+        assert!(p["pinned"] == true && p["link_id"].as_u64() > Some(0), "{p}");
+    }
+}

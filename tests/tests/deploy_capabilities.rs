@@ -47,7 +47,11 @@ fn deploy_file(rel: &str) -> PathBuf {
 /// The capabilities the DaemonSet adds, after checking that it drops everything else.
 fn daemonset_capabilities() -> Vec<String> {
     let path = deploy_file("base/daemonset.yaml");
-    let ds: DaemonSet = serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let ds: DaemonSet = serde_saphyr::from_str_with_options(
+        &std::fs::read_to_string(&path).unwrap(),
+        tagger_tests::yaml_options(),
+    )
+    .unwrap();
     let containers = ds.spec.unwrap().template.spec.unwrap().containers;
     let sc = containers[0].security_context.clone().expect("securityContext");
     assert_ne!(sc.privileged, Some(true));
@@ -84,7 +88,11 @@ fn needed_for(cap: &str) -> Loss {
 /// false`).
 fn daemonset_no_new_privs() -> bool {
     let path = deploy_file("base/daemonset.yaml");
-    let ds: DaemonSet = serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let ds: DaemonSet = serde_saphyr::from_str_with_options(
+        &std::fs::read_to_string(&path).unwrap(),
+        tagger_tests::yaml_options(),
+    )
+    .unwrap();
     let containers = ds.spec.unwrap().template.spec.unwrap().containers;
     containers[0].security_context.as_ref().and_then(|s| s.allow_privilege_escalation) == Some(false)
 }
@@ -92,7 +100,11 @@ fn daemonset_no_new_privs() -> bool {
 /// The base ConfigMap's lanes config, as the DaemonSet mounts it.
 fn configmap_lanes() -> String {
     let path = deploy_file("base/configmap.yaml");
-    let cm: ConfigMap = serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let cm: ConfigMap = serde_saphyr::from_str_with_options(
+        &std::fs::read_to_string(&path).unwrap(),
+        tagger_tests::yaml_options(),
+    )
+    .unwrap();
     cm.data.unwrap()["lanes.yaml"].clone()
 }
 

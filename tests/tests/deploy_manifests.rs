@@ -387,6 +387,15 @@ fn check_agent_pod(objs: &Objects) {
     // and about 190 MiB heap plus 61 MiB of full maps at 5,000 Services / 100,000 endpoints.
     assert!(req >= 48, "requests.memory {req}Mi is below an idle agent with empty maps");
     assert!(lim >= 256, "limits.memory {lim}Mi is below the measured large-cluster peak");
+    // One API response line is held whole and then decoded, beside the heap and the maps charged
+    // to the same memory cgroup: the agent refuses longer lines (--api-max-response-mib), and
+    // that limit must leave room for the rest, a quarter of the container's memory limit at most.
+    let line = u64::from(args.api_max_response_mib);
+    assert!(
+        line * 4 <= lim,
+        "--api-max-response-mib={line} is more than a quarter of limits.memory {lim}Mi: one oversized \
+         response could get the agent OOM-killed before it is refused"
+    );
 
     // The datapath lease outlasts a rolling update's gap (the old pod's grace period, the new
     // image's pull, the first list) and still expires: a deleted agent's datapath must stop.
@@ -863,8 +872,9 @@ fn the_minimal_renderer_handles_patches_and_images() {
         "inline",
     );
     let dir = Path::new("/nonexistent");
-    let patch: Value = serde_yaml::from_str(
+    let patch: Value = serde_saphyr::from_str_with_options(
         "target: {group: apps, version: v1, kind: DaemonSet, name: a}\npatch: |-\n  - {op: add, path: /spec/template/spec/containers/0/args/-, value: b}\n  - {op: add, path: /spec/template/spec/containers/0/args/0, value: first}\n  - {op: remove, path: /spec/template/metadata/labels/x~1y}\n  - {op: replace, path: /metadata/name, value: a}\n",
+        tagger_tests::yaml_options(),
     )
     .unwrap();
     apply_patch(&mut objs, &patch, dir, dir);

@@ -11,7 +11,7 @@ use std::{
 
 use tagger::{datapath::Datapath, net::Proto};
 use tagger_tests::{
-    agent::{AgentSandbox, http_get, set_size, workspace_bin},
+    agent::{AgentSandbox, fresh_metrics, http_get, set_size, workspace_bin},
     cgroup::TestCgroup,
     client::{LoopClient, Mode, testpod_bin},
     datapath::{BPFFS, TestDatapath, ensure_bpffs},
@@ -323,7 +323,7 @@ fn a_blackholed_api_server_keeps_the_datapath_and_shows_in_readiness() {
     assert_eq!(summary.failed, 0, "{summary:?}");
     assert!(summary.ok > 50, "{summary:?}");
     assert_eq!(summary.replies.keys().collect::<Vec<_>>(), ["a-gray"], "no transient fallback: {summary:?}");
-    let (_, metrics) = http_get(port, "/metrics");
+    let (_, metrics) = fresh_metrics(port);
     assert!(metrics.contains("tagger_agent_api_reachable 1"), "{metrics}");
     assert!(sb.agent_log().contains("does not answer"), "{}", sb.agent_log());
 }

@@ -8,6 +8,15 @@ use crate::shell::{output, run, status, step};
 
 /// The LLVM major version of the nightly toolchain; bpf-linker must link the same.
 const LLVM: &str = "22";
+/// The bpf-linker release this tree is tested with (`cargo install --version ... --locked`).
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The nightly toolchain this tree is tested with (`rustc +nightly -V`). Only the toolchain
+/// named `nightly` is used (`aya-build`'s `Toolchain::Nightly`); another one is reported, not
+/// replaced: these machines cannot download toolchains at will, and a nightly with the same LLVM
+/// major usually builds the datapath the same.
+const TESTED_NIGHTLY: &str = "rustc 1.97.0-nightly (e50aa6fba 2026-05-19)";
+/// rustup's name of [`TESTED_NIGHTLY`] (a nightly is published the day after its commit).
+const TESTED_NIGHTLY_CHANNEL: &str = "nightly-2026-05-20";
 /// Debian packages: LLVM for bpf-linker, iproute2 for the test namespaces, bpftool for operators;
 /// buildah and musl-tools (musl-gcc, for ring's C code) for the container image (`cargo xtask
 /// image`), podman and runc to run it from the DaemonSet's pod template in the tests, prometheus
@@ -47,11 +56,26 @@ pub fn run_all() -> Result<()> {
 
 fn toolchain_components() -> Result<()> {
     let toolchains = output("rustup", &["toolchain", "list"]).context("rustup is required")?;
-    if toolchains.lines().any(|l| l.starts_with("nightly")) {
+    // `nightly` itself (listed as `nightly-<host>`), not a dated `nightly-YYYY-MM-DD`.
+    let is_nightly = |l: &str| {
+        l.split_whitespace()
+            .next()
+            .and_then(|n| n.strip_prefix("nightly-"))
+            .is_some_and(|rest| !rest.starts_with(|c: char| c.is_ascii_digit()))
+    };
+    if toolchains.lines().any(is_nightly) {
         status("nightly toolchain", "present");
     } else {
         status("nightly toolchain", "installing");
         run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+    }
+    let version = output("rustc", &["+nightly", "-V"]).unwrap_or_default();
+    let verbose = output("rustc", &["+nightly", "-vV"]).unwrap_or_default();
+    match check_nightly(version.trim(), &verbose)? {
+        None => status("nightly version", &format!("{} (the tested one)", version.trim())),
+        Some(advice) => {
+            status("nightly version", &format!("WARNING: {advice}"));
+        }
     }
     for (toolchain, component) in [("nightly", "rust-src"), ("stable", "clippy"), ("stable", "rustfmt")] {
         let installed = output("rustup", &["component", "list", "--installed", "--toolchain", toolchain])
@@ -88,17 +112,62 @@ fn apt_packages() -> Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
-fn bpf_linker() -> Result<()> {
-    if let Some(v) = output("bpf-linker", &["--version"]) {
-        status("bpf-linker", &format!("present ({})", v.trim()));
-        return Ok(());
+/// Compares the installed nightly (`rustc +nightly -V`, and `-vV` for its LLVM) with
+/// [`TESTED_NIGHTLY`]: `None` when it is the tested one, else what differs and what to do. An
+/// LLVM major other than [`LLVM`] is an error: bpf-linker links LLVM [`LLVM`], and the eBPF
+/// object would not link.
+fn check_nightly(version: &str, verbose: &str) -> Result<Option<String>> {
+    // rustup cannot install a dated nightly under the name `nightly`, which the build uses:
+    // replacing it is the operator's decision (`rustup toolchain install nightly` updates it).
+    let tested = format!(
+        "the tested one is `{TESTED_NIGHTLY}` (rustup's `{TESTED_NIGHTLY_CHANNEL}`); the build uses the \
+         toolchain named `nightly` (`cargo +nightly`, tagger-userspace/build.rs)"
+    );
+    let llvm_major =
+        verbose.lines().find_map(|l| l.strip_prefix("LLVM version: ")).and_then(|v| v.split('.').next());
+    if llvm_major.is_some_and(|m| m != LLVM) {
+        bail!(
+            "the installed nightly (`{version}`) uses LLVM {}, but bpf-linker links LLVM {LLVM}: the eBPF object \
+             would not link; {tested}",
+            llvm_major.unwrap_or("?")
+        );
     }
-    status("bpf-linker", &format!("building against LLVM {LLVM} (about a minute)"));
+    if version == TESTED_NIGHTLY {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "the installed nightly is `{version}`, not the tested one; it is used as it is (same LLVM {LLVM}). If the \
+         eBPF build or the verifier fails, suspect this difference first: {tested}"
+    )))
+}
+
+/// What to do about bpf-linker, given `bpf-linker --version`'s output (if it runs).
+fn bpf_linker_action(installed: Option<&str>) -> Option<&'static str> {
+    match installed.map(|v| v.trim().trim_start_matches("bpf-linker").trim()) {
+        Some(BPF_LINKER_VERSION) => None,
+        Some(_) => Some("replacing"),
+        None => Some("building"),
+    }
+}
+
+fn bpf_linker() -> Result<()> {
+    let installed = output("bpf-linker", &["--version"]);
+    let Some(action) = bpf_linker_action(installed.as_deref()) else {
+        status("bpf-linker", &format!("present ({BPF_LINKER_VERSION}, the tested version)"));
+        return Ok(());
+    };
+    if let Some(v) = &installed {
+        status("bpf-linker", &format!("{} is not the tested {BPF_LINKER_VERSION}", v.trim()));
+    }
+    status("bpf-linker", &format!("{action} {BPF_LINKER_VERSION} against LLVM {LLVM} (about a minute)"));
     let prefix = format!("/usr/lib/llvm-{LLVM}");
     run(Command::new("cargo")
         .args([
             "install",
             "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--force",
             "--locked",
             "--no-default-features",
             "--features",
@@ -107,8 +176,12 @@ fn bpf_linker() -> Result<()> {
         // bpf-linker's build script reads LLVM_PREFIX; llvm-sys reads LLVM_SYS_<ver>_PREFIX.
         .env("LLVM_PREFIX", &prefix)
         .env(format!("LLVM_SYS_{LLVM}1_PREFIX"), &prefix))?;
-    if output("bpf-linker", &["--version"]).is_none() {
-        bail!("bpf-linker was installed but is not on PATH: add ~/.cargo/bin to PATH");
+    match output("bpf-linker", &["--version"]) {
+        None => bail!("bpf-linker was installed but is not on PATH: add ~/.cargo/bin to PATH"),
+        Some(v) if bpf_linker_action(Some(&v)).is_some() => {
+            bail!("bpf-linker {BPF_LINKER_VERSION} was installed, but `bpf-linker` on PATH is {}", v.trim())
+        }
+        Some(_) => {}
     }
     Ok(())
 }
@@ -150,5 +223,28 @@ mod tests {
         assert_eq!(super::parse_release("6.18.44-fc-v657"), Some((6, 18)));
         assert_eq!(super::parse_release("5.10.0-23-cloud-amd64"), Some((5, 10)));
         assert_eq!(super::parse_release("garbage"), None);
+    }
+
+    #[test]
+    fn bpf_linker_is_kept_only_at_the_tested_version() {
+        assert_eq!(super::bpf_linker_action(Some("bpf-linker 0.13.0\n")), None);
+        assert_eq!(super::bpf_linker_action(Some("bpf-linker 0.9.15\n")), Some("replacing"));
+        assert_eq!(super::bpf_linker_action(None), Some("building"));
+    }
+
+    #[test]
+    fn another_nightly_is_reported_and_another_llvm_refused() {
+        let llvm = |v: &str| format!("rustc 1.97.0-nightly\nLLVM version: {v}\n");
+        assert_eq!(super::check_nightly(super::TESTED_NIGHTLY, &llvm("22.1.4")).unwrap(), None);
+        let other =
+            super::check_nightly("rustc 1.98.0-nightly (0123456 2026-06-30)", &llvm("22.1.8")).unwrap();
+        let advice = other.expect("a different nightly is reported");
+        assert!(
+            advice.contains(super::TESTED_NIGHTLY) && advice.contains(super::TESTED_NIGHTLY_CHANNEL),
+            "{advice}"
+        );
+        let e =
+            super::check_nightly("rustc 1.99.0-nightly (0123456 2026-08-01)", &llvm("23.0.0")).unwrap_err();
+        assert!(e.to_string().contains("LLVM 23"), "{e}");
     }
 }

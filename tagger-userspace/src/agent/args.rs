@@ -91,6 +91,12 @@ pub struct Args {
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
 
+    /// Seconds without a turn of the reconciler's loop after which /healthz answers 503
+    /// ("reconciler stalled"): the loop turns every 2 s once the datapath lease is armed, at
+    /// least every 30 s before, and a pass at 100,000 endpoints takes about a second.
+    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u64).range(1..=3600), value_name = "SECS")]
+    pub reconciler_stall_after: u64,
+
     /// Seconds a Kubernetes watch may stay silent before it is restarted: the server ends each
     /// watch after this long (`timeoutSeconds`), and a connection that delivers nothing for
     /// this plus 5 s is given up, which is how an API server that vanished without a reset

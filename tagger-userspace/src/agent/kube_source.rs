@@ -9,10 +9,13 @@
 
 mod wire;
 
-use std::sync::{
-    Arc, Mutex,
-    atomic::{AtomicBool, Ordering},
-    mpsc::Sender,
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc::Sender,
+    },
+    time::{Duration, Instant},
 };
 
 use futures::{Stream, StreamExt as _};
@@ -34,7 +37,7 @@ use crate::model::{Change, Kind, Labels, LocalPod, Object, ObjectRef, ServiceInp
 /// Starts the four watchers; their changes go to the returned queue, and each wakes the
 /// reconciler. `lane_keys` are the lane label keys: pods' other labels are dropped at once.
 pub fn spawn(
-    tasks: &mut tokio::task::JoinSet<()>,
+    tasks: &mut super::Tasks,
     client: Client,
     api_timeout: u32,
     node: &str,
@@ -59,50 +62,70 @@ pub fn spawn(
     let cfg = move || watcher::Config::default().any_semantic().timeout(api_timeout);
     let local_cfg = cfg().fields(&format!("spec.nodeName={node}"));
     let api = Api::<WirePod>::all(client.clone());
-    let pods = move || watcher(api.clone(), local_cfg.clone()).default_backoff();
+    let pods = move || watcher(api.clone(), local_cfg.clone()).backoff(RelistBackoff::default());
     let local_keys = Arc::clone(&keys);
-    tasks.spawn(drive(pods, Kind::LocalPod, ctx.clone(), move |pod: WirePod| {
-        let mut local = LocalPod::from_pod(&pod.into())?;
-        local.labels.retain(|k, _| local_keys.contains(k));
-        Some(Object::LocalPod(local))
-    }));
+    tasks.spawn(
+        format!("{} watcher", Kind::LocalPod),
+        drive(pods, Kind::LocalPod, ctx.clone(), move |pod: WirePod| {
+            let mut local = LocalPod::from_pod(&pod.into())?;
+            local.labels.retain(|k, _| local_keys.contains(k));
+            Some(Object::LocalPod(local))
+        }),
+    );
 
     let api = Api::<WireService>::all(client.clone());
-    let services = move || watcher(api.clone(), cfg()).default_backoff();
-    tasks.spawn(drive(services, Kind::Service, ctx.clone(), |svc: WireService| {
-        let key = ObjectRef::of(&svc.metadata)?;
-        let input = ServiceInput::new(&key, &svc.into());
-        Some(Object::Service(key, input))
-    }));
+    let services = move || watcher(api.clone(), cfg()).backoff(RelistBackoff::default());
+    tasks.spawn(
+        format!("{} watcher", Kind::Service),
+        drive(services, Kind::Service, ctx.clone(), |svc: WireService| {
+            let key = ObjectRef::of(&svc.metadata)?;
+            let input = ServiceInput::new(&key, &svc.into());
+            Some(Object::Service(key, input))
+        }),
+    );
 
     let api = Api::<WireSlice>::all(client.clone());
-    let slices = move || watcher(api.clone(), cfg()).default_backoff();
-    tasks.spawn(drive(slices, Kind::Slice, ctx.clone(), |slice: WireSlice| {
-        let key = ObjectRef::of(&slice.metadata)?;
-        let input = SliceInput::new(&key, &slice.into());
-        Some(Object::Slice(key, input))
-    }));
+    let slices = move || watcher(api.clone(), cfg()).backoff(RelistBackoff::default());
+    tasks.spawn(
+        format!("{} watcher", Kind::Slice),
+        drive(slices, Kind::Slice, ctx.clone(), |slice: WireSlice| {
+            let key = ObjectRef::of(&slice.metadata)?;
+            let input = SliceInput::new(&key, &slice.into());
+            Some(Object::Slice(key, input))
+        }),
+    );
 
-    tasks.spawn(probe_api(client.clone(), Arc::clone(status)));
+    tasks.spawn("API server probe", probe_api(client.clone(), Arc::clone(status)));
 
     // This node's Node object, metadata only, for its zone (Services' topology preferences).
     let api = Api::<WireNodeMeta>::all(client.clone());
     let node_cfg = cfg().fields(&format!("metadata.name={node}"));
-    let nodes = move || watcher(api.clone(), node_cfg.clone()).default_backoff();
-    tasks.spawn(drive(nodes, Kind::Node, ctx.clone(), |node: WireNodeMeta| {
-        let zone = node.metadata.labels.and_then(|mut l| l.remove(crate::model::topology::ZONE_LABEL));
-        Some(Object::Node(zone))
-    }));
+    let nodes = move || watcher(api.clone(), node_cfg.clone()).backoff(RelistBackoff::default());
+    tasks.spawn(
+        format!("{} watcher", Kind::Node),
+        drive(nodes, Kind::Node, ctx.clone(), |node: WireNodeMeta| {
+            let zone = node.metadata.labels.and_then(|mut l| l.remove(crate::model::topology::ZONE_LABEL));
+            Some(Object::Node(zone))
+        }),
+    );
 
     // Metadata only (`PartialObjectMetadata`).
     let api = Api::<WirePodMeta>::all(client);
-    let meta = move || watcher(api.clone(), cfg()).default_backoff();
-    tasks.spawn(drive(meta, Kind::Pod, ctx, move |meta: WirePodMeta| {
-        let key = ObjectRef::of(&meta.metadata)?;
-        let labels: Labels =
-            meta.metadata.labels.unwrap_or_default().into_iter().filter(|(k, _)| keys.contains(k)).collect();
-        Some(Object::Pod(key, labels))
-    }));
+    let meta = move || watcher(api.clone(), cfg()).backoff(RelistBackoff::default());
+    tasks.spawn(
+        format!("{} watcher", Kind::Pod),
+        drive(meta, Kind::Pod, ctx, move |meta: WirePodMeta| {
+            let key = ObjectRef::of(&meta.metadata)?;
+            let labels: Labels = meta
+                .metadata
+                .labels
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(k, _)| keys.contains(k))
+                .collect();
+            Some(Object::Pod(key, labels))
+        }),
+    );
     inputs
 }
 
@@ -144,18 +167,77 @@ struct Ctx {
     synced: Arc<[AtomicBool; Kind::ALL.len()]>,
 }
 
-/// Pause before a watcher refused an oversized response is started again.
-const RESTART_AFTER_OVERSIZED: std::time::Duration = std::time::Duration::from_secs(1);
+/// First pause after a watch error (before the watch is resumed or the kind listed again).
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// Longest pause, before jitter.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Errors this far apart start the back-off over.
+const BACKOFF_RESET_AFTER: Duration = Duration::from_mins(2);
+
+/// The pauses between attempts after watch errors: [`BACKOFF_MIN`] doubling to [`BACKOFF_MAX`],
+/// each plus up to half again of random jitter (so the agents of every node do not relist in
+/// step), started over once no error came for [`BACKOFF_RESET_AFTER`].
+///
+/// kube-runtime's default back-off starts over at every event received: after a `410 Gone` the
+/// relist itself delivers events, so a watch that fails again at once (an API server whose
+/// history is always compacted past the list, a proxy that drops each watch) would have every
+/// node relist everything about once a second, forever. This one ignores those resets: only
+/// two minutes without an error do.
+#[derive(Debug, Default)]
+pub struct RelistBackoff {
+    attempt: u32,
+    last_error: Option<Instant>,
+}
+
+impl RelistBackoff {
+    /// The pause after the `attempt`-th consecutive error (0-based), with `jitter` in [0, 1).
+    pub fn delay(attempt: u32, jitter: f64) -> Duration {
+        let factor = 1u32.checked_shl(attempt).unwrap_or(u32::MAX);
+        let base = BACKOFF_MIN.saturating_mul(factor).min(BACKOFF_MAX);
+        base.mul_f64(1.0 + jitter.clamp(0.0, 1.0) / 2.0)
+    }
+}
+
+impl Iterator for RelistBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let now = Instant::now();
+        if self.last_error.is_some_and(|at| now.duration_since(at) > BACKOFF_RESET_AFTER) {
+            self.attempt = 0;
+        }
+        self.last_error = Some(now);
+        let delay = Self::delay(self.attempt, jitter());
+        self.attempt = self.attempt.saturating_add(1);
+        Some(delay)
+    }
+}
+
+impl kube::runtime::utils::Backoff for RelistBackoff {
+    /// Ignored: see the type's documentation.
+    fn reset(&mut self) {}
+}
+
+/// A number in [0, 1), different in every call and every process (std's random hash keys).
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let bits = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    #[allow(clippy::cast_precision_loss)]
+    let unit = (bits >> 11) as f64 / (1u64 << 53) as f64;
+    unit
+}
 
 /// Runs the watchers `watch` makes: each one's events go to [`drive_one`]; one that stopped
-/// on a response line over the limit is replaced by a new one, which lists afresh.
+/// on a response line over the limit is replaced by a new one, which lists afresh, after a
+/// [`RelistBackoff`] pause (growing while the replacements keep failing).
 async fn drive<K, S>(watch: impl Fn() -> S, kind: Kind, ctx: Ctx, decode: impl Fn(K) -> Option<Object>)
 where
     K: kube::Resource,
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
 {
+    let mut backoff = RelistBackoff::default();
     while drive_one(watch(), kind, &ctx, &decode).await {
-        tokio::time::sleep(RESTART_AFTER_OVERSIZED).await;
+        tokio::time::sleep(backoff.next().unwrap_or(BACKOFF_MAX)).await;
     }
 }
 
@@ -249,4 +331,29 @@ fn is_line_too_long(e: &(dyn std::error::Error + 'static)) -> bool {
         next = e.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relist_pauses_double_to_a_cap_with_jitter_on_top() {
+        let secs = |attempt, jitter| RelistBackoff::delay(attempt, jitter).as_secs_f64();
+        let plain: Vec<u64> = (0..8).map(|a| RelistBackoff::delay(a, 0.0).as_secs()).collect();
+        assert_eq!(plain, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert!((secs(2, 0.999_999) - 6.0).abs() < 1e-3, "jitter adds up to half");
+        assert_eq!(RelistBackoff::delay(u32::MAX, 0.0), BACKOFF_MAX);
+        // Even with the most jitter, each pause is longer than the one before, up to the cap.
+        for a in 0..4 {
+            assert!(secs(a, 0.999) < secs(a + 1, 0.0));
+        }
+        // Events between errors (what kube-runtime resets on) do not start it over.
+        let mut b = RelistBackoff::default();
+        assert!(b.next().unwrap() < BACKOFF_MIN * 2);
+        kube::runtime::utils::Backoff::reset(&mut b);
+        assert!(b.next().unwrap() >= BACKOFF_MIN * 2);
+        let jitters: std::collections::BTreeSet<u64> = (0..16).map(|_| jitter().to_bits()).collect();
+        assert!(jitters.len() > 1 && (0..16).all(|_| (0.0..1.0).contains(&jitter())));
+    }
 }

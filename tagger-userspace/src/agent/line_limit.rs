@@ -6,8 +6,11 @@
 //! the error and retries with its backoff, and the datapath keeps the state it has, as during
 //! any other API outage.
 //!
-//! The default, 256 MiB, is far above what a real cluster sends: the API server refuses objects
-//! over 1.5 MiB (etcd's request limit), and a list of 100,000 endpoints is about 20 MB.
+//! The default, 64 MiB, is far above what a real cluster sends (the API server refuses objects
+//! over 1.5 MiB, etcd's request limit, and a list of 100,000 endpoints is about 20 MB), and well
+//! below the DaemonSet's memory limit: a line is held whole and then decoded beside the agent's
+//! heap and the maps charged to the same cgroup, so it is kept to at most a quarter of that
+//! limit (checked by `tests/tests/deploy_manifests.rs`).
 
 use std::{
     pin::Pin,
@@ -21,7 +24,7 @@ use http_body::{Body, Frame, SizeHint};
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The default limit on one response line, in MiB.
-pub const DEFAULT_MAX_LINE_MIB: u32 = 256;
+pub const DEFAULT_MAX_LINE_MIB: u32 = 64;
 
 /// A response line over the limit.
 #[derive(Debug, thiserror::Error)]

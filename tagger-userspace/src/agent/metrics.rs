@@ -35,8 +35,20 @@ pub fn render(status: &Arc<AgentStatus>, bpffs: &std::path::Path) -> String {
     out
 }
 
-/// `agent_feature_available{feature, detail}`.
-fn encode_features(encoder: &mut DescriptorEncoder, s: &AgentStatus) -> Result<(), std::fmt::Error> {
+/// Resets, reset failures and `agent_feature_available{feature, detail}`.
+fn encode_lifecycle(encoder: &mut DescriptorEncoder, s: &AgentStatus) -> Result<(), std::fmt::Error> {
+    counter(
+        encoder,
+        "agent_connections_reset",
+        "Tracked connections reset because their backend left its set or their lane came back (rehome)",
+        s.connections_reset(),
+    )?;
+    counter(
+        encoder,
+        "agent_connections_reset_failed",
+        "Stale connections a reset pass could not reset (their pod's network namespace not reachable, a netlink error); each is kept and tried again every second, and counted each time",
+        s.reset_failures(),
+    )?;
     let features = Family::<FeatureLabels, Gauge>::default();
     for (feature, f) in s.features() {
         features
@@ -164,19 +176,7 @@ impl Collector for AgentCollector {
             "Datapath writes that failed or were skipped",
             snap.reconcile_errors,
         )?;
-        counter(
-            &mut encoder,
-            "agent_connections_reset",
-            "Tracked connections reset because their backend left its set or their lane came back (rehome)",
-            s.connections_reset(),
-        )?;
-        counter(
-            &mut encoder,
-            "agent_connections_reset_failed",
-            "Stale connections a reset pass could not reset (their pod's network namespace not reachable, a netlink error); each is kept and tried again every second, and counted each time",
-            s.reset_failures(),
-        )?;
-        encode_features(&mut encoder, s)?;
+        encode_lifecycle(&mut encoder, s)?;
         counter(
             &mut encoder,
             "agent_source_errors",
@@ -200,6 +200,12 @@ impl Collector for AgentCollector {
             "agent_api_reachable",
             "0 while a Kubernetes watch is failing (the datapath serves its last state), 1 otherwise",
             i64::from(snap.api_reachable),
+        )?;
+        gauge(
+            &mut encoder,
+            "agent_healthy",
+            "1 while the reconciler and every watcher run; 0 when one ended, panicked or (the reconciler) stalled: /healthz answers 503 naming it",
+            i64::from(s.health(std::time::Instant::now()).is_ok()),
         )?;
         gauge(
             &mut encoder,

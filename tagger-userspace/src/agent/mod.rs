@@ -29,7 +29,7 @@ use anyhow::{Context as _, Result};
 pub use args::{Args, Source};
 pub use inputs::{Inputs, InputsHandle};
 pub use reconciler::{ReconcileReport, Reconciler};
-pub use status::AgentStatus;
+pub use status::{AgentStatus, METRICS_CACHE_TTL};
 
 #[cfg(test)]
 pub(crate) use poll::file_changes;
@@ -47,6 +47,68 @@ fn join_install(
 ) -> Result<(Datapath, crate::datapath::Installed)> {
     let handle = install.take().context("the datapath install was already joined")?;
     handle.join().map_err(|_| anyhow::anyhow!("the datapath install panicked"))?
+}
+
+/// The agent's tasks (watchers, pollers, the probe, the HTTP server), by name: one that ends or
+/// panics is reported dead ([`AgentStatus::part_died`], and `/healthz` fails).
+pub(crate) struct Tasks {
+    set: tokio::task::JoinSet<()>,
+    names: std::collections::HashMap<tokio::task::Id, String>,
+}
+
+impl Tasks {
+    fn new() -> Self {
+        Self { set: tokio::task::JoinSet::new(), names: std::collections::HashMap::new() }
+    }
+
+    /// Runs `task`, named `name` in health reports.
+    pub(crate) fn spawn(
+        &mut self,
+        name: impl Into<String>,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let handle = self.set.spawn(task);
+        self.names.insert(handle.id(), name.into());
+    }
+
+    /// The next task that ended, and how; `None` when none is left.
+    async fn next_ended(&mut self) -> Option<(String, &'static str)> {
+        let (id, how) = match self.set.join_next_with_id().await? {
+            Ok((id, ())) => (id, "ended"),
+            Err(e) if e.is_panic() => (e.id(), "panicked"),
+            Err(e) => (e.id(), "was cancelled"),
+        };
+        Some((self.names.remove(&id).unwrap_or_else(|| "a task".to_owned()), how))
+    }
+}
+
+/// Reports the reconciler thread dead if it unwinds (a panic); a normal return is a stop.
+struct PanicNotice(Arc<AgentStatus>);
+
+impl Drop for PanicNotice {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.part_died("reconciler", "panicked");
+        }
+    }
+}
+
+/// Runs the reconciler on a thread of its own; a panic there is reported ([`PanicNotice`]).
+fn spawn_reconciler(
+    mut reconciler: Reconciler,
+    wake: std::sync::mpsc::Receiver<Wake>,
+    inputs: InputsHandle,
+    lanes: Arc<std::sync::Mutex<LanesConfig>>,
+    status: &Arc<AgentStatus>,
+) -> Result<std::thread::JoinHandle<()>> {
+    let notice = PanicNotice(Arc::clone(status));
+    std::thread::Builder::new()
+        .name("reconciler".into())
+        .spawn(move || {
+            let _notice = notice;
+            reconciler.run(&wake, &inputs, &lanes);
+        })
+        .context("spawning the reconciler")
 }
 
 /// What wakes the reconciler.
@@ -77,6 +139,7 @@ pub fn run(args: &Args) -> Result<()> {
     // lists meanwhile, and the changes they queue wait for the reconciler, which starts once the
     // datapath is there.
     let status = Arc::new(AgentStatus::default());
+    status.set_stall_after(Duration::from_secs(args.reconciler_stall_after));
     report_attach_point(&config.attach, &status);
     let mut install = Some({
         let (bpffs, attach) = (args.bpffs.clone(), config.attach.path.clone());
@@ -101,11 +164,11 @@ pub fn run(args: &Args) -> Result<()> {
     let mut reconciler_thread = None;
     let mut marking = None;
     let result: Result<()> = runtime.block_on(async {
-        let mut tasks = tokio::task::JoinSet::new();
+        let mut tasks = Tasks::new();
         let handle = match &args.source {
             Source::File(path) => {
                 let shared = Arc::new(std::sync::Mutex::new(Inputs::default()));
-                tasks.spawn(poll::watch_source_file(
+                tasks.spawn("source file poller", poll::watch_source_file(
                     path.clone(),
                     config.node_name.clone(),
                     Arc::clone(&shared),
@@ -130,16 +193,10 @@ pub fn run(args: &Args) -> Result<()> {
         let (datapath, installed) = join_install(&mut install)?;
         info!(?installed, bpffs = %args.bpffs.display(), cgroup = %config.attach.path.display(), "datapath ready");
         marking = start_marking(args, &config, &status);
-        let mut reconciler = Reconciler::new(datapath, config.clone(), Arc::clone(&status))?;
-        let reconciler_lanes = Arc::clone(&lanes);
-        reconciler_thread = Some(
-            std::thread::Builder::new()
-                .name("reconciler".into())
-                .spawn(move || reconciler.run(&wake_rx, &handle, &reconciler_lanes))
-                .context("spawning the reconciler")?,
-        );
+        let reconciler = Reconciler::new(datapath, config.clone(), Arc::clone(&status))?;
+        reconciler_thread = Some(spawn_reconciler(reconciler, wake_rx, handle, Arc::clone(&lanes), &status)?);
         if let Some(path) = &args.lanes_config {
-            tasks.spawn(poll::watch_lanes_config(
+            tasks.spawn("lanes config poller", poll::watch_lanes_config(
                 path.clone(),
                 Arc::clone(&lanes),
                 wake_tx.clone(),
@@ -147,11 +204,11 @@ pub fn run(args: &Args) -> Result<()> {
             ));
         }
         if let Some(addr) = args.metrics_addr {
-            tasks.spawn(status::serve(addr, Arc::clone(&status), args.bpffs.clone()));
+            tasks.spawn("HTTP server", status::serve(addr, Arc::clone(&status), args.bpffs.clone()));
         }
-        shutdown_signal().await;
+        supervise(&mut tasks, &status).await;
         info!("stopping; the datapath stays attached with its last state");
-        tasks.abort_all();
+        tasks.set.abort_all();
         Ok(())
     });
     // An error before the install was joined (the Kubernetes client could not be configured):
@@ -244,9 +301,24 @@ fn start_marking(
 }
 
 fn load_lanes(path: &std::path::Path) -> Result<LanesConfig> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading lanes config {}", path.display()))?;
+    // The first poll reports the content; the size is checked before reading.
+    let text = poll::FileWatch::new(path.to_owned())
+        .poll()
+        .with_context(|| format!("reading lanes config {}", path.display()))?
+        .unwrap_or_default();
     LanesConfig::parse(&text).with_context(|| format!("lanes config {}", path.display()))
+}
+
+/// Waits for SIGTERM or SIGINT; meanwhile each task that ends is reported dead.
+async fn supervise(tasks: &mut Tasks, status: &AgentStatus) {
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return,
+            Some((part, how)) = tasks.next_ended() => status.part_died(&part, how),
+        }
+    }
 }
 
 async fn shutdown_signal() {
@@ -279,5 +351,36 @@ pub fn init_logging() {
         builder.json().init();
     } else {
         builder.init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A task that ends or panics is named, with how; `supervise`'s loop reports exactly that.
+    #[tokio::test]
+    async fn tasks_report_which_one_ended_and_how() {
+        let mut tasks = Tasks::new();
+        tasks.spawn("services watcher", async { panic!("boom") });
+        tasks.spawn("pods watcher", async {});
+        tasks.spawn("quiet watcher", std::future::pending());
+        let mut ended = vec![tasks.next_ended().await.unwrap(), tasks.next_ended().await.unwrap()];
+        ended.sort();
+        assert_eq!(
+            ended,
+            [("pods watcher".to_owned(), "ended"), ("services watcher".to_owned(), "panicked")]
+        );
+        // A quiet task is not reported.
+        let quiet = tokio::time::timeout(Duration::from_millis(100), tasks.next_ended()).await;
+        assert!(quiet.is_err(), "{quiet:?}");
+        let status = AgentStatus::default();
+        for (part, how) in ended {
+            status.part_died(&part, how);
+        }
+        assert_eq!(
+            status.health(std::time::Instant::now()),
+            Err("pods watcher ended; services watcher panicked".to_owned())
+        );
     }
 }

@@ -24,25 +24,47 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 pub struct FileWatch {
     path: PathBuf,
+    max_bytes: u64,
     last_meta: Option<(SystemTime, u64, u64)>,
     last_text: Option<String>,
 }
 
 impl FileWatch {
-    /// Watches `path`; the first `poll` reports its content.
+    /// Watches `path`; the first `poll` reports its content. Files over
+    /// [`file::MAX_FILE_BYTES`] are refused before they are read.
     pub fn new(path: PathBuf) -> Self {
-        Self { path, last_meta: None, last_text: None }
+        Self::with_limit(path, file::MAX_FILE_BYTES as u64)
     }
 
-    /// The new content if the file changed since the last call.
+    /// Watches `path`, refusing files over `max_bytes`.
+    pub fn with_limit(path: PathBuf, max_bytes: u64) -> Self {
+        Self { path, max_bytes, last_meta: None, last_text: None }
+    }
+
+    /// The new content if the file changed since the last call. A file over the limit is an
+    /// error, found from its size before anything is read (and a file growing while it is read
+    /// is cut at the limit and refused too): its content is never held.
     pub fn poll(&mut self) -> std::io::Result<Option<String>> {
-        use std::os::unix::fs::MetadataExt as _;
+        use std::{io::Read as _, os::unix::fs::MetadataExt as _};
         let meta = std::fs::metadata(&self.path)?;
         let key = (meta.modified()?, meta.len(), meta.ino());
         if self.last_meta == Some(key) {
             return Ok(None);
         }
-        let text = std::fs::read_to_string(&self.path)?;
+        let too_large = |size: u64| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("file of {size} bytes is over the {}-byte limit, refused unread", self.max_bytes),
+            )
+        };
+        if meta.len() > self.max_bytes {
+            return Err(too_large(meta.len()));
+        }
+        let mut text = String::new();
+        std::fs::File::open(&self.path)?.take(self.max_bytes + 1).read_to_string(&mut text)?;
+        if text.len() as u64 > self.max_bytes {
+            return Err(too_large(text.len() as u64));
+        }
         self.last_meta = Some(key);
         if self.last_text.as_deref() == Some(text.as_str()) {
             return Ok(None);
@@ -67,7 +89,16 @@ pub async fn watch_source_file(
     wake: Sender<Wake>,
     status: Arc<AgentStatus>,
 ) {
-    let mut watch = FileWatch::new(path);
+    watch_source_file_with(FileWatch::new(path), node, inputs, wake, status).await;
+}
+
+async fn watch_source_file_with(
+    mut watch: FileWatch,
+    node: String,
+    inputs: Arc<Mutex<Inputs>>,
+    wake: Sender<Wake>,
+    status: Arc<AgentStatus>,
+) {
     let mut last_error = String::new();
     loop {
         match watch.poll() {
@@ -197,5 +228,54 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         assert_eq!(w.poll().unwrap(), None);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_over_the_limit_is_refused_and_the_previous_state_kept() {
+        let dir = std::env::temp_dir().join(format!("tagger-filewatch-limit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("source.yaml");
+        let ok = "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: d}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
+        std::fs::write(&path, ok).unwrap();
+        let limit = 200;
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let (inputs, status) = (Arc::new(Mutex::new(Inputs::default())), Arc::new(AgentStatus::default()));
+        let (wake_tx, wake_rx) = std::sync::mpsc::channel();
+        let task = runtime.spawn(watch_source_file_with(
+            FileWatch::with_limit(path.clone(), limit),
+            "node".into(),
+            Arc::clone(&inputs),
+            wake_tx,
+            Arc::clone(&status),
+        ));
+        runtime.block_on(async { tokio::time::sleep(POLL_INTERVAL * 3).await });
+        assert!(matches!(wake_rx.try_recv(), Ok(Wake::Changed)), "the first file is applied");
+        while wake_rx.try_recv().is_ok() {}
+        let applied = format!("{:?}", inputs.lock().unwrap());
+
+        // Over the limit: refused, counted once, nothing queued.
+        std::fs::write(&path, format!("{ok}# {}\n", "x".repeat(300))).unwrap();
+        runtime.block_on(async { tokio::time::sleep(POLL_INTERVAL * 4).await });
+        assert_eq!(status.snapshot().source_errors, 1);
+        assert!(wake_rx.try_recv().is_err(), "an oversized file must not wake the reconciler");
+        assert_eq!(format!("{:?}", inputs.lock().unwrap()), applied);
+        task.abort();
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let e = FileWatch::with_limit(dir.join("missing"), 1).poll().unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn the_size_is_checked_before_reading() {
+        let dir = std::env::temp_dir().join(format!("tagger-filewatch-size-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("big");
+        // Sparse: 1 TiB that would take forever (and all memory) to read.
+        std::fs::File::create(&path).unwrap().set_len(1 << 40).unwrap();
+        let e = FileWatch::new(path).poll().unwrap_err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("over the 67108864-byte limit, refused unread"), "{e}");
     }
 }

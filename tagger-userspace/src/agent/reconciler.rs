@@ -354,6 +354,8 @@ impl Reconciler {
     pub fn run(&mut self, wake: &Receiver<Wake>, inputs: &InputsHandle, lanes: &Mutex<LanesConfig>) {
         let mut last_check = Instant::now();
         loop {
+            // The heartbeat `/healthz` judges (agent/status.rs, `judge_health`).
+            self.status.reconciler_beat();
             let until_check = RESYNC.saturating_sub(last_check.elapsed());
             let mut timeout =
                 if self.model.pending_pods() > 0 { PENDING_RETRY.min(until_check) } else { until_check };

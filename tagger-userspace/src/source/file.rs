@@ -14,7 +14,6 @@ use k8s_openapi::api::{
     core::v1::{Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
-use serde::Deserialize as _;
 
 /// The objects of one file.
 #[derive(Clone, Debug, Default)]
@@ -34,7 +33,8 @@ pub struct Snapshot {
 /// Why a file was rejected.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParseError {
-    /// 1-based document number in the file.
+    /// 1-based number of the document among those that hold something (empty documents are not
+    /// counted); 0 when the file is not valid YAML (the message gives the line and column).
     pub document: usize,
     /// What went wrong, naming the object when known.
     pub message: String,
@@ -42,14 +42,21 @@ pub struct ParseError {
 
 impl fmt::Display for ParseError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "document {}: {}", self.document, self.message)
+        if self.document == 0 {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "document {}: {}", self.document, self.message)
+        }
     }
 }
 
 impl std::error::Error for ParseError {}
 
-/// Files larger than this are refused (API input must not make memory unbounded).
-pub const MAX_FILE_BYTES: usize = 256 * 1024 * 1024;
+/// Files larger than this (64 MiB) are refused: the agent checks the size before reading
+/// (`agent/poll.rs`), and `parse` refuses longer text. A YAML file of 100,000 endpoints is about
+/// 30 MB; parsing takes several times the text's size, which must stay below the container's
+/// memory limit.
+pub const MAX_FILE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Parses a whole file.
 pub fn parse(text: &str) -> Result<Snapshot, ParseError> {
@@ -59,12 +66,25 @@ pub fn parse(text: &str) -> Result<Snapshot, ParseError> {
             message: format!("file of {} bytes exceeds the {MAX_FILE_BYTES}-byte limit", text.len()),
         });
     }
+    // The parser's budgets (against YAML bombs) sized for a file of MAX_FILE_BYTES: its
+    // defaults (250,000 nodes, 1,024 documents) are for configuration files. Aliases keep their
+    // defaults. One-line messages, without a source snippet: they go to the log. Booleans are
+    // `true`/`false` only (YAML 1.2, as before).
+    let options = serde_saphyr::options! {
+        with_snippet: false,
+        strict_booleans: true,
+        budget: serde_saphyr::budget! {
+            max_events: 64_000_000,
+            max_nodes: 32_000_000,
+            max_documents: 1_000_000,
+            max_total_scalar_bytes: MAX_FILE_BYTES,
+        },
+    };
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_str_multiple_with_options(text, options)
+        .map_err(|e| ParseError { document: 0, message: format!("not valid YAML: {e}") })?;
     let mut snap = Snapshot::default();
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let document = i + 1;
-        let value = serde_json::Value::deserialize(doc)
-            .map_err(|e| ParseError { document, message: format!("not valid YAML: {e}") })?;
-        add_value(&mut snap, value, document)?;
+    for (i, value) in docs.into_iter().enumerate() {
+        add_value(&mut snap, value, i + 1)?;
     }
     Ok(snap)
 }
@@ -214,6 +234,32 @@ ports: [{name: http, port: 8080, protocol: TCP}]
         assert_eq!((s.pods.len(), s.services.len(), s.slices.len()), (1, 1, 1));
     }
 
+    /// More documents and nodes than the YAML parser's default budgets (1,024 documents,
+    /// 250,000 nodes) allow: a large cluster's file is read whole.
+    #[test]
+    fn a_large_file_is_within_the_budgets() {
+        use std::fmt::Write as _;
+        let mut text = String::new();
+        for s in 0..1_100 {
+            let _ = write!(
+                text,
+                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{s}, namespace: n, \
+                 labels: {{kubernetes.io/service-name: a}}}}\naddressType: IPv4\nendpoints:\n"
+            );
+            for e in 0..60 {
+                let _ = writeln!(
+                    text,
+                    "- {{addresses: [10.{}.{}.{e}], conditions: {{ready: true}}}}",
+                    s / 256,
+                    s % 256
+                );
+            }
+        }
+        let snap = parse(&text).unwrap();
+        assert_eq!(snap.slices.len(), 1_100);
+        assert_eq!(snap.slices.iter().map(|s| s.endpoints.len()).sum::<usize>(), 66_000);
+    }
+
     #[test]
     fn empty_files_are_empty_snapshots() {
         for text in ["", "---\n", "# nothing\n", "---\n---\n"] {
@@ -225,14 +271,15 @@ ports: [{name: http, port: 8080, protocol: TCP}]
     #[test]
     fn malformed_input_is_rejected_naming_the_document() {
         let e = parse("kind: Service\nmetadata: {name: a\n").unwrap_err();
-        assert_eq!(e.document, 1);
-        assert!(e.message.contains("not valid YAML"), "{e}");
+        assert_eq!(e.document, 0);
+        assert!(e.to_string().starts_with("not valid YAML: ") && e.message.contains("line 2"), "{e}");
 
         let e = parse(&format!(
             "{DOCS}\n---\nkind: Service\nmetadata: {{name: b, namespace: x}}\nspec: {{ports: 3}}\n"
         ))
         .unwrap_err();
-        assert_eq!(e.document, 4, "{e}"); // DOCS ends with `---`: an empty third document
+        // DOCS ends with `---`: an empty third document, not counted.
+        assert_eq!(e.document, 3, "{e}");
         assert!(e.message.contains("Service x/b"), "{e}");
 
         let e = parse("- 1\n- 2\n").unwrap_err();

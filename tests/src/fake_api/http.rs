@@ -217,6 +217,7 @@ fn route(shared: &Arc<Shared>, request: &Request<Incoming>) -> Result<Response<B
         accept: parsed.accept.clone(),
         verb,
         resource: resource.map(|r| r.plural),
+        at: std::time::Instant::now(),
     });
     if request.method() != Method::GET {
         return Err(ApiError::new(

@@ -105,6 +105,8 @@ pub struct RequestRecord {
     pub accept: Option<String>,
     /// What the request does.
     pub verb: Verb,
+    /// When it arrived.
+    pub at: std::time::Instant,
     /// Plural name of the resource type addressed, e.g. `pods`.
     pub resource: Option<&'static str>,
 }
@@ -431,6 +433,13 @@ preferences: {{}}
     /// Ends every open watch stream cleanly, as when its `timeoutSeconds` expires.
     pub fn end_watches(&self) {
         self.shared.store().close_watches(false);
+    }
+
+    /// `true`: every watch from a resource version gets an `ERROR` event with `410 Expired` at
+    /// once, as from an API server whose history is always compacted past what the client
+    /// listed (the client relists, and its next watch fails again). `false`: as before.
+    pub fn expire_watches(&self, expire: bool) {
+        self.shared.store().expire_watches = expire;
     }
 
     /// Sends a `BOOKMARK` with the current resource version to every watch that allows them.

@@ -307,6 +307,9 @@ pub(crate) struct Store {
     /// Every change with a resource version above this one is in `history`; below it, gone.
     compacted: u64,
     history_limit: usize,
+    /// Every watch from a resource version is answered `410 Expired` (see
+    /// `FakeApiServer::expire_watches`).
+    pub(crate) expire_watches: bool,
     objects: BTreeMap<ObjectKey, Arc<Value>>,
     history: VecDeque<HistoryEvent>,
     watches: Vec<Watch>,
@@ -321,6 +324,7 @@ impl Store {
             rv: initial_rv,
             compacted: initial_rv,
             history_limit: history_limit.max(1),
+            expire_watches: false,
             objects: BTreeMap::new(),
             history: VecDeque::new(),
             watches: Vec::new(),
@@ -660,7 +664,7 @@ impl Store {
         let initial_events = query.send_initial_events.unwrap_or(matches!(rv, None | Some("0")));
         if let Some(rv) = rv.filter(|rv| !initial_events && *rv != "0") {
             let rv = self.known_rv(rv)?;
-            if rv < self.compacted {
+            if rv < self.compacted || self.expire_watches {
                 // HTTP 200, one ERROR event, end of stream.
                 let status =
                     ApiError::expired(format!("too old resource version: {rv} ({})", self.compacted))
