@@ -76,7 +76,7 @@ pub fn series(name: &str) -> Result<Series> {
 }
 
 /// An unpacked kernel package.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Kernel {
     /// e.g. `6.1.0-56-cloud-amd64`.
     pub release: String,

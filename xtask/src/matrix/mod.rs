@@ -81,10 +81,6 @@ pub fn run(series: &[String], opts: &Options<'_>) -> Result<()> {
     let mut stripped = BTreeSet::new();
     let mut failures = Vec::new();
     let mut summary = Vec::new();
-    // Every guest's initramfs first (they share the stage of stripped binaries), then all guests
-    // at once: a guest spends much of its time waiting on timers and sockets, so booting them
-    // side by side takes little longer than the longest alone.
-    let mut prepared = Vec::new();
     for s in series {
         step(&format!("kernel {}: fetch Debian's kernel", s.name));
         let kernel = kernels::fetch(s, &cache)?;
@@ -92,7 +88,7 @@ pub fn run(series: &[String], opts: &Options<'_>) -> Result<()> {
             (s.name.to_owned(), tests.as_slice(), &args, false),
             (format!("{}-cgroup-v1", s.name), v1_tests.as_slice(), &v1_args, true),
         ];
-        for (label, tests, args, cgroup_v1) in guests {
+        for (label, tests, args, cgroup_v1) in &guests {
             if tests.is_empty() {
                 continue;
             }
@@ -101,41 +97,15 @@ pub fn run(series: &[String], opts: &Options<'_>) -> Result<()> {
                 bins: &bins,
                 test_args: args,
                 test_timeout_s: opts.timeout.as_secs(),
-                cgroup_v1,
+                cgroup_v1: *cgroup_v1,
             };
             let image = root.join(format!("target/kernel-matrix/initramfs-{label}.cpio"));
-            step(&format!("kernel {label}: initramfs with the test binaries"));
-            let size = initramfs::build(&kernel, &contents, &stage, &image, &mut stripped)?;
-            status("initramfs", &format!("{} ({} MiB)", image.display(), size >> 20));
-            prepared.push((label, kernel.clone(), image, tests.len()));
-        }
-    }
-    step(&format!("boot {} guests side by side under qemu -accel tcg and run the tests", prepared.len()));
-    let outcomes: Vec<Result<Outcome>> = std::thread::scope(|scope| {
-        let running: Vec<_> = prepared
-            .iter()
-            .map(|(label, kernel, image, _)| {
-                scope.spawn(move || {
-                    status("boot", &format!("{label} ({})", kernel.release));
-                    let started = Instant::now();
-                    let outcome = boot(label, &kernel.vmlinuz, image, opts.timeout);
-                    status("guest done", &format!("{label} in {} s", started.elapsed().as_secs()));
-                    outcome
-                })
-            })
-            .collect();
-        running
-            .into_iter()
-            .map(|t| t.join().unwrap_or_else(|_| Err(anyhow::anyhow!("guest thread panicked"))))
-            .collect()
-    });
-    for ((label, kernel, image, count), outcome) in prepared.iter().zip(outcomes) {
-        // Rebuilt on every run; 125 MiB per kernel is not worth keeping.
-        let _ = std::fs::remove_file(image);
-        let outcome = outcome?;
-        summary.push(format!("{label} ({}): {}", kernel.release, outcome.describe()));
-        if let Err(e) = outcome.verdict(*count) {
-            failures.push(format!("kernel {label}: {e}"));
+            let outcome =
+                run_guest(label, &kernel, &contents, (&stage, &mut stripped), &image, opts.timeout)?;
+            summary.push(format!("{label} ({}): {}", kernel.release, outcome.describe()));
+            if let Err(e) = outcome.verdict(tests.len()) {
+                failures.push(format!("kernel {label}: {e}"));
+            }
         }
     }
     initramfs::prune_stage(&stage, &stripped);
@@ -151,6 +121,26 @@ pub fn run(series: &[String], opts: &Options<'_>) -> Result<()> {
 
 /// A test binary: the name printed in results, and its path.
 type TestBinary = (String, PathBuf);
+
+/// Builds the initramfs `image` with `contents` for `kernel` (stripped binaries cached in the
+/// stage directory, recorded as used), boots it, and removes the image.
+fn run_guest(
+    label: &str,
+    kernel: &kernels::Kernel,
+    contents: &initramfs::Contents<'_>,
+    (stage, stripped): (&Path, &mut BTreeSet<PathBuf>),
+    image: &Path,
+    limit: Duration,
+) -> Result<Outcome> {
+    step(&format!("kernel {label}: initramfs with the test binaries"));
+    let size = initramfs::build(kernel, contents, stage, image, stripped)?;
+    status("initramfs", &format!("{} ({} MiB)", image.display(), size >> 20));
+    step(&format!("kernel {label} ({}): boot under qemu -accel tcg and run the tests", kernel.release));
+    let outcome = boot(label, &kernel.vmlinuz, image, limit);
+    // Rebuilt on every run; 125 MiB per kernel is not worth keeping.
+    let _ = std::fs::remove_file(image);
+    outcome
+}
 
 /// Builds the test binaries and the binaries they run; returns (name, path) of each test binary
 /// the normal guests run, and the cgroup v1-only guest's test binary.
