@@ -3,7 +3,8 @@
 //! `deploy/` — rendered by the same minimal kustomize as `deploy_manifests.rs` and translated by
 //! code, field by field, into `podman run` (no setting copied by hand) — against a sandboxed
 //! node. It steers, resets a stale connection, marks, answers `tagger` through `podman exec`,
-//! and serves `/healthz` and `/readyz`.
+//! and serves `/healthz` and `/readyz`; once from the base's pod template, once from the
+//! privileged overlay's.
 //!
 //! What stands in for the node, and is the only thing this test supplies:
 //! - each hostPath volume maps to the sandbox's equivalent: its bpffs directory, the host's
@@ -55,9 +56,9 @@ fn hold_vip() -> SocketAddr {
     "10.96.20.2:80".parse().unwrap()
 }
 
-/// The rendered install (`deploy/`), as JSON objects.
-fn install() -> Vec<Value> {
-    render(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")).objects
+/// A rendered install (`deploy/` or an overlay below it), as JSON objects.
+fn install(rel: &str) -> Vec<Value> {
+    render(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(rel)).objects
 }
 
 fn one<T: serde::de::DeserializeOwned>(objects: &[Value], kind: &str) -> T {
@@ -314,11 +315,23 @@ fn wait_for_probes(c: &Container, pod_network: &Netns, agent: &Running) {
 
 #[test]
 fn the_image_runs_from_the_daemonsets_pod_template_and_does_everything_the_readme_promises() {
+    run_the_image_from("");
+}
+
+/// The same with the privileged overlay's pod template.
+#[test]
+fn the_privileged_overlay_does_the_same() {
+    run_the_image_from("overlays/privileged");
+}
+
+/// Runs the image from the DaemonSet of `deploy/<rel>` on a sandboxed node and checks every
+/// feature (see the module docs).
+fn run_the_image_from(rel: &str) {
     if Command::new("podman").arg("--version").output().is_err() {
         eprintln!("skipped: podman is not installed (`cargo xtask test` installs it with its packages)");
         return;
     }
-    let objects = install();
+    let objects = install(rel);
     let ds: DaemonSet = one(&objects, "DaemonSet");
     let pod = ds.spec.unwrap().template.spec.unwrap();
     let c = pod.containers[0].clone();
