@@ -210,16 +210,17 @@ pub fn reset_stale(
         let left = pass.search(&own, cookies, &format!("pod cgroup {pod}"));
         pass.closed.extend(left);
     }
+    // The directory is listed (and each namespace opened) once per pass, for all of them.
+    let all = if unplaced.is_empty() { Vec::new() } else { finder.all() };
     for (pod, cookies) in &mut unplaced {
-        if let Some(ns) = finder.learned(*pod) {
+        if let Some(ns) = finder.learned(*pod).and_then(|id| all.iter().find(|ns| ns.id == id)) {
             *cookies =
-                pass.search(std::slice::from_ref(&ns), std::mem::take(cookies), &format!("pod cgroup {pod}"));
+                pass.search(std::slice::from_ref(ns), std::mem::take(cookies), &format!("pod cgroup {pod}"));
         }
     }
     let owner: BTreeMap<u64, u64> =
         unplaced.iter().flat_map(|(pod, cookies)| cookies.iter().map(move |c| (*c, *pod))).collect();
     if !owner.is_empty() {
-        let all = finder.all();
         if all.is_empty() {
             let why = match finder.dir() {
                 Some(dir) => format!("no network namespace in {}", dir.display()),

@@ -89,12 +89,10 @@ impl Finder {
             .collect()
     }
 
-    /// The namespace where a connection of this pod was found before, if it is still in the
-    /// directory.
+    /// The namespace where a connection of this pod was found before.
     #[must_use]
-    pub fn learned(&self, pod: u64) -> Option<Ns> {
-        let id = *self.learned.get(&pod)?;
-        self.all().into_iter().find(|ns| ns.id == id)
+    pub fn learned(&self, pod: u64) -> Option<NsId> {
+        self.learned.get(&pod).copied()
     }
 
     /// Every namespace in the directory, each once (none without a directory).
