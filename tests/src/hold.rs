@@ -67,3 +67,23 @@ impl Drop for HoldServer {
         }
     }
 }
+
+/// A sandboxed node with services `a` (`vip`, the backends' ordinary port) and `h` (`hold_vip`,
+/// `hold_port`), each with a base (`a-base`) and a gray (`a-gray`) backend, and a gray caller
+/// `gw`; with the holding servers of `h`, which stop when dropped.
+#[must_use]
+pub fn gray_node_with_held_service(
+    vip: std::net::SocketAddr,
+    hold_vip: std::net::SocketAddr,
+    hold_port: u16,
+) -> (crate::agent::AgentSandbox, Vec<HoldServer>) {
+    let mut sb = crate::agent::AgentSandbox::new();
+    sb.backend("a-base", None);
+    sb.backend("a-gray", Some("gray"));
+    sb.caller("gw", Some("gray"));
+    let backends = ["a-base", "a-gray"];
+    sb.cluster.service("a", &[vip.ip()], vip.port(), crate::agent::PORT, &backends);
+    sb.cluster.service("h", &[hold_vip.ip()], hold_vip.port(), hold_port, &backends);
+    let servers = backends.iter().map(|n| HoldServer::start(&sb.netns[*n], n, hold_port)).collect();
+    (sb, servers)
+}

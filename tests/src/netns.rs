@@ -54,3 +54,28 @@ impl Drop for Netns {
         let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }
+
+/// A container runtime's directory of pinned pod network namespaces (what the agent's
+/// `--netns-dir` names), holding links to some test namespaces' pins (`cni-<name>`); removed on
+/// drop.
+#[derive(Debug)]
+pub struct NetnsDir(crate::agent::TempDir);
+
+impl NetnsDir {
+    /// A directory with these namespaces.
+    #[must_use]
+    pub fn of(namespaces: &[&Netns]) -> Self {
+        let dir = crate::agent::TempDir::new();
+        for ns in namespaces {
+            std::os::unix::fs::symlink(ns.path(), dir.0.join(format!("cni-{}", ns.name())))
+                .expect("link a namespace into the directory");
+        }
+        Self(dir)
+    }
+
+    /// The directory.
+    #[must_use]
+    pub fn path(&self) -> &std::path::Path {
+        &self.0.0
+    }
+}

@@ -11,9 +11,10 @@ use std::{
 use tagger::{lifecycle, net::Proto};
 use tagger_common::{LANE_F_REHOME, lane_id};
 use tagger_tests::{
-    agent::{AgentSandbox, pod_in_lane, set_size},
+    agent::{AgentSandbox, TempDir, pod_in_lane, set_size},
     client::HoldClient,
     hold::HoldServer,
+    netns::NetnsDir,
     scenario::{Caller, Sandbox},
 };
 
@@ -113,16 +114,14 @@ fn resets_reach_pods_through_the_namespace_directory_when_their_processes_are_hi
     let (gray, base, gray_client, base_client) = lc.held_gray_and_base(vip, &addrs);
 
     // The runtime's directory: both callers' namespaces (links to their `ip netns` pins).
-    let dir = tempfile_dir();
-    for (name, pod) in [("cni-base", &base.pod), ("cni-gray", &gray.pod)] {
-        std::os::unix::fs::symlink(pod.ns.path(), dir.0.join(name)).unwrap();
-    }
-    let hidden = dir.0.join("no-pods-here");
-    std::fs::create_dir(&hidden).unwrap();
-    let mut finder = lifecycle::netns::Finder::new(Some(dir.0.clone()));
+    let dir = NetnsDir::of(&[&base.pod.ns, &gray.pod.ns]);
+    // A cgroup root without the pods' processes.
+    let empty = TempDir::new();
+    let hidden = empty.0.as_path();
+    let mut finder = lifecycle::netns::Finder::new(Some(dir.path().to_owned()));
 
     lc.sb.dp.dp.tables_mut().replace_backends(1, lane_id("gray"), &[]).unwrap();
-    let report = lc.reset_with(&hidden, &mut finder);
+    let report = lc.reset_with(hidden, &mut finder);
     assert_eq!(report.reset.len(), 1, "{report:?}");
     let line = gray_client.next_line(Duration::from_secs(1)).expect("gray connection not reset");
     assert!(line.starts_with(&format!("closed\t{}", libc::ECONNABORTED)), "{line}");
@@ -140,27 +139,12 @@ fn resets_reach_pods_through_the_namespace_directory_when_their_processes_are_hi
     let mut view = lifecycle::MapSnapshot::read(lc.sb.dp.dp.tables()).expect("read the maps");
     let mut blind = lifecycle::netns::Finder::new(None);
     let report =
-        lifecycle::reset_stale(lc.sb.dp.dp.tables_mut(), &hidden, &mut blind, &mut view).expect("reset");
+        lifecycle::reset_stale(lc.sb.dp.dp.tables_mut(), hidden, &mut blind, &mut view).expect("reset");
     assert!(report.reset.is_empty() && report.failed == 2 && report.retry(), "{report:?}");
     assert!(report.errors.iter().any(|e| e.contains("cannot reach their network namespace")), "{report:?}");
     assert_eq!(lc.sb.dp.dp.tables().connections().unwrap().len(), 2, "failed ones stay tracked");
     // With it again, both go.
-    assert_eq!(lc.reset_with(&hidden, &mut finder).reset.len(), 2);
-}
-
-/// A scratch directory, removed on drop.
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tempfile_dir() -> TempDir {
-    let dir = std::env::temp_dir().join(tagger_tests::unique_name("netns-dir"));
-    std::fs::create_dir_all(&dir).unwrap();
-    TempDir(dir)
+    assert_eq!(lc.reset_with(hidden, &mut finder).reset.len(), 2);
 }
 
 #[test]

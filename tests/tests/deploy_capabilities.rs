@@ -27,13 +27,20 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::ConfigMap};
-use tagger::datapath::Datapath;
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{ConfigMap, SecurityContext},
+};
+use tagger::{
+    cli::status::{AgentFeature, parse_features},
+    datapath::Datapath,
+};
 use tagger_tests::{
-    agent::{AgentProcess, AgentSandbox, PORT, PinDir, http_get, pod_in_lane, set_size, workspace_bin},
+    agent::{AgentProcess, AgentSandbox, PinDir, http_get, pod_in_lane, set_size, workspace_bin},
     client::HoldClient,
     datapath::BPFFS,
     hold::HoldServer,
+    netns::NetnsDir,
     unique_name,
 };
 
@@ -44,19 +51,29 @@ fn deploy_file(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(rel)
 }
 
+/// A manifest of `deploy/`, parsed.
+fn manifest<T: serde::de::DeserializeOwned>(rel: &str) -> T {
+    let text = std::fs::read_to_string(deploy_file(rel)).unwrap();
+    serde_saphyr::from_str_with_options(&text, tagger_tests::yaml_options()).unwrap()
+}
+
+/// The security context of the DaemonSet's agent container (`deploy/base/daemonset.yaml`),
+/// read once.
+fn agent_security() -> &'static SecurityContext {
+    static SC: std::sync::OnceLock<SecurityContext> = std::sync::OnceLock::new();
+    SC.get_or_init(|| {
+        let ds: DaemonSet = manifest("base/daemonset.yaml");
+        let containers = ds.spec.unwrap().template.spec.unwrap().containers;
+        containers[0].security_context.clone().expect("securityContext")
+    })
+}
+
 /// The capabilities the DaemonSet adds, after checking that it drops everything else.
 fn daemonset_capabilities() -> Vec<String> {
-    let path = deploy_file("base/daemonset.yaml");
-    let ds: DaemonSet = serde_saphyr::from_str_with_options(
-        &std::fs::read_to_string(&path).unwrap(),
-        tagger_tests::yaml_options(),
-    )
-    .unwrap();
-    let containers = ds.spec.unwrap().template.spec.unwrap().containers;
-    let sc = containers[0].security_context.clone().expect("securityContext");
+    let sc = agent_security();
     assert_ne!(sc.privileged, Some(true));
-    let caps = sc.capabilities.expect("capabilities");
-    assert_eq!(caps.drop, Some(vec!["ALL".to_owned()]), "{}: drop ALL", path.display());
+    let caps = sc.capabilities.clone().expect("capabilities");
+    assert_eq!(caps.drop, Some(vec!["ALL".to_owned()]), "base/daemonset.yaml: drop ALL");
     let add = caps.add.unwrap_or_default();
     assert!(!add.is_empty());
     add
@@ -87,24 +104,12 @@ fn needed_for(cap: &str) -> Loss {
 /// Whether the DaemonSet's container runs with `no_new_privs` (`allowPrivilegeEscalation:
 /// false`).
 fn daemonset_no_new_privs() -> bool {
-    let path = deploy_file("base/daemonset.yaml");
-    let ds: DaemonSet = serde_saphyr::from_str_with_options(
-        &std::fs::read_to_string(&path).unwrap(),
-        tagger_tests::yaml_options(),
-    )
-    .unwrap();
-    let containers = ds.spec.unwrap().template.spec.unwrap().containers;
-    containers[0].security_context.as_ref().and_then(|s| s.allow_privilege_escalation) == Some(false)
+    agent_security().allow_privilege_escalation == Some(false)
 }
 
 /// The base ConfigMap's lanes config, as the DaemonSet mounts it.
 fn configmap_lanes() -> String {
-    let path = deploy_file("base/configmap.yaml");
-    let cm: ConfigMap = serde_saphyr::from_str_with_options(
-        &std::fs::read_to_string(&path).unwrap(),
-        tagger_tests::yaml_options(),
-    )
-    .unwrap();
+    let cm: ConfigMap = manifest("base/configmap.yaml");
     cm.data.unwrap()["lanes.yaml"].clone()
 }
 
@@ -243,17 +248,17 @@ fn the_kernel_needs_each_capability_and_nothing_more() {
     let caps = daemonset_capabilities();
     let mut sb = AgentSandbox::new();
     sb.caller("pod", Some("gray"));
-    let netns = NetnsDir::of(&sb, &["pod"]);
+    let netns = NetnsDir::of(&[&sb.netns["pod"].ns]);
     let root = sb.root.path().to_owned();
 
     // The full set: installs, and reaches into a pod's namespace to reset.
     let pins = PinDir(Path::new(BPFFS).join(unique_name("pins")));
-    let got = helper("install", &caps, &pins.0, &root, &netns.0);
+    let got = helper("install", &caps, &pins.0, &root, netns.path());
     assert!(got.as_deref().is_ok_and(|s| s.starts_with("Attached")), "with {caps:?}: {got:?}");
-    let reset = helper("reset", &caps, &pins.0, &root, &netns.0);
+    let reset = helper("reset", &caps, &pins.0, &root, netns.path());
     assert!(reset.is_ok(), "the reset path with {caps:?}: {reset:?}");
     // The CLI's access, with what `kubectl exec` gets (the container's set), works.
-    let read = helper("read", &caps, &pins.0, &root, &netns.0);
+    let read = helper("read", &caps, &pins.0, &root, netns.path());
     assert!(read.is_ok(), "reading the pins with {caps:?}: {read:?}");
     drop(pins);
 
@@ -262,8 +267,8 @@ fn the_kernel_needs_each_capability_and_nothing_more() {
     for cap in &caps {
         let pins = PinDir(Path::new(BPFFS).join(unique_name("pins")));
         let fewer = without(&caps, cap);
-        let install = helper("install", &fewer, &pins.0, &root, &netns.0);
-        let reset = helper("reset", &fewer, &pins.0, &root, &netns.0);
+        let install = helper("install", &fewer, &pins.0, &root, netns.path());
+        let reset = helper("reset", &fewer, &pins.0, &root, netns.path());
         let (feature, err) = match needed_for(cap) {
             Loss::Steering => (
                 "steering",
@@ -280,27 +285,6 @@ fn the_kernel_needs_each_capability_and_nothing_more() {
         );
         let start = err.find("prohibited").map_or(0, |i| i.saturating_sub(100));
         eprintln!("without CAP_{cap}, {feature}: {}", &err[start..err.len().min(start + 300)]);
-    }
-}
-
-/// A runtime's namespace directory (`--netns-dir`) holding some sandbox pods' namespaces, as
-/// links to their `ip netns` pins; removed on drop.
-struct NetnsDir(PathBuf);
-
-impl NetnsDir {
-    fn of(sb: &AgentSandbox, pods: &[&str]) -> Self {
-        let dir = sb.dir.0.join("netns");
-        std::fs::create_dir_all(&dir).unwrap();
-        for pod in pods {
-            std::os::unix::fs::symlink(sb.netns[*pod].ns.path(), dir.join(format!("cni-{pod}"))).unwrap();
-        }
-        Self(dir)
-    }
-}
-
-impl Drop for NetnsDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -322,38 +306,17 @@ const HOLD_PORT: u16 = 9090;
 /// A node with services `a` and `h` (base and gray backends) and a gray caller `gw`; the
 /// holding servers of `h`.
 fn sandbox() -> (AgentSandbox, Vec<HoldServer>) {
-    let mut sb = AgentSandbox::new();
-    sb.backend("a-base", None);
-    sb.backend("a-gray", Some("gray"));
-    sb.caller("gw", Some("gray"));
-    sb.cluster.service("a", &[vip().ip()], vip().port(), PORT, &["a-base", "a-gray"]);
-    sb.cluster.service("h", &[hold_vip().ip()], hold_vip().port(), HOLD_PORT, &["a-base", "a-gray"]);
-    let servers =
-        ["a-base", "a-gray"].iter().map(|n| HoldServer::start(&sb.netns[*n], n, HOLD_PORT)).collect();
-    (sb, servers)
-}
-
-/// The agent's optional features from its metrics: name → (available, detail).
-fn features(port: u16) -> BTreeMap<String, (bool, String)> {
-    let (_, body) = http_get(port, "/metrics");
-    body.lines()
-        .filter_map(|l| l.strip_prefix("tagger_agent_feature_available{feature=\""))
-        .filter_map(|rest| {
-            let (feature, rest) = rest.split_once('"')?;
-            let detail = rest.split_once("detail=\"").map_or("", |(_, d)| d.split('"').next().unwrap_or(""));
-            Some((feature.to_owned(), (rest.trim_end().ends_with(" 1"), detail.to_owned())))
-        })
-        .collect()
+    tagger_tests::hold::gray_node_with_held_service(vip(), hold_vip(), HOLD_PORT)
 }
 
 /// Waits for `/readyz`; then the features.
-fn ready_features(sb: &AgentSandbox, port: u16) -> BTreeMap<String, (bool, String)> {
+fn ready_features(sb: &AgentSandbox, port: u16) -> BTreeMap<String, AgentFeature> {
     let deadline = Instant::now() + WAIT;
     while http_get(port, "/readyz").0 != 200 {
         assert!(Instant::now() < deadline, "/readyz\n{}", sb.agent_log());
         std::thread::sleep(Duration::from_millis(20));
     }
-    features(port)
+    parse_features(&http_get(port, "/metrics").1)
 }
 
 fn free_port() -> u16 {
@@ -407,7 +370,7 @@ fn assert_confined(pid: u32, caps: &[String]) {
 fn the_agent_steers_resets_and_marks_with_exactly_the_daemonset_capabilities() {
     let caps = daemonset_capabilities();
     let (mut sb, _servers) = sandbox();
-    let netns = NetnsDir::of(&sb, &["gw", "a-base", "a-gray"]);
+    let netns = NetnsDir::of(&[&sb.netns["gw"].ns, &sb.netns["a-base"].ns, &sb.netns["a-gray"].ns]);
     let lanes = sb.write_lanes_config(&configmap_lanes());
     let port = free_port();
     let metrics = format!("127.0.0.1:{port}");
@@ -418,7 +381,7 @@ fn the_agent_steers_resets_and_marks_with_exactly_the_daemonset_capabilities() {
         "--metrics-addr",
         &metrics,
         "--netns-dir",
-        &netns.0.to_string_lossy(),
+        &netns.path().to_string_lossy(),
         "--node-netns",
         &node_ns.to_string_lossy(),
         "--mark-interfaces",
@@ -435,7 +398,11 @@ fn the_agent_steers_resets_and_marks_with_exactly_the_daemonset_capabilities() {
     let features = ready_features(&sb, port);
     assert_eq!(http_get(port, "/healthz").0, 200);
     for feature in ["connection_reset", "lane_marking"] {
-        assert!(features.get(feature).is_some_and(|f| f.0), "{feature}: {features:?}\n{}", sb.agent_log());
+        assert!(
+            features.get(feature).is_some_and(|f| f.available),
+            "{feature}: {features:?}\n{}",
+            sb.agent_log()
+        );
     }
     sb.wait_for("a pod's veth marked", WAIT, |_| sb.agent_log().contains("lane marking attached"));
 
@@ -463,10 +430,10 @@ fn the_agent_steers_resets_and_marks_with_exactly_the_daemonset_capabilities() {
 fn without_any_one_capability_the_agent_says_what_it_lost() {
     let caps = daemonset_capabilities();
     let (mut sb, _servers) = sandbox();
-    let netns = NetnsDir::of(&sb, &["gw", "a-base", "a-gray"]);
+    let netns = NetnsDir::of(&[&sb.netns["gw"].ns, &sb.netns["a-base"].ns, &sb.netns["a-gray"].ns]);
     let port = free_port();
     let metrics = format!("127.0.0.1:{port}");
-    let extra = ["--metrics-addr", &metrics, "--netns-dir", &netns.0.to_string_lossy()];
+    let extra = ["--metrics-addr", &metrics, "--netns-dir", &netns.path().to_string_lossy()];
     for cap in &caps {
         // A fresh node: nothing is installed, nothing is left half-installed.
         start_confined(&mut sb, &without(&caps, cap), &extra);
@@ -483,9 +450,10 @@ fn without_any_one_capability_the_agent_says_what_it_lost() {
             }
             Loss::Feature(feature) => {
                 let features = ready_features(&sb, port);
-                let (available, detail) = features.get(feature).cloned().unwrap_or_else(|| {
-                    panic!("without {cap}, {feature} is not reported: {features:?}\n{}", sb.agent_log())
-                });
+                let AgentFeature { available, detail } =
+                    features.get(feature).cloned().unwrap_or_else(|| {
+                        panic!("without {cap}, {feature} is not reported: {features:?}\n{}", sb.agent_log())
+                    });
                 assert!(!available, "without {cap}, {feature} says it is available: {detail}");
                 assert!(
                     detail.contains("not permitted") && detail.contains(&format!("CAP_{cap}")),

@@ -34,10 +34,9 @@ use k8s_openapi::api::{
 };
 use serde_json::Value;
 use tagger_tests::{
-    agent::{AgentSandbox, NODE, PORT, http_get, pod_in_lane, set_size},
+    agent::{NODE, http_get, pod_in_lane, set_size},
     client::HoldClient,
     fake_api::FakeApiServer,
-    hold::HoldServer,
     kustomize::render,
     netns::Netns,
     unique_name,
@@ -338,14 +337,7 @@ fn run_the_image_from(rel: &str) {
     let image = image(c.image.as_deref().expect("the template's image"));
 
     // The sandboxed node: service a (base and gray), service h (held connections), gray caller.
-    let mut sb = AgentSandbox::new();
-    sb.backend("a-base", None);
-    sb.backend("a-gray", Some("gray"));
-    sb.caller("gw", Some("gray"));
-    sb.cluster.service("a", &[vip().ip()], vip().port(), PORT, &["a-base", "a-gray"]);
-    sb.cluster.service("h", &[hold_vip().ip()], hold_vip().port(), HOLD_PORT, &["a-base", "a-gray"]);
-    let _holders: Vec<HoldServer> =
-        ["a-base", "a-gray"].iter().map(|n| HoldServer::start(&sb.netns[*n], n, HOLD_PORT)).collect();
+    let (mut sb, _holders) = tagger_tests::hold::gray_node_with_held_service(vip(), hold_vip(), HOLD_PORT);
 
     // The pod network, with the API server in it.
     let pod_network = Netns::new(&unique_name("podnet"));
@@ -390,12 +382,10 @@ fn run_the_image_from(rel: &str) {
     let metrics_port =
         c.ports.iter().flatten().find(|p| p.name.as_deref() == Some("metrics")).expect("metrics port");
     let (_, metrics) = get_in(&pod_network, u16::try_from(metrics_port.container_port).unwrap(), "/metrics");
+    let features = tagger::cli::status::parse_features(&metrics);
     for feature in ["connection_reset", "lane_marking"] {
-        let line = metrics
-            .lines()
-            .find(|l| l.starts_with(&format!("tagger_agent_feature_available{{feature=\"{feature}\"")))
-            .unwrap_or_else(|| panic!("{feature} not reported:\n{metrics}"));
-        assert!(line.ends_with(" 1"), "{line}\n{}", agent.logs());
+        let f = features.get(feature).unwrap_or_else(|| panic!("{feature} not reported:\n{metrics}"));
+        assert!(f.available, "{feature}: {}\n{}", f.detail, agent.logs());
     }
 
     // The CLI through the runtime's exec.

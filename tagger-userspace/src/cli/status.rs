@@ -234,7 +234,8 @@ fn feature_line(agent: &AgentProbe, feature: &str) -> String {
 }
 
 /// The features in a metrics text: `tagger_agent_feature_available{feature="…",detail="…"} 1`.
-fn parse_features(metrics: &str) -> BTreeMap<String, AgentFeature> {
+#[must_use]
+pub fn parse_features(metrics: &str) -> BTreeMap<String, AgentFeature> {
     let label = |labels: &str, key: &str| -> Option<String> {
         let start = labels.find(&format!("{key}=\""))? + key.len() + 2;
         let len = labels[start..].find('"')?;
