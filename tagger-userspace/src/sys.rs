@@ -12,6 +12,18 @@ use std::{
     time::Duration,
 };
 
+/// Moves the calling thread (only it: `setns` on a thread of a multi-threaded process) into the
+/// network namespace of `netns`, an nsfs file. Needs `CAP_SYS_ADMIN`; `EPERM` without it.
+pub fn enter_netns(netns: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: setns with a descriptor and a namespace type changes only this thread's
+    // namespace; no memory is passed.
+    if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// The kernel's monotonic clock (`CLOCK_MONOTONIC`, what `bpf_ktime_get_ns` reads), in ns: the
 /// clock of warm-up ready times and of the datapath lease's deadline.
 #[must_use]

@@ -3,7 +3,7 @@
 
 use std::{
     fs::File,
-    os::fd::AsRawFd as _,
+    os::fd::AsFd as _,
     path::Path,
     sync::{
         Arc,
@@ -55,16 +55,12 @@ impl MarkingLoop {
         let thread = std::thread::Builder::new()
             .name("marking".into())
             .spawn(move || {
-                if let Some(ns) = &netns {
-                    // SAFETY: setns on this thread only (it lives in the node's namespace from
-                    // here on), with an open namespace descriptor.
-                    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        let e = std::io::Error::last_os_error();
-                        let _ = entered_tx.send(Err(anyhow::anyhow!(
-                            "entering the node's network namespace (setns, needs CAP_SYS_ADMIN): {e}"
-                        )));
-                        return;
-                    }
+                // This thread lives in the node's namespace from here on.
+                if let Some(Err(e)) = netns.as_ref().map(|ns| crate::sys::enter_netns(ns.as_fd())) {
+                    let _ = entered_tx.send(Err(anyhow::anyhow!(
+                        "entering the node's network namespace (setns, needs CAP_SYS_ADMIN): {e}"
+                    )));
+                    return;
                 }
                 let _ = entered_tx.send(Ok(()));
                 let mut known = std::collections::BTreeSet::new();

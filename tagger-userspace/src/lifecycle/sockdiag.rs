@@ -299,9 +299,7 @@ pub fn probe_in(netns: &File) -> io::Result<()> {
 fn in_netns<T: Send>(netns: &File, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
     std::thread::scope(|s| {
         s.spawn(|| {
-            // SAFETY: setns on this (scoped, short-lived) thread only, with a netns descriptor.
-            if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                let e = io::Error::last_os_error();
+            if let Err(e) = sys::enter_netns(netns.as_fd()) {
                 return Err(io::Error::new(e.kind(), format!("entering the network namespace (setns): {e}")));
             }
             f()
