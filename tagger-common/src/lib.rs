@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod affinity;
+pub mod edges;
 pub mod lane;
 pub mod lease;
 pub mod maps;
@@ -16,6 +17,7 @@ pub mod shaping;
 pub mod wire;
 
 pub use affinity::*;
+pub use edges::*;
 pub use lane::{BASE_LANE, fnv1a, lane_id};
 pub use lease::*;
 pub use maps::*;

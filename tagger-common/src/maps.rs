@@ -41,7 +41,7 @@ pub const MAP_SOCK: &str = "TAGGER_SOCK_V1";
 pub const MAP_CONNS: &str = "TAGGER_CONN_V1";
 
 /// Every map the datapath pins, in a fixed order (used for pin management and `status`).
-pub const ALL_MAPS: [&str; 23] = [
+pub const ALL_MAPS: [&str; 24] = [
     MAP_PODS,
     MAP_FRONTENDS,
     MAP_BACKEND_SETS,
@@ -65,6 +65,7 @@ pub const ALL_MAPS: [&str; 23] = [
     crate::lease::MAP_LEASE,
     crate::affinity::MAP_AFFINITY,
     crate::affinity::MAP_AFFINITY_CFG,
+    crate::edges::MAP_EDGES,
 ];
 
 /// Pod cgroups registered on one node.

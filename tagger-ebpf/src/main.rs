@@ -30,12 +30,12 @@ use aya_ebpf::{
 use tagger_common::{
     BASE_LANE, Backend, FAMILY_V6, FrontendKey, IPPROTO_UDP, LEASE_NEVER, LaneTables, Outcome, RevNatKey,
     RevNatValue, SOCK_F_FELL_BACK, SOCK_F_ROUTED, SlotKey, SockRecord, is_v4_mapped, lease_expired,
-    shaping_of, svc_is_passthrough, v4_mapped,
+    passthrough_edge_counted, shaping_of, svc_is_passthrough, v4_mapped,
 };
 
 use crate::maps::{
-    BACKEND_SLOTS, CONFIG, CONNS, FRONTENDS, LEASE, PODS, REVNAT, SOCKS, Tables, count, count_service,
-    count_shadow, insert_revnat,
+    BACKEND_SLOTS, CONFIG, CONNS, FRONTENDS, LEASE, PODS, REVNAT, SOCKS, Tables, count, count_edge,
+    count_service, count_shadow, insert_revnat,
 };
 
 /// Return value that lets the syscall proceed.
@@ -160,9 +160,10 @@ fn user_port(sa: *mut bpf_sock_addr) -> u16 {
     }
 }
 
-/// The calling task: the lane of the deepest registered pod cgroup among its ancestors.
+/// The calling task: the lane of the deepest registered pod cgroup among its ancestors (base,
+/// with pod 0, when it is in none).
 #[inline(always)]
-fn caller() -> shaping::Caller {
+fn find_caller() -> shaping::Caller {
     let mut caller = shaping::Caller { lane: BASE_LANE, pod: 0, cfg_flags: 0 };
     let Some(cfg) = CONFIG.get(0) else {
         return caller;
@@ -189,7 +190,6 @@ fn caller() -> shaping::Caller {
         }
         level -= 1;
     }
-    count(Outcome::UnknownPod);
     caller
 }
 
@@ -262,6 +262,12 @@ fn try_steer(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
     };
     if svc_is_passthrough(&svc) {
         count(Outcome::Passthrough);
+        // A lane caller reaching a Service with base backends only: where its lane falls back,
+        // counted for the coverage report. Base callers (the everyday case) are not.
+        let who = find_caller();
+        if passthrough_edge_counted(who.lane) {
+            count_edge(who.pod, svc.svc_id, who.lane, BASE_LANE, Outcome::Passthrough);
+        }
         return PROCEED;
     }
     // Before anything else that steers: an expired lease means maps nobody maintains, which
@@ -272,7 +278,10 @@ fn try_steer(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
         count(Outcome::LeaseExpired);
         return PROCEED;
     }
-    let who = caller();
+    let who = find_caller();
+    if who.pod == 0 {
+        count(Outcome::UnknownPod);
+    }
     let caller = who.lane;
     let pod_cgroup = who.pod;
     let tables = Tables;
@@ -286,13 +295,11 @@ fn try_steer(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
     }
     match outcome {
         Outcome::RefusedStrict => {
-            count(outcome);
-            count_service(svc.svc_id, caller, lane, outcome);
+            count_decision(&who, svc.svc_id, lane, outcome);
             return REFUSE;
         }
         Outcome::NoBackend => {
-            count(outcome);
-            count_service(svc.svc_id, caller, lane, outcome);
+            count_decision(&who, svc.svc_id, lane, outcome);
             return PROCEED;
         }
         _ => {}
@@ -337,9 +344,16 @@ fn try_steer(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
         pod_cgroup,
     };
     remember(ctx, hook, &record);
-    count(outcome);
-    count_service(svc.svc_id, caller, lane, outcome);
+    count_decision(&who, svc.svc_id, lane, outcome);
     PROCEED
+}
+
+/// Counts an applied decision: globally, per Service and lanes, and as the caller's edge.
+#[inline(always)]
+fn count_decision(who: &shaping::Caller, svc_id: u32, backend_lane: u32, outcome: Outcome) {
+    count(outcome);
+    count_service(svc_id, who.lane, backend_lane, outcome);
+    count_edge(who.pod, svc_id, who.lane, backend_lane, outcome);
 }
 
 /// Records what the socket must keep seeing. A connected socket keeps its record in socket

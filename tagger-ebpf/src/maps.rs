@@ -7,12 +7,12 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray},
 };
 use tagger_common::{
-    AffinityEntry, AffinityKey, BPF_F_NO_PREALLOC, Backend, BackendSet, DatapathConfig, FrontendKey,
+    AffinityEntry, AffinityKey, BPF_F_NO_PREALLOC, Backend, BackendSet, DatapathConfig, EdgeKey, FrontendKey,
     InboundKey, LaneMark, LaneName, LanePolicy, LaneTables, Lease, MAX_AFFINITY, MAX_BACKEND_SETS,
-    MAX_BACKEND_SLOTS, MAX_CONNS, MAX_FRONTENDS, MAX_INBOUND, MAX_LANE_MARKS, MAX_LANES, MAX_POD_ADDRS,
-    MAX_PODS, MAX_REVNAT, MAX_ROUTES, MAX_SVC_STATS, MAX_WARM, OUTCOME_SLOTS, Outcome, PodAddr, PodEntry,
-    PodMeta, RevNatKey, RevNatValue, RouteKey, SHADOW_OFFSET, STAT_F_SHADOW, Service, ServiceMeta, SetKey,
-    SlotKey, SockRecord, StatKey, SvcAffinity, SvcShaping, WarmEntry, WarmKey,
+    MAX_BACKEND_SLOTS, MAX_CONNS, MAX_EDGES, MAX_FRONTENDS, MAX_INBOUND, MAX_LANE_MARKS, MAX_LANES,
+    MAX_POD_ADDRS, MAX_PODS, MAX_REVNAT, MAX_ROUTES, MAX_SVC_STATS, MAX_WARM, OUTCOME_SLOTS, Outcome,
+    PodAddr, PodEntry, PodMeta, RevNatKey, RevNatValue, RouteKey, SHADOW_OFFSET, STAT_F_SHADOW, Service,
+    ServiceMeta, SetKey, SlotKey, SockRecord, StatKey, SvcAffinity, SvcShaping, WarmEntry, WarmKey,
 };
 
 #[map(name = "TAGGER_PODS_V1")]
@@ -85,6 +85,11 @@ pub static POD_ADDRS: HashMap<[u32; 4], PodAddr> =
 /// of distinct keys can never stop the counting.
 #[map(name = "TAGGER_INB_V2")]
 pub static INBOUND: LruPerCpuHashMap<InboundKey, u64> = LruPerCpuHashMap::with_max_entries(MAX_INBOUND, 0);
+
+/// New connections per (calling pod, Service, caller lane, backend lane, outcome): the call
+/// edges the coverage report follows a lane along. An LRU, like `INBOUND`.
+#[map(name = "TAGGER_EDGE_V1")]
+pub static EDGES: LruPerCpuHashMap<EdgeKey, u64> = LruPerCpuHashMap::with_max_entries(MAX_EDGES, 0);
 
 /// Each lane's mark bits under `--mark-mask`, for the TC marking program.
 #[map(name = "TAGGER_LMARK_V1")]
@@ -163,6 +168,23 @@ pub fn count_shadow(svc_id: u32, caller_lane: u32, backend_lane: u32, outcome: O
 #[inline(always)]
 pub fn count_service(svc_id: u32, caller_lane: u32, backend_lane: u32, outcome: Outcome) {
     count_row(StatKey { svc_id, caller_lane, backend_lane, outcome: outcome as u32 });
+}
+
+/// Counts one call edge of a registered pod (`caller` 0, an unregistered caller, is not
+/// counted: an edge names its caller).
+#[inline(always)]
+pub fn count_edge(caller: u64, svc_id: u32, caller_lane: u32, backend_lane: u32, outcome: Outcome) {
+    if caller == 0 {
+        return;
+    }
+    let key = EdgeKey { caller, svc_id, caller_lane, backend_lane, outcome: outcome as u32 };
+    if let Some(c) = EDGES.get_ptr_mut(&key) {
+        // SAFETY: per-CPU value of this CPU, as in `count`.
+        unsafe { *c += 1 };
+    } else {
+        // BPF_NOEXIST, as in `count_row`.
+        let _ = EDGES.insert(&key, &1, 1);
+    }
 }
 
 #[inline(always)]

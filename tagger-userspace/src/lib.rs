@@ -5,6 +5,7 @@ pub mod agent;
 pub mod caps;
 pub mod cgroup;
 pub mod cli;
+pub mod coverage;
 pub mod datapath;
 pub mod error;
 pub mod fs;

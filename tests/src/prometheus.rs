@@ -74,8 +74,9 @@ impl Prometheus {
     /// If the query is refused (a PromQL error names it).
     #[must_use]
     pub fn query(&self, promql: &str) -> Vec<Value> {
-        let (code, body) =
-            self.get(&format!("/api/v1/query?query={}", encode(promql))).expect("prometheus answers");
+        let (code, body) = self
+            .get(&format!("/api/v1/query?query={}", tagger::coverage::prometheus::percent_encode(promql)))
+            .expect("prometheus answers");
         let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
         assert_eq!((code, v["status"].as_str()), (200, Some("success")), "query {promql}: {body}");
         match &v["data"]["result"] {
@@ -108,14 +109,4 @@ impl Drop for Prometheus {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Percent-encoding of a query parameter's value.
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }

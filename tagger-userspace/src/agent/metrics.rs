@@ -402,6 +402,57 @@ fn encode_lane_marks(
     )?)
 }
 
+/// The lane coverage rows (see `crate::coverage`): call edges of the local pods, arrivals at
+/// them, and every Service's backends per lane, named as `tagger lanes coverage` names them,
+/// so a Prometheus over every node answers `tagger lanes coverage --prometheus`.
+fn encode_coverage(
+    encoder: &mut DescriptorEncoder,
+    t: &crate::datapath::Tables,
+) -> Result<(), std::fmt::Error> {
+    use crate::coverage::series::{self, ArrivalLabels, EdgeLabels, LaneBackendLabels};
+    let Ok(observed) = crate::coverage::pins::observe(t) else { return Ok(()) };
+    let edges = Family::<EdgeLabels, Counter>::default();
+    for e in &observed.edges {
+        edges.get_or_create(&EdgeLabels::of(e)).inc_by(e.connections);
+    }
+    edges.encode(encoder.encode_descriptor(
+        series::EDGES,
+        "New connections from this node's pods, per caller (the Service the calling pod backs, else its \
+         workload), caller lane, Service, backend lane and outcome; Services left to the cluster are counted \
+         for callers of lanes other than base only",
+        None,
+        edges.metric_type(),
+    )?)?;
+    let arrivals = Family::<ArrivalLabels, Counter>::default();
+    for a in &observed.arrivals {
+        arrivals.get_or_create(&ArrivalLabels::of(a)).inc_by(a.connections);
+    }
+    arrivals.encode(encoder.encode_descriptor(
+        series::ARRIVALS,
+        "Connections accepted by this node's pods, per receiver (as for lane_edges), pod lane, caller lane and kind",
+        None,
+        arrivals.metric_type(),
+    )?)?;
+    let backends = Family::<LaneBackendLabels, Gauge>::default();
+    for (svc, lanes) in &observed.lane_backends {
+        for (lane, n) in lanes {
+            backends
+                .get_or_create(&LaneBackendLabels {
+                    namespace: svc.namespace.clone(),
+                    service: svc.name.clone(),
+                    lane: lane.clone(),
+                })
+                .set(clamp(*n));
+        }
+    }
+    backends.encode(encoder.encode_descriptor(
+        series::LANE_BACKENDS,
+        "Backends of each Service per lane (the largest set of its ports), as this node's datapath holds them",
+        None,
+        backends.metric_type(),
+    )?)
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
     state: String,
@@ -570,35 +621,41 @@ impl Collector for DatapathCollector {
             encode_connections(&mut encoder, &conns, &names, &lane)?;
         }
         encode_inbound(&mut encoder, t, &lane).and_then(|()| encode_lane_marks(&mut encoder, t))?;
-        let entries = Family::<MapLabel, Gauge>::default();
-        let capacity = Family::<MapLabel, Gauge>::default();
-        let ratio = Family::<MapLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-        for (map, n, cap) in t.fill() {
-            let l = MapLabel { map: map.to_owned() };
-            entries.get_or_create(&l).set(i64::try_from(n).unwrap_or(i64::MAX));
-            capacity.get_or_create(&l).set(i64::from(cap));
-            #[expect(clippy::cast_precision_loss, reason = "a ratio for humans")]
-            ratio.get_or_create(&l).set(n as f64 / f64::from(cap));
-        }
-        entries.encode(encoder.encode_descriptor(
-            "map_entries",
-            "Entries in each pinned map",
-            None,
-            entries.metric_type(),
-        )?)?;
-        capacity.encode(encoder.encode_descriptor(
-            "map_capacity",
-            "Capacity of each pinned map",
-            None,
-            capacity.metric_type(),
-        )?)?;
-        ratio.encode(encoder.encode_descriptor(
-            "map_fill_ratio",
-            "entries / capacity",
-            None,
-            ratio.metric_type(),
-        )?)
+        encode_coverage(&mut encoder, t)?;
+        encode_fill(&mut encoder, t)
     }
+}
+
+/// Entries, capacity and fill ratio of every pinned map.
+fn encode_fill(encoder: &mut DescriptorEncoder, t: &crate::datapath::Tables) -> Result<(), std::fmt::Error> {
+    let entries = Family::<MapLabel, Gauge>::default();
+    let capacity = Family::<MapLabel, Gauge>::default();
+    let ratio = Family::<MapLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    for (map, n, cap) in t.fill() {
+        let l = MapLabel { map: map.to_owned() };
+        entries.get_or_create(&l).set(i64::try_from(n).unwrap_or(i64::MAX));
+        capacity.get_or_create(&l).set(i64::from(cap));
+        #[expect(clippy::cast_precision_loss, reason = "a ratio for humans")]
+        ratio.get_or_create(&l).set(n as f64 / f64::from(cap));
+    }
+    entries.encode(encoder.encode_descriptor(
+        "map_entries",
+        "Entries in each pinned map",
+        None,
+        entries.metric_type(),
+    )?)?;
+    capacity.encode(encoder.encode_descriptor(
+        "map_capacity",
+        "Capacity of each pinned map",
+        None,
+        capacity.metric_type(),
+    )?)?;
+    ratio.encode(encoder.encode_descriptor(
+        "map_fill_ratio",
+        "entries / capacity",
+        None,
+        ratio.metric_type(),
+    )?)
 }
 
 #[cfg(test)]

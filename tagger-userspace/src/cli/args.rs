@@ -30,21 +30,45 @@ pub struct Cli {
 
     /// Output format: aligned tables for people, or JSON for scripts (a stable schema:
     /// snake_case fields, lanes as {id, name}, addresses as strings, outcomes by name).
-    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Format::Table)]
-    pub output: Format,
+    /// (`-o dot`: a graphviz graph, for `lanes coverage` only.)
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
 
     /// What to show.
     #[command(subcommand)]
     pub command: Command,
 }
 
-/// Output format.
+/// Output format, as `-o` takes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Format {
+pub enum Output {
     /// Aligned tables.
     Table,
     /// One JSON document (one per line with `stats --watch`).
     Json,
+    /// A graphviz graph (`lanes coverage` only): `tagger lanes coverage -o dot | dot -Tsvg`.
+    Dot,
+}
+
+/// The format of every subcommand but `lanes coverage`: tables or JSON.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// Aligned tables.
+    Table,
+    /// One JSON document.
+    Json,
+}
+
+impl Output {
+    /// The tables-or-JSON format; `None` for a graph.
+    #[must_use]
+    pub const fn plain(self) -> Option<Format> {
+        match self {
+            Self::Table => Some(Format::Table),
+            Self::Json => Some(Format::Json),
+            Self::Dot => None,
+        }
+    }
 }
 
 /// The subcommands.
@@ -77,7 +101,9 @@ pub enum Command {
     ///
     /// Every lane known to the datapath, with its id (32-bit FNV-1a of the name; base = 0), its
     /// policy (fallback chain, or strict), and how many pods and backend sets it has.
-    Lanes,
+    ///
+    /// `lanes coverage`: where each lane holds, falls back and stops along the call graph.
+    Lanes(LanesArgs),
     /// Decision counters by outcome, Service and lane; --watch for a live view.
     ///
     /// Global counts per outcome (steered, fell_back, refused_strict, ...), and per (Service,
@@ -90,6 +116,54 @@ pub enum Command {
     /// step, the outcome and the backend set chosen from. Computed by the same lane-resolution
     /// code the kernel runs, over the same maps.
     Explain(ExplainArgs),
+}
+
+/// `tagger lanes`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct LanesArgs {
+    /// Another view of the lanes (default: the lanes themselves).
+    #[command(subcommand)]
+    pub view: Option<LanesView>,
+}
+
+/// Views under `tagger lanes`.
+#[derive(Clone, Debug, Subcommand)]
+pub enum LanesView {
+    /// Where each lane holds, falls back and stops: call edges caller → Service, break points.
+    ///
+    /// For each lane, the call edges its callers made (caller: the Service whose backend the
+    /// calling pod is, else its workload) and whether the lane held, fell back, was routed or
+    /// refused; the Services where it fell back, and among them the break points: a Service
+    /// reached only in another lane whose pods call a Service that has backends in the lane
+    /// (the lane stops there); lane leaks seen by receiving pods; Services with backends in the
+    /// lane no caller reached.
+    ///
+    /// By default from this node's pins (counts since the datapath was loaded; works while the
+    /// agent is down). With --prometheus, cluster-wide: PromQL over every node's agent metrics.
+    /// `-o json` for scripts, `-o dot` for a graphviz graph.
+    Coverage(CoverageArgs),
+}
+
+/// `tagger lanes coverage`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct CoverageArgs {
+    /// A Prometheus that scrapes every node's tagger-agent (`http://host:port[/prefix]`): the
+    /// report then covers the whole cluster instead of this node.
+    #[arg(long, value_name = "URL")]
+    pub prometheus: Option<String>,
+
+    /// With --prometheus: count only the last WINDOW (a PromQL duration such as 15m or 2h)
+    /// instead of everything since each agent started.
+    #[arg(long, value_name = "WINDOW", requires = "prometheus", value_parser = parse_window)]
+    pub window: Option<String>,
+}
+
+fn parse_window(s: &str) -> Result<String, String> {
+    if crate::coverage::prometheus::is_duration(s) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("{s:?}: expected a PromQL duration such as 15m, 2h or 1h30m"))
+    }
 }
 
 /// `tagger status`.
@@ -163,13 +237,46 @@ mod tests {
     fn defaults_and_global_flags() {
         let cli = Cli::try_parse_from(["tagger", "pods"]).unwrap();
         assert_eq!(cli.bpffs, PathBuf::from(DEFAULT_BPFFS));
-        assert_eq!(cli.output, Format::Table);
+        assert_eq!(cli.output, Output::Table);
         let cli = Cli::try_parse_from(["tagger", "lanes", "-o", "json", "--bpffs", "/x"]).unwrap();
-        assert_eq!((cli.output, cli.bpffs), (Format::Json, PathBuf::from("/x")));
+        assert_eq!((cli.output, cli.bpffs), (Output::Json, PathBuf::from("/x")));
         let Command::Status(s) = Cli::try_parse_from(["tagger", "status"]).unwrap().command else {
             panic!("status")
         };
         assert_eq!(s.agent_addr, DEFAULT_AGENT_ADDR);
+    }
+
+    #[test]
+    fn coverage_takes_a_prometheus_and_a_window() {
+        let Command::Lanes(LanesArgs { view: Some(LanesView::Coverage(c)) }) = Cli::try_parse_from([
+            "tagger",
+            "lanes",
+            "coverage",
+            "--prometheus",
+            "http://p:9090",
+            "--window",
+            "15m",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("coverage")
+        };
+        assert_eq!((c.prometheus.as_deref(), c.window.as_deref()), (Some("http://p:9090"), Some("15m")));
+        assert!(
+            Cli::try_parse_from(["tagger", "lanes", "coverage", "--window", "15m"]).is_err(),
+            "needs prometheus"
+        );
+        assert!(
+            Cli::try_parse_from(["tagger", "lanes", "coverage", "--prometheus", "http://p", "--window", "x"])
+                .is_err()
+        );
+        let cli = Cli::try_parse_from(["tagger", "lanes", "coverage", "-o", "dot"]).unwrap();
+        assert_eq!(cli.output, Output::Dot);
+        assert!(matches!(
+            Cli::try_parse_from(["tagger", "lanes"]).unwrap().command,
+            Command::Lanes(LanesArgs { view: None })
+        ));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! ```text
 //! tagger [--bpffs DIR] [-o table|json] status [--agent-addr HOST:PORT]
 //!                                       pods | services | lanes
+//!                                       lanes coverage [--prometheus URL [--window 15m]]   (-o table|json|dot)
 //!                                       stats [--watch [--interval SECS] [--count N]]
 //!                                       explain --pod <ns/name|cgroup-id|cgroup-path> <ip:port[/proto]>
 //! ```
@@ -41,6 +42,12 @@
 //!   service, flags: ["strict"], strict, lanes: [{lane, generation, count, backends: [string],
 //!   if_empty: policy}]}], lane_policies: [{lane, policy}]}`;
 //! - `lanes` ([`lanes::LanesReport`]): `{lanes: [{lane, id_hex, policy, pods, backend_sets}]}`;
+//! - `lanes coverage` ([`crate::coverage::CoverageReport`]): `{source, lanes: [{lane, edges:
+//!   [{caller, service, verdicts: {verdict: count}, backend_lanes: {lane: count}, summary}],
+//!   stops: [{service, only_fallback, continued_in, has_lane_backends, lane_capable_callees,
+//!   breaks, message}], leaks: [{receiver, pod_lane, connections}], not_reached, summary}],
+//!   base_edges, observed: {edges, arrivals, lane_backends}}`; here lanes are names (strings)
+//!   and callers, receivers and Services are `{kind: service|workload, namespace, name}`;
 //! - `stats` ([`stats::StatsReport`]): `{interval_seconds, counters: {outcome: count},
 //!   rates: {outcome: per_second} | null, per_service: [{svc_id, service, frontends,
 //!   caller_lane, backend_lane (null when no backend was chosen), outcome, count,
@@ -61,6 +68,7 @@
 
 pub mod args;
 pub mod caller;
+pub mod coverage;
 pub mod explain;
 pub mod hooks;
 pub mod inbound;
@@ -77,7 +85,7 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 
-pub use self::args::{Cli, Command, Format};
+pub use self::args::{Cli, Command, Format, LanesArgs, LanesView, Output};
 
 /// Entry point of the `tagger` binary.
 #[must_use]
@@ -98,14 +106,21 @@ pub fn run(cli: &Cli) -> anyhow::Result<bool> {
     let dir = cli.bpffs.as_path();
     // `status` reports a partly installed datapath; everything else needs all maps.
     let open = || open::open_read_only(dir);
+    if let Command::Lanes(LanesArgs { view: Some(LanesView::Coverage(args)) }) = &cli.command {
+        coverage::run(dir, cli.output, args)?;
+        return Ok(true);
+    }
+    let Some(format) = cli.output.plain() else {
+        anyhow::bail!("-o dot is only for `tagger lanes coverage`; use -o table or -o json here");
+    };
     match &cli.command {
-        Command::Status(args) => return status::run(dir, cli.output, args, cli.cgroup_root.as_deref()),
-        Command::Pods => pods::run(open()?.tables(), cli.output)?,
-        Command::Services => services::run(open()?.tables(), cli.output)?,
-        Command::Lanes => lanes::run(open()?.tables(), cli.output)?,
-        Command::Stats(args) => stats::run(open()?.tables(), cli.output, args)?,
+        Command::Status(args) => return status::run(dir, format, args, cli.cgroup_root.as_deref()),
+        Command::Pods => pods::run(open()?.tables(), format)?,
+        Command::Services => services::run(open()?.tables(), format)?,
+        Command::Lanes(_) => lanes::run(open()?.tables(), format)?,
+        Command::Stats(args) => stats::run(open()?.tables(), format, args)?,
         Command::Explain(args) => {
-            explain::run(open()?.tables(), cli.output, args, cli.cgroup_root.as_deref())?;
+            explain::run(open()?.tables(), format, args, cli.cgroup_root.as_deref())?;
         }
     }
     Ok(true)

@@ -1,10 +1,11 @@
 //! The local pods by address (`TAGGER_PADDR_V1`), the inbound connection counts
-//! (`TAGGER_INB_V2`) the passive side of `conn_track` keeps by them, and the lanes' mark bits
-//! (`TAGGER_LMARK_V1`) the TC marking program writes on their packets.
+//! (`TAGGER_INB_V2`) the passive side of `conn_track` keeps by them, the outbound call edges of
+//! those pods (`TAGGER_EDGE_V1`), and the lanes' mark bits (`TAGGER_LMARK_V1`) the TC marking
+//! program writes on their packets.
 
 use std::collections::BTreeMap;
 
-use tagger_common::{InboundKey, LaneMark, MAP_INBOUND, MAP_LANE_MARKS, MAP_POD_ADDRS, PodAddr};
+use tagger_common::{EdgeKey, InboundKey, LaneMark, MAP_INBOUND, MAP_LANE_MARKS, MAP_POD_ADDRS, PodAddr};
 
 use super::tables::{Tables, ignore_not_found, map_err};
 use crate::Result;
@@ -15,6 +16,15 @@ pub struct InboundRow {
     /// Pod address, caller lane, pod lane, kind.
     pub key: InboundKey,
     /// Connections accepted.
+    pub count: u64,
+}
+
+/// One call edge, summed over CPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EdgeRow {
+    /// Calling pod, Service, caller lane, backend lane, outcome.
+    pub key: EdgeKey,
+    /// New connections.
     pub count: u64,
 }
 
@@ -41,6 +51,17 @@ impl Tables {
             .iter()
             .filter_map(std::result::Result::ok)
             .map(|(key, values)| InboundRow { key, count: values.iter().sum() })
+            .collect())
+    }
+
+    /// The call edges of the local pods. A row evicted while iterating ends the walk early at
+    /// worst.
+    pub fn edges(&self) -> Result<Vec<EdgeRow>> {
+        Ok(self
+            .edges
+            .iter()
+            .filter_map(std::result::Result::ok)
+            .map(|(key, values)| EdgeRow { key, count: values.iter().sum() })
             .collect())
     }
 

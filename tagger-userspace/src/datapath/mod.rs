@@ -47,7 +47,7 @@ use aya::{
     EbpfLoader,
     programs::{CgroupAttachMode, Program, ProgramError, links::FdLink},
 };
-pub use inbound::InboundRow;
+pub use inbound::{EdgeRow, InboundRow};
 pub use tables::{Access, CounterSnapshot, SLOT_GRACE, ServiceStat, Tables};
 use tagger_common::ALL_MAPS;
 

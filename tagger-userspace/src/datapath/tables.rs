@@ -46,6 +46,8 @@ pub struct Tables {
     pub(super) pod_addrs: HashMap<MapData, [u32; 4], PodAddr>,
     /// Inbound connection counts (read by `inbound.rs`).
     pub(super) inbound: PerCpuHashMap<MapData, InboundKey, u64>,
+    /// Outbound call edges of the local pods (read by `inbound.rs`).
+    pub(super) edges: PerCpuHashMap<MapData, tagger_common::EdgeKey, u64>,
     /// Each lane's mark bits (written by `inbound.rs`'s lane-mark methods).
     pub(super) lane_marks: HashMap<MapData, u32, tagger_common::LaneMark>,
     /// Generations replaced but not deleted yet (see [`SLOT_GRACE`]), oldest first.
@@ -221,6 +223,7 @@ impl Tables {
             conns: open_typed!(layout, MAP_CONNS, access),
             pod_addrs: open_typed!(layout, MAP_POD_ADDRS, access),
             inbound: open_typed!(layout, MAP_INBOUND, access),
+            edges: open_typed!(layout, tagger_common::MAP_EDGES, access),
             lane_marks: open_typed!(layout, tagger_common::MAP_LANE_MARKS, access),
             retired: VecDeque::new(),
         })
@@ -341,6 +344,7 @@ impl Tables {
             (MAP_POD_ADDRS, self.pod_addrs.keys().count(), tagger_common::MAX_POD_ADDRS),
             (MAP_INBOUND, self.inbound.keys().count(), tagger_common::MAX_INBOUND),
             (tagger_common::MAP_LANE_MARKS, self.lane_marks.keys().count(), tagger_common::MAX_LANE_MARKS),
+            (tagger_common::MAP_EDGES, self.edges.keys().count(), tagger_common::MAX_EDGES),
         ]
     }
 
