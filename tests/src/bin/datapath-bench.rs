@@ -60,6 +60,8 @@ const HAPROXY: &str = "127.0.0.1:15001";
 const BENCH_FRONTENDS: u32 = 4;
 /// Service counts, in the order they are built up (the maps only grow during a run).
 const LEVELS: [u32; 5] = [1, 10, 1_000, 10_000, 65_536];
+/// Service id of the passthrough frontends the hook-cost window publishes (no filler uses it).
+const PASSTHROUGH_SVC: u32 = 99;
 
 #[derive(Clone, Debug)]
 struct Opts {
@@ -681,9 +683,21 @@ impl Bench {
                 ("udp", addr(VIP6), false),
             ],
         )];
+        // Passthrough: the second echo pod's own addresses published as frontends of a Service
+        // tagger leaves to the cluster, so the connections reach it untouched; the client is a
+        // gray pod, so the hook also finds the caller and counts its edge (the worst case).
+        let mut passthrough = Vec::new();
         if services == LEVELS[1] {
             let direct6 = SocketAddr::new(IpAddr::V6(self.backends[0].pod.ip6), ECHO_PORT);
             destinations.push(("not-a-service", vec![("crr", self.echo(0), true), ("crr", direct6, true)]));
+            let pass6 = SocketAddr::new(IpAddr::V6(self.backends[1].pod.ip6), ECHO_PORT);
+            passthrough = vec![self.echo(1), pass6];
+            let tables = self.sb.dp.dp.tables_mut();
+            for a in &passthrough {
+                let svc = Service { svc_id: PASSTHROUGH_SVC, flags: tagger_common::SVC_F_PASSTHROUGH };
+                tables.upsert_frontend(&frontend_key(*a, Proto::Tcp), svc).expect("passthrough frontend");
+            }
+            destinations.push(("passthrough", passthrough.iter().map(|a| ("crr", *a, true)).collect()));
         }
         for (destination, loads) in destinations {
             for window in 0..windows {
@@ -720,6 +734,14 @@ impl Bench {
                     });
                 }
             }
+        }
+        for a in passthrough {
+            self.sb
+                .dp
+                .dp
+                .tables_mut()
+                .remove_frontend(&frontend_key(a, Proto::Tcp))
+                .expect("remove passthrough");
         }
     }
     /// `perf record -a -g` (cpu-clock) while one client makes connections with getpeername(),

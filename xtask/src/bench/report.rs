@@ -812,6 +812,8 @@ impl Report {
         }
         header.push_str(" not a Service (pod IP), 10 Services |");
         rule.push_str("---:|");
+        header.push_str(" left to the cluster (passthrough), gray caller, 10 Services |");
+        rule.push_str("---:|");
         let _ = writeln!(md, "{header}\n{rule}");
         for program in tagger_programs() {
             let mut line = format!("| `{program}` |");
@@ -841,6 +843,12 @@ impl Report {
                 line,
                 " {} |",
                 self.hook(program, levels.first().copied().unwrap_or(10), "not-a-service")
+                    .map_or_else(|| "–".into(), |v| format!("{v:.0} ns"))
+            );
+            let _ = write!(
+                line,
+                " {} |",
+                self.hook(program, levels.first().copied().unwrap_or(10), "passthrough")
                     .map_or_else(|| "–".into(), |v| format!("{v:.0} ns"))
             );
             let _ = writeln!(md, "{line}");
