@@ -4,7 +4,7 @@
 //! `EACCES` that names no capability. [`check_agent`] turns that into a start-up error naming
 //! each missing capability, what needs it, and where the DaemonSet grants it.
 //!
-//! The set was found by experiment on Linux 6.18 (`tests/tests/deploy_capabilities.rs` runs the
+//! The set was found by experiment on Linux 6.18 (`tests/tests/integration/deploy_capabilities.rs` runs the
 //! real agent with exactly the DaemonSet's set, then with each capability dropped in turn):
 //!
 //! | capability | needed by | without it |

@@ -1,7 +1,7 @@
 //! A minimal kustomize: renders what `deploy/` uses (resources, JSON 6902 patches, images) and
 //! refuses anything else, so a new kustomize feature in `deploy/` fails the tests loudly instead
-//! of being rendered wrongly. `tests/tests/deploy_manifests.rs` compares it with `kubectl
-//! kustomize` where that exists; `tests/tests/deploy_image.rs` runs the DaemonSet it renders.
+//! of being rendered wrongly. `tests/tests/integration/deploy_manifests.rs` compares it with `kubectl
+//! kustomize` where that exists; `tests/tests/integration/deploy_image.rs` runs the DaemonSet it renders.
 
 use std::{
     collections::BTreeSet,

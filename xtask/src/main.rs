@@ -44,10 +44,11 @@ enum Task {
         /// Time limit of each qemu guest, in minutes.
         #[arg(long, default_value_t = 40, value_name = "MINUTES")]
         kernel_timeout: u64,
-        /// With --kernel: run only this test binary in the guests (e.g. `datapath_wire`;
-        /// repeatable). The cgroup v1-only guest runs only if `agent_cgroup_v1` is named.
-        #[arg(long, value_name = "BINARY", requires = "kernel")]
-        kernel_binary: Vec<String>,
+        /// With --kernel: run only this area of the integration tests in the guests (its module,
+        /// e.g. `datapath_wire`; repeatable). The cgroup v1-only guest runs only if
+        /// `agent_cgroup_v1` is named.
+        #[arg(long, value_name = "AREA", requires = "kernel", alias = "kernel-binary")]
+        kernel_area: Vec<String>,
     },
     /// Remove namespaces, cgroups and pins left by an interrupted test run.
     Clean,
@@ -80,7 +81,7 @@ fn main() -> Result<()> {
             cleanup::leftovers();
             Ok(())
         }
-        Task::Test { no_lint, filter, kernel, no_kernel_matrix, kernel_timeout, kernel_binary } => {
+        Task::Test { no_lint, filter, kernel, no_kernel_matrix, kernel_timeout, kernel_area } => {
             if kernel.is_empty() {
                 test(no_lint, filter.as_deref())?;
                 if no_kernel_matrix {
@@ -88,7 +89,7 @@ fn main() -> Result<()> {
                 }
                 kernel_matrix(&["all".to_owned()], filter.as_deref(), kernel_timeout, &[])
             } else {
-                kernel_matrix(&kernel, filter.as_deref(), kernel_timeout, &kernel_binary)
+                kernel_matrix(&kernel, filter.as_deref(), kernel_timeout, &kernel_area)
             }
         }
         Task::Demo { keep } => demo(keep),
@@ -124,7 +125,8 @@ fn test(no_lint: bool, filter: Option<&str>) -> Result<()> {
         shell::cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
         deny::check()?;
     }
-    // Built first: tests/tests/deploy_image.rs runs it from the DaemonSet's pod template.
+    // Built first: the integration tests' deploy_image area runs it from the DaemonSet's pod
+    // template.
     let image = image::test_step()?;
     shell::step("unit and kernel integration tests (the image's test runs it with podman)");
     let mut args = vec!["test", "--no-fail-fast"];
@@ -142,12 +144,7 @@ fn test(no_lint: bool, filter: Option<&str>) -> Result<()> {
 
 /// The kernel tests in qemu guests. Nothing is created on the host (no namespaces, cgroups or
 /// pins), so this does not clean leftovers either.
-fn kernel_matrix(
-    series: &[String],
-    filter: Option<&str>,
-    timeout_min: u64,
-    binaries: &[String],
-) -> Result<()> {
+fn kernel_matrix(series: &[String], filter: Option<&str>, timeout_min: u64, areas: &[String]) -> Result<()> {
     require_root("test --kernel")?;
     bootstrap::run_all()?;
     let series: Vec<String> = if series.iter().any(|s| s == "all") {
@@ -155,8 +152,7 @@ fn kernel_matrix(
     } else {
         series.to_vec()
     };
-    let opts =
-        matrix::Options { filter, timeout: std::time::Duration::from_secs(timeout_min * 60), binaries };
+    let opts = matrix::Options { filter, timeout: std::time::Duration::from_secs(timeout_min * 60), areas };
     matrix::run(&series, &opts)
 }
 

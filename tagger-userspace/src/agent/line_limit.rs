@@ -10,7 +10,7 @@
 //! over 1.5 MiB, etcd's request limit, and a list of 100,000 endpoints is about 20 MB), and well
 //! below the DaemonSet's memory limit: a line is held whole and then decoded beside the agent's
 //! heap and the maps charged to the same cgroup, so it is kept to at most a quarter of that
-//! limit (checked by `tests/tests/deploy_manifests.rs`).
+//! limit (checked by `tests/tests/integration/deploy_manifests.rs`).
 
 use std::{
     pin::Pin,

@@ -4,7 +4,6 @@
 
 use std::convert::Infallible;
 use std::io;
-use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,19 +39,19 @@ pub(crate) enum Command {
     Shutdown,
 }
 
-/// Accepts connections until shut down; closes the listening socket while the server refuses
-/// connections and binds the same address again afterwards.
+/// Accepts connections until shut down. While the server refuses connections, a bound socket
+/// that does not listen holds its port (see `socket`).
 pub(crate) async fn accept_loop(
     shared: Arc<Shared>,
     listener: TcpListener,
     mut commands: UnboundedReceiver<Command>,
 ) {
-    let mut listener = Some(listener);
+    let mut listener = Listener::Listening(listener);
     loop {
         let accept = async {
             match &listener {
-                Some(l) => l.accept().await,
-                None => std::future::pending().await,
+                Listener::Listening(l) => l.accept().await,
+                Listener::Refusing(_) => std::future::pending().await,
             }
         };
         tokio::select! {
@@ -74,31 +73,47 @@ pub(crate) async fn accept_loop(
     }
 }
 
-fn set_reachability(
-    shared: &Shared,
-    listener: &mut Option<TcpListener>,
-    reachability: Reachability,
-) -> Result<(), String> {
-    if reachability == Reachability::Refused {
-        // New connections: ECONNREFUSED. Open ones, watches included: reset.
-        *listener = None;
-        shared.net.send_replace(reachability);
-        shared.kill.send_modify(|epoch| *epoch += 1);
-        return Ok(());
-    }
-    if listener.is_none() {
-        *listener =
-            Some(bind(shared.address).map_err(|e| format!("cannot bind {} again: {e}", shared.address))?);
-    }
-    shared.net.send_replace(reachability);
-    Ok(())
+/// The server's socket: listening, or a bound placeholder while connections are refused.
+enum Listener {
+    Listening(TcpListener),
+    /// Held for its port, never read.
+    Refusing(#[expect(dead_code, reason = "held for the port it keeps bound")] std::net::TcpListener),
 }
 
-/// Binds a listening socket (std sets `SO_REUSEADDR`, so the port can be taken again at once).
-pub(crate) fn bind(address: SocketAddr) -> io::Result<TcpListener> {
-    let listener = std::net::TcpListener::bind(address)?;
-    listener.set_nonblocking(true)?;
-    TcpListener::from_std(listener)
+fn set_reachability(
+    shared: &Shared,
+    listener: &mut Listener,
+    reachability: Reachability,
+) -> Result<(), String> {
+    let refuse = reachability == Reachability::Refused;
+    match (&*listener, refuse) {
+        (Listener::Listening(_), true) => {
+            // The placeholder first, then the listener closes: the port stays held.
+            let placeholder = shared
+                .binder
+                .bind(shared.address, false)
+                .map_err(|e| format!("cannot hold {} while refusing: {e}", shared.address))?;
+            *listener = Listener::Refusing(placeholder);
+        }
+        (Listener::Refusing(_), false) => {
+            let l = shared
+                .binder
+                .bind(shared.address, true)
+                .and_then(|l| {
+                    l.set_nonblocking(true)?;
+                    TcpListener::from_std(l)
+                })
+                .map_err(|e| format!("cannot listen on {} again: {e}", shared.address))?;
+            *listener = Listener::Listening(l);
+        }
+        _ => {}
+    }
+    shared.net.send_replace(reachability);
+    if refuse {
+        // New connections: ECONNREFUSED. Open ones, watches included: reset.
+        shared.kill.send_modify(|epoch| *epoch += 1);
+    }
+    Ok(())
 }
 
 /// Serves one client connection until it closes or the server refuses connections.

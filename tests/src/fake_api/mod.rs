@@ -43,6 +43,7 @@
 mod http;
 mod resources;
 mod selector;
+mod socket;
 mod store;
 
 use std::net::SocketAddr;
@@ -128,6 +129,8 @@ pub(crate) struct Shared {
     /// Bumped to reset every open connection.
     kill: tokio::sync::watch::Sender<u64>,
     address: SocketAddr,
+    /// Makes the server's sockets (in its network namespace).
+    binder: socket::Binder,
 }
 
 impl Shared {
@@ -187,29 +190,19 @@ impl FakeApiServerBuilder {
     /// own tokio runtime (so it serves plain `#[test]`s and `#[tokio::test]`s alike).
     #[must_use]
     pub fn start(self) -> FakeApiServer {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        self.start_on(listener)
+        self.start_on(socket::Binder { netns: None })
     }
 
     /// Starts the server on `127.0.0.1` of the network namespace `netns` (a pod network a
-    /// container is started in): the listener is created there, the server runs as usual.
+    /// container is started in): its sockets are created there, the server runs as usual.
     #[must_use]
     pub fn start_in_netns(self, netns: &std::path::Path) -> FakeApiServer {
         let ns = std::fs::File::open(netns).expect("open the network namespace");
-        let listener = std::thread::scope(|s| {
-            s.spawn(|| {
-                use std::os::fd::AsRawFd as _;
-                // SAFETY: setns on this scoped thread only, with an open namespace descriptor.
-                assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
-                std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 in the namespace")
-            })
-            .join()
-            .expect("the binding thread")
-        });
-        self.start_on(listener)
+        self.start_on(socket::Binder { netns: Some(ns) })
     }
 
-    fn start_on(self, listener: std::net::TcpListener) -> FakeApiServer {
+    fn start_on(self, binder: socket::Binder) -> FakeApiServer {
+        let listener = binder.bind(SocketAddr::from(([127, 0, 0, 1], 0)), true).expect("bind 127.0.0.1:0");
         let address = listener.local_addr().expect("local address of the listener");
         listener.set_nonblocking(true).expect("non-blocking listener");
         let shared = Arc::new(Shared {
@@ -218,6 +211,7 @@ impl FakeApiServerBuilder {
             net: tokio::sync::watch::Sender::new(Reachability::Reachable),
             kill: tokio::sync::watch::Sender::new(0),
             address,
+            binder,
         });
         let (commands, command_rx) = unbounded_channel();
         let server_shared = Arc::clone(&shared);

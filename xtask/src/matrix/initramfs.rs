@@ -1,8 +1,8 @@
 //! The guest's initramfs: busybox (static) runs `/init`, which loads the kernel modules the tests
 //! need (from the kernel's own package), mounts proc, sys, devtmpfs, cgroup2 and bpffs, and runs
-//! the prebuilt test binaries. Everything the tests execute is packed in, with its shared
-//! libraries: the test binaries (debug info stripped), `testpod`, `tagger`, `tagger-agent`, and
-//! iproute2's `ip`. Nothing is shared with the host.
+//! the prebuilt integration test binary once per area. Everything the tests execute is packed in,
+//! with its shared libraries: the test binary (debug info stripped), `testpod`, `tagger`,
+//! `tagger-agent`, and iproute2's `ip`. Nothing is shared with the host.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -27,13 +27,15 @@ pub const MARK: &str = "TAGGER-MATRIX";
 
 /// What goes into the archive.
 pub struct Contents<'a> {
-    /// Test binaries (run in this order), by the name printed in results.
-    pub tests: &'a [(String, PathBuf)],
+    /// The integration test binary.
+    pub binary: &'a Path,
+    /// Its areas (run in this order, one test at a time), by the name printed in results.
+    pub areas: &'a [super::Area],
     /// Binaries the tests run from `target/debug` (`testpod`, `tagger`, `tagger-agent`).
     pub bins: &'a [PathBuf],
-    /// Arguments for every test binary (e.g. a name filter).
+    /// Arguments for every area's run (`--ignored`).
     pub test_args: &'a [String],
-    /// Per-test-binary time limit inside the guest.
+    /// Per-area time limit inside the guest.
     pub test_timeout_s: u64,
     /// Mount cgroup v1 hierarchies (cpu,cpuacct, memory, pids on a tmpfs at /sys/fs/cgroup)
     /// and no cgroup2: a cgroup v1-only host.
@@ -52,10 +54,8 @@ pub fn build(
     fs::create_dir_all(stage)?;
     let mut files: BTreeMap<String, (u32, PathBuf)> = BTreeMap::new();
     let mut libs = BTreeSet::new();
-    for (name, path) in contents.tests {
-        files.insert(format!("/t/deps/{name}"), (0o755, strip(path, stage)?));
-        libs.extend(shared_libs(path)?);
-    }
+    files.insert("/t/integration".into(), (0o755, strip(contents.binary, stage)?));
+    libs.extend(shared_libs(contents.binary)?);
     for bin in contents.bins {
         let name = bin.file_name().context("binary without a name")?.to_string_lossy();
         files.insert(format!("/t/{name}"), (0o755, strip(bin, stage)?));
@@ -84,7 +84,7 @@ pub fn build(
     let modules = module_order(&kernel.modules)?;
     let mut c = Cpio::new(BufWriter::new(fs::File::create(out).with_context(|| out.display().to_string())?));
     let mut dirs = BTreeSet::new();
-    for d in ["/proc", "/sys", "/dev", "/run", "/tmp", "/root", "/etc", "/var", "/modules", "/t/deps"] {
+    for d in ["/proc", "/sys", "/dev", "/run", "/tmp", "/root", "/etc", "/var", "/modules", "/t/areas"] {
         add_dirs(&mut c, &mut dirs, d)?;
     }
     c.symlink("/var/run", "/run")?;
@@ -101,6 +101,10 @@ pub fn build(
         order.push('\n');
     }
     c.file("/modules/order", 0o644, order.as_bytes())?;
+    // Each area's test names, one per line, for `--exact`.
+    for (area, names) in contents.areas {
+        c.file(&format!("/t/areas/{area}"), 0o644, (names.join("\n") + "\n").as_bytes())?;
+    }
     c.file("/init", 0o755, init_script(contents).as_bytes())?;
     let (_, size) = c.finish()?;
     Ok(size)
@@ -145,7 +149,7 @@ echo "cgroup v1 hierarchies:$v1""#;
 /// The guest's /init (busybox sh). Every failure prints a marker and powers off, so a run never
 /// hangs on a broken guest; xtask's time limit covers the rest.
 fn init_script(contents: &Contents<'_>) -> String {
-    let names: Vec<&str> = contents.tests.iter().map(|(n, _)| n.as_str()).collect();
+    let names: Vec<&str> = contents.areas.iter().map(|(n, _)| n.as_str()).collect();
     let args: Vec<String> = contents.test_args.iter().map(|a| format!("'{}'", a.replace('\'', ""))).collect();
     format!(
         r#"#!/bin/busybox sh
@@ -165,7 +169,7 @@ echo "{MARK} kernel $(uname -r)"
 for t in {names}; do
   echo "{MARK} start $t"
   start=$(date +%s)
-  timeout -s KILL {timeout} /t/deps/$t --test-threads=1 {args}
+  timeout -s KILL {timeout} /t/integration --test-threads=1 --exact {args} $(cat /t/areas/$t)
   rc=$?
   echo "{MARK} result $t $rc $(( $(date +%s) - start ))s"
 done

@@ -21,10 +21,12 @@ pub use kernels::SERIES;
 use crate::shell::{status, step, workspace_root};
 use initramfs::MARK;
 
-/// Test binaries (by name prefix) the guests run.
-const TEST_PREFIXES: [&str; 2] = ["datapath_", "agent_"];
-/// Test binaries the guests do not run, and why (they run on the host). (datapath_atomic was
-/// here until replaced generations got a grace period before deletion.)
+/// The integration test binary (`tests/tests/integration`, one module per area).
+const TEST_BINARY: &str = "integration";
+/// Test areas (modules, by name prefix) the guests run.
+const AREA_PREFIXES: [&str; 2] = ["datapath_", "agent_"];
+/// Areas the guests do not run, and why (they run on the host). (datapath_atomic was here until
+/// replaced generations got a grace period before deletion.)
 const NOT_IN_GUESTS: [(&str, &str); 2] = [
     (
         "agent_capacity",
@@ -38,11 +40,9 @@ const NOT_IN_GUESTS: [(&str, &str); 2] = [
          in both TCX and netlink mode",
     ),
 ];
-/// The test binary of the cgroup v1-only host: its test is ignored on a normal run; each kernel
-/// boots a second guest that mounts only cgroup v1 hierarchies and runs it with `--ignored`.
-const CGROUP_V1_TEST: &str = "agent_cgroup_v1";
-/// Its test.
-const CGROUP_V1_TEST_NAME: &str = "a_cgroup_v1_only_host_is_refused_clearly_and_nothing_is_attached";
+/// The area of the cgroup v1-only host: its test is ignored on a normal run; each kernel boots a
+/// second guest that mounts only cgroup v1 hierarchies and runs it with `--ignored`.
+const CGROUP_V1_AREA: &str = "agent_cgroup_v1";
 /// Binaries the tests start from target/debug.
 const BINS: [&str; 3] = ["testpod", "tagger", "tagger-agent"];
 
@@ -52,30 +52,35 @@ pub struct Options<'a> {
     pub filter: Option<&'a str>,
     /// The whole guest's time limit.
     pub timeout: Duration,
-    /// Only these test binaries (empty: all); names as `datapath_mark`.
-    pub binaries: &'a [String],
+    /// Only these areas (empty: all); names as `datapath_mark`.
+    pub areas: &'a [String],
 }
+
+/// An area the guest runs: its name and the full names of its tests (run with `--exact`).
+pub type Area = (String, Vec<String>);
 
 /// Runs the tests on each named kernel series; fails naming every failed run.
 pub fn run(series: &[String], opts: &Options<'_>) -> Result<()> {
     let series: Vec<_> = series.iter().map(|s| kernels::series(s)).collect::<Result<_>>()?;
     let root = workspace_root();
     let cache = root.join("target/kernels");
-    let (mut tests, mut v1_test) = build_tests(&root)?;
-    if !opts.binaries.is_empty() {
-        tests.retain(|(name, _)| opts.binaries.contains(name));
-        v1_test = v1_test.filter(|_| opts.binaries.iter().any(|b| b == CGROUP_V1_TEST));
-        if tests.is_empty() && v1_test.is_none() {
-            bail!("--kernel-binary {}: no such guest test binary", opts.binaries.join(", "));
+    let (binary, names) = build_tests(&root)?;
+    let (mut areas, mut v1_areas) = areas_of(&names, opts.filter);
+    if !opts.areas.is_empty() {
+        areas.retain(|(name, _)| opts.areas.contains(name));
+        v1_areas.retain(|(name, _)| opts.areas.contains(name));
+        if areas.is_empty() && v1_areas.is_empty() {
+            bail!(
+                "--kernel-area {}: no such area in the guests (or no test of it matches)",
+                opts.areas.join(", ")
+            );
         }
     }
-    // The v1-only guest runs when no filter is given or its test's name contains the filter.
-    let v1_tests: Vec<TestBinary> = v1_test
-        .filter(|_| opts.filter.is_none_or(|f| CGROUP_V1_TEST_NAME.contains(f)))
-        .map(|p| vec![(CGROUP_V1_TEST.to_owned(), p)])
-        .unwrap_or_default();
+    if areas.is_empty() && v1_areas.is_empty() {
+        bail!("no guest test matches {:?}", opts.filter.unwrap_or(""));
+    }
     let bins: Vec<PathBuf> = BINS.iter().map(|b| root.join("target/debug").join(b)).collect();
-    let args: Vec<String> = opts.filter.map(str::to_owned).into_iter().collect();
+    let no_args: Vec<String> = Vec::new();
     let v1_args = vec!["--ignored".to_owned()];
     let stage = root.join("target/kernel-matrix/stage");
     let mut stripped = BTreeSet::new();
@@ -85,15 +90,16 @@ pub fn run(series: &[String], opts: &Options<'_>) -> Result<()> {
         step(&format!("kernel {}: fetch Debian's kernel", s.name));
         let kernel = kernels::fetch(s, &cache)?;
         let guests = [
-            (s.name.to_owned(), tests.as_slice(), &args, false),
-            (format!("{}-cgroup-v1", s.name), v1_tests.as_slice(), &v1_args, true),
+            (s.name.to_owned(), areas.as_slice(), &no_args, false),
+            (format!("{}-cgroup-v1", s.name), v1_areas.as_slice(), &v1_args, true),
         ];
-        for (label, tests, args, cgroup_v1) in &guests {
-            if tests.is_empty() {
+        for (label, areas, args, cgroup_v1) in &guests {
+            if areas.is_empty() {
                 continue;
             }
             let contents = initramfs::Contents {
-                tests,
+                binary: &binary,
+                areas,
                 bins: &bins,
                 test_args: args,
                 test_timeout_s: opts.timeout.as_secs(),
@@ -103,7 +109,7 @@ pub fn run(series: &[String], opts: &Options<'_>) -> Result<()> {
             let outcome =
                 run_guest(label, &kernel, &contents, (&stage, &mut stripped), &image, opts.timeout)?;
             summary.push(format!("{label} ({}): {}", kernel.release, outcome.describe()));
-            if let Err(e) = outcome.verdict(tests.len()) {
+            if let Err(e) = outcome.verdict(areas.len()) {
                 failures.push(format!("kernel {label}: {e}"));
             }
         }
@@ -118,9 +124,6 @@ pub fn run(series: &[String], opts: &Options<'_>) -> Result<()> {
     }
     Ok(())
 }
-
-/// A test binary: the name printed in results, and its path.
-type TestBinary = (String, PathBuf);
 
 /// Builds the initramfs `image` with `contents` for `kernel` (stripped binaries cached in the
 /// stage directory, recorded as used), boots it, and removes the image.
@@ -142,12 +145,12 @@ fn run_guest(
     outcome
 }
 
-/// Builds the test binaries and the binaries they run; returns (name, path) of each test binary
-/// the normal guests run, and the cgroup v1-only guest's test binary.
-fn build_tests(root: &Path) -> Result<(Vec<TestBinary>, Option<PathBuf>)> {
+/// Builds the test binaries and the binaries they run; returns the integration binary's path
+/// and the full names of its tests (from `--list`).
+fn build_tests(root: &Path) -> Result<(PathBuf, Vec<String>)> {
     // The same selection and flags as the host run (`cargo build --all-targets`, `cargo test`),
     // so both reuse one build: selecting a package alone would unify features differently.
-    step("build the kernel test binaries (cargo test --no-run)");
+    step("build the kernel test binary (cargo test --no-run)");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     crate::shell::run(Command::new(&cargo).args(["build", "--all-targets"]).current_dir(root))?;
     let out = Command::new(&cargo)
@@ -159,35 +162,53 @@ fn build_tests(root: &Path) -> Result<(Vec<TestBinary>, Option<PathBuf>)> {
     if !out.status.success() {
         bail!("cargo test --no-run failed");
     }
-    let mut tests = Vec::new();
-    let mut v1 = None;
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
-        let kind = &msg["target"]["kind"];
-        let is_test = msg["reason"] == "compiler-artifact"
-            && msg["profile"]["test"] == true
-            && kind.as_array().is_some_and(|k| k.iter().any(|k| k == "test"));
-        if let (true, Some(name), Some(exe)) =
-            (is_test, msg["target"]["name"].as_str(), msg["executable"].as_str())
-            && TEST_PREFIXES.iter().any(|p| name.starts_with(p))
-        {
-            if name == CGROUP_V1_TEST {
-                v1 = Some(PathBuf::from(exe));
-                continue;
-            }
-            if let Some((_, why)) = NOT_IN_GUESTS.iter().find(|(n, _)| *n == name) {
-                status(&format!("{name}: skipped in the guests"), why);
-                continue;
-            }
-            tests.push((name.to_owned(), PathBuf::from(exe)));
+    let binary = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|msg| {
+            msg["reason"] == "compiler-artifact"
+                && msg["profile"]["test"] == true
+                && msg["target"]["name"] == TEST_BINARY
+                && msg["target"]["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "test"))
+        })
+        .and_then(|msg| msg["executable"].as_str().map(PathBuf::from))
+        .with_context(|| format!("cargo test --no-run produced no `{TEST_BINARY}` test binary"))?;
+    // `--list` runs nothing: it needs neither root nor a kernel feature.
+    let list =
+        Command::new(&binary).args(["--list", "--format", "terse"]).output().context("list the tests")?;
+    if !list.status.success() {
+        bail!("{} --list failed", binary.display());
+    }
+    let names = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .map(str::to_owned)
+        .collect();
+    Ok((binary, names))
+}
+
+/// The guests' areas from the binary's test names (`area::test`): the normal guests', and the
+/// cgroup v1-only guest's. Only names containing `filter`, when given.
+fn areas_of(names: &[String], filter: Option<&str>) -> (Vec<Area>, Vec<Area>) {
+    let mut areas = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for name in names.iter().filter(|n| filter.is_none_or(|f| n.contains(f))) {
+        let Some((area, _)) = name.split_once("::") else { continue };
+        if AREA_PREFIXES.iter().any(|p| area.starts_with(p)) {
+            areas.entry(area.to_owned()).or_default().push(name.clone());
         }
     }
-    tests.sort();
-    if tests.is_empty() {
-        bail!("cargo test --no-run produced no datapath_*/agent_* test binaries");
+    let v1: Vec<Area> = areas.remove_entry(CGROUP_V1_AREA).into_iter().collect();
+    for (name, why) in NOT_IN_GUESTS {
+        if areas.remove(name).is_some() {
+            status(&format!("{name}: skipped in the guests"), why);
+        }
     }
-    status("test binaries", &tests.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(" "));
-    Ok((tests, v1))
+    let areas: Vec<Area> = areas.into_iter().collect();
+    status(
+        "test areas",
+        &areas.iter().map(|(n, t)| format!("{n} ({})", t.len())).collect::<Vec<_>>().join(" "),
+    );
+    (areas, v1)
 }
 
 /// What a guest reported.
@@ -206,7 +227,7 @@ impl Outcome {
     fn describe(&self) -> String {
         let passed = self.results.iter().filter(|r| r.1 == 0).count();
         format!(
-            "{passed}/{} test binaries passed, {} tests skipped for missing kernel features, {:.0} s{}",
+            "{passed}/{} test areas passed, {} tests skipped for missing kernel features, {:.0} s{}",
             self.results.len(),
             self.skipped.len(),
             self.elapsed.as_secs_f64(),
@@ -230,7 +251,7 @@ impl Outcome {
             bail!("failed: {}", failed.join(", "));
         }
         if self.results.len() != expected {
-            bail!("{} of {expected} test binaries reported", self.results.len());
+            bail!("{} of {expected} test areas reported", self.results.len());
         }
         Ok(())
     }
@@ -307,6 +328,37 @@ fn parse_line(line: &str, o: &mut Outcome) {
 #[cfg(test)]
 mod tests {
     use super::{Outcome, parse_line};
+
+    #[test]
+    fn areas_come_from_the_test_names() {
+        let names: Vec<String> = [
+            "agent_capacity::fills",
+            "agent_cgroup_v1::a_cgroup_v1_only_host",
+            "agent_file::one",
+            "agent_file::two",
+            "cli::tables",
+            "datapath_lanes::gray",
+            "datapath_mark::marks",
+            "deploy_image::runs",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        let (areas, v1) = super::areas_of(&names, None);
+        assert_eq!(
+            areas,
+            [
+                ("agent_file".to_owned(), vec!["agent_file::one".to_owned(), "agent_file::two".to_owned()]),
+                ("datapath_lanes".to_owned(), vec!["datapath_lanes::gray".to_owned()]),
+            ]
+        );
+        assert_eq!(
+            v1,
+            [("agent_cgroup_v1".to_owned(), vec!["agent_cgroup_v1::a_cgroup_v1_only_host".to_owned()])]
+        );
+        let (areas, v1) = super::areas_of(&names, Some("two"));
+        assert_eq!(areas, [("agent_file".to_owned(), vec!["agent_file::two".to_owned()])]);
+        assert!(v1.is_empty());
+    }
 
     #[test]
     fn markers_are_parsed_and_judged() {

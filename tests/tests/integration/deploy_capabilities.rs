@@ -8,7 +8,7 @@
 //! and in a private mount namespace where the root filesystem, /sys and the cgroup v2 tree are
 //! read-only (`readOnlyRootFilesystem` and the read-only cgroup mount) while bpffs stays
 //! writable. `unshare` and `setpriv` (util-linux) set that up. (The container's own PID and
-//! network namespaces are what `tests/tests/deploy_image.rs` adds, with the real image.)
+//! network namespaces are what `tests/tests/integration/deploy_image.rs` adds, with the real image.)
 //!
 //! Two observations per capability:
 //! - the kernel's: this test binary re-runs itself confined (the `confined_helper` test, which
@@ -219,7 +219,10 @@ fn confined_helper() {
 /// directory the reset mode probes in.
 fn helper(mode: &str, caps: &[String], bpffs: &Path, cgroup: &Path, netns: &Path) -> Result<String, String> {
     let exe = std::env::current_exe().unwrap();
-    let test_args = ["--exact", "confined_helper", "--nocapture", "--test-threads=1"].map(String::from);
+    // The helper's full name in this test binary: `<this module>::confined_helper`.
+    let module = module_path!().split_once("::").map_or(module_path!(), |(_, m)| m);
+    let name = format!("{module}::confined_helper");
+    let test_args = ["--exact", name.as_str(), "--nocapture", "--test-threads=1"].map(String::from);
     let (bin, argv) = confined(caps, &exe, &test_args);
     let out = Command::new(bin)
         .args(argv)
@@ -230,7 +233,7 @@ fn helper(mode: &str, caps: &[String], bpffs: &Path, cgroup: &Path, netns: &Path
         .output()
         .expect("run the helper");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    // libtest prints `test confined_helper ... ` on the same line, before the helper's output.
+    // libtest prints `test …::confined_helper ... ` on the same line, before the helper's output.
     if let Some(ok) = stdout.lines().find_map(|l| l.split_once("HELPER-OK ").map(|(_, r)| r)) {
         return Ok(ok.to_owned());
     }
