@@ -55,16 +55,33 @@ pub fn attempts(cgroup: &Path, netns: &Netns, mode: Mode, addr: SocketAddr, coun
         Mode::Udp => "udp",
         Mode::UdpConnected => "udp-connected",
     };
+    run_attempts(cgroup, netns, &[mode, &addr.to_string(), &count.to_string()], count)
+}
+
+/// Makes `count` HTTP/1.0 GETs to `addr` from inside the pod, each on its own connection and
+/// with the request header `header` (`(name, value)`) if given: a reply is the response body.
+#[must_use]
+pub fn http_attempts(
+    cgroup: &Path,
+    netns: &Netns,
+    addr: SocketAddr,
+    count: usize,
+    header: Option<(&str, &str)>,
+) -> Vec<Attempt> {
+    let header = header.map(|(name, value)| format!("{name}:{value}"));
+    let (addr, n) = (addr.to_string(), count.to_string());
+    let mut args = vec!["http", addr.as_str(), n.as_str()];
+    if let Some(h) = &header {
+        args.extend(["--header", h.as_str()]);
+    }
+    run_attempts(cgroup, netns, &args, count)
+}
+
+/// Runs `testpod` with `args` (a mode that prints one line per attempt) inside the pod.
+fn run_attempts(cgroup: &Path, netns: &Netns, args: &[&str], count: usize) -> Vec<Attempt> {
     let out = Command::new(testpod_bin())
-        .args([
-            "--cgroup",
-            &cgroup.to_string_lossy(),
-            "--netns",
-            netns.name(),
-            mode,
-            &addr.to_string(),
-            &count.to_string(),
-        ])
+        .args(["--cgroup", &cgroup.to_string_lossy(), "--netns", netns.name()])
+        .args(args)
         .output()
         .expect("run testpod");
     assert!(out.status.success(), "testpod failed: {}", String::from_utf8_lossy(&out.stderr));

@@ -7,17 +7,20 @@
 
 pub mod agent;
 pub mod backend;
+pub mod binomial;
 pub mod capture;
 pub mod cgroup;
 pub mod client;
 pub mod cluster;
 pub mod datapath;
+pub mod demo_node;
 pub mod fake_api;
 pub mod foreign_lb;
 pub mod hold;
 pub mod kernel;
 pub mod kustomize;
 pub mod netns;
+pub mod nginx;
 pub mod prometheus;
 pub mod restart;
 pub mod rollout;

@@ -23,8 +23,10 @@ const TESTED_NIGHTLY_CHANNEL: &str = "nightly-2026-05-20";
 /// for promtool (the alert rules' unit tests); util-linux's setpriv and unshare confine the agent in the capability tests; haproxy
 /// and iptables are the baselines of `cargo xtask bench`, linux-perf its profiler; the kernel
 /// matrix (`cargo xtask test --kernel`) boots Debian's kernels in qemu with a busybox-static
-/// initramfs (binutils strips the test binaries packed into it, xz unpacks 6.12's modules).
-const APT_PACKAGES: [&str; 17] = [
+/// initramfs (binutils strips the test binaries packed into it, xz unpacks 6.12's modules); nginx
+/// is the demo's edge gateway (`tagger_tests::nginx`), graphviz's `dot` renders the lane coverage
+/// graph.
+const APT_PACKAGES: [&str; 19] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "iproute2",
@@ -42,6 +44,8 @@ const APT_PACKAGES: [&str; 17] = [
     "busybox-static",
     "binutils",
     "xz-utils",
+    "nginx",
+    "graphviz",
 ];
 
 /// Installs everything missing.

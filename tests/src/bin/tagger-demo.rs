@@ -2,49 +2,48 @@
 //! Run by `cargo xtask demo` (as root). Exits 0 only if every step behaved as stated, so it
 //! doubles as a smoke test; cleans up everything it created, also on Ctrl-C and on failure.
 //!
-//! The node: network namespaces as pods, kubelet-style cgroups, HTTP services that answer with
-//! their pod name and lane after calling the next service, a Kubernetes YAML file describing it
-//! all, and `tagger-agent` in file mode.
+//! The node (`tagger_tests::demo_node`): network namespaces as pods, kubelet-style cgroups, HTTP
+//! services that answer with their pod name and lane after calling the next service, a real
+//! nginx at the edge, a Kubernetes YAML file describing it all, and `tagger-agent` in file mode.
 //!
 //! ```text
-//!   gw-base ─┐            ┌─ a-base ─┐            ┌─ c-base
-//!            ├─► Service A┤          ├─► B (b-base) ─► Service C┤
-//!   gw-gray ─┘            └─ a-gray ─┘            └─ c-gray
+//!          ┌─ gw-base ─┐             ┌─ a-base ─┐                            ┌─ c-base
+//!   edge ──┤           ├─► Service A ┤          ├─► Service B (b-base) ─► Service C ┤
+//!          └─ gw-gray ─┘             └─ a-gray ─┘                            └─ c-gray
 //! ```
+//!
+//! This binary tells the story; the node, the edge and the counting live in the tests library.
 //!
 //! Usage: `tagger-demo [--keep]`
 
 use std::{
     net::{IpAddr, SocketAddr},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use tagger_tests::{
-    agent::{AgentSandbox, PORT, pod_in_lane, set_size, workspace_bin},
+    agent::{AgentSandbox, workspace_bin},
+    binomial::Band,
     client::testpod_bin,
+    demo_node::{self, A, C, DemoNode, EDGE, EDGE_GRAY_PERCENT, EDGE_HEADER, Paths},
+    nginx::Nginx,
 };
 
-const A: &str = "10.96.0.10:80";
-const B: &str = "10.96.0.11:80";
-const C: &str = "10.96.0.12:80";
+/// Requests per check between pods.
 const REQUESTS: usize = 20;
-
-fn addr(s: &str) -> SocketAddr {
-    s.parse().expect("address")
-}
-
-/// A service process (our child) inside its pod; killed on drop.
-struct ServiceProcess(Child);
-
-impl Drop for ServiceProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+/// Requests with the lane header through the edge.
+const EDGE_HEADER_REQUESTS: usize = 50;
+/// Requests without it through the edge, to count the split.
+const EDGE_SPLIT_REQUESTS: u64 = 2000;
+/// Half-width of the accepted split, in standard deviations of the binomial count.
+const SPLIT_SIGMAS: f64 = 4.0;
+/// The path of a request a base caller sends to A.
+const BASE_PATH: &str = "a-base[base] -> b-base[base] -> c-base[base]";
+/// The path of a request a gray caller sends to A while a-gray serves.
+const GRAY_PATH: &str = "a-gray[gray] -> b-base[base] -> c-base[base]";
 
 /// `testpod pool`: one pooled keep-alive connection, a request every 20 ms; its lines (time,
 /// outcome, body) arrive on a channel.
@@ -55,7 +54,7 @@ struct Pool {
 }
 
 impl Pool {
-    fn start(sb: &AgentSandbox, gateway: &str, service: &str) -> Self {
+    fn start(sb: &AgentSandbox, gateway: &str, service: SocketAddr) -> Self {
         let mut child = Command::new(testpod_bin())
             .args([
                 "--cgroup",
@@ -63,7 +62,7 @@ impl Pool {
                 "--netns",
                 sb.netns[gateway].ns.name(),
             ])
-            .args(["pool", service])
+            .args(["pool", &service.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -137,7 +136,7 @@ fn pooled_move(pool: &Pool, before: Option<&str>, changed_ms: u128, was: &str, a
     let after_body = moved.as_deref().map(|l| field(l, 2)).unwrap_or_default();
     let ok = before_body == was && after_body == after && reset_after.is_some();
     Check {
-        step: "2. pooled connection gw-gray → A".into(),
+        step: "3. pooled connection gw-gray → A".into(),
         expected: format!("reset, then {after}"),
         observed: match reset_after {
             Some(ms) => format!("reset after {ms} ms, then {after_body}"),
@@ -184,47 +183,29 @@ fn run(keep: bool) -> bool {
     tagger_tests::require_root();
     let mut sb = AgentSandbox::new();
     say("Setting up a sandboxed node: pods as network namespaces, kubelet-style cgroups");
-    // Pods: (name, lane, calls).
-    let pods: [(&str, Option<&str>, Option<&str>); 7] = [
-        ("a-base", None, Some(B)),
-        ("a-gray", Some("gray"), Some(B)),
-        ("b-base", None, Some(C)),
-        ("c-base", None, None),
-        ("c-gray", Some("gray"), None),
-        ("gw-base", None, None),
-        ("gw-gray", Some("gray"), None),
-    ];
-    for (name, lane, _) in pods {
-        sb.caller(name, lane);
-    }
-    sb.cluster.service("a", &[addr(A).ip()], 80, PORT, &["a-base", "a-gray"]);
-    sb.cluster.service("b", &[addr(B).ip()], 80, PORT, &["b-base"]);
-    sb.cluster.service("c", &[addr(C).ip()], 80, PORT, &["c-base", "c-gray"]);
-    let lanes = sb.write_lanes_config("# gray falls back to base when a Service has no gray backend\nlanes:\n  gray:\n    fallback: [base]\n");
-    sb.start_agent_on_file(&["--lanes-config", &lanes.to_string_lossy(), "--metrics-addr", "127.0.0.1:0"]);
+    let node = DemoNode::start(&mut sb, &["--metrics-addr", "127.0.0.1:0"]);
     let metrics = format!("127.0.0.1:{}", sb.metrics_port());
     let yaml = sb.dir.0.join("cluster.yaml");
     print_setup(&sb, &yaml);
-    wait_synced(&sb, &pods.map(|p| (p.0, p.1)));
-    // The services start once the datapath is attached: their listeners then keep the SYNs
-    // the receiving side reads the lane option from.
-    let mut services = Vec::new();
-    for (name, lane, next) in pods {
-        if name.starts_with("gw") {
-            continue;
-        }
-        services.push(start_service(&sb, name, lane.unwrap_or("base"), next));
-    }
+    println!(
+        "tagger-agent synced: every pod cgroup registered in its lane, every Service's backend sets written"
+    );
     tagger_tests::signals::check();
 
     let mut checks = Vec::new();
-    say("Step 1 — gray traffic stays gray where a gray version exists; base traffic never touches gray");
-    let base_path = "a-base[base] -> b-base[base] -> c-base[base]";
-    let gray_path = "a-gray[gray] -> b-base[base] -> c-base[base]";
-    checks.push(traffic(&sb, "1. gw-base → A", "gw-base", A, base_path));
-    checks.push(traffic(&sb, "1. gw-gray → A", "gw-gray", A, gray_path));
-    checks.push(traffic(&sb, "1. gw-gray → C directly", "gw-gray", C, "c-gray[gray]"));
-    checks.push(traffic(&sb, "1. gw-base → C directly", "gw-base", C, "c-base[base]"));
+    let (name, value) = EDGE_HEADER;
+    say(&format!(
+        "Step 1 — the edge: nginx sends `{name}: {value}` and {EDGE_GRAY_PERCENT}% of the rest to the gray gateway; \
+         from there the lanes hold"
+    ));
+    let edge = edge(&sb, &mut checks);
+    tagger_tests::signals::check();
+
+    say("Step 2 — gray traffic stays gray where a gray version exists; base traffic never touches gray");
+    checks.push(traffic(&sb, "2. gw-base → A", "gw-base", A, BASE_PATH));
+    checks.push(traffic(&sb, "2. gw-gray → A", "gw-gray", A, GRAY_PATH));
+    checks.push(traffic(&sb, "2. gw-gray → C directly", "gw-gray", C, "c-gray[gray]"));
+    checks.push(traffic(&sb, "2. gw-base → C directly", "gw-base", C, "c-base[base]"));
     println!(
         "B has no gray version, so the gray request continues as base from B on: the lane is the\n\
          calling pod's, decided per connection (see README, Limits)."
@@ -242,7 +223,7 @@ fn run(keep: bool) -> bool {
     checks.push(show_cli(&sb, &["stats", "--inbound"], "in_lane"));
     tagger_tests::signals::check();
 
-    say("Step 2 — the gray version of A is deleted: gray callers go to base A at the next connection");
+    say("Step 3 — the gray version of A is deleted: gray callers go to base A at the next connection");
     // A pooled (keep-alive) connection, as HTTP clients and connection pools keep them: it sits
     // on a-gray, whose process keeps running (a terminating pod) after its endpoint goes.
     let pool = Pool::start(&sb, "gw-gray", A);
@@ -252,37 +233,178 @@ fn run(keep: bool) -> bool {
     sb.write_source_file();
     let changed_ms = pool.elapsed_ms();
     sb.wait_for("A's gray set to empty", Duration::from_secs(10), |t| {
-        set_size(t, addr(A), "gray") == Some(0)
+        tagger_tests::agent::set_size(t, A, "gray") == Some(0)
     });
-    checks.push(pooled_move(&pool, pooled_before.as_deref(), changed_ms, gray_path, base_path));
-    checks.push(traffic(&sb, "2. gw-gray → A (a-gray gone)", "gw-gray", A, base_path));
-    checks.push(traffic(&sb, "2. gw-base → A", "gw-base", A, base_path));
+    checks.push(pooled_move(&pool, pooled_before.as_deref(), changed_ms, GRAY_PATH, BASE_PATH));
+    checks.push(traffic(&sb, "3. gw-gray → A (a-gray gone)", "gw-gray", A, BASE_PATH));
+    checks.push(traffic(&sb, "3. gw-base → A", "gw-base", A, BASE_PATH));
     println!(
         "A now has base backends only: tagger leaves it to the cluster, whose Service implementation\n\
          sends gray and base callers alike to a-base."
     );
-    checks.push(show_cli(&sb, &["explain", "--pod", "demo/gw-gray", A], "passthrough"));
+    checks.push(show_cli(&sb, &["explain", "--pod", "demo/gw-gray", &A.to_string()], "passthrough"));
     tagger_tests::signals::check();
 
-    say("Step 3 — a-gray is back: gray callers return to it");
+    say("Step 4 — a-gray is back: gray callers return to it");
     sb.cluster.pod("a-gray", tagger_tests::agent::NODE, Some("gray"), &[IpAddr::V4(sb.netns["a-gray"].ip4)]);
     sb.set_uid("a-gray", &tagger_tests::cluster::uid_for("a-gray"));
     sb.cluster.services.get_mut("a").expect("a").backends.push("a-gray".into());
     sb.write_source_file();
-    sb.wait_for("A's gray set back", Duration::from_secs(10), |t| set_size(t, addr(A), "gray") == Some(1));
-    checks.push(traffic(&sb, "3. gw-gray → A (a-gray back)", "gw-gray", A, gray_path));
+    sb.wait_for("A's gray set back", Duration::from_secs(10), |t| {
+        tagger_tests::agent::set_size(t, A, "gray") == Some(1)
+    });
+    checks.push(traffic(&sb, "4. gw-gray → A (a-gray back)", "gw-gray", A, GRAY_PATH));
     checks.push(show_cli(&sb, &["stats"], "passthrough"));
     tagger_tests::signals::check();
 
-    say("Step 4 — a rolling update under load loses no request (a second sandboxed node)");
+    say("Step 5 — a rolling update under load loses no request (a second sandboxed node)");
     checks.push(rolling_update());
+
+    // The last step of the story goes here: where the gray lane stops (at B), from the coverage
+    // report of what the node saw in the steps above.
 
     let ok = report(&checks);
     if keep && ok {
         explore(&sb, &yaml, &metrics);
     }
-    drop(services);
+    drop((edge, node));
     ok
+}
+
+/// Step 1: nginx at the edge, as the article's gateway: the requests with the lane header, then
+/// the split of the others, counted against the binomial distribution. The requests come from
+/// inside the edge pod (standing in for the Internet). Returns nginx, kept until the end.
+fn edge(sb: &AgentSandbox, checks: &mut Vec<Check>) -> Option<Nginx> {
+    let nginx = match demo_node::start_edge(sb) {
+        Ok(nginx) => nginx,
+        Err(e) => {
+            println!("{e}");
+            let observed = e.lines().next().unwrap_or_default().to_owned();
+            checks.push(Check {
+                step: "1. nginx at the edge".into(),
+                expected: "serving".into(),
+                observed,
+                ok: false,
+            });
+            return None;
+        }
+    };
+    let to = demo_node::edge_addr(sb);
+    println!(
+        "Debian's nginx in pod {EDGE}, listening on {to}, proxying to the gateway pods' addresses as\n\
+         ingress-nginx proxies to a Service's endpoints ({}):",
+        nginx.config_file().display()
+    );
+    for line in nginx.routing().lines() {
+        println!("  {line}");
+    }
+    println!(
+        "The requests come from inside the {EDGE} pod, standing in for the users. Only the edge reads the\n\
+         header: the gateways and services do not pass it on, tagger keeps each call in its caller's lane."
+    );
+    let gray_entry = format!("gw-gray[gray] -> {GRAY_PATH}");
+    let base_entry = format!("gw-base[base] -> {BASE_PATH}");
+
+    let (name, value) = EDGE_HEADER;
+    let with_header = demo_node::send_with(sb, EDGE, to, EDGE_HEADER_REQUESTS, Some(EDGE_HEADER));
+    print_paths(&format!("edge, `{name}: {value}`: path taken"), &with_header);
+    let n = usize::try_from(EDGE_SPLIT_REQUESTS).expect("request count");
+    let plain = demo_node::send(sb, EDGE, to, n);
+    print_paths("edge, no header: path taken", &plain);
+
+    checks.push(Check {
+        step: format!("1. edge, `{name}: {value}`"),
+        expected: format!("{EDGE_HEADER_REQUESTS}× {gray_entry}"),
+        observed: observed(&with_header),
+        ok: with_header.len() == 1 && with_header.get(&gray_entry) == Some(&EDGE_HEADER_REQUESTS),
+    });
+    checks.push(split(&plain));
+    // Wherever a request entered, it kept that lane up to where the lane has no version.
+    let strays: usize = with_header
+        .iter()
+        .chain(&plain)
+        .filter(|(path, _)| **path != gray_entry && **path != base_entry)
+        .map(|(_, n)| n)
+        .sum();
+    checks.push(Check {
+        step: "1. edge: the lane holds after the gateway".into(),
+        expected: "gw-gray → a-gray → b-base …, gw-base → a-base → …".into(),
+        observed: format!("{strays} of {} requests took another path", EDGE_HEADER_REQUESTS + n),
+        ok: strays == 0,
+    });
+    Some(nginx)
+}
+
+/// Counts the edge's split of the requests without the header: how many entered at gw-gray,
+/// against the band chance allows a correct split, with the reasoning printed.
+fn split(plain: &Paths) -> Check {
+    let count = |gateway: &str| -> u64 {
+        let n: usize =
+            plain.iter().filter(|(p, _)| p.starts_with(&format!("{gateway}["))).map(|(_, n)| n).sum();
+        u64::try_from(n).expect("count")
+    };
+    let (gray, base) = (count("gw-gray"), count("gw-base"));
+    let failed = EDGE_SPLIT_REQUESTS - gray - base;
+    let p = f64::from(EDGE_GRAY_PERCENT) / 100.0;
+    let band = Band::new(EDGE_SPLIT_REQUESTS, p, SPLIT_SIGMAS);
+    let share = |k: u64| format!("{:.1}%", percent(k, EDGE_SPLIT_REQUESTS));
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header([
+        format!("edge, {EDGE_SPLIT_REQUESTS} requests without the header"),
+        "requests".into(),
+        "share".into(),
+        "accepted".into(),
+    ]);
+    t.add_row(["to gw-gray".into(), gray.to_string(), share(gray), format!("{}–{}", band.lo, band.hi)]);
+    t.add_row(["to gw-base".into(), base.to_string(), share(base), String::new()]);
+    t.add_row(["failed".into(), failed.to_string(), share(failed), "0".into()]);
+    println!("{t}");
+    println!(
+        "Why that band: nginx's split_clients hashes $request_id, random for every request, so each request\n\
+         goes gray with probability p = {p} independently of the others, and the number that goes gray\n\
+         among N = {N} follows the binomial distribution B({N}, {p}): mean N·p = {mean:.0},\n\
+         σ = √(N·p·(1−p)) = {sd:.2}. The check accepts the mean ± {SPLIT_SIGMAS}σ, {lo}–{hi} ({lo_pct:.1}%–{hi_pct:.1}%).\n\
+         Summed from that distribution, a correct {EDGE_GRAY_PERCENT}% split falls outside with probability {miss};\n\
+         a {half}% split would still pass with probability {low}, a {more}% split {high}.",
+        N = band.n,
+        mean = band.mean(),
+        sd = band.sd(),
+        lo = band.lo,
+        hi = band.hi,
+        lo_pct = percent(band.lo, band.n),
+        hi_pct = percent(band.hi, band.n),
+        miss = probability(1.0 - band.probability_inside(p)),
+        half = f64::from(EDGE_GRAY_PERCENT) * 0.5,
+        low = probability(band.probability_inside(p * 0.5)),
+        more = f64::from(EDGE_GRAY_PERCENT) * 1.5,
+        high = probability(band.probability_inside(p * 1.5)),
+    );
+    Check {
+        step: format!("1. edge, no header: {EDGE_GRAY_PERCENT}% to gray"),
+        expected: format!(
+            "{}–{} of {EDGE_SPLIT_REQUESTS} to gw-gray (±{SPLIT_SIGMAS}σ), 0 failed",
+            band.lo, band.hi
+        ),
+        observed: format!("{gray} ({}) to gw-gray, {failed} failed", share(gray)),
+        ok: band.contains(gray) && failed == 0,
+    }
+}
+
+fn percent(k: u64, n: u64) -> f64 {
+    #[expect(clippy::cast_precision_loss, reason = "request counts are far below 2^52")]
+    let (k, n) = (k as f64, n as f64);
+    100.0 * k / n
+}
+
+/// A small probability in words, to two significant figures: `about 1 in 14000`.
+fn probability(p: f64) -> String {
+    if p <= 0.0 {
+        return "0".into();
+    }
+    let one_in = 1.0 / p;
+    // Two significant figures: round to a power of ten two digits below the leading one.
+    let step = 10f64.powf((one_in.log10().floor() - 1.0).max(0.0));
+    format!("about 1 in {}", (one_in / step).round() * step)
 }
 
 /// Kubernetes' rolling update of a Service tagger steers, under keep-alive load: see
@@ -319,37 +441,11 @@ fn rolling_update() -> Check {
     let all_served =
         (BACKENDS + 1..=2 * BACKENDS).all(|i| r.served.get(&format!("r-{i}")).is_some_and(|n| *n > 0));
     Check {
-        step: "4. rolling update under load".into(),
+        step: "5. rolling update under load".into(),
         expected: "0 failed requests, every new pod served".into(),
         observed: format!("{} of {} failed, {} resets", r.failed, r.requests, r.resets),
         ok: r.failed == 0 && r.requests > 0 && all_served && r.resets == 0,
     }
-}
-
-fn start_service(sb: &AgentSandbox, name: &str, lane: &str, next: Option<&str>) -> ServiceProcess {
-    let listen = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), PORT).to_string();
-    let mut cmd = Command::new(testpod_bin());
-    cmd.args([
-        "--cgroup",
-        &sb.pod_cgroup(name).to_string_lossy(),
-        "--netns",
-        sb.netns[name].ns.name(),
-        "serve",
-    ])
-    .args([listen.as_str(), name, lane]);
-    if let Some(n) = next {
-        cmd.arg(n);
-    }
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("start service");
-    // Wait for "serving" so requests never race the bind.
-    let mut first = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
-        &mut first,
-    )
-    .expect("service output");
-    assert_eq!(first.trim(), "serving", "service {name} did not start");
-    ServiceProcess(child)
 }
 
 fn print_setup(sb: &AgentSandbox, yaml: &Path) {
@@ -363,73 +459,41 @@ fn print_setup(sb: &AgentSandbox, yaml: &Path) {
             .values()
             .find(|s| s.backends.contains(name))
             .map_or("-".into(), |s| format!("Service {} {}:80", s.name, s.cluster_ips[0]));
-        let calls = match name.as_str() {
-            n if n.starts_with("a-") => "B",
-            "b-base" => "C",
-            n if n.starts_with("gw") => "A (the demo's requests)",
-            _ => "-",
+        let calls = match demo_node::PODS.iter().find(|p| p.name == name).and_then(|p| p.calls) {
+            Some(next) => format!("Service {}", service(next)),
+            None if name == EDGE => "gw-gray, gw-base (nginx: the gateway pods' addresses)".into(),
+            None => "-".into(),
         };
-        t.add_row([name.as_str(), &lane, &sb.ip4(name).to_string(), &serves, calls]);
+        t.add_row([name.as_str(), &lane, &sb.ip4(name).to_string(), &serves, &calls]);
     }
     println!("{t}");
     println!("Kubernetes objects: {} (tagger-agent --source file:{})", yaml.display(), yaml.display());
 }
 
-fn wait_synced(sb: &AgentSandbox, pods: &[(&str, Option<&str>)]) {
-    let cgroups: Vec<(PathBuf, &str)> =
-        pods.iter().map(|(n, l)| (sb.pod_cgroup(n), l.unwrap_or("base"))).collect();
-    sb.wait_for("the agent's first sync", Duration::from_secs(20), |t| {
-        cgroups.iter().all(|(cg, lane)| pod_in_lane(t, cg, lane))
-            && set_size(t, addr(A), "gray") == Some(1)
-            && set_size(t, addr(C), "gray") == Some(1)
-            && set_size(t, addr(B), "base") == Some(1)
-    });
-    println!(
-        "tagger-agent synced: every pod cgroup registered in its lane, every Service's backend sets written"
-    );
+/// `A` for Service a's address; the address itself for anything else.
+fn service(addr: SocketAddr) -> String {
+    demo_node::service_name(addr).map_or_else(|| addr.to_string(), str::to_uppercase)
 }
 
-/// Sends requests from a gateway to a Service and checks every one took `expected`.
-fn traffic(sb: &AgentSandbox, step: &str, gateway: &str, service: &str, expected: &str) -> Check {
-    let out = Command::new(testpod_bin())
-        .args([
-            "--cgroup",
-            &sb.pod_cgroup(gateway).to_string_lossy(),
-            "--netns",
-            sb.netns[gateway].ns.name(),
-            "http",
-            service,
-            &REQUESTS.to_string(),
-        ])
-        .output()
-        .expect("run testpod");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut paths = std::collections::BTreeMap::<String, usize>::new();
-    for line in text.lines() {
-        let key = match line.split('\t').collect::<Vec<_>>().as_slice() {
-            ["ok", body, _] => (*body).to_owned(),
-            ["err", _, msg] => format!("failed: {msg}"),
-            _ => format!("unexpected: {line}"),
-        };
-        *paths.entry(key).or_default() += 1;
-    }
+/// Sends requests from a pod to a Service and checks every one took `expected`.
+fn traffic(sb: &AgentSandbox, step: &str, from: &str, service_addr: SocketAddr, expected: &str) -> Check {
+    let paths = demo_node::send(sb, from, service_addr, REQUESTS);
+    print_paths(&format!("{from} → Service {}: path taken", service(service_addr)), &paths);
+    let ok = paths.len() == 1 && paths.get(expected) == Some(&REQUESTS);
+    Check { step: step.into(), expected: format!("{REQUESTS}× {expected}"), observed: observed(&paths), ok }
+}
+
+fn print_paths(title: &str, paths: &Paths) {
     let mut t = Table::new();
-    let name = if service == A {
-        "A"
-    } else if service == B {
-        "B"
-    } else {
-        "C"
-    };
-    t.load_preset(UTF8_FULL_CONDENSED)
-        .set_header([format!("{gateway} → Service {name}: path taken"), "requests".into()]);
-    for (p, n) in &paths {
+    t.load_preset(UTF8_FULL_CONDENSED).set_header([title, "requests"]);
+    for (p, n) in paths {
         t.add_row([p.clone(), n.to_string()]);
     }
     println!("{t}");
-    let ok = paths.len() == 1 && paths.get(expected) == Some(&REQUESTS);
-    let observed = paths.iter().map(|(p, n)| format!("{n}× {p}")).collect::<Vec<_>>().join("; ");
-    Check { step: step.into(), expected: format!("{REQUESTS}× {expected}"), observed, ok }
+}
+
+fn observed(paths: &Paths) -> String {
+    paths.iter().map(|(p, n)| format!("{n}× {p}")).collect::<Vec<_>>().join("; ")
 }
 
 /// Shows a CLI command and its output; it must succeed and mention `must_show`.
@@ -479,6 +543,14 @@ fn explore(sb: &AgentSandbox, yaml: &Path, metrics: &str) {
         testpod.display(),
         sb.pod_cgroup("gw-gray").display(),
         sb.netns["gw-gray"].ns.name()
+    );
+    let (name, value) = EDGE_HEADER;
+    println!(
+        "  {} --cgroup {} --netns {} http {} 5 --header {name}:{value}",
+        testpod.display(),
+        sb.pod_cgroup(EDGE).display(),
+        sb.netns[EDGE].ns.name(),
+        demo_node::edge_addr(sb)
     );
     println!("  curl -s http://{metrics}/metrics");
     println!("  edit {} (the agent re-reads it)", yaml.display());

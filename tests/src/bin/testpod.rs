@@ -9,7 +9,8 @@
 //!
 //! Usage: `testpod --cgroup DIR --netns NAME (tcp|udp|udp-connected) ADDR COUNT`
 //!        `testpod --cgroup DIR --netns NAME tcp-loop ADDR` (until stdin closes; then a summary)
-//!        `testpod --cgroup DIR --netns NAME http ADDR COUNT` (HTTP/1.0 GETs; the body is the reply)
+//!        `testpod --cgroup DIR --netns NAME http ADDR COUNT [--header NAME:VALUE]` (HTTP/1.0 GETs,
+//!        with that request header if given; the body is the reply)
 //!        `testpod --cgroup DIR --netns NAME serve LISTEN_ADDR NAME LANE [NEXT_ADDR]` (an HTTP
 //!        server answering `NAME[LANE]`, or `NAME[LANE] -> <what NEXT_ADDR answered>`: a
 //!        service that calls the next one, from inside its pod)
@@ -25,6 +26,9 @@
 //!        `testpod --cgroup DIR --netns NAME rollout-serve LISTEN_ADDR NAME` (an HTTP/1.1 keep-alive
 //!        server that drains gracefully when stdin gives a line) and `... rollout-pool ADDR CONNS`
 //!        (CONNS keep-alive clients until stdin closes, then a summary): see `tagger_tests::rollout`
+//!        `testpod --cgroup DIR --netns NAME exec PROGRAM [ARGS...]` (runs a program inside the pod,
+//!        as a container runtime would: it replaces testpod, so its pid is the one the caller
+//!        spawned and can stop)
 //!        `testpod install BPFFS_DIR CGROUP_DIR` (installs or adopts the datapath, then exits)
 
 use std::{
@@ -52,7 +56,7 @@ fn main() {
         }
         return;
     }
-    let [flag_cg, cgroup, flag_ns, netns, mode, addr, rest @ ..] = args.as_slice() else {
+    let [flag_cg, cgroup, flag_ns, netns, mode, target, rest @ ..] = args.as_slice() else {
         eprintln!("usage: testpod --cgroup DIR --netns NAME MODE ADDR [COUNT]");
         std::process::exit(2);
     };
@@ -64,7 +68,12 @@ fn main() {
     let ns = std::fs::File::open(Path::new("/var/run/netns").join(netns)).expect("open netns");
     // SAFETY: setns with a valid netns fd; this process is single-threaded here.
     assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
-    let addr: SocketAddr = addr.parse().expect("ADDR");
+    if mode == "exec" {
+        let e = std::os::unix::process::CommandExt::exec(std::process::Command::new(target).args(rest));
+        eprintln!("testpod: cannot run {target}: {e}");
+        std::process::exit(127);
+    }
+    let addr: SocketAddr = target.parse().expect("ADDR");
     let count = || -> usize { rest.first().map_or(1, |c| c.parse().expect("COUNT")) };
     let mut out = std::io::stdout().lock();
     match mode.as_str() {
@@ -72,7 +81,16 @@ fn main() {
         "udp" => (0..count()).for_each(|_| report(&mut out, udp_once(addr, false))),
         "udp-connected" => (0..count()).for_each(|_| report(&mut out, udp_once(addr, true))),
         "tcp-loop" => tcp_loop(&mut out, addr),
-        "http" => (0..count()).for_each(|_| report(&mut out, http_once(addr))),
+        "http" => {
+            let header = match rest.get(1..).unwrap_or_default() {
+                [] => None,
+                [flag, header] if flag == "--header" => {
+                    Some(header.split_once(':').expect("--header NAME:VALUE"))
+                }
+                other => panic!("http: unexpected arguments {other:?}"),
+            };
+            (0..count()).for_each(|_| report(&mut out, http_once(addr, header)));
+        }
         "serve" => serve(addr, rest),
         "answer" => answer(addr, rest),
         "pool" => pool(&mut out, addr),
@@ -112,15 +130,19 @@ fn tcp_connect(addr: SocketAddr) -> std::io::Result<(String, SocketAddr, TcpStre
     Ok((reply.trim_end().to_owned(), peer, s))
 }
 
-fn http_once(addr: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
+/// One HTTP/1.0 GET (with `header` as `(name, value)` if given); the body. The answer may come
+/// as HTTP/1.1 (a proxy such as nginx answers in its own version), as long as it is a 200.
+fn http_once(addr: SocketAddr, header: Option<(&str, &str)>) -> std::io::Result<(String, SocketAddr)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     let peer = s.peer_addr()?;
-    std::io::Write::write_all(&mut s, b"GET / HTTP/1.0\r\nHost: tagger-demo\r\n\r\n")?;
+    let extra = header.map(|(name, value)| format!("{name}: {value}\r\n")).unwrap_or_default();
+    let request = format!("GET / HTTP/1.0\r\nHost: tagger-demo\r\n{extra}\r\n");
+    std::io::Write::write_all(&mut s, request.as_bytes())?;
     let mut response = String::new();
     s.read_to_string(&mut response)?;
     let (head, body) = response.split_once("\r\n\r\n").ok_or_else(|| std::io::Error::other("not HTTP"))?;
-    if !head.starts_with("HTTP/1.0 200") {
+    if head.split_whitespace().nth(1) != Some("200") {
         return Err(std::io::Error::other(format!("HTTP error: {}", head.lines().next().unwrap_or(""))));
     }
     Ok((body.trim_end().to_owned(), peer))
@@ -150,7 +172,7 @@ fn serve(listen: SocketAddr, rest: &[String]) {
                 let body = match next {
                     None => me.clone(),
                     // A new connection per request: each is steered by this pod's lane.
-                    Some(next) => match http_once(next) {
+                    Some(next) => match http_once(next, None) {
                         Ok((downstream, _)) => format!("{me} -> {downstream}"),
                         Err(e) => format!("{me} -> error: {e}"),
                     },
