@@ -62,6 +62,12 @@ impl Prometheus {
         p
     }
 
+    /// The port its HTTP API listens on (127.0.0.1).
+    #[must_use]
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// Its log.
     #[must_use]
     pub fn log(&self) -> String {

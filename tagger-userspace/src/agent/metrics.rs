@@ -15,7 +15,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
-use tagger_common::{BASE_LANE, Lease, LeaseState, Outcome, STAT_F_SHADOW};
+use tagger_common::{Lease, LeaseState, Outcome, STAT_F_SHADOW};
 
 use super::AgentStatus;
 use crate::datapath::Datapath;
@@ -580,12 +580,7 @@ impl Collector for DatapathCollector {
         }
         let names = t.service_meta().unwrap_or_default();
         let lanes = t.lane_names().unwrap_or_default();
-        let lane = |id: u32| {
-            lanes
-                .get(&id)
-                .cloned()
-                .unwrap_or_else(|| if id == BASE_LANE { "base".into() } else { format!("{id:#010x}") })
-        };
+        let lane = |id: u32| crate::datapath::lane_label(&lanes, id);
         if let Ok(stats) = t.service_stats() {
             let family = Family::<ServiceLabels, Counter>::default();
             for row in stats {

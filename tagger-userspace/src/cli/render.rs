@@ -96,7 +96,7 @@ impl Names {
     /// A lane for people: its name, or its id in hex when no name is published.
     #[must_use]
     pub fn lane_label(&self, id: u32) -> String {
-        self.lane(id).name.unwrap_or_else(|| lane_hex(id))
+        crate::datapath::lane_label(&self.lanes, id)
     }
 
     /// A Service's names, when published.
@@ -125,11 +125,7 @@ impl Names {
     }
 }
 
-/// A lane id as people see it when it has no name: `0x1c2d3e4f`.
-#[must_use]
-pub fn lane_hex(id: u32) -> String {
-    format!("{id:#010x}")
-}
+pub use crate::datapath::lane_hex;
 
 /// The valid part of a lane policy's chain.
 #[must_use]

@@ -7,16 +7,19 @@ use std::collections::{BTreeMap, BTreeSet};
 use tagger_common::{INBOUND_UNKNOWN_LANE, INBOUND_UNTAGGED, Outcome, inbound_kind_name};
 
 use super::{Arrival, Edge, Observed, Peer, workload_of};
-use crate::{Result, cli::render::Names, datapath::Tables};
+use crate::{
+    Result,
+    datapath::{Tables, lane_label},
+};
 
 /// Reads the node's edges, arrivals and the lanes each Service has backends in.
 pub fn observe(t: &Tables) -> Result<Observed> {
-    let names = Names::read(t)?;
+    let names = Names { lanes: t.lane_names()?, services: t.service_meta()? };
     let peers = Peers::read(t, &names)?;
     let service = |svc_id: u32| {
-        names.service(svc_id).map_or_else(
+        names.services.get(&svc_id).map_or_else(
             || Peer::service("", &format!("svc {svc_id}")),
-            |s| Peer::service(&s.namespace, &s.name),
+            |(namespace, name, _)| Peer::service(namespace, name),
         )
     };
     let edges = t
@@ -51,6 +54,18 @@ pub fn observe(t: &Tables) -> Result<Observed> {
     Ok(Observed { edges, arrivals, lane_backends: peers.lane_backends }.normalized())
 }
 
+/// The names the agent published: lanes, and Services by id (namespace, name, port).
+struct Names {
+    lanes: BTreeMap<u32, String>,
+    services: BTreeMap<u32, (String, String, String)>,
+}
+
+impl Names {
+    fn lane_label(&self, id: u32) -> String {
+        lane_label(&self.lanes, id)
+    }
+}
+
 /// Local pods named as peers, and every Service's backends per lane.
 struct Peers {
     /// Local pod cgroup → the peer it is.
@@ -67,10 +82,10 @@ impl Peers {
         let mut services_of = BTreeMap::<[u32; 4], BTreeSet<(String, String)>>::new();
         let mut lane_backends = BTreeMap::<Peer, BTreeMap<String, u64>>::new();
         for (key, set) in t.backend_sets()? {
-            let Some(svc) = names.service(key.svc_id) else { continue };
+            let Some((namespace, name, _)) = names.services.get(&key.svc_id) else { continue };
             if set.count > 0 {
                 let n = lane_backends
-                    .entry(Peer::service(&svc.namespace, &svc.name))
+                    .entry(Peer::service(namespace, name))
                     .or_default()
                     .entry(names.lane_label(key.lane))
                     .or_default();
@@ -78,7 +93,7 @@ impl Peers {
             }
             for b in t.backends(key.svc_id, key.lane)? {
                 if local.contains(&b.addr) {
-                    services_of.entry(b.addr).or_default().insert((svc.namespace.clone(), svc.name.clone()));
+                    services_of.entry(b.addr).or_default().insert((namespace.clone(), name.clone()));
                 }
             }
         }

@@ -48,7 +48,7 @@ use aya::{
     programs::{CgroupAttachMode, Program, ProgramError, links::FdLink},
 };
 pub use inbound::{EdgeRow, InboundRow};
-pub use tables::{Access, CounterSnapshot, SLOT_GRACE, ServiceStat, Tables};
+pub use tables::{Access, CounterSnapshot, SLOT_GRACE, ServiceStat, Tables, lane_hex, lane_label};
 use tagger_common::ALL_MAPS;
 
 use crate::{

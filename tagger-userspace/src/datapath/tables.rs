@@ -830,6 +830,22 @@ impl Tables {
     }
 }
 
+/// A lane for people: base, its published name (`names`: [`Tables::lane_names`]), or its id in
+/// hex when no name is published.
+#[must_use]
+pub fn lane_label(names: &BTreeMap<u32, String>, id: u32) -> String {
+    if id == BASE_LANE {
+        return "base".to_owned();
+    }
+    names.get(&id).cloned().unwrap_or_else(|| lane_hex(id))
+}
+
+/// A lane id as people see it when it has no name: `0x1c2d3e4f`.
+#[must_use]
+pub fn lane_hex(id: u32) -> String {
+    format!("{id:#010x}")
+}
+
 /// Lane resolution over the pinned maps (the same code the kernel runs). Lookup errors read as
 /// "absent", as in the datapath.
 impl LaneTables for Tables {

@@ -260,8 +260,14 @@ fn run(keep: bool) -> bool {
     say("Step 5 — a rolling update under load loses no request (a second sandboxed node)");
     checks.push(rolling_update());
 
-    // The last step of the story goes here: where the gray lane stops (at B), from the coverage
-    // report of what the node saw in the steps above.
+    say("Step 6 — where does the gray lane stop? The coverage report of what this node saw");
+    println!(
+        "Every hop above was one connection, decided by the calling pod's lane. tagger counts each\n\
+         pod's calls (caller → Service, both lanes) and what each pod received; the report follows\n\
+         the gray lane along them."
+    );
+    checks.push(show_cli(&sb, &["lanes", "coverage"], "gray stops at demo/b"));
+    checks.push(coverage_break(&sb));
 
     let ok = report(&checks);
     if keep && ok {
@@ -519,6 +525,56 @@ fn show_cli(sb: &AgentSandbox, args: &[&str], must_show: &str) -> Check {
     }
 }
 
+/// The coverage report as JSON: gray's one break point is B, because C (which B calls) has a
+/// gray version; and the graph for graphviz, rendered when graphviz is installed.
+fn coverage_break(sb: &AgentSandbox) -> Check {
+    let (status, r) = tagger_tests::agent::cli_json(&sb.pins.0, &["lanes", "coverage"]);
+    let gray = r["lanes"].as_array().and_then(|l| l.iter().find(|l| l["lane"] == "gray"));
+    let breaks: Vec<String> = gray
+        .and_then(|g| g["stops"].as_array())
+        .into_iter()
+        .flatten()
+        .filter(|s| s["breaks"] == true)
+        .map(|s| {
+            let callees: Vec<String> = s["lane_capable_callees"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| {
+                    format!("{}/{}", c["namespace"].as_str().unwrap_or(""), c["name"].as_str().unwrap_or(""))
+                })
+                .collect();
+            format!(
+                "{}/{} (calls {})",
+                s["service"]["namespace"].as_str().unwrap_or(""),
+                s["service"]["name"].as_str().unwrap_or(""),
+                callees.join(", ")
+            )
+        })
+        .collect();
+    let dot = Command::new(workspace_bin("tagger"))
+        .args(["--bpffs", &sb.pins.0.to_string_lossy(), "lanes", "coverage", "-o", "dot"])
+        .output()
+        .expect("run tagger");
+    let dot_file = sb.dir.0.join("lanes.dot");
+    std::fs::write(&dot_file, &dot.stdout).expect("write lanes.dot");
+    let svg = dot_file.with_extension("svg");
+    let rendered = Command::new("dot").arg("-Tsvg").arg(&dot_file).arg("-o").arg(&svg).status();
+    match rendered {
+        Ok(s) if s.success() => {
+            println!("$ tagger lanes coverage -o dot | dot -Tsvg    (the picture: {})", svg.display());
+        }
+        _ => println!("(graphviz is not installed: the graph is in {})", dot_file.display()),
+    }
+    let observed = if breaks.is_empty() { "no break point".to_owned() } else { breaks.join("; ") };
+    Check {
+        step: "6. gray's break point (-o json)".into(),
+        expected: "demo/b (calls demo/c), and only there".into(),
+        ok: status.success() && dot.status.success() && observed == "demo/b (calls demo/c)",
+        observed,
+    }
+}
+
 fn report(checks: &[Check]) -> bool {
     say("Report");
     let mut t = Table::new();
@@ -537,6 +593,7 @@ fn explore(sb: &AgentSandbox, yaml: &Path, metrics: &str) {
     say("The sandbox stays up (--keep). Explore it from another terminal:");
     println!("  {} --bpffs {bpffs} services", tagger.display());
     println!("  {} --bpffs {bpffs} stats --watch", tagger.display());
+    println!("  {} --bpffs {bpffs} lanes coverage", tagger.display());
     println!("  {} --bpffs {bpffs} explain --pod demo/gw-gray {A}", tagger.display());
     println!(
         "  {} --cgroup {} --netns {} http {A} 5",

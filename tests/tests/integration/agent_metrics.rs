@@ -341,3 +341,87 @@ fn healthz_fails_while_the_reconciler_is_stalled_and_recovers() {
     assert_eq!(parse(&fresh_metrics(port).1).get("tagger_agent_healthy"), Some(&1.0));
     assert!(sb.agent_log().contains("healthy again"), "{}", sb.agent_log());
 }
+
+/// `tagger lanes coverage` cluster-wide (`--prometheus`: a real Prometheus, Debian's, scraping
+/// the real agent) equals the node's own report from its pins, on the demo's node with lane
+/// traffic through the chain: the gray lane stops at B, whose pods call C, which has a gray
+/// version. Then the graph renders with graphviz, when installed.
+#[test]
+fn the_cluster_wide_coverage_report_is_the_nodes_and_names_where_gray_stops() {
+    use tagger_tests::demo_node::{A, C, DemoNode, send};
+    if !tagger_tests::prometheus::Prometheus::installed() {
+        eprintln!("skipped: prometheus is not installed (`cargo xtask test` installs Debian's)");
+        return;
+    }
+    let mut sb = AgentSandbox::new();
+    let node = DemoNode::start(&mut sb, &["--metrics-addr", "127.0.0.1:0"]);
+    let prometheus =
+        tagger_tests::prometheus::Prometheus::start(&[format!("127.0.0.1:{}", sb.metrics_port())]);
+    let gray = "a-gray[gray] -> b-base[base] -> c-base[base]";
+    assert_eq!(send(&sb, "gw-gray", A, 8), [(gray.to_owned(), 8)].into());
+    assert_eq!(send(&sb, "gw-base", A, 5).values().sum::<usize>(), 5);
+    assert_eq!(send(&sb, "gw-gray", C, 3), [("c-gray[gray]".to_owned(), 3)].into());
+
+    let (status, local) = tagger_tests::agent::cli_json(&sb.pins.0, &["lanes", "coverage"]);
+    assert!(status.success(), "{local}");
+    let lanes = local["lanes"].as_array().expect("lanes");
+    let gray_lane = lanes.iter().find(|l| l["lane"] == "gray").expect("lane gray");
+    assert_eq!(gray_lane["summary"], "lane gray: gray stops at demo/b", "{local:#}");
+    let stop = &gray_lane["stops"][0];
+    assert_eq!((&stop["service"]["name"], &stop["breaks"]), (&"b".into(), &true.into()), "{local:#}");
+    assert_eq!(stop["lane_capable_callees"][0]["name"], "c", "{local:#}");
+    let edge = |caller: &str, service: &str| {
+        gray_lane["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["caller"]["name"] == caller && e["service"]["name"] == service)
+            .cloned()
+    };
+    assert_eq!(edge("gw-gray", "a").expect("gw-gray → a")["verdicts"]["held"], 8, "{local:#}");
+    assert_eq!(edge("a", "b").expect("a → b")["verdicts"]["fell_back"], 8, "{local:#}");
+
+    // Cluster-wide, once Prometheus has scraped the agent after the traffic: the same report.
+    let url = format!("http://127.0.0.1:{}", prometheus.port());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, cluster) =
+            tagger_tests::agent::cli_json(&sb.pins.0, &["lanes", "coverage", "--prometheus", &url]);
+        assert!(status.success(), "{cluster}");
+        let same = ["lanes", "base_edges", "observed"].iter().all(|k| cluster[k] == local[k]);
+        if same {
+            assert!(
+                cluster["source"].as_str().unwrap().starts_with("prometheus http://127.0.0.1:"),
+                "{cluster}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cluster-wide report never matched the node's:\nnode: {local:#}\ncluster: {cluster:#}\nprometheus log:\n{}",
+            prometheus.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // A window: increase() over the last 10 minutes holds the same edges (rounded).
+    let (status, windowed) = tagger_tests::agent::cli_json(
+        &sb.pins.0,
+        &["lanes", "coverage", "--prometheus", &url, "--window", "10m"],
+    );
+    assert!(status.success(), "{windowed}");
+    assert!(windowed["source"].as_str().unwrap().ends_with(", last 10m"), "{windowed}");
+
+    if std::process::Command::new("dot").arg("-V").output().is_ok() {
+        let dot = std::process::Command::new(tagger_tests::agent::workspace_bin("tagger"))
+            .args(["--bpffs", &sb.pins.0.to_string_lossy(), "lanes", "coverage", "-o", "dot"])
+            .output()
+            .unwrap();
+        assert!(dot.status.success());
+        let file = sb.dir.0.join("lanes.dot");
+        std::fs::write(&file, &dot.stdout).unwrap();
+        let svg = std::process::Command::new("dot").arg("-Tsvg").arg(&file).output().unwrap();
+        assert!(svg.status.success(), "graphviz refused the graph: {}", String::from_utf8_lossy(&svg.stderr));
+        assert!(String::from_utf8_lossy(&svg.stdout).contains("gray stops here"));
+    }
+    drop(node);
+}
