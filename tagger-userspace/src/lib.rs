@@ -5,20 +5,15 @@ pub mod agent;
 pub mod caps;
 pub mod cgroup;
 pub mod cli;
+pub mod config;
 pub mod coverage;
 pub mod datapath;
 pub mod error;
 pub mod fs;
-#[cfg(test)]
-mod fuzz;
-pub mod labels;
-pub mod lane_marks;
-pub mod lanes_config;
 pub mod lifecycle;
 pub mod model;
 pub mod net;
 pub mod reconcile;
-pub mod shaping;
 pub mod source;
 pub mod sys;
 

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use tagger_common::{DSCP_UNSET, PodAddr};
 use tracing::warn;
 
-use crate::{Result, datapath::Tables, lanes_config::LanesConfig, reconcile::incremental::LocalAddr};
+use crate::{Result, config::lanes::LanesConfig, datapath::Tables, model::incremental::LocalAddr};
 
 /// What `TAGGER_PADDR_V1` holds.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -73,17 +73,17 @@ impl PodAddrs {
 }
 
 /// What `TAGGER_LMARK_V1` holds: each marked lane's index under `--mark-mask`
-/// ([`crate::lane_marks`]). Lanes are those of local pods and of the lanes config.
+/// ([`crate::model::lane_marks`]). Lanes are those of local pods and of the lanes config.
 #[derive(Clone, Debug)]
 pub struct LaneMarks {
-    mask: crate::lane_marks::MarkMask,
+    mask: crate::model::lane_marks::MarkMask,
     current: BTreeMap<u32, tagger_common::LaneMark>,
     unfit: std::collections::BTreeSet<u32>,
 }
 
 impl LaneMarks {
     /// Reads what the map holds (an earlier agent's indices are kept where they fit `mask`).
-    pub fn read(tables: &Tables, mask: crate::lane_marks::MarkMask) -> Result<Self> {
+    pub fn read(tables: &Tables, mask: crate::model::lane_marks::MarkMask) -> Result<Self> {
         Ok(Self { mask, current: tables.lane_marks()?, unfit: std::collections::BTreeSet::new() })
     }
 
@@ -98,7 +98,7 @@ impl LaneMarks {
     ) {
         let mut wanted: std::collections::BTreeSet<u32> = desired.values().map(|a| a.lane).collect();
         wanted.extend(lanes.policies().keys().copied());
-        let assignment = crate::lane_marks::assign(&self.current, &wanted, self.mask);
+        let assignment = crate::model::lane_marks::assign(&self.current, &wanted, self.mask);
         for lane in assignment.unfit.difference(&self.unfit) {
             warn!(
                 lane = %lane,

@@ -10,8 +10,8 @@ use anyhow::{Result, bail};
 
 use crate::{
     cgroup::{AttachChoice, AttachPoint, choose_attach_point},
+    config::labels::{DEFAULT_LANE_LABELS, validate_label_key},
     datapath::tc::MarkDirection,
-    labels::{DEFAULT_LANE_LABELS, validate_label_key},
 };
 
 /// Where the agent learns about pods, Services and EndpointSlices.
@@ -107,7 +107,7 @@ pub struct Args {
     /// Largest API server response line the agent reads, in MiB: one list, or one watch event.
     /// A longer one is refused (the watch is retried, the datapath keeps its state), so a
     /// misbehaving server cannot make the agent buffer without bound.
-    #[arg(long, default_value_t = crate::agent::line_limit::DEFAULT_MAX_LINE_MIB,
+    #[arg(long, default_value_t = crate::source::kube::line_limit::DEFAULT_MAX_LINE_MIB,
           value_parser = clap::value_parser!(u32).range(1..=4096), value_name = "MIB")]
     pub api_max_response_mib: u32,
 
@@ -124,9 +124,9 @@ pub struct Args {
     /// is 0 and keeps its mark; every other bit of the mark is kept. Lanes beyond the mask's
     /// room are not marked, and counted. The default 0x00f0 (15 lanes) avoids kube-proxy's,
     /// Calico's and Cilium's magic bits (see the README).
-    #[arg(long, value_name = "HEX", default_value = crate::lane_marks::DEFAULT_MARK_MASK,
-          value_parser = crate::lane_marks::MarkMask::parse)]
-    pub mark_mask: crate::lane_marks::MarkMask,
+    #[arg(long, value_name = "HEX", default_value = crate::model::lane_marks::DEFAULT_MARK_MASK,
+          value_parser = crate::model::lane_marks::MarkMask::parse)]
+    pub mark_mask: crate::model::lane_marks::MarkMask,
 
     /// Where on those interfaces: `ingress` (packets the interface receives: the host side of a
     /// pod's veth, before routing and queueing) or `egress` (packets it sends: a node uplink).
@@ -170,7 +170,7 @@ pub struct AgentConfig {
     /// Interface globs to mark on (empty: no marking).
     pub mark_interfaces: Vec<String>,
     /// `--mark-mask`, when marking is on.
-    pub mark_mask: Option<crate::lane_marks::MarkMask>,
+    pub mark_mask: Option<crate::model::lane_marks::MarkMask>,
     /// `--datapath-lease` (zero: never expires).
     pub datapath_lease: std::time::Duration,
     /// `--netns-dir`.

@@ -22,7 +22,7 @@ pub fn parse_lease(text: &str) -> Result<Duration, String> {
     if text.trim() == "0" {
         return Ok(Duration::ZERO);
     }
-    let d = crate::shaping::parse_duration(text).map_err(|e| e.to_string())?;
+    let d = crate::config::values::parse_duration(text).map_err(|e| e.to_string())?;
     if !d.is_zero() && d < MIN_LEASE {
         return Err(format!(
             "{text:?} is shorter than {}s: the lease would run out between renewals; use 0 for a lease that never expires",

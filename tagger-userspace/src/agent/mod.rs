@@ -11,15 +11,11 @@
 
 mod addrs;
 mod args;
-mod inputs;
-mod kube_source;
 mod lease;
-mod line_limit;
 mod marking;
 mod metrics;
-mod poll;
 mod publish;
-mod reconciler;
+mod reconcile_loop;
 mod status;
 mod transitions;
 
@@ -27,18 +23,20 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 pub use args::{Args, Source};
-pub use inputs::{Inputs, InputsHandle};
-pub use reconciler::{ReconcileReport, Reconciler};
+pub use reconcile_loop::{ReconcileReport, Reconciler};
 pub use status::{AgentStatus, METRICS_CACHE_TTL};
-
-#[cfg(test)]
-pub(crate) use poll::file_changes;
 use tracing::{error, info, warn};
 
 use crate::{
     cgroup::{AttachChoice, AttachPoint},
+    config::lanes::LanesConfig,
     datapath::Datapath,
-    lanes_config::LanesConfig,
+    source::{
+        Inputs, InputsHandle, Report, Wake, file,
+        kube::{self as kube_source, line_limit},
+        poll,
+        tasks::Tasks,
+    },
 };
 
 /// Waits for the datapath install started by [`run`] (once; later calls find nothing to join).
@@ -47,39 +45,6 @@ fn join_install(
 ) -> Result<(Datapath, crate::datapath::Installed)> {
     let handle = install.take().context("the datapath install was already joined")?;
     handle.join().map_err(|_| anyhow::anyhow!("the datapath install panicked"))?
-}
-
-/// The agent's tasks (watchers, pollers, the probe, the HTTP server), by name: one that ends or
-/// panics is reported dead ([`AgentStatus::part_died`], and `/healthz` fails).
-pub(crate) struct Tasks {
-    set: tokio::task::JoinSet<()>,
-    names: std::collections::HashMap<tokio::task::Id, String>,
-}
-
-impl Tasks {
-    fn new() -> Self {
-        Self { set: tokio::task::JoinSet::new(), names: std::collections::HashMap::new() }
-    }
-
-    /// Runs `task`, named `name` in health reports.
-    pub(crate) fn spawn(
-        &mut self,
-        name: impl Into<String>,
-        task: impl std::future::Future<Output = ()> + Send + 'static,
-    ) {
-        let handle = self.set.spawn(task);
-        self.names.insert(handle.id(), name.into());
-    }
-
-    /// The next task that ended, and how; `None` when none is left.
-    async fn next_ended(&mut self) -> Option<(String, &'static str)> {
-        let (id, how) = match self.set.join_next_with_id().await? {
-            Ok((id, ())) => (id, "ended"),
-            Err(e) if e.is_panic() => (e.id(), "panicked"),
-            Err(e) => (e.id(), "was cancelled"),
-        };
-        Some((self.names.remove(&id).unwrap_or_else(|| "a task".to_owned()), how))
-    }
 }
 
 /// Reports the reconciler thread dead if it unwinds (a panic); a normal return is a stop.
@@ -111,15 +76,6 @@ fn spawn_reconciler(
         .context("spawning the reconciler")
 }
 
-/// What wakes the reconciler.
-#[derive(Debug)]
-pub enum Wake {
-    /// A source or the lanes config changed.
-    Changed,
-    /// Stop: leave the datapath as it is.
-    Stop,
-}
-
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(args: &Args) -> Result<()> {
     if args.uninstall {
@@ -127,7 +83,7 @@ pub fn run(args: &Args) -> Result<()> {
         info!(bpffs = %args.bpffs.display(), "uninstalled: links detached, pins removed");
         return Ok(());
     }
-    reconciler::limit_malloc_arenas();
+    reconcile_loop::limit_malloc_arenas();
     let config = args.validate()?;
     let lanes = match &args.lanes_config {
         Some(path) => load_lanes(path)?,
@@ -165,15 +121,16 @@ pub fn run(args: &Args) -> Result<()> {
     let mut marking = None;
     let result: Result<()> = runtime.block_on(async {
         let mut tasks = Tasks::new();
+        let report: Arc<dyn Report> = status.clone();
         let handle = match &args.source {
             Source::File(path) => {
                 let shared = Arc::new(std::sync::Mutex::new(Inputs::default()));
-                tasks.spawn("source file poller", poll::watch_source_file(
+                tasks.spawn("source file poller", file::watch_source_file(
                     path.clone(),
                     config.node_name.clone(),
                     Arc::clone(&shared),
                     wake_tx.clone(),
-                    Arc::clone(&status),
+                    Arc::clone(&report),
                 ));
                 InputsHandle::Shared(shared)
             }
@@ -186,7 +143,7 @@ pub fn run(args: &Args) -> Result<()> {
                     &config.node_name,
                     &config.lane_keys,
                     &wake_tx,
-                    &status,
+                    &report,
                 ))
             }
         };
@@ -200,7 +157,7 @@ pub fn run(args: &Args) -> Result<()> {
                 path.clone(),
                 Arc::clone(&lanes),
                 wake_tx.clone(),
-                Arc::clone(&status),
+                Arc::clone(&report),
             ));
         }
         if let Some(addr) = args.metrics_addr {
@@ -208,7 +165,7 @@ pub fn run(args: &Args) -> Result<()> {
         }
         supervise(&mut tasks, &status).await;
         info!("stopping; the datapath stays attached with its last state");
-        tasks.set.abort_all();
+        tasks.abort_all();
         Ok(())
     });
     // An error before the install was joined (the Kubernetes client could not be configured):

@@ -524,6 +524,28 @@ async fn respond(
         .expect("a valid response")
 }
 
+/// The sources report to the agent's status.
+impl crate::source::Report for AgentStatus {
+    fn source_synced(&self) {
+        AgentStatus::source_synced(self);
+    }
+    fn count_source_error(&self) {
+        AgentStatus::count_source_error(self);
+    }
+    fn count_config_error(&self) {
+        AgentStatus::count_config_error(self);
+    }
+    fn count_watch_restart(&self) {
+        AgentStatus::count_watch_restart(self);
+    }
+    fn count_ignored_kind(&self, kind: &str, n: u64) {
+        AgentStatus::count_ignored_kind(self, kind, n);
+    }
+    fn set_api_reachable(&self, reachable: bool) -> bool {
+        AgentStatus::set_api_reachable(self, reachable)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;

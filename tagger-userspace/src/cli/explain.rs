@@ -42,7 +42,7 @@ pub trait ExplainTables: LaneTables {
     }
     /// The kernel monotonic clock (`bpf_ktime_get_ns`), nanoseconds.
     fn now_ns(&self) -> u64 {
-        crate::shaping::monotonic_now_ns()
+        crate::sys::monotonic_now_ns()
     }
     /// The datapath lease (`None`: unknown, explained as steering).
     fn lease(&self) -> Option<Lease> {
@@ -812,7 +812,7 @@ mod tests {
         rule.chain[0] = lane_id("blue");
         t.routes.insert((1, lane_id("gray")), rule);
         let warming = backend("10.244.0.6:8080".parse().unwrap());
-        let w = crate::shaping::Warmup::new(std::time::Duration::from_secs(10), 1.0, 10.0);
+        let w = crate::config::values::Warmup::new(std::time::Duration::from_secs(10), 1.0, 10.0);
         t.warm.insert(WarmKey { svc_id: 1, port: warming.port, _pad: 0, addr: warming.addr }, w.entry(0));
         t.shaping = Some(tagger_common::SvcShaping { flags: SHAPE_F_WARMUP, ..Default::default() });
         t.flags = CFG_F_SHADOW;

@@ -30,6 +30,7 @@ use std::{
 
 use tagger_common::{Backend, FrontendKey, Service, SetKey};
 
+use super::lane::{LaneOf, lane_of};
 use super::{
     FrontendIds, FrontendOrigin, Limits, LocalPod, ObjectRef, ServiceInput, SliceInput, WarningKind,
     Warnings,
@@ -37,7 +38,6 @@ use super::{
     services::{ServiceModel, Usage, service_model, show_key},
     topology::Node,
 };
-use crate::labels::{LaneOf, lane_of};
 
 /// A backend pod's compact id in the index.
 type PodId = u32;
@@ -375,9 +375,9 @@ impl ServiceIndex {
                 }
                 PodLane::Lane(id)
             }
-            LaneOf::Invalid { key, value, reason } => PodLane::Invalid(
-                format!("pod {pod}: label {key}={value:?}: {reason}; the pod is base").into(),
-            ),
+            invalid @ LaneOf::Invalid { .. } => {
+                PodLane::Invalid(invalid.warning(pod).unwrap_or_default().into())
+            }
         }
     }
 
@@ -1125,7 +1125,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        labels::default_lane_keys,
+        config::labels::default_lane_keys,
         model::{
             QosClass,
             testing::{endpoint, service, slice},

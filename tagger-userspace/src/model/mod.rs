@@ -20,10 +20,15 @@
 //! agent; its outputs are the inputs here.
 
 pub mod ids;
+pub mod incremental;
 pub mod index;
+pub mod lane;
+pub mod lane_marks;
 pub mod objects;
 pub mod pods;
 pub mod services;
+pub mod shaping;
+pub mod state;
 pub mod steering;
 #[cfg(test)]
 pub(crate) mod testing;

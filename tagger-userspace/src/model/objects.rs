@@ -20,8 +20,8 @@ use tagger_common::{AFFINITY_DEFAULT_TIMEOUT_S, AFFINITY_MAX_TIMEOUT_S, SVC_F_ST
 
 use super::{LocalPod, ObjectRef, WarningKind, Warnings};
 use crate::{
+    config::values::{Canary, ShapingError, Warmup, parse_canary, parse_warmup},
     net::Proto,
-    shaping::{Canary, ShapingError, Warmup, parse_canary, parse_warmup},
 };
 
 /// The Service annotation that makes a Service strict (`"true"` / `"false"`).

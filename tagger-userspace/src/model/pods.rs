@@ -31,7 +31,7 @@ use tagger_common::{BASE_LANE, PodEntry};
 use super::{ObjectRef, WarningKind, Warnings};
 use crate::{
     cgroup::CgroupRef,
-    labels::{LaneOf, lane_of},
+    model::lane::{LaneOf, lane_of},
 };
 
 /// A pod's QoS class (`status.qosClass`), which decides its cgroup's parent.
@@ -167,11 +167,10 @@ pub fn desired_pods<'a>(pods: impl IntoIterator<Item = &'a LocalPod>, lane_keys:
         let (lane, lane_name) = match lane_of(&pod.labels, lane_keys) {
             LaneOf::Base => (BASE_LANE, None),
             LaneOf::Lane(name) => (tagger_common::lane_id(&name), Some(name)),
-            LaneOf::Invalid { key, value, reason } => {
-                out.warnings.add(
-                    WarningKind::InvalidLaneLabel,
-                    format_args!("pod {object}: label {key}={value:?}: {reason}; the pod is base"),
-                );
+            invalid @ LaneOf::Invalid { .. } => {
+                if let Some(w) = invalid.warning(&object) {
+                    out.warnings.add(WarningKind::InvalidLaneLabel, w);
+                }
                 (BASE_LANE, None)
             }
         };
@@ -255,7 +254,7 @@ mod tests {
     use k8s_openapi::{api::core::v1::PodStatus, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 
     use super::*;
-    use crate::labels::default_lane_keys;
+    use crate::config::labels::default_lane_keys;
 
     const UID: &str = "0b6c3a0e-1f2d-4c5b-9a8e-7d6f5e4c3b2a";
 

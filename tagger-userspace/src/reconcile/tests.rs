@@ -7,15 +7,14 @@ use k8s_openapi::api::{
 use proptest::prelude::*;
 use tagger_common::{LANE_F_STRICT, lane_id};
 
-use super::{
-    incremental::{Incremental, Recheck},
-    *,
-};
+use super::*;
 use crate::{
-    labels::default_lane_keys,
+    config::{labels::default_lane_keys, lanes::LanesConfig},
     model::{
-        Change, ClusterState, DesiredPod, DesiredServices, FrontendOrigin, Kind, Limits, LocalPod, Object,
-        ObjectRef, QosClass, ServiceInput, SliceInput, WarningKind, desired_pods, desired_services_within,
+        Change, ClusterState, DesiredPod, DesiredServices, FrontendIds, FrontendOrigin, Kind, Limits,
+        LocalPod, Object, ObjectRef, QosClass, ServiceInput, SliceInput, WarningKind, desired_pods,
+        desired_services_within,
+        incremental::{Incremental, Recheck},
         pod_entries,
         testing::{endpoint, service, slice},
     },
@@ -806,7 +805,7 @@ fn assert_converged(model: &DatapathState, desired: &DatapathState, prune: bool,
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: crate::fuzz::cases(256), ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: crate::model::testing::fuzz::cases(256), ..ProptestConfig::default() })]
 
     /// desired → plan → apply, from the previous state, always lands exactly on desired (or,
     /// without pruning, on desired plus what was already there), in a safe order.
@@ -934,7 +933,7 @@ fn recheck() -> impl Strategy<Value = Recheck> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: crate::fuzz::cases(256), ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: crate::model::testing::fuzz::cases(256), ..ProptestConfig::default() })]
 
     /// The incremental model, fed the changes a source reports (events, bursts of them, and
     /// relists), always desires what the full computation from the whole cluster desires (up to

@@ -8,7 +8,21 @@
 //! snapshot, so nothing already applied is lost to a half-written file. Other kinds are ignored
 //! and counted.
 
-use std::{collections::BTreeMap, fmt};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    path::PathBuf,
+    sync::{Arc, Mutex, mpsc::Sender},
+};
+
+use tracing::{error, info};
+
+use super::{
+    Report, Wake,
+    poll::{FileWatch, POLL_INTERVAL},
+    queue::{Inputs, send},
+};
+use crate::model::{Change, Kind, LocalPod, Object, ObjectRef, ServiceInput, SliceInput};
 
 use k8s_openapi::api::{
     core::v1::{Node, Pod, Service},
@@ -53,7 +67,7 @@ impl fmt::Display for ParseError {
 impl std::error::Error for ParseError {}
 
 /// Files larger than this (64 MiB) are refused: the agent checks the size before reading
-/// (`agent/poll.rs`), and `parse` refuses longer text. A YAML file of 100,000 endpoints is about
+/// ([`super::poll`]), and `parse` refuses longer text. A YAML file of 100,000 endpoints is about
 /// 30 MB; parsing takes several times the text's size, which must stay below the container's
 /// memory limit.
 pub const MAX_FILE_BYTES: usize = 64 * 1024 * 1024;
@@ -164,6 +178,101 @@ fn json_type(v: &serde_json::Value) -> &'static str {
         serde_json::Value::Array(_) => "a list",
         serde_json::Value::Object(_) => "an object",
     }
+}
+
+/// Re-reads the source file whenever it changes, and reports its content as a complete list of
+/// every kind (the reconciler applies only what changed). A file that does not parse is
+/// reported and counted, and the previous state stays in force.
+pub async fn watch_source_file(
+    path: PathBuf,
+    node: String,
+    inputs: Arc<Mutex<Inputs>>,
+    wake: Sender<Wake>,
+    status: Arc<dyn Report>,
+) {
+    watch_source_file_with(FileWatch::new(path), node, inputs, wake, status).await;
+}
+
+async fn watch_source_file_with(
+    mut watch: FileWatch,
+    node: String,
+    inputs: Arc<Mutex<Inputs>>,
+    wake: Sender<Wake>,
+    status: Arc<dyn Report>,
+) {
+    let mut last_error = String::new();
+    loop {
+        match watch.poll() {
+            Ok(Some(text)) => match parse(&text) {
+                Ok(snapshot) => {
+                    for (kind, n) in &snapshot.ignored_kinds {
+                        status.count_ignored_kind(kind, *n);
+                    }
+                    info!(
+                        path = %watch.path().display(),
+                        pods = snapshot.pods.len(),
+                        services = snapshot.services.len(),
+                        endpoint_slices = snapshot.slices.len(),
+                        "source file loaded"
+                    );
+                    send(&inputs, &wake, file_changes(&snapshot, &node));
+                    status.source_synced();
+                    last_error.clear();
+                }
+                Err(e) => {
+                    status.count_source_error();
+                    error!(path = %watch.path().display(), "source file rejected, keeping the previous state: {e}");
+                }
+            },
+            Ok(None) => {}
+            Err(e) => {
+                let msg = e.to_string();
+                if msg != last_error {
+                    status.count_source_error();
+                    error!(path = %watch.path().display(), "cannot read the source file, keeping the previous state: {e}");
+                    last_error = msg;
+                }
+            }
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// A file's objects as complete lists of every kind. Every pod's labels are listed (backend
+/// lanes); pods with `spec.nodeName` equal to `node` are this node's pods too.
+pub fn file_changes(snapshot: &Snapshot, node: &str) -> Vec<Change> {
+    let mut local = Vec::new();
+    let mut labels = Vec::new();
+    for pod in &snapshot.pods {
+        let Some(key) = ObjectRef::of(&pod.metadata) else { continue };
+        if pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
+            && let Some(p) = LocalPod::from_pod(pod)
+        {
+            local.push(Object::LocalPod(p));
+        }
+        labels.push(Object::Pod(key, pod.metadata.labels.clone().unwrap_or_default()));
+    }
+    let services = snapshot.services.iter().filter_map(|svc| {
+        let key = ObjectRef::of(&svc.metadata)?;
+        let input = ServiceInput::new(&key, svc);
+        Some(Object::Service(key, input))
+    });
+    let slices = snapshot.slices.iter().filter_map(|slice| {
+        let key = ObjectRef::of(&slice.metadata)?;
+        let input = SliceInput::new(&key, slice);
+        Some(Object::Slice(key, input))
+    });
+    let nodes = snapshot.nodes.iter().filter(|n| n.metadata.name.as_deref() == Some(node)).map(|n| {
+        Object::Node(
+            n.metadata.labels.as_ref().and_then(|l| l.get(crate::model::topology::ZONE_LABEL)).cloned(),
+        )
+    });
+    Change::list(Kind::LocalPod, local)
+        .chain(Change::list(Kind::Pod, labels))
+        .chain(Change::list(Kind::Service, services))
+        .chain(Change::list(Kind::Slice, slices))
+        .chain(Change::list(Kind::Node, nodes))
+        .collect()
 }
 
 #[cfg(test)]
@@ -286,5 +395,42 @@ ports: [{name: http, port: 8080, protocol: TCP}]
         assert!(e.message.contains("found a list"), "{e}");
         let e = parse("metadata: {name: nokind}\n").unwrap_err();
         assert!(e.message.contains("nokind has no kind"), "{e}");
+    }
+
+    #[test]
+    fn a_file_over_the_limit_is_refused_and_the_previous_state_kept() {
+        let dir = std::env::temp_dir().join(format!("tagger-filewatch-limit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("source.yaml");
+        let ok = "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: d}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
+        std::fs::write(&path, ok).unwrap();
+        let limit = 200;
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let (inputs, status) =
+            (Arc::new(Mutex::new(Inputs::default())), Arc::new(super::super::testing::Counted::default()));
+        let (wake_tx, wake_rx) = std::sync::mpsc::channel();
+        let task = runtime.spawn(watch_source_file_with(
+            FileWatch::with_limit(path.clone(), limit),
+            "node".into(),
+            Arc::clone(&inputs),
+            wake_tx,
+            Arc::clone(&status) as Arc<dyn Report>,
+        ));
+        runtime.block_on(async { tokio::time::sleep(POLL_INTERVAL * 3).await });
+        assert!(matches!(wake_rx.try_recv(), Ok(Wake::Changed)), "the first file is applied");
+        while wake_rx.try_recv().is_ok() {}
+        let applied = format!("{:?}", inputs.lock().unwrap());
+
+        // Over the limit: refused, counted once, nothing queued.
+        std::fs::write(&path, format!("{ok}# {}\n", "x".repeat(300))).unwrap();
+        runtime.block_on(async { tokio::time::sleep(POLL_INTERVAL * 4).await });
+        assert_eq!(status.source_errors(), 1);
+        assert!(wake_rx.try_recv().is_err(), "an oversized file must not wake the reconciler");
+        assert_eq!(format!("{:?}", inputs.lock().unwrap()), applied);
+        task.abort();
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let e = FileWatch::with_limit(dir.join("missing"), 1).poll().unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
     }
 }

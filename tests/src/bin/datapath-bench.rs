@@ -1220,13 +1220,13 @@ fn shape_bench_services(sb: &mut Sandbox, v4: &[SocketAddr], v6: &[SocketAddr]) 
     let t = sb.dp.dp.tables_mut();
     match feature.as_str() {
         "warmup" => {
-            let w = tagger::shaping::Warmup::new(Duration::from_hours(1), 1.0, 10.0);
+            let w = tagger::config::values::Warmup::new(Duration::from_hours(1), 1.0, 10.0);
             for (svc_id, addrs) in [(1, v4), (2, v6)] {
                 t.set_shaping(svc_id, &SvcShaping { flags: SHAPE_F_WARMUP, ..SvcShaping::default() })
                     .expect("shaping");
                 let b = backend(addrs[0]);
                 let key = WarmKey { svc_id, port: b.port, _pad: 0, addr: b.addr };
-                t.set_warm(key, &w.entry(tagger::shaping::monotonic_now_ns())).expect("warm");
+                t.set_warm(key, &w.entry(tagger::sys::monotonic_now_ns())).expect("warm");
             }
             SVC_F_SHAPED
         }

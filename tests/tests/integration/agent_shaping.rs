@@ -154,13 +154,13 @@ fn a_backend_ready_after_start_warms_up_and_one_present_at_start_does_not() {
     std::thread::sleep(Duration::from_millis(500));
     sb.wait_for("agent back", WAIT, |t| set_size(t, vip(), "base") == Some(2));
     assert_eq!(warm(&sb).values().next(), Some(&entry), "{}", sb.agent_log());
-    let age = tagger::shaping::monotonic_now_ns().saturating_sub(entry.ready_ns);
+    let age = tagger::sys::monotonic_now_ns().saturating_sub(entry.ready_ns);
     assert!(age < 2_000_000_000, "ready time is the agent's observation, on the kernel clock: {age} ns ago");
     // The share of the new backend over the first connections is bounded by the ramp's mean
     // over the time they took; once the warm-up is over it is half.
     let since_ready = |e: &tagger_common::WarmEntry| {
         #[expect(clippy::cast_precision_loss, reason = "seconds for a bound")]
-        let secs = tagger::shaping::monotonic_now_ns().saturating_sub(e.ready_ns) as f64 / 1e9;
+        let secs = tagger::sys::monotonic_now_ns().saturating_sub(e.ready_ns) as f64 / 1e9;
         secs
     };
     let from = since_ready(&entry);

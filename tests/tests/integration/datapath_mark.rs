@@ -14,7 +14,7 @@ use std::{
 
 use tagger::{
     datapath::tc::{MarkDirection, MarkMode, Marker},
-    lane_marks::MarkMask,
+    model::lane_marks::MarkMask,
 };
 use tagger_common::{DSCP_UNSET, LaneMark, PodAddr, lane_id};
 use tagger_tests::{

@@ -5,8 +5,9 @@
 use std::{net::SocketAddr, time::Instant};
 
 use tagger::{
+    config::values::Warmup,
     net::{Proto, backend},
-    shaping::{Warmup, monotonic_now_ns},
+    sys::monotonic_now_ns,
 };
 use tagger_common::{
     BASE_LANE, CFG_F_SHADOW, CFG_F_SHADOW_LANES, LANE_F_SHADOW, LANE_F_STRICT, LanePolicy, Outcome, RouteKey,

@@ -26,8 +26,8 @@ use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 use tagger::{
     agent::{Args, Source},
-    labels::{LaneOf, default_lane_keys, lane_of},
-    lanes_config::LanesConfig,
+    config::{labels::default_lane_keys, lanes::LanesConfig},
+    model::lane::{LaneOf, lane_of},
 };
 use tagger_tests::kustomize::{
     apply_op, apply_patch, id, load_docs, parse_docs, render, set_image, split_image,

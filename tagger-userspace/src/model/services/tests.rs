@@ -7,7 +7,7 @@ use tagger_common::{SVC_F_STRICT, lane_id};
 use super::*;
 use crate::model::topology::Node;
 use crate::{
-    labels::default_lane_keys,
+    config::labels::default_lane_keys,
     model::{
         objects::STRICT_ANNOTATION,
         testing::{endpoint, service, slice},

@@ -1,13 +1,10 @@
-//! Lane labels: which label keys name a pod's lane, Kubernetes' validation rules for label keys
-//! and values, and the one function that turns a pod's labels into its lane.
+//! Lane labels as users write them: which label keys name a pod's lane, and Kubernetes'
+//! validation rules for label keys and values. The lane a pod's labels give is decided in
+//! [`crate::model::lane`].
 //!
-//! The lane model (README, "The agent"): the first configured key that is present wins; no label or an empty value is the
-//! base lane; a value that is not a valid label value is the base lane with a warning and a
-//! counter — never a crash, never a wrong lane. The validation here mirrors apimachinery's
-//! `IsValidLabelValue` and `IsQualifiedName`, so an agent never accepts what the API server
-//! would reject (which only the file source can produce) nor rejects what it accepts.
-
-use std::collections::BTreeMap;
+//! The validation mirrors apimachinery's `IsValidLabelValue` and `IsQualifiedName`, so an
+//! agent never accepts what the API server would reject (which only the file source can
+//! produce) nor rejects what it accepts.
 
 /// The lane label keys, in precedence order: tagger's own, then Alibaba Cloud MSE's tag, then
 /// OpenSergo's traffic label, so clusters already labelled for MSE or OpenSergo need no
@@ -20,7 +17,7 @@ const MAX_NAME_LEN: usize = 63;
 /// Longest DNS subdomain (the optional prefix of a label key).
 const MAX_PREFIX_LEN: usize = 253;
 /// The label values that mean the base lane (besides a missing label).
-const BASE_VALUES: [&str; 2] = ["", "base"];
+pub const BASE_VALUES: [&str; 2] = ["", "base"];
 
 /// The default lane label keys as owned strings (what `--lane-label` defaults to).
 #[must_use]
@@ -70,60 +67,6 @@ pub fn validate_label_key(k: &str) -> Result<(), String> {
     check_name(name).map_err(|why| format!("{k:?} is not a valid label key: {why}"))
 }
 
-/// The lane a set of labels puts a pod in.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum LaneOf {
-    /// No lane label, an empty value or `base`.
-    Base,
-    /// A named lane (a valid, non-empty label value other than `base`).
-    Lane(String),
-    /// The first present lane key has a value that is not a valid label value. Callers treat
-    /// the pod as base, log a warning and count it.
-    Invalid {
-        /// The label key that was used.
-        key: String,
-        /// The offending value.
-        value: String,
-        /// Why it is invalid.
-        reason: String,
-    },
-}
-
-impl LaneOf {
-    /// The lane name, `None` for base (including invalid labels, which count as base).
-    #[must_use]
-    pub fn name(&self) -> Option<&str> {
-        match self {
-            LaneOf::Lane(name) => Some(name),
-            LaneOf::Base | LaneOf::Invalid { .. } => None,
-        }
-    }
-
-    /// The lane id (see [`tagger_common::lane_id`]); base for [`LaneOf::Base`] and
-    /// [`LaneOf::Invalid`].
-    #[must_use]
-    pub fn lane_id(&self) -> u32 {
-        self.name().map_or(tagger_common::BASE_LANE, tagger_common::lane_id)
-    }
-}
-
-/// The lane of a pod with `labels`, looking at `keys` in order: the first key present wins,
-/// even when its value is empty or invalid — falling through to a lower-precedence key would
-/// let a typo in `tagger.io/lane` silently put the pod in another system's lane.
-#[must_use]
-pub fn lane_of(labels: &BTreeMap<String, String>, keys: &[String]) -> LaneOf {
-    let Some((key, value)) = keys.iter().find_map(|k| labels.get(k).map(|v| (k, v))) else {
-        return LaneOf::Base;
-    };
-    if BASE_VALUES.contains(&value.as_str()) {
-        return LaneOf::Base;
-    }
-    match validate_label_value(value) {
-        Ok(()) => LaneOf::Lane(value.clone()),
-        Err(reason) => LaneOf::Invalid { key: key.clone(), value: value.clone(), reason },
-    }
-}
-
 /// `([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]` on a non-empty string.
 fn check_name(s: &str) -> Result<(), String> {
     let bytes = s.as_bytes();
@@ -168,10 +111,6 @@ mod tests {
 
     use super::*;
 
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
-    }
-
     #[test]
     fn label_values() {
         for ok in ["", "a", "gray", "feature-x", "A.b_c-9", "0", &"x".repeat(63)] {
@@ -209,44 +148,6 @@ mod tests {
         assert!(validate_label_key(&long_prefix).unwrap_err().contains("at most 253"));
     }
 
-    #[test]
-    fn first_present_key_wins() {
-        let keys = default_lane_keys();
-        assert_eq!(lane_of(&labels(&[]), &keys), LaneOf::Base);
-        assert_eq!(lane_of(&labels(&[("app", "x")]), &keys), LaneOf::Base);
-        assert_eq!(lane_of(&labels(&[("alicloud.service.tag", "gray")]), &keys), LaneOf::Lane("gray".into()));
-        assert_eq!(
-            lane_of(
-                &labels(&[("traffic.opensergo.io/label", "blue"), ("alicloud.service.tag", "gray")]),
-                &keys
-            ),
-            LaneOf::Lane("gray".into())
-        );
-        // Present but empty: base, even though a lower-precedence key names a lane.
-        assert_eq!(
-            lane_of(&labels(&[("tagger.io/lane", ""), ("alicloud.service.tag", "gray")]), &keys),
-            LaneOf::Base
-        );
-        assert_eq!(lane_of(&labels(&[("tagger.io/lane", "base")]), &keys), LaneOf::Base);
-    }
-
-    #[test]
-    fn invalid_value_is_reported_not_used() {
-        let keys = default_lane_keys();
-        let got = lane_of(&labels(&[("tagger.io/lane", "gray!"), ("alicloud.service.tag", "gray")]), &keys);
-        let LaneOf::Invalid { key, value, reason } = &got else { panic!("{got:?}") };
-        assert_eq!((key.as_str(), value.as_str()), ("tagger.io/lane", "gray!"));
-        assert!(reason.contains("'!'"));
-        assert_eq!(got.lane_id(), tagger_common::BASE_LANE);
-        assert_eq!(got.name(), None);
-    }
-
-    #[test]
-    fn lane_ids() {
-        assert_eq!(LaneOf::Base.lane_id(), 0);
-        assert_eq!(LaneOf::Lane("gray".into()).lane_id(), tagger_common::lane_id("gray"));
-    }
-
     proptest! {
         #[test]
         fn validators_never_panic(s in ".{0,80}") {
@@ -254,18 +155,5 @@ mod tests {
             let _ = validate_label_key(&s);
         }
 
-        #[test]
-        fn lane_is_always_a_valid_value(v in "[-A-Za-z0-9_./ !]{0,70}") {
-            let keys = default_lane_keys();
-            let l = labels(&[("tagger.io/lane", &v)]);
-            match lane_of(&l, &keys) {
-                LaneOf::Lane(name) => {
-                    prop_assert!(validate_label_value(&name).is_ok());
-                    prop_assert!(!BASE_VALUES.contains(&name.as_str()));
-                }
-                LaneOf::Base => prop_assert!(BASE_VALUES.contains(&v.as_str())),
-                LaneOf::Invalid { .. } => prop_assert!(validate_label_value(&v).is_err()),
-            }
-        }
     }
 }

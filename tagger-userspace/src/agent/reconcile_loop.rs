@@ -17,10 +17,9 @@ use tagger_common::SetKey;
 use tracing::{debug, error, info, warn};
 
 use super::{
-    AgentStatus, Wake,
+    AgentStatus,
     addrs::{LaneMarks, PodAddrs},
     args::AgentConfig,
-    inputs::InputsHandle,
     lease::LeaseKeeper,
     publish::Names,
     transitions::{LaneAvailability, Transition, describe},
@@ -28,13 +27,16 @@ use super::{
 use crate::{
     Result,
     cgroup::CgroupRef,
+    config::lanes::LanesConfig,
     datapath::Datapath,
-    lanes_config::LanesConfig,
-    model::{Change, DesiredPod, Limits, pod_cgroup_candidates},
-    reconcile::{
-        DatapathState, Mirror, Op, Scope, apply_plan,
+    model::{
+        Change, DesiredPod, Limits,
         incremental::{Incremental, Recheck, Update},
+        pod_cgroup_candidates,
+        state::{DatapathState, Scope},
     },
+    reconcile::{Mirror, Op, apply_plan},
+    source::{InputsHandle, Wake},
 };
 
 /// Re-check pods whose cgroup has not appeared yet this often.

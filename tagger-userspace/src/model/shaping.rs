@@ -18,7 +18,8 @@ use tagger_common::{
     SVC_F_ROUTED, SVC_F_SHAPED, SetKey, SvcAffinity, SvcShaping, WarmEntry, WarmKey, lane_id,
 };
 
-use crate::{lanes_config::LanesConfig, model::FrontendOrigin, shaping::Warmup};
+use super::FrontendOrigin;
+use crate::config::{lanes::LanesConfig, values::Warmup};
 
 /// The shaping entry of a frontend (`None`: it needs none), `warming` telling whether some of
 /// its backends are warming up.
@@ -182,8 +183,8 @@ mod tests {
 
     use super::*;
     use crate::{
+        config::values::{parse_canary, parse_warmup},
         model::{ObjectRef, ServiceShaping},
-        shaping::{parse_canary, parse_warmup},
     };
 
     fn be(n: u8) -> Backend {
@@ -289,7 +290,11 @@ mod incremental_tests {
             Change, FrontendIds, Kind, Limits, Object, ServiceInput, SliceInput,
             testing::{endpoint, service, slice},
         },
-        reconcile::{DatapathState, Mirror, Scope, incremental::Incremental},
+        model::{
+            incremental::Incremental,
+            state::{DatapathState, Scope},
+        },
+        reconcile::Mirror,
     };
 
     static NOW: AtomicU64 = AtomicU64::new(1_000_000_000);
@@ -312,8 +317,11 @@ mod incremental_tests {
     }
 
     fn start(objects: &[Object]) -> Incremental {
-        let mut inc =
-            Incremental::new(FrontendIds::default(), crate::labels::default_lane_keys(), Limits::DATAPATH);
+        let mut inc = Incremental::new(
+            FrontendIds::default(),
+            crate::config::labels::default_lane_keys(),
+            Limits::DATAPATH,
+        );
         inc.set_clock(now);
         let mut changes = Vec::new();
         for kind in Kind::ALL {
@@ -331,7 +339,7 @@ mod incremental_tests {
         )
         .unwrap();
         let mut inc = start(&[svc(&[("tagger.io/canary", "gray=10")]), slice_of(&["10.0.0.1"])]);
-        let update = inc.update(&lanes, crate::reconcile::incremental::Recheck::None, |_| None);
+        let update = inc.update(&lanes, crate::model::incremental::Recheck::None, |_| None);
         let d = inc.desired_state();
         let (_, frontend) = d.frontends.iter().next().unwrap();
         assert_eq!(frontend.flags & (SVC_F_SHAPED | SVC_F_ROUTED), SVC_F_SHAPED | SVC_F_ROUTED);
@@ -350,8 +358,7 @@ mod incremental_tests {
 
         // An invalid annotation is counted and read as absent; the rule goes with a new config.
         inc.apply([Change::Applied(svc(&[("tagger.io/canary", "gray=150")]))]);
-        let update =
-            inc.update(&LanesConfig::default(), crate::reconcile::incremental::Recheck::None, |_| None);
+        let update = inc.update(&LanesConfig::default(), crate::model::incremental::Recheck::None, |_| None);
         let d = inc.desired_state();
         let (_, frontend) = d.frontends.iter().next().unwrap();
         assert_eq!(frontend.flags & (SVC_F_SHAPED | SVC_F_ROUTED), 0);
@@ -363,7 +370,7 @@ mod incremental_tests {
     #[test]
     fn base_only_services_are_left_to_the_cluster_until_a_lane_or_shaping_needs_them() {
         use tagger_common::SVC_F_PASSTHROUGH;
-        let none = crate::reconcile::incremental::Recheck::None;
+        let none = crate::model::incremental::Recheck::None;
         let lanes = LanesConfig::default();
         let labelled = |lane: &str| {
             let (r, s) = slice(
@@ -412,7 +419,7 @@ mod incremental_tests {
     #[test]
     fn session_affinity_reaches_the_desired_state_and_goes_with_it() {
         let lanes = LanesConfig::default();
-        let none = crate::reconcile::incremental::Recheck::None;
+        let none = crate::model::incremental::Recheck::None;
         let (r, mut s) = service("shop", "cart", &["10.96.0.10"], &[("http", 80, "TCP")]);
         s.spec.as_mut().unwrap().session_affinity = Some("ClientIP".to_owned());
         let with = Object::Service(r.clone(), ServiceInput::new(&r, &s));
@@ -449,7 +456,7 @@ mod incremental_tests {
     fn backends_ready_after_start_warm_up_and_stop_warming() {
         let lanes = LanesConfig::default();
         let mut inc = start(&[svc(&[("tagger.io/warmup", "10s")]), slice_of(&["10.0.0.1"])]);
-        let none = crate::reconcile::incremental::Recheck::None;
+        let none = crate::model::incremental::Recheck::None;
         inc.update(&lanes, none, |_| None);
         assert!(inc.desired_state().warm.is_empty(), "present at start: not warmed");
         assert!(inc.desired_state().shaping.is_empty());

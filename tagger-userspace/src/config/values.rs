@@ -102,9 +102,6 @@ pub fn warm_curve(min_percent: f64, aggression: f64) -> [u16; CURVE_POINTS + 1] 
     curve
 }
 
-/// The kernel's monotonic clock, which warm-up ready times are stamped on (see [`crate::sys`]).
-pub use crate::sys::monotonic_now_ns;
-
 /// A canary split for base callers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Canary {
@@ -212,7 +209,8 @@ pub fn parse_canary(text: &str) -> Result<Canary, ShapingError> {
     if lane.is_empty() || lane == "base" {
         return Err(err(format_args!("canary {text:?}: the canary lane must be a lane other than base")));
     }
-    crate::labels::validate_label_value(lane).map_err(|e| err(format_args!("canary {text:?}: {e}")))?;
+    crate::config::labels::validate_label_value(lane)
+        .map_err(|e| err(format_args!("canary {text:?}: {e}")))?;
     let percent = parse_percent("canary", percent)?;
     #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "0 <= percent <= 100")]
     let basis_points = ((percent * 100.0).round() as u32).min(CANARY_FULL);

@@ -1,7 +1,7 @@
 //! The desired datapath kept up to date from the sources' changes, for an incremental
 //! reconciler: [`Incremental`] applies [`Change`]s to a [`ClusterIndex`], recomputes only what
 //! they affect, and says which entries may now differ from the maps ([`Update::scope`]), so the
-//! plan ([`super::plan_scoped`]) looks at those only. It computes exactly what
+//! plan ([`crate::reconcile::plan_scoped`]) looks at those only. It computes exactly what
 //! [`DatapathState::desired`] computes from the whole cluster (the property tests check it),
 //! except that `svc_id`s are allocated in the order frontends appear.
 //!
@@ -17,22 +17,17 @@ use std::{
 use tagger_common::{FrontendKey, LanePolicy, PodEntry, RouteKey, Service, SetKey, SvcAffinity, SvcShaping};
 
 use super::{
-    DatapathState, DesiredRef, Scope,
+    Change, ClusterIndex, DesiredPod, DesiredPods, FrontendIds, FrontendOrigin, Limits, ObjectRef, QosClass,
+    ServiceDelta, WarningKind, Warnings, desired_pods,
+    index::set_range,
+    pod_entries,
     shaping::{
         WarmTracker, affinity_flags, backend_warmup, shaped_flags, svc_affinity, svc_routes, svc_shaping,
     },
+    state::{DatapathState, DesiredRef, Scope},
+    steering::{self, Reasons},
 };
-use crate::{
-    cgroup::CgroupRef,
-    lanes_config::LanesConfig,
-    model::{
-        Change, ClusterIndex, DesiredPod, DesiredPods, FrontendIds, FrontendOrigin, Limits, ObjectRef,
-        QosClass, ServiceDelta, WarningKind, Warnings, desired_pods,
-        index::set_range,
-        pod_entries,
-        steering::{self, Reasons},
-    },
-};
+use crate::{cgroup::CgroupRef, config::lanes::LanesConfig};
 
 /// Which local pods' cgroups to look up again, besides new and changed pods.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -136,7 +131,7 @@ impl Incremental {
             config_flags: 0,
             warm: WarmTracker::default(),
             strict_caller: false,
-            clock: crate::shaping::monotonic_now_ns,
+            clock: crate::sys::monotonic_now_ns,
         }
     }
 

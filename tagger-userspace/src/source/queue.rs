@@ -8,8 +8,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::Wake;
 use crate::model::Change;
+
+/// What wakes the reconciler.
+#[derive(Debug)]
+pub enum Wake {
+    /// A source or the lanes config changed.
+    Changed,
+    /// Stop: leave the datapath as it is.
+    Stop,
+}
 
 /// The queue of changes not yet taken by the reconciler.
 #[derive(Debug, Default)]

@@ -1,5 +1,7 @@
 //! Builders of Kubernetes objects for tests.
 
+pub mod fuzz;
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::{

@@ -7,7 +7,8 @@
 //! stages the listed objects and swaps them in whole at the end, so nothing is pruned before a
 //! complete relist (after a `410 Gone`) and nothing is computed from a half-listed cluster.
 
-mod wire;
+pub mod line_limit;
+mod objects;
 
 use std::{
     sync::{
@@ -25,25 +26,25 @@ use kube::{
 };
 use tracing::{info, warn};
 
-use self::wire::{WireNodeMeta, WirePod, WirePodMeta, WireService, WireSlice};
-use super::line_limit::LineTooLong;
+use self::line_limit::LineTooLong;
+use self::objects::{WireNodeMeta, WirePod, WirePodMeta, WireService, WireSlice};
 use super::{
-    Wake,
-    inputs::{Inputs, send},
-    status::AgentStatus,
+    Report, Wake,
+    queue::{Inputs, send},
+    tasks::Tasks,
 };
 use crate::model::{Change, Kind, Labels, LocalPod, Object, ObjectRef, ServiceInput, SliceInput};
 
 /// Starts the four watchers; their changes go to the returned queue, and each wakes the
 /// reconciler. `lane_keys` are the lane label keys: pods' other labels are dropped at once.
 pub fn spawn(
-    tasks: &mut super::Tasks,
+    tasks: &mut Tasks,
     client: Client,
     api_timeout: u32,
     node: &str,
     lane_keys: &[String],
     wake: &Sender<Wake>,
-    status: &Arc<AgentStatus>,
+    status: &Arc<dyn Report>,
 ) -> Arc<Mutex<Inputs>> {
     let inputs = Arc::new(Mutex::new(Inputs::default()));
     let ctx = Ctx {
@@ -54,7 +55,7 @@ pub fn spawn(
     };
     let keys: Arc<[String]> = lane_keys.into();
 
-    // Each watcher lists and watches a lean form of its objects (see `wire`), decoded into the
+    // Each watcher lists and watches a lean form of its objects (see `objects`), decoded into the
     // model's compact form object by object. Lists use resourceVersion=0 ("any"), served by the
     // API server from its watch cache in one response, as kubelet and kube-proxy do: an agent on
     // every node must not send quorum reads to etcd on each (re)list. The watch that follows
@@ -137,17 +138,17 @@ const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Checks `GET /version` every [`PROBE_EVERY`]: readiness and `tagger_agent_api_reachable` follow
 /// it, and transitions are logged once.
-async fn probe_api(client: Client, status: Arc<AgentStatus>) {
+async fn probe_api(client: Client, status: Arc<dyn Report>) {
     loop {
         let ok = matches!(tokio::time::timeout(PROBE_TIMEOUT, client.apiserver_version()).await, Ok(Ok(_)));
-        mark_api(&status, ok);
+        mark_api(status.as_ref(), ok);
         tokio::time::sleep(PROBE_EVERY).await;
     }
 }
 
 /// Records whether the API server answers; logs each change once (a watch error or the probe,
 /// whichever notices first).
-fn mark_api(status: &AgentStatus, ok: bool) {
+fn mark_api(status: &dyn Report, ok: bool) {
     let was = status.set_api_reachable(ok);
     if was && !ok {
         warn!("the Kubernetes API server does not answer; the datapath serves its last state");
@@ -163,7 +164,7 @@ const BATCH: usize = 512;
 struct Ctx {
     inputs: Arc<Mutex<Inputs>>,
     wake: Sender<Wake>,
-    status: Arc<AgentStatus>,
+    status: Arc<dyn Report>,
     synced: Arc<[AtomicBool; Kind::ALL.len()]>,
 }
 
@@ -264,13 +265,13 @@ where
                     ctx.status.count_watch_restart();
                     if is_line_too_long(&e) {
                         warn!(resource = %kind, "{e}; listing again with a new watcher");
-                        mark_api(&ctx.status, false);
+                        mark_api(ctx.status.as_ref(), false);
                         return true;
                     }
                     if !failing {
                         warn!(resource = %kind, "watch failed, retrying with backoff; the datapath keeps its state: {e}");
                         failing = true;
-                        mark_api(&ctx.status, false);
+                        mark_api(ctx.status.as_ref(), false);
                     }
                     continue;
                 }

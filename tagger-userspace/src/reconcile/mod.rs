@@ -21,9 +21,6 @@
 //! of a full [`plan`]; the agent keeps a [`Mirror`] of the maps, indexed for it, and plans every
 //! entry only at start, after a failed write and periodically.
 
-pub mod incremental;
-pub mod shaping;
-
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
@@ -37,84 +34,13 @@ use tagger_common::{
     RouteKey, Service, SetKey, SvcAffinity, SvcShaping, WarmEntry, WarmKey,
 };
 
+pub use crate::model::state::{DatapathState, DesiredRef, Scope};
 use crate::{
-    Error, Result,
-    cgroup::CgroupRef,
-    datapath::Tables,
-    lanes_config::LanesConfig,
-    model::{
-        DesiredServices, FrontendIds,
-        index::set_range,
-        steering::{self, Reasons},
-    },
-    net::frontend_addr,
+    Error, Result, cgroup::CgroupRef, datapath::Tables, model::state::same_members, net::frontend_addr,
 };
 
-/// The contents of the datapath maps that the reconciler manages: both "what is in the maps"
-/// and "what should be".
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DatapathState {
-    /// Pod cgroup id → lane and cgroup level.
-    pub pods: BTreeMap<u64, PodEntry>,
-    /// Service frontends.
-    pub frontends: BTreeMap<FrontendKey, Service>,
-    /// (frontend, lane) → backends. Order does not matter to the datapath.
-    pub sets: BTreeMap<SetKey, Vec<Backend>>,
-    /// Lane id → policy.
-    pub lanes: BTreeMap<u32, LanePolicy>,
-    /// svc_id → shaping settings.
-    pub shaping: BTreeMap<u32, SvcShaping>,
-    /// (svc_id, caller lane) → routing rule chain.
-    pub routes: BTreeMap<RouteKey, LanePolicy>,
-    /// Warming backends.
-    pub warm: BTreeMap<WarmKey, WarmEntry>,
-    /// svc_id → session affinity timeout.
-    pub affinity: BTreeMap<u32, SvcAffinity>,
-    /// `DatapathConfig::flags` (shadow mode).
-    pub config_flags: u32,
-}
-
+/// Reading the maps.
 impl DatapathState {
-    /// The desired state from the model's outputs (from scratch: no backend is warming).
-    #[must_use]
-    pub fn desired(pods: BTreeMap<u64, PodEntry>, services: &DesiredServices, lanes: &LanesConfig) -> Self {
-        let mut shaping = BTreeMap::new();
-        let mut routes = BTreeMap::new();
-        let mut affinity = BTreeMap::new();
-        let mut frontends = services.frontends.clone();
-        let policies = lanes.policies();
-        let strict_caller = steering::strict_caller(pods.values(), &policies);
-        for service in frontends.values_mut() {
-            let Some(origin) = services.origins.get(&service.svc_id) else { continue };
-            let s = self::shaping::svc_shaping(origin, false);
-            let r = self::shaping::svc_routes(service.svc_id, origin, lanes);
-            let a = self::shaping::svc_affinity(origin);
-            let flags = self::shaping::shaped_flags(service.flags, s.is_some(), !r.is_empty());
-            let flags = self::shaping::affinity_flags(flags, a.is_some());
-            let lane_backends =
-                steering::has_lane_backends(services.sets.range(set_range(service.svc_id)).map(|(k, _)| k));
-            service.flags = Reasons::of(flags, lane_backends, strict_caller).apply(flags);
-            if let Some(s) = s {
-                shaping.insert(service.svc_id, s);
-            }
-            if let Some(a) = a {
-                affinity.insert(service.svc_id, a);
-            }
-            routes.extend(r);
-        }
-        Self {
-            pods,
-            frontends,
-            sets: services.sets.clone(),
-            lanes: policies,
-            shaping,
-            routes,
-            warm: BTreeMap::new(),
-            affinity,
-            config_flags: lanes.config_flags(),
-        }
-    }
-
     /// What the pinned maps hold now. A set whose slots cannot be read (only an interrupted
     /// or foreign write leaves one) reads as empty, so the plan rewrites or removes it.
     pub fn read(tables: &Tables) -> Result<Self> {
@@ -137,143 +63,6 @@ impl DatapathState {
             affinity: tables.affinities()?,
             config_flags: tables.config()?.flags,
         })
-    }
-
-    /// An id allocator that keeps the ids of these frontends and never hands out the id of a
-    /// set that is still here (left by an interrupted removal), so a new frontend cannot
-    /// inherit another one's backends. Call it on the state read at startup.
-    #[must_use]
-    pub fn frontend_ids(&self) -> FrontendIds {
-        let mut ids = FrontendIds::from_existing(self.frontends.iter().map(|(k, s)| (*k, s.svc_id)));
-        ids.reserve(self.sets.keys().map(|k| k.svc_id));
-        ids
-    }
-
-    /// Whether both states hold the same entries, comparing backend sets as sets.
-    #[must_use]
-    pub fn equivalent(&self, other: &Self) -> bool {
-        self.pods == other.pods
-            && self.frontends == other.frontends
-            && self.lanes == other.lanes
-            && self.shaping == other.shaping
-            && self.routes == other.routes
-            && self.warm == other.warm
-            && self.affinity == other.affinity
-            && self.config_flags == other.config_flags
-            && self.sets.len() == other.sets.len()
-            && self.sets.iter().all(|(k, v)| other.sets.get(k).is_some_and(|o| same_members(v, o)))
-    }
-}
-
-/// The desired contents, borrowed from wherever they are kept (a [`DatapathState`], or the
-/// incremental model's maps).
-#[derive(Clone, Copy, Debug)]
-pub struct DesiredRef<'a> {
-    /// Pod cgroup id → lane and cgroup level.
-    pub pods: &'a BTreeMap<u64, PodEntry>,
-    /// Service frontends.
-    pub frontends: &'a BTreeMap<FrontendKey, Service>,
-    /// (frontend, lane) → backends.
-    pub sets: &'a BTreeMap<SetKey, Vec<Backend>>,
-    /// Lane id → policy.
-    pub lanes: &'a BTreeMap<u32, LanePolicy>,
-    /// svc_id → shaping settings.
-    pub shaping: &'a BTreeMap<u32, SvcShaping>,
-    /// (svc_id, caller lane) → routing rule chain.
-    pub routes: &'a BTreeMap<RouteKey, LanePolicy>,
-    /// Warming backends.
-    pub warm: &'a BTreeMap<WarmKey, WarmEntry>,
-    /// svc_id → session affinity timeout.
-    pub affinity: &'a BTreeMap<u32, SvcAffinity>,
-    /// `DatapathConfig::flags`.
-    pub config_flags: u32,
-}
-
-impl DatapathState {
-    /// This state as the desired contents of a plan.
-    #[must_use]
-    pub fn as_desired(&self) -> DesiredRef<'_> {
-        DesiredRef {
-            pods: &self.pods,
-            frontends: &self.frontends,
-            sets: &self.sets,
-            lanes: &self.lanes,
-            shaping: &self.shaping,
-            routes: &self.routes,
-            warm: &self.warm,
-            affinity: &self.affinity,
-            config_flags: self.config_flags,
-        }
-    }
-}
-
-/// The entries a plan looks at: those that may differ between the maps and the desired state.
-/// [`Scope::all`] is every entry of either; an incremental reconciler passes only the keys its
-/// inputs' changes touched.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Scope {
-    /// Pod cgroup ids.
-    pub pods: BTreeSet<u64>,
-    /// Frontends.
-    pub frontends: BTreeSet<FrontendKey>,
-    /// Backend sets.
-    pub sets: BTreeSet<SetKey>,
-    /// Lane policies.
-    pub lanes: BTreeSet<u32>,
-    /// Shaping entries, by svc_id.
-    pub shaping: BTreeSet<u32>,
-    /// Routing rule chains.
-    pub routes: BTreeSet<RouteKey>,
-    /// Warming backends.
-    pub warm: BTreeSet<WarmKey>,
-    /// Affinity timeouts, by svc_id.
-    pub affinity: BTreeSet<u32>,
-    /// The global flags.
-    pub config: bool,
-}
-
-impl Scope {
-    /// Every entry of `current` and of `desired`.
-    #[must_use]
-    pub fn all(current: &DatapathState, desired: DesiredRef<'_>) -> Self {
-        Self {
-            pods: current.pods.keys().chain(desired.pods.keys()).copied().collect(),
-            frontends: current.frontends.keys().chain(desired.frontends.keys()).copied().collect(),
-            sets: current.sets.keys().chain(desired.sets.keys()).copied().collect(),
-            lanes: current.lanes.keys().chain(desired.lanes.keys()).copied().collect(),
-            shaping: current.shaping.keys().chain(desired.shaping.keys()).copied().collect(),
-            routes: current.routes.keys().chain(desired.routes.keys()).copied().collect(),
-            warm: current.warm.keys().chain(desired.warm.keys()).copied().collect(),
-            affinity: current.affinity.keys().chain(desired.affinity.keys()).copied().collect(),
-            config: true,
-        }
-    }
-
-    /// Whether the scope holds no entry.
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.pods.is_empty()
-            && self.frontends.is_empty()
-            && self.sets.is_empty()
-            && self.lanes.is_empty()
-            && self.shaping.is_empty()
-            && self.routes.is_empty()
-            && self.warm.is_empty()
-            && self.affinity.is_empty()
-            && !self.config
-    }
-
-    /// Adds another scope's entries.
-    pub fn merge(&mut self, other: Scope) {
-        self.pods.extend(other.pods);
-        self.frontends.extend(other.frontends);
-        self.sets.extend(other.sets);
-        self.lanes.extend(other.lanes);
-        self.shaping.extend(other.shaping);
-        self.routes.extend(other.routes);
-        self.warm.extend(other.warm);
-        self.affinity.extend(other.affinity);
-        self.config |= other.config;
     }
 }
 
@@ -726,15 +515,6 @@ fn removals<K: Ord + Copy, V>(
             ops.push(op(*key));
         }
     }
-}
-
-/// Whether two backend lists hold the same backends, in any order.
-fn same_members(a: &[Backend], b: &[Backend]) -> bool {
-    if a == b {
-        return true;
-    }
-    let set = |v: &[Backend]| v.iter().copied().collect::<BTreeSet<_>>();
-    set(a) == set(b)
 }
 
 /// Something that can apply datapath writes: the pinned maps, or the in-memory model.

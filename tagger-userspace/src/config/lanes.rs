@@ -17,7 +17,7 @@
 //! Lanes not listed fall back to base; so does every lane when the file is empty. A chain is
 //! used exactly as written: `fallback: [gray]` stops at gray and does not add base.
 //!
-//! Traffic shaping (see [`crate::shaping`] for the value syntax):
+//! Traffic shaping (see [`super::values`] for the value syntax):
 //!
 //! ```yaml
 //! mode: shadow                    # every decision computed and counted, none applied
@@ -54,13 +54,13 @@ use tagger_common::{
     MAX_CHAIN, MAX_LANES, lane_id,
 };
 
-use crate::{
+use super::{
     labels::validate_label_value,
-    model::FrontendOrigin,
-    shaping::{
+    values::{
         DEFAULT_AGGRESSION, DEFAULT_MIN_PERCENT, MAX_AGGRESSION, Warmup, parse_duration, parse_percent,
     },
 };
+use crate::model::FrontendOrigin;
 
 /// The name of the base lane in fallback chains.
 pub const BASE: &str = "base";

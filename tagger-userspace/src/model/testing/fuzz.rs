@@ -16,10 +16,11 @@ use tagger_common::{MAX_CHAIN, MAX_LANES, SVC_F_STRICT};
 
 use crate::{
     cgroup::CgroupRef,
-    labels::{default_lane_keys, lane_of, validate_label_key, validate_label_value},
-    lanes_config::LanesConfig,
+    config::labels::{default_lane_keys, validate_label_key, validate_label_value},
+    config::lanes::LanesConfig,
+    model::incremental::{Incremental, Recheck},
+    model::lane::lane_of,
     model::{FrontendIds, Limits, ObjectRef, ServiceInput, WarningKind, objects::STRICT_ANNOTATION},
-    reconcile::incremental::{Incremental, Recheck},
     source::file,
 };
 
@@ -32,8 +33,8 @@ fn config(default: u32) -> ProptestConfig {
     ProptestConfig { cases: cases(default), max_shrink_iters: 2048, ..ProptestConfig::default() }
 }
 
-const FILE_SEEDS: [&str; 1] = [include_str!("../fuzz-corpus/file-source/cluster.yaml")];
-const LANES_SEEDS: [&str; 1] = [include_str!("../fuzz-corpus/lanes/lanes.yaml")];
+const FILE_SEEDS: [&str; 1] = [include_str!("../../../fuzz-corpus/file-source/cluster.yaml")];
+const LANES_SEEDS: [&str; 1] = [include_str!("../../../fuzz-corpus/lanes/lanes.yaml")];
 
 /// Tokens that stress YAML and the decoders when spliced in.
 const TOKENS: [&str; 24] = [
@@ -150,7 +151,7 @@ fn mutated(seeds: &'static [&'static str]) -> impl Strategy<Value = String> {
 /// Everything the agent does with a file it read: decode, turn into changes, reconcile.
 fn feed_file(text: &str) {
     let Ok(snapshot) = file::parse(text) else { return };
-    let changes = crate::agent::file_changes(&snapshot, "node-1");
+    let changes = crate::source::file::file_changes(&snapshot, "node-1");
     let mut inc = Incremental::new(FrontendIds::new(), default_lane_keys(), Limits::DATAPATH);
     inc.apply(changes);
     let lanes = LanesConfig::parse(LANES_SEEDS[0]).expect("the seed config is valid");
@@ -253,12 +254,12 @@ proptest! {
         let mut labels = labels;
         labels.insert("tagger.io/lane".into(), lane.clone());
         match lane_of(&labels, &default_lane_keys()) {
-            crate::labels::LaneOf::Lane(name) => {
+            crate::model::lane::LaneOf::Lane(name) => {
                 prop_assert_eq!(&name, &lane);
                 prop_assert!(oracle_value(&name));
             }
-            crate::labels::LaneOf::Invalid { value, .. } => prop_assert!(!oracle_value(&value)),
-            crate::labels::LaneOf::Base => {}
+            crate::model::lane::LaneOf::Invalid { value, .. } => prop_assert!(!oracle_value(&value)),
+            crate::model::lane::LaneOf::Base => {}
         }
     }
 
