@@ -144,7 +144,9 @@ impl AgentProcess {
     /// `tagger::agent::status`) to log the port it bound, and returns it.
     #[must_use]
     pub fn metrics_port(&self) -> u16 {
-        let deadline = Instant::now() + Duration::from_secs(15);
+        // The server starts once the datapath is installed: seconds under a loaded qemu TCG
+        // guest, as the other agent start waits allow.
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let log = self.log();
             if let Some(port) = log.lines().filter(|l| l.contains("serving /metrics")).find_map(|l| {

@@ -8,7 +8,11 @@ use std::collections::BTreeMap;
 use tagger_common::{DSCP_UNSET, PodAddr};
 use tracing::warn;
 
-use crate::{Result, config::lanes::LanesConfig, datapath::Tables, model::incremental::LocalAddr};
+use crate::{
+    Result,
+    datapath::Tables,
+    model::{incremental::LocalAddr, lanes::LaneSettings},
+};
 
 /// What `TAGGER_PADDR_V1` holds.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -18,7 +22,7 @@ pub struct PodAddrs {
 
 /// The map entry for a local pod's address.
 #[must_use]
-pub fn entry(addr: &LocalAddr, lanes: &LanesConfig) -> PodAddr {
+pub fn entry(addr: &LocalAddr, lanes: &LaneSettings) -> PodAddr {
     let dscp = lanes.dscp(addr.lane).unwrap_or(DSCP_UNSET);
     PodAddr { cgroup: addr.cgroup, lane: addr.lane, dscp, _pad: [0; 3] }
 }
@@ -35,7 +39,7 @@ impl PodAddrs {
         &mut self,
         tables: &mut Tables,
         desired: &BTreeMap<[u32; 4], LocalAddr>,
-        lanes: &LanesConfig,
+        lanes: &LaneSettings,
     ) {
         for (addr, local) in desired {
             let want = entry(local, lanes);
@@ -94,10 +98,10 @@ impl LaneMarks {
         &mut self,
         tables: &mut Tables,
         desired: &BTreeMap<[u32; 4], LocalAddr>,
-        lanes: &LanesConfig,
+        lanes: &LaneSettings,
     ) {
         let mut wanted: std::collections::BTreeSet<u32> = desired.values().map(|a| a.lane).collect();
-        wanted.extend(lanes.policies().keys().copied());
+        wanted.extend(lanes.policies.keys().copied());
         let assignment = crate::model::lane_marks::assign(&self.current, &wanted, self.mask);
         for lane in assignment.unfit.difference(&self.unfit) {
             warn!(

@@ -31,6 +31,7 @@ use crate::{
     cgroup::{AttachChoice, AttachPoint},
     config::lanes::LanesConfig,
     datapath::Datapath,
+    model::lanes::LaneSettings,
     source::{
         Inputs, InputsHandle, Report, Wake, file,
         kube::{self as kube_source, line_limit},
@@ -63,7 +64,7 @@ fn spawn_reconciler(
     mut reconciler: Reconciler,
     wake: std::sync::mpsc::Receiver<Wake>,
     inputs: InputsHandle,
-    lanes: Arc<std::sync::Mutex<LanesConfig>>,
+    lanes: Arc<std::sync::Mutex<LaneSettings>>,
     status: &Arc<AgentStatus>,
 ) -> Result<std::thread::JoinHandle<()>> {
     let notice = PanicNotice(Arc::clone(status));
@@ -85,9 +86,10 @@ pub fn run(args: &Args) -> Result<()> {
     }
     reconcile_loop::limit_malloc_arenas();
     let config = args.validate()?;
+    // The lanes config becomes desired state here and on each reload, once.
     let lanes = match &args.lanes_config {
-        Some(path) => load_lanes(path)?,
-        None => LanesConfig::default(),
+        Some(path) => LaneSettings::of(&load_lanes(path)?),
+        None => LaneSettings::default(),
     };
     // Name a missing capability before the kernel answers a bare EPERM.
     crate::caps::check_agent()?;

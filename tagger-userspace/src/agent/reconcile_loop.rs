@@ -27,11 +27,11 @@ use super::{
 use crate::{
     Result,
     cgroup::CgroupRef,
-    config::lanes::LanesConfig,
     datapath::Datapath,
     model::{
         Change, DesiredPod, Limits,
         incremental::{Incremental, Recheck, Update},
+        lanes::LaneSettings,
         pod_cgroup_candidates,
         state::{DatapathState, Scope},
     },
@@ -139,7 +139,7 @@ impl Reconciler {
     pub fn reconcile(
         &mut self,
         changes: Vec<Change>,
-        lanes: &LanesConfig,
+        lanes: &LaneSettings,
         recheck: Recheck,
     ) -> Option<ReconcileReport> {
         self.model.apply(changes);
@@ -274,7 +274,7 @@ impl Reconciler {
     }
 
     /// Publishes the names of what changed (of everything on a full pass).
-    fn publish_names(&mut self, update: &Update, lanes: &LanesConfig, full: bool) {
+    fn publish_names(&mut self, update: &Update, lanes: &LaneSettings, full: bool) {
         let tables = self.datapath.tables_mut();
         if full {
             self.names.sync_services(tables, self.model.origins(), true);
@@ -287,8 +287,8 @@ impl Reconciler {
             self.names.sync_pods(tables, self.model.pod_names(), true);
         }
         if full || update.lanes_changed {
-            for (id, name) in lanes.lane_names() {
-                self.names.sync_lane(tables, id, &name, true);
+            for (id, name) in &lanes.names {
+                self.names.sync_lane(tables, *id, name, true);
             }
         }
         for (id, name) in &update.lane_names {
@@ -353,7 +353,7 @@ impl Reconciler {
     }
 
     /// Runs passes whenever woken, until [`Wake::Stop`].
-    pub fn run(&mut self, wake: &Receiver<Wake>, inputs: &InputsHandle, lanes: &Mutex<LanesConfig>) {
+    pub fn run(&mut self, wake: &Receiver<Wake>, inputs: &InputsHandle, lanes: &Mutex<LaneSettings>) {
         let mut last_check = Instant::now();
         loop {
             // The heartbeat `/healthz` judges (agent/status.rs, `judge_health`).

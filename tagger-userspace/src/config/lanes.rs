@@ -60,7 +60,6 @@ use super::{
         DEFAULT_AGGRESSION, DEFAULT_MIN_PERCENT, MAX_AGGRESSION, Warmup, parse_duration, parse_percent,
     },
 };
-use crate::model::FrontendOrigin;
 
 /// The name of the base lane in fallback chains.
 pub const BASE: &str = "base";
@@ -228,14 +227,6 @@ pub struct RoutingRule {
 }
 
 impl RoutingRule {
-    /// Whether the rule's selector matches a Service.
-    #[must_use]
-    pub fn matches(&self, origin: &FrontendOrigin) -> bool {
-        self.namespace.as_ref().is_none_or(|ns| *ns == origin.service.namespace)
-            && self.name.as_ref().is_none_or(|n| *n == origin.service.name)
-            && self.labels.iter().all(|(k, v)| origin.shaping.labels.get(k) == Some(v))
-    }
-
     /// The datapath encoding of the target chain.
     #[must_use]
     pub fn chain(&self) -> LanePolicy {
@@ -411,32 +402,6 @@ impl LanesConfig {
         flags
     }
 
-    /// The DSCP of a lane's packets, by lane id (`None`: left alone).
-    #[must_use]
-    pub fn dscp(&self, lane: u32) -> Option<u8> {
-        self.lanes.iter().find(|(name, _)| lane_id(name) == lane).and_then(|(_, l)| l.dscp)
-    }
-
-    /// The warm-up of backends of a lane, by lane id (meaningful for a validated config).
-    #[must_use]
-    pub fn lane_warmup(&self, lane: u32) -> Option<Warmup> {
-        self.lanes
-            .iter()
-            .find(|(name, _)| lane_id(name) == lane)
-            .and_then(|(_, l)| l.warmup_settings().ok().flatten())
-    }
-
-    /// The routing rules that apply to a Service: caller lane id → target chain (the first
-    /// matching rule per caller lane wins).
-    #[must_use]
-    pub fn routes_for(&self, origin: &FrontendOrigin) -> BTreeMap<u32, LanePolicy> {
-        let mut out = BTreeMap::new();
-        for rule in self.rules.iter().filter(|r| r.matches(origin)) {
-            out.entry(lane_id(&rule.from)).or_insert_with(|| rule.chain());
-        }
-        out
-    }
-
     /// The datapath's lane policies: lane id → policy. Meaningful for a validated config.
     #[must_use]
     pub fn policies(&self) -> BTreeMap<u32, LanePolicy> {
@@ -595,7 +560,7 @@ fn lanes_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, LaneCon
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use proptest::prelude::*;
 
     use super::*;
@@ -739,7 +704,7 @@ lanes:
         assert!(e.contains("have the same lane id"), "rule lanes are checked too: {e}");
     }
 
-    const SHAPING: &str = "\
+    pub(crate) const SHAPING: &str = "\
 mode: shadow
 lanes:
   gray:
@@ -763,56 +728,17 @@ rules:
     strict: true
 ";
 
-    fn origin(ns: &str, name: &str, labels: &[(&str, &str)]) -> FrontendOrigin {
-        FrontendOrigin {
-            service: crate::model::ObjectRef::new(ns, name),
-            port_name: String::new(),
-            shaping: crate::model::ServiceShaping {
-                labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
-                ..Default::default()
-            },
-        }
-    }
-
     #[test]
     fn shaping_settings_parse() {
         let cfg = LanesConfig::parse(SHAPING).unwrap();
         assert_eq!(cfg.config_flags(), CFG_F_SHADOW | CFG_F_SHADOW_LANES);
         let gray = cfg.policies()[&lane_id("gray")];
         assert_eq!(gray.flags, LANE_F_SHADOW);
-        let w = cfg.lane_warmup(lane_id("gray")).unwrap();
-        assert_eq!((w.duration.as_secs(), w.aggression(), w.min_percent()), (60, 2.0, 5.0));
-        let w = cfg.lane_warmup(lane_id("blue")).unwrap();
-        assert_eq!((w.duration.as_secs(), w.aggression(), w.min_percent()), (90, 1.0, 10.0));
-        assert_eq!(cfg.lane_warmup(lane_id("other")), None);
         assert_eq!(
             LanesConfig::parse("lanes:\n  gray: {mode: shadow}\n").unwrap().config_flags(),
             CFG_F_SHADOW_LANES
         );
         assert_eq!(LanesConfig::parse("").unwrap().config_flags(), 0);
-    }
-
-    #[test]
-    fn routing_rules_first_match_per_caller_lane() {
-        let cfg = LanesConfig::parse(SHAPING).unwrap();
-        let cart = cfg.routes_for(&origin("shop", "cart", &[]));
-        assert_eq!(cart.len(), 1);
-        let p = cart[&lane_id("gray")];
-        assert_eq!(&p.chain[..p.chain_len as usize], &[lane_id("canary"), BASE_LANE]);
-        let other = cfg.routes_for(&origin("shop", "pay", &[]));
-        assert_eq!(other[&lane_id("gray")].chain[0], lane_id("blue"));
-        let edge = cfg.routes_for(&origin("web", "front", &[("tier", "edge")]));
-        assert_eq!(edge[&BASE_LANE].flags, LANE_F_STRICT);
-        assert!(cfg.routes_for(&origin("web", "front", &[("tier", "core")])).is_empty());
-        assert_eq!(cfg.lane_names()[&lane_id("canary")], "canary");
-    }
-
-    #[test]
-    fn dscp_per_lane() {
-        let cfg = LanesConfig::parse("lanes:\n  gray: {dscp: 10}\n  blue: {}\n").unwrap();
-        assert_eq!(cfg.dscp(lane_id("gray")), Some(10));
-        assert_eq!(cfg.dscp(lane_id("blue")), None);
-        assert_eq!(cfg.dscp(lane_id("other")), None);
     }
 
     #[test]

@@ -20,6 +20,7 @@ use super::{
     Change, ClusterIndex, DesiredPod, DesiredPods, FrontendIds, FrontendOrigin, Limits, ObjectRef, QosClass,
     ServiceDelta, WarningKind, Warnings, desired_pods,
     index::set_range,
+    lanes::LaneSettings,
     pod_entries,
     shaping::{
         WarmTracker, affinity_flags, backend_warmup, shaped_flags, svc_affinity, svc_routes, svc_shaping,
@@ -27,7 +28,7 @@ use super::{
     state::{DatapathState, DesiredRef, Scope},
     steering::{self, Reasons},
 };
-use crate::{cgroup::CgroupRef, config::lanes::LanesConfig};
+use crate::cgroup::CgroupRef;
 
 /// Which local pods' cgroups to look up again, besides new and changed pods.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -84,7 +85,7 @@ pub struct Incremental {
     index: ClusterIndex,
     ids: FrontendIds,
     lane_keys: Vec<String>,
-    lanes: Option<LanesConfig>,
+    lanes: Option<LaneSettings>,
     policies: BTreeMap<u32, LanePolicy>,
     pods: DesiredPods,
     entries: BTreeMap<u64, PodEntry>,
@@ -170,7 +171,7 @@ impl Incremental {
     /// Recomputes what the changes since the last update affect.
     pub fn update(
         &mut self,
-        lanes: &LanesConfig,
+        lanes: &LaneSettings,
         recheck: Recheck,
         mut cgroup_of: impl FnMut(&DesiredPod) -> Option<CgroupRef>,
     ) -> Update {
@@ -192,7 +193,7 @@ impl Incremental {
                 self.pods.pods.values().filter_map(|p| p.lane_name.as_ref().map(|n| (p.lane, n.clone()))),
             );
         }
-        let strict_caller = steering::strict_caller(self.entries.values(), &lanes.policies());
+        let strict_caller = steering::strict_caller(self.entries.values(), &lanes.policies);
         let lanes_changed = self.lanes.as_ref() != Some(lanes);
         let all = full || lanes_changed || strict_caller != self.strict_caller;
         self.strict_caller = strict_caller;
@@ -202,7 +203,7 @@ impl Incremental {
         update.origins = delta.origins;
 
         if self.lanes.as_ref() != Some(lanes) {
-            let policies = lanes.policies();
+            let policies = lanes.policies.clone();
             for (lane, policy) in &policies {
                 if self.policies.get(lane) != Some(policy) {
                     update.scope.lanes.insert(*lane);
@@ -221,7 +222,7 @@ impl Incremental {
     fn update_shaping(
         &mut self,
         delta: &ServiceDelta,
-        lanes: &LanesConfig,
+        lanes: &LaneSettings,
         all: bool,
         seed: bool,
         scope: &mut Scope,
@@ -311,7 +312,7 @@ impl Incremental {
                 scope.frontends.insert(*key);
             }
         }
-        let flags = lanes.config_flags();
+        let flags = lanes.config_flags;
         if flags != self.config_flags || seed {
             self.config_flags = flags;
             scope.config = true;

@@ -24,6 +24,7 @@ pub mod incremental;
 pub mod index;
 pub mod lane;
 pub mod lane_marks;
+pub mod lanes;
 pub mod objects;
 pub mod pods;
 pub mod services;

@@ -18,8 +18,8 @@ use tagger_common::{
     SVC_F_ROUTED, SVC_F_SHAPED, SetKey, SvcAffinity, SvcShaping, WarmEntry, WarmKey, lane_id,
 };
 
-use super::FrontendOrigin;
-use crate::config::{lanes::LanesConfig, values::Warmup};
+use super::{FrontendOrigin, lanes::LaneSettings};
+use crate::config::values::Warmup;
 
 /// The shaping entry of a frontend (`None`: it needs none), `warming` telling whether some of
 /// its backends are warming up.
@@ -45,7 +45,7 @@ pub fn svc_shaping(origin: &FrontendOrigin, warming: bool) -> Option<SvcShaping>
 pub fn svc_routes(
     svc_id: u32,
     origin: &FrontendOrigin,
-    lanes: &LanesConfig,
+    lanes: &LaneSettings,
 ) -> BTreeMap<RouteKey, LanePolicy> {
     lanes
         .routes_for(origin)
@@ -81,7 +81,7 @@ pub fn affinity_flags(flags: u32, affinity: bool) -> u32 {
 
 /// The warm-up of a backend in `lane` of a Service: the Service's annotation, else its lane's.
 #[must_use]
-pub fn backend_warmup(origin: &FrontendOrigin, lane: u32, lanes: &LanesConfig) -> Option<Warmup> {
+pub fn backend_warmup(origin: &FrontendOrigin, lane: u32, lanes: &LaneSettings) -> Option<Warmup> {
     origin.shaping.warmup.or_else(|| lanes.lane_warmup(lane))
 }
 
@@ -231,7 +231,9 @@ mod tests {
 
     #[test]
     fn annotation_warmup_overrides_the_lanes() {
-        let lanes = LanesConfig::parse("lanes:\n  gray: {warmup: 30s}\n").unwrap();
+        let lanes = LaneSettings::of(
+            &crate::config::lanes::LanesConfig::parse("lanes:\n  gray: {warmup: 30s}\n").unwrap(),
+        );
         let w = backend_warmup(&origin(None, None), lane_id("gray"), &lanes).unwrap();
         assert_eq!(w.duration, Duration::from_secs(30));
         assert_eq!(backend_warmup(&origin(None, None), 0, &lanes), None);
@@ -334,10 +336,12 @@ mod incremental_tests {
 
     #[test]
     fn annotations_rules_and_shadow_reach_the_desired_state() {
-        let lanes = LanesConfig::parse(
-            "mode: shadow\nrules:\n  - {from: gray, namespace: shop, name: cart, to: [blue, base]}\n",
-        )
-        .unwrap();
+        let lanes = LaneSettings::of(
+            &crate::config::lanes::LanesConfig::parse(
+                "mode: shadow\nrules:\n  - {from: gray, namespace: shop, name: cart, to: [blue, base]}\n",
+            )
+            .unwrap(),
+        );
         let mut inc = start(&[svc(&[("tagger.io/canary", "gray=10")]), slice_of(&["10.0.0.1"])]);
         let update = inc.update(&lanes, crate::model::incremental::Recheck::None, |_| None);
         let d = inc.desired_state();
@@ -358,7 +362,7 @@ mod incremental_tests {
 
         // An invalid annotation is counted and read as absent; the rule goes with a new config.
         inc.apply([Change::Applied(svc(&[("tagger.io/canary", "gray=150")]))]);
-        let update = inc.update(&LanesConfig::default(), crate::model::incremental::Recheck::None, |_| None);
+        let update = inc.update(&LaneSettings::default(), crate::model::incremental::Recheck::None, |_| None);
         let d = inc.desired_state();
         let (_, frontend) = d.frontends.iter().next().unwrap();
         assert_eq!(frontend.flags & (SVC_F_SHAPED | SVC_F_ROUTED), 0);
@@ -371,7 +375,7 @@ mod incremental_tests {
     fn base_only_services_are_left_to_the_cluster_until_a_lane_or_shaping_needs_them() {
         use tagger_common::SVC_F_PASSTHROUGH;
         let none = crate::model::incremental::Recheck::None;
-        let lanes = LanesConfig::default();
+        let lanes = LaneSettings::default();
         let labelled = |lane: &str| {
             let (r, s) = slice(
                 "shop",
@@ -418,7 +422,7 @@ mod incremental_tests {
 
     #[test]
     fn session_affinity_reaches_the_desired_state_and_goes_with_it() {
-        let lanes = LanesConfig::default();
+        let lanes = LaneSettings::default();
         let none = crate::model::incremental::Recheck::None;
         let (r, mut s) = service("shop", "cart", &["10.96.0.10"], &[("http", 80, "TCP")]);
         s.spec.as_mut().unwrap().session_affinity = Some("ClientIP".to_owned());
@@ -454,7 +458,7 @@ mod incremental_tests {
 
     #[test]
     fn backends_ready_after_start_warm_up_and_stop_warming() {
-        let lanes = LanesConfig::default();
+        let lanes = LaneSettings::default();
         let mut inc = start(&[svc(&[("tagger.io/warmup", "10s")]), slice_of(&["10.0.0.1"])]);
         let none = crate::model::incremental::Recheck::None;
         inc.update(&lanes, none, |_| None);

@@ -14,10 +14,10 @@ use tagger_common::{
 use super::{
     DesiredServices, FrontendIds,
     index::set_range,
+    lanes::LaneSettings,
     shaping,
     steering::{self, Reasons},
 };
-use crate::config::lanes::LanesConfig;
 
 /// The contents of the datapath maps that the reconciler manages: both "what is in the maps"
 /// and "what should be".
@@ -46,12 +46,12 @@ pub struct DatapathState {
 impl DatapathState {
     /// The desired state from the model's outputs (from scratch: no backend is warming).
     #[must_use]
-    pub fn desired(pods: BTreeMap<u64, PodEntry>, services: &DesiredServices, lanes: &LanesConfig) -> Self {
+    pub fn desired(pods: BTreeMap<u64, PodEntry>, services: &DesiredServices, lanes: &LaneSettings) -> Self {
         let mut shaping = BTreeMap::new();
         let mut routes = BTreeMap::new();
         let mut affinity = BTreeMap::new();
         let mut frontends = services.frontends.clone();
-        let policies = lanes.policies();
+        let policies = lanes.policies.clone();
         let strict_caller = steering::strict_caller(pods.values(), &policies);
         for service in frontends.values_mut() {
             let Some(origin) = services.origins.get(&service.svc_id) else { continue };
@@ -80,7 +80,7 @@ impl DatapathState {
             routes,
             warm: BTreeMap::new(),
             affinity,
-            config_flags: lanes.config_flags(),
+            config_flags: lanes.config_flags,
         }
     }
 

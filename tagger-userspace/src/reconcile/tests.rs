@@ -15,6 +15,7 @@ use crate::{
         LocalPod, Object, ObjectRef, QosClass, ServiceInput, SliceInput, WarningKind, desired_pods,
         desired_services_within,
         incremental::{Incremental, Recheck},
+        lanes::LaneSettings,
         pod_entries,
         testing::{endpoint, service, slice},
     },
@@ -470,7 +471,7 @@ fn event() -> impl Strategy<Value = Event> {
 #[derive(Default)]
 struct World {
     cluster: ClusterState,
-    lanes: LanesConfig,
+    lanes: LaneSettings,
 }
 
 impl World {
@@ -558,7 +559,7 @@ impl World {
                 changes
             }
             Event::SetLanes { config } => {
-                self.lanes = LanesConfig::parse(LANE_CONFIGS[*config]).unwrap();
+                self.lanes = LaneSettings::of(&LanesConfig::parse(LANE_CONFIGS[*config]).unwrap());
                 Vec::new()
             }
         }

@@ -11,7 +11,7 @@ use std::{
 use tracing::{error, info};
 
 use super::{Report, Wake, file};
-use crate::config::lanes::LanesConfig;
+use crate::{config::lanes::LanesConfig, model::lanes::LaneSettings};
 
 /// How often the files are checked.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -75,11 +75,12 @@ impl FileWatch {
     }
 }
 
-/// Reloads the lanes config whenever it changes; an invalid config is reported and counted and
-/// the previous one stays in force.
+/// Reloads the lanes config whenever it changes and turns it into desired state
+/// ([`LaneSettings`]); an invalid config is reported and counted and the previous one stays in
+/// force.
 pub async fn watch_lanes_config(
     path: PathBuf,
-    lanes: Arc<Mutex<LanesConfig>>,
+    lanes: Arc<Mutex<LaneSettings>>,
     wake: Sender<Wake>,
     status: Arc<dyn Report>,
 ) {
@@ -92,7 +93,7 @@ pub async fn watch_lanes_config(
             Ok(Some(text)) => match LanesConfig::parse(&text) {
                 Ok(cfg) => {
                     info!(path = %watch.path().display(), "lanes config reloaded");
-                    *lanes.lock().expect("lanes lock") = cfg;
+                    *lanes.lock().expect("lanes lock") = LaneSettings::of(&cfg);
                     let _ = wake.send(Wake::Changed);
                 }
                 Err(e) => {

@@ -212,15 +212,17 @@ fn a_running_agent_keeps_renewing_the_lease_through_an_api_server_outage() {
     let api = FakeApiServer::start();
     let (mut sb, _kube_proxy) = sandbox();
     sb.publish_to(&api);
-    sb.start_agent_on_api_with(&api, &["--datapath-lease", "2s"]);
+    // 4 s: short enough for the outage below to outlast it twice, long enough that a renewal
+    // is never late under a loaded qemu TCG guest (2 s lapsed there once).
+    sb.start_agent_on_api_with(&api, &["--datapath-lease", "4s"]);
     wait_ready(&sb);
-    assert_eq!(wait_lease_state(&sb, "armed")["duration_seconds"].as_f64(), Some(2.0));
+    assert_eq!(wait_lease_state(&sb, "armed")["duration_seconds"].as_f64(), Some(4.0));
 
     api.set_unreachable(true);
     api.drop_watches();
     wait_log(&sb, "watch failed", 1);
     // Twice the lease into the outage.
-    std::thread::sleep(Duration::from_secs(4));
+    std::thread::sleep(Duration::from_secs(8));
     assert_eq!(lease_status(&sb)["state"], "armed", "{}", sb.agent_log());
     assert_eq!(sb.reached("gw", vip(), 10), ["a-gray"], "still steered during the outage");
     assert_eq!(lease_expired_count(&sb), 0);

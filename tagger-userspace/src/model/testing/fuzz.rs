@@ -155,7 +155,7 @@ fn feed_file(text: &str) {
     let mut inc = Incremental::new(FrontendIds::new(), default_lane_keys(), Limits::DATAPATH);
     inc.apply(changes);
     let lanes = LanesConfig::parse(LANES_SEEDS[0]).expect("the seed config is valid");
-    let _ = inc.update(&lanes, Recheck::All, |p| {
+    let _ = inc.update(&crate::model::lanes::LaneSettings::of(&lanes), Recheck::All, |p| {
         Some(CgroupRef { path: PathBuf::from("/c"), id: 1000 + p.pod.name.len() as u64, level: 4 })
     });
     let _ = inc.desired_state();
