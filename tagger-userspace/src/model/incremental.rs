@@ -2,7 +2,8 @@
 //! reconciler: [`Incremental`] applies [`Change`]s to a [`ClusterIndex`], recomputes only what
 //! they affect, and says which entries may now differ from the maps ([`Update::scope`]), so the
 //! plan ([`crate::reconcile::plan_scoped`]) looks at those only. It computes exactly what
-//! [`DatapathState::desired`] computes from the whole cluster (the property tests check it),
+//! the reference model (`testing::reference`) computes from the whole cluster (the property
+//! tests check it),
 //! except that `svc_id`s are allocated in the order frontends appear.
 //!
 //! Pure except for `cgroup_of`, the caller's lookup of a local pod's cgroup, whose results are

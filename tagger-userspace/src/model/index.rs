@@ -1,5 +1,5 @@
 //! The cluster as the agent keeps it, and the Service part of the desired datapath kept up to
-//! date incrementally: [`desired_services`](super::desired_services) recomputed only for the
+//! date incrementally: the Services' desired state (`testing::reference::desired_services` from scratch) recomputed only for the
 //! Services that changed.
 //!
 //! [`ClusterIndex`] takes the sources' [`Change`]s. It stores the decoded objects (never the API

@@ -36,12 +36,9 @@ pub(crate) mod testing;
 pub mod topology;
 pub mod warnings;
 
-use std::{collections::BTreeMap, fmt};
+use std::fmt;
 
-use k8s_openapi::{
-    api::{core::v1::Service, discovery::v1::EndpointSlice},
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 pub use self::{
     ids::FrontendIds,
@@ -50,9 +47,7 @@ pub use self::{
         Change, Kind, Labels, Object, ServiceInput, ServiceShaping, SessionAffinity, SliceInput, Topology,
     },
     pods::{DesiredPod, DesiredPods, LocalPod, QosClass, desired_pods, pod_cgroup_candidates, pod_entries},
-    services::{
-        DesiredServices, FrontendOrigin, Limits, MAX_SET_SIZE, desired_services, desired_services_within,
-    },
+    services::{FrontendOrigin, Limits, MAX_SET_SIZE},
     topology::Node,
     warnings::{WarningKind, Warnings},
 };
@@ -87,18 +82,6 @@ impl fmt::Display for ObjectRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)
     }
-}
-
-/// What the agent knows of the cluster, as the watchers' stores hold it.
-#[derive(Clone, Debug, Default)]
-pub struct ClusterState {
-    /// Every Service.
-    pub services: BTreeMap<ObjectRef, Service>,
-    /// Every EndpointSlice.
-    pub slices: BTreeMap<ObjectRef, EndpointSlice>,
-    /// Labels of backend pods cluster-wide (from a metadata-only watch): the lanes of
-    /// endpoints.
-    pub pod_labels: BTreeMap<ObjectRef, BTreeMap<String, String>>,
 }
 
 #[cfg(test)]

@@ -37,11 +37,10 @@ use std::{
     net::SocketAddr,
 };
 
-use tagger_common::{Backend, FrontendKey, MAX_BACKEND_SETS, MAX_BACKENDS, MAX_FRONTENDS, Service, SetKey};
+use tagger_common::{Backend, FrontendKey, MAX_BACKEND_SETS, MAX_BACKENDS, MAX_FRONTENDS};
 
 use super::{
-    ClusterState, FrontendIds, ObjectRef, ServiceInput, ServiceShaping, SliceInput, WarningKind, Warnings,
-    index::ServiceIndex,
+    ObjectRef, ServiceInput, ServiceShaping, SliceInput, WarningKind, Warnings,
     topology::{Candidate, Node, usable},
 };
 use crate::net::{backend, frontend_key};
@@ -79,23 +78,6 @@ impl Default for Limits {
     }
 }
 
-/// The Service part of the datapath's desired contents.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DesiredServices {
-    /// Every frontend and its Service entry.
-    pub frontends: BTreeMap<FrontendKey, Service>,
-    /// Every non-empty (frontend, lane) backend set, sorted. A lane without ready backends
-    /// has no set: the datapath reads a missing set as empty.
-    pub sets: BTreeMap<SetKey, Vec<Backend>>,
-    /// (frontend, lane) → backends that serve but get no new connections (not in the set).
-    pub held: BTreeMap<SetKey, Vec<Backend>>,
-    /// svc_id → the Kubernetes Service and port each frontend comes from (for logs, metrics
-    /// and the CLI's names; the datapath does not need it).
-    pub origins: BTreeMap<u32, FrontendOrigin>,
-    /// What was skipped or corrected.
-    pub warnings: Warnings,
-}
-
 /// Where a frontend comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrontendOrigin {
@@ -105,68 +87,6 @@ pub struct FrontendOrigin {
     pub port_name: String,
     /// The Service's shaping annotations and labels.
     pub shaping: ServiceShaping,
-}
-
-/// The desired frontends and backend sets of `state` within the datapath's capacities.
-/// `lane_keys` are the lane label keys; `ids` gives frontends stable `svc_id`s (new frontends
-/// get new ids; ids of frontends no longer desired are not released here — see
-/// [`FrontendIds::retain`]).
-///
-/// This is the full computation, from scratch; the agent keeps a [`ServiceIndex`] up to date
-/// instead and recomputes only the Services that changed. Both apply the same rules (this
-/// function runs a fresh index), and the property tests check that they agree.
-#[must_use]
-pub fn desired_services(
-    state: &ClusterState,
-    lane_keys: &[String],
-    ids: &mut FrontendIds,
-) -> DesiredServices {
-    desired_services_within(state, lane_keys, ids, &Limits::DATAPATH)
-}
-
-/// [`desired_services`] with explicit capacities.
-#[must_use]
-pub fn desired_services_within(
-    state: &ClusterState,
-    lane_keys: &[String],
-    ids: &mut FrontendIds,
-    limits: &Limits,
-) -> DesiredServices {
-    desired_services_on(state, lane_keys, ids, limits, &Node::default())
-}
-
-/// [`desired_services_within`] for callers on `node` (its name and zone, for the Services'
-/// topology rules).
-#[must_use]
-pub fn desired_services_on(
-    state: &ClusterState,
-    lane_keys: &[String],
-    ids: &mut FrontendIds,
-    limits: &Limits,
-    node: &Node,
-) -> DesiredServices {
-    let mut index = ServiceIndex::new(lane_keys.to_vec(), *limits);
-    index.set_node_name(node.name.clone());
-    index.set_node_zone(node.zone.clone());
-    for (pod, labels) in &state.pod_labels {
-        index.apply_pod(pod.clone(), labels);
-    }
-    for (svc_ref, svc) in &state.services {
-        index.apply_service(svc_ref.clone(), ServiceInput::new(svc_ref, svc));
-    }
-    for (slice_ref, slice) in &state.slices {
-        index.apply_slice(slice_ref.clone(), SliceInput::new(slice_ref, slice));
-    }
-    index.compute(ids);
-    let warnings = index.warnings();
-    let out = index.into_desired();
-    DesiredServices {
-        frontends: out.frontends,
-        sets: out.sets,
-        held: out.held,
-        origins: out.origins,
-        warnings,
-    }
 }
 
 /// One frontend of one Service with its backend sets, before it has an id.

@@ -11,13 +11,7 @@ use tagger_common::{
     WarmEntry, WarmKey,
 };
 
-use super::{
-    DesiredServices, FrontendIds,
-    index::set_range,
-    lanes::LaneSettings,
-    shaping,
-    steering::{self, Reasons},
-};
+use super::FrontendIds;
 
 /// The contents of the datapath maps that the reconciler manages: both "what is in the maps"
 /// and "what should be".
@@ -44,46 +38,6 @@ pub struct DatapathState {
 }
 
 impl DatapathState {
-    /// The desired state from the model's outputs (from scratch: no backend is warming).
-    #[must_use]
-    pub fn desired(pods: BTreeMap<u64, PodEntry>, services: &DesiredServices, lanes: &LaneSettings) -> Self {
-        let mut shaping = BTreeMap::new();
-        let mut routes = BTreeMap::new();
-        let mut affinity = BTreeMap::new();
-        let mut frontends = services.frontends.clone();
-        let policies = lanes.policies.clone();
-        let strict_caller = steering::strict_caller(pods.values(), &policies);
-        for service in frontends.values_mut() {
-            let Some(origin) = services.origins.get(&service.svc_id) else { continue };
-            let s = shaping::svc_shaping(origin, false);
-            let r = shaping::svc_routes(service.svc_id, origin, lanes);
-            let a = shaping::svc_affinity(origin);
-            let flags = shaping::shaped_flags(service.flags, s.is_some(), !r.is_empty());
-            let flags = shaping::affinity_flags(flags, a.is_some());
-            let lane_backends =
-                steering::has_lane_backends(services.sets.range(set_range(service.svc_id)).map(|(k, _)| k));
-            service.flags = Reasons::of(flags, lane_backends, strict_caller).apply(flags);
-            if let Some(s) = s {
-                shaping.insert(service.svc_id, s);
-            }
-            if let Some(a) = a {
-                affinity.insert(service.svc_id, a);
-            }
-            routes.extend(r);
-        }
-        Self {
-            pods,
-            frontends,
-            sets: services.sets.clone(),
-            lanes: policies,
-            shaping,
-            routes,
-            warm: BTreeMap::new(),
-            affinity,
-            config_flags: lanes.config_flags,
-        }
-    }
-
     /// An id allocator that keeps the ids of these frontends and never hands out the id of a
     /// set that is still here (left by an interrupted removal), so a new frontend cannot
     /// inherit another one's backends. Call it on the state read at startup.

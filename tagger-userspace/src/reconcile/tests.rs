@@ -11,13 +11,16 @@ use super::*;
 use crate::{
     config::{labels::default_lane_keys, lanes::LanesConfig},
     model::{
-        Change, ClusterState, DesiredPod, DesiredServices, FrontendIds, FrontendOrigin, Kind, Limits,
-        LocalPod, Object, ObjectRef, QosClass, ServiceInput, SliceInput, WarningKind, desired_pods,
-        desired_services_within,
+        Change, DesiredPod, FrontendIds, FrontendOrigin, Kind, Limits, LocalPod, Object, ObjectRef, QosClass,
+        ServiceInput, SliceInput, WarningKind, desired_pods,
         incremental::{Incremental, Recheck},
         lanes::LaneSettings,
         pod_entries,
-        testing::{endpoint, service, slice},
+        testing::{
+            endpoint,
+            reference::{ClusterState, DesiredServices, desired_services_within, desired_state},
+            service, slice,
+        },
     },
     net::{Proto, backend, frontend_key},
 };
@@ -618,7 +621,7 @@ impl World {
         let mut warnings = services.warnings.clone();
         warnings.merge(pods.warnings.clone());
         let counts = warnings.counts().clone();
-        (DatapathState::desired(entries, &services, &self.lanes), services, counts)
+        (desired_state(entries, &services, &self.lanes), services, counts)
     }
 
     /// The desired datapath. The local pods are namespace a's pods (this node runs them),

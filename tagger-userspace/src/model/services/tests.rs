@@ -2,10 +2,16 @@ use k8s_openapi::api::{
     core::v1::Service as K8sService,
     discovery::v1::{Endpoint, EndpointConditions, EndpointSlice},
 };
-use tagger_common::{SVC_F_STRICT, lane_id};
+use tagger_common::{SVC_F_STRICT, SetKey, lane_id};
 
 use super::*;
-use crate::model::topology::Node;
+use crate::model::{
+    FrontendIds,
+    testing::reference::{
+        ClusterState, DesiredServices, desired_services, desired_services_on, desired_services_within,
+    },
+    topology::Node,
+};
 use crate::{
     config::labels::default_lane_keys,
     model::{

@@ -1,6 +1,7 @@
 //! Builders of Kubernetes objects for tests.
 
 pub mod fuzz;
+pub mod reference;
 
 use std::collections::BTreeMap;
 
