@@ -204,31 +204,7 @@ impl fmt::Display for CapSet {
 
 /// The calling thread's effective capabilities, from `capget(2)`.
 pub fn effective() -> io::Result<CapSet> {
-    /// `struct __user_cap_header_struct`.
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: libc::c_int,
-    }
-    /// `struct __user_cap_data_struct`: with version 3, two of them hold capabilities 0..=31
-    /// and 32..=63.
-    #[repr(C)]
-    #[derive(Clone, Copy, Default)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-    let mut header = Header { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
-    let mut data = [Data::default(); 2];
-    // SAFETY: capget(2) with a version-3 header reads `header` and writes two `Data` structs,
-    // which `data` holds; both live for the duration of the call. pid 0 is the calling thread.
-    let rc = unsafe { libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(CapSet(u64::from(data[0].effective) | (u64::from(data[1].effective) << 32)))
+    crate::sys::effective_capabilities().map(CapSet)
 }
 
 /// A capability the agent needs, and what needs it.

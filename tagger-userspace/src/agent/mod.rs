@@ -84,7 +84,9 @@ pub fn run(args: &Args) -> Result<()> {
         info!(bpffs = %args.bpffs.display(), "uninstalled: links detached, pins removed");
         return Ok(());
     }
-    reconcile_loop::limit_malloc_arenas();
+    // glibc gives each thread its own arena by default, each keeping freed memory: two arenas
+    // keep the agent's memory flat under churn.
+    crate::sys::limit_malloc_arenas(2);
     let config = args.validate()?;
     // The lanes config becomes desired state here and on each reload, once.
     let lanes = match &args.lanes_config {

@@ -469,15 +469,6 @@ fn probe_resets(
     mechanism
 }
 
-pub(super) fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt(3) only sets an allocator parameter; M_ARENA_MAX takes effect for arenas
-    // created afterwards.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
-}
-
 /// The pod's cgroup under the root, trying kubelet's layouts in turn.
 fn find_pod_cgroup(root: &std::path::Path, pod: &DesiredPod) -> Option<CgroupRef> {
     pod_cgroup_candidates(root, &pod.uid, pod.qos)

@@ -3,15 +3,10 @@
 //! another layout (an unversioned change, or another program's map under our name) would give
 //! the programs a map they misread, or a verifier error that names nothing useful.
 
-use std::{
-    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
-    path::Path,
-};
+use std::{os::unix::fs::MetadataExt as _, path::Path};
 
 use super::{DATAPATH_OBJECT, PinLayout};
 use crate::{Error, Result};
-
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 
 /// A map's shape: what must match for a program to use a pinned map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,41 +31,9 @@ impl std::fmt::Display for MapShape {
     }
 }
 
-/// The leading members of `bpf_map_info`.
-#[repr(C)]
-#[derive(Default)]
-struct RawMapInfo {
-    map_type: u32,
-    id: u32,
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
-    map_flags: u32,
-}
-
-#[repr(C)]
-struct InfoByFdAttr {
-    bpf_fd: u32,
-    info_len: u32,
-    info: u64,
-}
-
 /// The shape of the map pinned at `pin`.
 fn pinned_shape(pin: &Path) -> std::io::Result<MapShape> {
-    let fd = crate::sys::obj_get(pin, crate::sys::BPF_F_RDONLY)?;
-    let mut info = RawMapInfo::default();
-    let attr = InfoByFdAttr {
-        bpf_fd: u32::try_from(fd.as_raw_fd()).map_err(|_| std::io::Error::other("negative fd"))?,
-        info_len: u32::try_from(size_of::<RawMapInfo>()).map_err(|_| std::io::Error::other("size"))?,
-        info: (&raw mut info) as u64,
-    };
-    // SAFETY: the kernel reads `attr` (valid for its size) and writes at most `info_len` bytes
-    // into `info`, which we own and which outlives the call.
-    let rc =
-        unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &raw const attr, size_of_val(&attr)) };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let info = crate::sys::pinned_map_info(pin)?;
     Ok(MapShape {
         map_type: info.map_type,
         key_size: info.key_size,

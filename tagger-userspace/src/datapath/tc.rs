@@ -271,57 +271,10 @@ impl Marker {
     /// without attaching it (`BPF_PROG_TEST_RUN`), and returns the mark it leaves: what the
     /// kernel tests use to check that only the bits under `--mark-mask` change.
     pub fn test_run(&mut self, frame: &[u8], mark: u32) -> Result<u32> {
-        use std::os::fd::AsRawFd as _;
-        const BPF_PROG_TEST_RUN: libc::c_long = 10;
-        #[repr(C)]
-        #[derive(Default)]
-        struct TestAttr {
-            prog_fd: u32,
-            retval: u32,
-            data_size_in: u32,
-            data_size_out: u32,
-            data_in: u64,
-            data_out: u64,
-            repeat: u32,
-            duration: u32,
-            ctx_size_in: u32,
-            ctx_size_out: u32,
-            ctx_in: u64,
-            ctx_out: u64,
-        }
         let program = classifier(&mut self.ebpf)?;
         let fd = program.fd().map_err(|e| Error::Invalid { what: "lane marking", reason: e.to_string() })?;
-        // `struct __sk_buff` (at most 192 bytes; zero beyond an older kernel's size is
-        // accepted): `mark` is its third u32.
-        let mut ctx_in = [0u32; 48];
-        ctx_in[2] = mark;
-        let mut ctx_out = [0u32; 48];
-        let mut out = vec![0u8; frame.len() + 256];
-        let size = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
-        let mut attr = TestAttr {
-            prog_fd: u32::try_from(fd.as_fd().as_raw_fd()).unwrap_or_default(),
-            data_size_in: size(frame.len()),
-            data_size_out: size(out.len()),
-            data_in: frame.as_ptr() as u64,
-            data_out: out.as_mut_ptr() as u64,
-            repeat: 1,
-            ctx_size_in: size(size_of_val(&ctx_in)),
-            ctx_size_out: size(size_of_val(&ctx_out)),
-            ctx_in: ctx_in.as_ptr() as u64,
-            ctx_out: ctx_out.as_mut_ptr() as u64,
-            ..TestAttr::default()
-        };
-        // SAFETY: every pointer in `attr` is valid for the size given beside it for the whole
-        // call, and the kernel writes at most those sizes.
-        let rc =
-            unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, &raw mut attr, size_of::<TestAttr>()) };
-        if rc < 0 {
-            return Err(Error::Invalid {
-                what: "lane marking test run",
-                reason: io::Error::last_os_error().to_string(),
-            });
-        }
-        Ok(ctx_out[2])
+        crate::sys::skb_test_run(fd.as_fd(), frame, mark)
+            .map_err(|e| Error::Invalid { what: "lane marking test run", reason: e.to_string() })
     }
 
     /// Removes TCX link pins of interfaces that no longer exist (the kernel already detached

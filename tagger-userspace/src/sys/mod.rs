@@ -238,6 +238,32 @@ fn obj_info<T>(fd: BorrowedFd<'_>, info: &mut T) -> io::Result<()> {
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
+/// The leading members of `bpf_map_info`: what a map is, as the kernel describes it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapInfo {
+    /// `BPF_MAP_TYPE_*`.
+    pub map_type: u32,
+    /// Map id.
+    pub id: u32,
+    /// Key size in bytes.
+    pub key_size: u32,
+    /// Value size in bytes.
+    pub value_size: u32,
+    /// Capacity.
+    pub max_entries: u32,
+    /// `BPF_F_*` creation flags.
+    pub map_flags: u32,
+}
+
+/// What the map pinned at `pin` is (opened read-only, so a pin the caller may only read works).
+pub fn pinned_map_info(pin: &Path) -> io::Result<MapInfo> {
+    let fd = obj_get(pin, BPF_F_RDONLY)?;
+    let mut info = MapInfo::default();
+    obj_info(std::os::fd::AsFd::as_fd(&fd), &mut info)?;
+    Ok(info)
+}
+
 /// A link as the kernel describes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LinkInfo {
@@ -381,6 +407,107 @@ pub fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`, which is ours for the call.
     let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// The filesystem magic number (`statfs`'s `f_type`) of the filesystem holding `path`.
+pub fn fs_magic(path: &Path) -> io::Result<u64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    // SAFETY: `statfs` writes into the zeroed struct we own; `c` is a valid NUL-terminated path.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statfs(c.as_ptr(), &raw mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // f_type is signed on glibc and unsigned on musl; magic numbers are small positive values.
+    #[allow(clippy::unnecessary_cast, clippy::cast_sign_loss, reason = "f_type's type differs between libcs")]
+    Ok(st.f_type as u64)
+}
+
+/// The calling thread's effective capabilities, as a bit set by capability number (`capget`).
+pub fn effective_capabilities() -> io::Result<u64> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget(2) with a version-3 header reads `header` and writes two `Data` structs,
+    // which `data` holds; both live for the duration of the call. pid 0 is the calling thread.
+    let rc = unsafe { libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::from(data[0].effective) | (u64::from(data[1].effective) << 32))
+}
+
+/// Caps glibc's malloc arenas at `max` (one per thread by default, each holding freed memory):
+/// a no-op on other allocators.
+pub fn limit_malloc_arenas(max: i32) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt(3) only sets an allocator parameter; M_ARENA_MAX takes effect for arenas
+    // created afterwards.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, max);
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = max;
+}
+
+/// Runs the TC program `prog` once on `frame` (an Ethernet frame) whose `skb->mark` is `mark`,
+/// without attaching it (`BPF_PROG_TEST_RUN`); returns the mark the program leaves.
+pub fn skb_test_run(prog: BorrowedFd<'_>, frame: &[u8], mark: u32) -> io::Result<u32> {
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    /// The `test` member of `union bpf_attr`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct TestAttr {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+    }
+    // `struct __sk_buff` (at most 192 bytes; zero beyond an older kernel's size is accepted):
+    // `mark` is its third u32.
+    let mut ctx_in = [0u32; 48];
+    ctx_in[2] = mark;
+    let mut ctx_out = [0u32; 48];
+    let mut out = vec![0u8; frame.len() + 256];
+    let size = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    let mut attr = TestAttr {
+        prog_fd: u32::try_from(prog.as_raw_fd()).map_err(|_| io::Error::other("negative fd"))?,
+        data_size_in: size(frame.len()),
+        data_size_out: size(out.len()),
+        data_in: frame.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        repeat: 1,
+        ctx_size_in: size(size_of_val(&ctx_in)),
+        ctx_size_out: size(size_of_val(&ctx_out)),
+        ctx_in: ctx_in.as_ptr() as u64,
+        ctx_out: ctx_out.as_mut_ptr() as u64,
+        ..TestAttr::default()
+    };
+    // SAFETY: every pointer in `attr` is valid for the size given beside it for the whole call,
+    // and the kernel writes at most those sizes.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, &raw mut attr, size_of::<TestAttr>()) };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(ctx_out[2]) }
 }
 
 #[cfg(test)]
