@@ -82,12 +82,14 @@ const NAMES: [&str; 41] = [
 ];
 
 /// Reading other processes' `/proc/PID/ns/*` regardless of their uid and capabilities.
+#[cfg(test)]
 pub const CAP_SYS_PTRACE: Capability = Capability(19);
 /// Networking administration; also loading networking BPF program types.
 pub const CAP_NET_ADMIN: Capability = Capability(12);
 /// The catch-all: stands in for CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN in the BPF checks.
 pub const CAP_SYS_ADMIN: Capability = Capability(21);
 /// Resource limits, e.g. raising `RLIMIT_MEMLOCK` (not needed since Linux 5.11).
+#[cfg(test)]
 pub const CAP_SYS_RESOURCE: Capability = Capability(24);
 /// Performance monitoring; for BPF, the verifier's rules for privileged loaders (Linux 5.8+).
 pub const CAP_PERFMON: Capability = Capability(38);
@@ -97,12 +99,14 @@ pub const CAP_BPF: Capability = Capability(39);
 impl Capability {
     /// The capability with this number, if the kernel headers this was written against know it.
     #[must_use]
+    #[cfg(test)]
     pub fn from_number(n: u8) -> Option<Self> {
         (usize::from(n) < NAMES.len()).then_some(Self(n))
     }
 
     /// Parses `CAP_BPF`, `BPF` (as Kubernetes writes it) or `cap_bpf`.
     #[must_use]
+    #[cfg(test)]
     pub fn from_name(name: &str) -> Option<Self> {
         let upper = name.trim().to_ascii_uppercase();
         let full = if upper.starts_with("CAP_") { upper } else { format!("CAP_{upper}") };
@@ -112,6 +116,7 @@ impl Capability {
 
     /// The number.
     #[must_use]
+    #[cfg(test)]
     pub fn number(self) -> u8 {
         self.0
     }
@@ -142,28 +147,26 @@ pub struct CapSet(u64);
 
 impl CapSet {
     /// No capability.
+    #[cfg(test)]
     pub const EMPTY: Self = Self(0);
 
     /// The set with exactly these capabilities.
     #[must_use]
+    #[cfg(test)]
     pub fn of(caps: &[Capability]) -> Self {
         caps.iter().fold(Self::EMPTY, |s, &c| s.with(c))
     }
 
-    /// From a raw mask.
-    #[must_use]
-    pub fn from_bits(bits: u64) -> Self {
-        Self(bits)
-    }
-
     /// From the hexadecimal mask of a `/proc/PID/status` line (`CapEff:\t000001fffeffffff`).
     #[must_use]
+    #[cfg(test)]
     pub fn from_hex(hex: &str) -> Option<Self> {
         u64::from_str_radix(hex.trim(), 16).ok().map(Self)
     }
 
     /// The raw mask.
     #[must_use]
+    #[cfg(test)]
     pub fn bits(self) -> u64 {
         self.0
     }
@@ -176,12 +179,14 @@ impl CapSet {
 
     /// The set plus `cap`.
     #[must_use]
+    #[cfg(test)]
     pub fn with(self, cap: Capability) -> Self {
         Self(self.0 | (1 << cap.0))
     }
 
     /// The set without `cap`.
     #[must_use]
+    #[cfg(test)]
     pub fn without(self, cap: Capability) -> Self {
         Self(self.0 & !(1 << cap.0))
     }

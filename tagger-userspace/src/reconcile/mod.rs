@@ -371,6 +371,7 @@ impl fmt::Display for Op {
 /// invisible to every connection until the frontend appears, so it is removed in step 2 even
 /// without `prune`.
 #[must_use]
+#[cfg(test)]
 pub fn plan(current: &DatapathState, desired: &DatapathState, prune: bool) -> Vec<Op> {
     let live: BTreeSet<u32> = current.frontends.values().map(|s| s.svc_id).collect();
     let desired = desired.as_desired();
