@@ -10,6 +10,8 @@ pub mod coverage;
 pub mod datapath;
 mod error;
 mod fs;
+#[cfg(test)]
+mod layering;
 pub mod lifecycle;
 pub mod model;
 pub mod net;
