@@ -13,6 +13,7 @@
 #![expect(clippy::needless_pass_by_value, reason = "see above")]
 
 mod affinity;
+mod debug_log;
 mod maps;
 mod mark;
 mod shaping;
@@ -27,15 +28,19 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
+use aya_log_ebpf::debug;
 use tagger_common::{
     BASE_LANE, Backend, FAMILY_V6, FrontendKey, IPPROTO_UDP, LEASE_NEVER, LaneTables, Outcome, RevNatKey,
     RevNatValue, SOCK_F_FELL_BACK, SOCK_F_ROUTED, SlotKey, SockRecord, is_v4_mapped, lease_expired,
     passthrough_edge_counted, shaping_of, svc_is_passthrough, v4_mapped,
 };
 
-use crate::maps::{
-    BACKEND_SLOTS, CONFIG, CONNS, FRONTENDS, LEASE, PODS, REVNAT, SOCKS, Tables, count, count_edge,
-    count_service, count_shadow, insert_revnat,
+use crate::{
+    debug_log::{Level, NO_CTX},
+    maps::{
+        BACKEND_SLOTS, CONFIG, CONNS, FRONTENDS, LEASE, PODS, REVNAT, SOCKS, Tables, count, count_edge,
+        count_service, count_shadow, insert_revnat,
+    },
 };
 
 /// Return value that lets the syscall proceed.
@@ -268,6 +273,7 @@ fn try_steer(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
         if passthrough_edge_counted(who.lane) {
             count_edge(who.pod, svc.svc_id, who.lane, BASE_LANE, Outcome::Passthrough);
         }
+        log_decision(svc.svc_id, &who, BASE_LANE, Outcome::Passthrough);
         return PROCEED;
     }
     // Before anything else that steers: an expired lease means maps nobody maintains, which
@@ -276,6 +282,9 @@ fn try_steer(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
     // Services pay no lease check and are not counted as stopped by it.
     if !lease_valid() {
         count(Outcome::LeaseExpired);
+        if debug_log::enabled(Level::Debug) {
+            lease_record(svc.svc_id);
+        }
         return PROCEED;
     }
     let who = find_caller();
@@ -291,6 +300,9 @@ fn try_steer(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
     if shaping::is_shadow(&tables, &who) {
         // Counted apart from applied decisions; the destination is left unchanged.
         count_shadow(svc.svc_id, caller, lane, outcome);
+        if debug_log::enabled(Level::Debug) {
+            shadow_record(svc.svc_id, caller, lane, outcome);
+        }
         return PROCEED;
     }
     match outcome {
@@ -307,13 +319,18 @@ fn try_steer(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
     // Affinity applies within the resolved lane: the caller's remembered backend while it is
     // still a member of this set (no warm-up draw for it), else a fresh pick.
     let sticky = affinity::Sticky::of(svc, &who, lane);
-    let picked = sticky
-        .as_ref()
-        .and_then(|s| s.remembered(&tables, set))
-        .or_else(|| shaping::pick_warm(shaping.as_ref(), svc.svc_id, lane, &set))
-        .or_else(|| pick(&tables, svc.svc_id, lane, set.count, set.generation));
+    // Statements, not `or_else` closures: LLVM may outline a closure (a BPF-to-BPF call per
+    // connection) when the hook grows, as the debug log's call sites made it do.
+    let mut picked = sticky.as_ref().and_then(|s| s.remembered(&tables, set));
+    if picked.is_none() {
+        picked = shaping::pick_warm(shaping.as_ref(), svc.svc_id, lane, &set);
+    }
+    if picked.is_none() {
+        picked = pick(&tables, svc.svc_id, lane, set.count, set.generation);
+    }
     let Some((backend, slot)) = picked else {
         count(Outcome::SlotMiss);
+        log_decision(svc.svc_id, &who, lane, Outcome::SlotMiss);
         return PROCEED;
     };
     // An IPv4 socket cannot reach an IPv6 backend, nor can an IPv6 socket that addressed a
@@ -321,6 +338,7 @@ fn try_steer(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
     let backend_v6 = backend.family == FAMILY_V6;
     if backend_v6 != (v6 && !is_v4_mapped(&addr)) {
         count(Outcome::FamilyMismatch);
+        log_decision(svc.svc_id, &who, lane, Outcome::FamilyMismatch);
         return PROCEED;
     }
     set_user_addr(sa, v6, &backend.addr, backend.port);
@@ -348,12 +366,57 @@ fn try_steer(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
     PROCEED
 }
 
-/// Counts an applied decision: globally, per Service and lanes, and as the caller's edge.
+/// Counts an applied decision: globally, per Service and lanes, and as the caller's edge; and
+/// logs it.
 #[inline(always)]
 fn count_decision(who: &shaping::Caller, svc_id: u32, backend_lane: u32, outcome: Outcome) {
     count(outcome);
     count_service(svc_id, who.lane, backend_lane, outcome);
     count_edge(who.pod, svc_id, who.lane, backend_lane, outcome);
+    log_decision(svc_id, who, backend_lane, outcome);
+}
+
+/// The debug log's record of what became of a connection (or datagram) to a Service frontend
+/// once its caller is known (see `debug_log`: nothing when the log is off).
+#[inline(always)]
+fn log_decision(svc_id: u32, who: &shaping::Caller, backend_lane: u32, outcome: Outcome) {
+    if debug_log::enabled(Level::Debug) {
+        decision_record(svc_id, who.lane, who.pod, backend_lane, outcome);
+    }
+}
+
+#[inline(never)]
+fn decision_record(svc_id: u32, caller_lane: u32, pod_cgroup: u64, backend_lane: u32, outcome: Outcome) {
+    let (caller, backend) = (debug_log::lane_hex(caller_lane), debug_log::lane_hex(backend_lane));
+    debug!(
+        &NO_CTX,
+        "service {}: caller lane 0x{:x} (pod cgroup {}) -> backend lane 0x{:x}: {}",
+        svc_id,
+        &caller[..],
+        pod_cgroup,
+        &backend[..],
+        outcome.name()
+    );
+}
+
+/// A decision of shadow mode: counted, never applied.
+#[inline(never)]
+fn shadow_record(svc_id: u32, caller_lane: u32, backend_lane: u32, outcome: Outcome) {
+    let (caller, backend) = (debug_log::lane_hex(caller_lane), debug_log::lane_hex(backend_lane));
+    debug!(
+        &NO_CTX,
+        "service {}: caller lane 0x{:x} -> backend lane 0x{:x}: {} in shadow mode (counted, not applied)",
+        svc_id,
+        &caller[..],
+        &backend[..],
+        outcome.name()
+    );
+}
+
+/// A connection to a steered Service while no agent vouches for the maps.
+#[inline(never)]
+fn lease_record(svc_id: u32) {
+    debug!(&NO_CTX, "service {}: lease_expired, destination left unchanged", svc_id);
 }
 
 /// Records what the socket must keep seeing. A connected socket keeps its record in socket

@@ -4,20 +4,35 @@
 //! operator's `--mark-mask` (`LANE_MARKS`; the other mark bits are kept, and lanes without an
 //! entry, base among them, keep the whole mark) and, when the pod's lane has a DSCP, rewrites
 //! the DSCP bits (keeping ECN; the IPv4 header checksum is updated). It never drops or
-//! redirects: it returns "continue" so the next program or filter runs. Frames are Ethernet.
+//! redirects: it returns "continue" so the next program or filter runs. Frames are Ethernet,
+//! untagged (a VLAN tag's EtherType matches neither IP version, so such frames are left alone).
+//!
+//! Headers are `network-types` structs, and every offset comes from them (`EthHdr::LEN`,
+//! `offset_of!`). Every packet pays one `bpf_skb_load_bytes` for the EtherType and one for the
+//! source address, read as words (the header structs are byte arrays, alignment 1: reading the
+//! address out of a copied struct would take a load per byte). Only a lane with a DSCP copies
+//! the whole IP header, to rewrite the class with the structs' own accessors. Writes go through
+//! `bpf_skb_store_bytes` (and `bpf_l3_csum_replace`), which work on non-linear skbs too.
+
+use core::mem::offset_of;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_log_ebpf::trace;
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
 use tagger_common::{DSCP_UNSET, PodAddr, v4_mapped};
 
-use crate::maps::{LANE_MARKS, POD_ADDRS};
+use crate::{
+    debug_log::{self, Level, NO_CTX},
+    maps::{LANE_MARKS, POD_ADDRS},
+};
 
 /// `TC_ACT_UNSPEC` / `TCX_NEXT`: continue with the next program or filter.
 const CONTINUE: i32 = -1;
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-/// Offset of the IPv4 header checksum in the IP header.
-const IP4_CSUM: usize = 10;
+/// Where the IP header starts: right after the (untagged) Ethernet header.
+const IP: usize = EthHdr::LEN;
 
 #[classifier]
 pub fn lane_mark(ctx: TcContext) -> i32 {
@@ -27,59 +42,83 @@ pub fn lane_mark(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_mark(ctx: &TcContext) -> Result<(), i64> {
-    let proto = u16::from_be(ctx.load::<u16>(12)?);
-    match proto {
-        ETH_P_IP => {
-            let src: u32 = ctx.load(ETH_HLEN + 12)?;
-            let Some(pod) = pod_of(&v4_mapped(src)) else { return Ok(()) };
-            set_mark(ctx, pod.lane);
-            if pod.dscp != DSCP_UNSET {
-                // The first 16-bit word: version/IHL, then TOS (DSCP << 2 | ECN).
-                let old: [u8; 2] = ctx.load(ETH_HLEN)?;
-                let tos = (pod.dscp << 2) | (old[1] & 0x03);
-                if tos != old[1] {
-                    let new = [old[0], tos];
-                    ctx.l3_csum_replace(
-                        ETH_HLEN + IP4_CSUM,
-                        u64::from(u16::from_ne_bytes(old)),
-                        u64::from(u16::from_ne_bytes(new)),
-                        2,
-                    )?;
-                    ctx.store(ETH_HLEN + 1, &tos, 0)?;
-                }
-            }
-        }
-        ETH_P_IPV6 => {
-            let src: [u32; 4] = ctx.load(ETH_HLEN + 8)?;
-            let Some(pod) = pod_of(&src) else { return Ok(()) };
-            set_mark(ctx, pod.lane);
-            if pod.dscp != DSCP_UNSET {
-                // version(4) | traffic class(8) | flow label(20): the class spans two bytes.
-                let old: [u8; 2] = ctx.load(ETH_HLEN)?;
-                let class = ((old[0] & 0x0f) << 4) | (old[1] >> 4);
-                let class = (pod.dscp << 2) | (class & 0x03);
-                let new = [(old[0] & 0xf0) | (class >> 4), ((class & 0x0f) << 4) | (old[1] & 0x0f)];
-                if new != old {
-                    ctx.store(ETH_HLEN, &new, 0)?;
-                }
-            }
-        }
-        _ => {}
+    // Compared as loaded (network byte order): `EtherType`'s values are stored that way.
+    let ether_type: u16 = ctx.load(offset_of!(EthHdr, ether_type))?;
+    if ether_type == EtherType::Ipv4 as u16 {
+        mark_v4(ctx)
+    } else if ether_type == EtherType::Ipv6 as u16 {
+        mark_v6(ctx)
+    } else {
+        Ok(())
+    }
+}
+
+#[inline(always)]
+fn mark_v4(ctx: &TcContext) -> Result<(), i64> {
+    // Map keys hold the address as it is on the wire, read as native words.
+    let src: u32 = ctx.load(IP + offset_of!(Ipv4Hdr, src_addr))?;
+    let Some(dscp) = mark_source(ctx, &v4_mapped(src)) else { return Ok(()) };
+    let ip: Ipv4Hdr = ctx.load(IP)?;
+    let mut new = ip;
+    new.set_tos(dscp, ip.ecn());
+    if new.tos != ip.tos {
+        // The header checksum sums 16-bit words; the TOS byte shares its word with
+        // version/IHL, so the checksum is updated for that whole word.
+        let word = |h: &Ipv4Hdr| u64::from(u16::from_ne_bytes([h.vihl, h.tos]));
+        ctx.l3_csum_replace(IP + offset_of!(Ipv4Hdr, check), word(&ip), word(&new), 2)?;
+        ctx.store(IP + offset_of!(Ipv4Hdr, tos), &new.tos, 0)?;
     }
     Ok(())
 }
 
-/// Writes the lane's index into the masked bits of the packet's mark. A lane without an
+#[inline(always)]
+fn mark_v6(ctx: &TcContext) -> Result<(), i64> {
+    let src: [u32; 4] = ctx.load(IP + offset_of!(Ipv6Hdr, src_addr))?;
+    let Some(dscp) = mark_source(ctx, &src) else { return Ok(()) };
+    // version(4) | traffic class(8) | flow label(20): the class spans the first two bytes,
+    // which are written back together (no checksum covers them).
+    let ip: Ipv6Hdr = ctx.load(IP)?;
+    let mut new = ip;
+    new.set_dscp_ecn(dscp, ip.ecn());
+    let class = [new.vcf[0], new.vcf[1]];
+    if class != [ip.vcf[0], ip.vcf[1]] {
+        ctx.store(IP + offset_of!(Ipv6Hdr, vcf), &class, 0)?;
+    }
+    Ok(())
+}
+
+/// Marks the packet if `src` is a local pod's address; returns the DSCP the pod's lane sets, if
+/// it sets one (`None` too for a stranger's packet, which is left alone).
+#[inline(always)]
+fn mark_source(ctx: &TcContext, src: &[u32; 4]) -> Option<u8> {
+    let pod = pod_of(src)?;
+    mark_pod(ctx, &pod);
+    (pod.dscp != DSCP_UNSET).then_some(pod.dscp)
+}
+
+/// Writes the pod's lane's index into the masked bits of the packet's mark. A lane without an
 /// entry (base, or one that did not fit the mask: mask 0) leaves the mark as it is.
 #[inline(always)]
-fn set_mark(ctx: &TcContext, lane: u32) {
+fn mark_pod(ctx: &TcContext, pod: &PodAddr) {
     // SAFETY: LANE_MARKS is BPF_F_NO_PREALLOC; the value is copied out at once.
-    let Some(entry) = (unsafe { LANE_MARKS.get(&lane) }).copied() else { return };
+    let Some(entry) = (unsafe { LANE_MARKS.get(&pod.lane) }).copied() else { return };
     if entry.mask != 0 {
         // SAFETY: `mark` is a readable field of the __sk_buff context.
         let mark = unsafe { (*ctx.skb.skb).mark };
-        ctx.set_mark(entry.apply(mark));
+        let marked = entry.apply(mark);
+        ctx.set_mark(marked);
+        // Per packet: at `--bpf-log=trace` only.
+        if debug_log::enabled(Level::Trace) {
+            mark_record(pod.lane, mark, marked, pod.dscp);
+        }
     }
+}
+
+/// The debug log's record of one marked packet (see `debug_log`).
+#[inline(never)]
+fn mark_record(lane: u32, mark: u32, marked: u32, dscp: u8) {
+    let lane = debug_log::lane_hex(lane);
+    trace!(&NO_CTX, "lane mark: lane 0x{:x}: mark {:x} -> {:x}, dscp {}", &lane[..], mark, marked, dscp);
 }
 
 #[inline(always)]

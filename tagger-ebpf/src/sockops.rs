@@ -30,15 +30,20 @@ use aya_ebpf::{
     macros::{cgroup_sock, sock_ops},
     programs::{SockContext, SockOpsContext},
 };
+use aya_log_ebpf::debug;
 use tagger_common::{
-    IPPROTO_UDP, InboundKey, Outcome, SOCK_F_FELL_BACK, SOCK_F_ROUTED, SockRecord, inbound_row, v4_mapped,
+    IPPROTO_UDP, InboundKey, Outcome, SOCK_F_FELL_BACK, SOCK_F_ROUTED, SockRecord, inbound_kind_name,
+    inbound_row, v4_mapped,
     wire::{
         LANE_OPT_EXID, LANE_OPT_F_FELL_BACK, LANE_OPT_F_ROUTED, LANE_OPT_KIND, LANE_OPT_LEN,
         decode_lane_option, encode_lane_option,
     },
 };
 
-use crate::maps::{CONNS, INBOUND, LANE_NAMES, POD_ADDRS, count, socks_ptr};
+use crate::{
+    debug_log::{self, Level, NO_CTX},
+    maps::{CONNS, INBOUND, LANE_NAMES, POD_ADDRS, count, socks_ptr},
+};
 
 /// `SOL_TCP`.
 const SOL_TCP: i32 = 6;
@@ -186,6 +191,9 @@ fn count_inbound(ctx: &SockOpsContext) {
         unsafe { bpf_load_hdr_opt(ctx.ops, opt.as_mut_ptr().cast(), u32::from(LANE_OPT_LEN), LOAD_FROM_SYN) };
     if found == -ENOENT {
         count(Outcome::InboundNoSyn);
+        if debug_log::enabled(Level::Debug) {
+            inbound_record(pod.lane, 0, None);
+        }
         return;
     }
     let option = if found == i64::from(LANE_OPT_LEN) { decode_lane_option(&opt) } else { None };
@@ -194,6 +202,9 @@ fn count_inbound(ctx: &SockOpsContext) {
     // SAFETY: LANE_NAMES is BPF_F_NO_PREALLOC; only the presence of the entry is used.
     let (caller_lane, kind) =
         inbound_row(option, pod.lane, |lane| unsafe { LANE_NAMES.get(&lane) }.is_some());
+    if debug_log::enabled(Level::Debug) {
+        inbound_record(pod.lane, caller_lane, Some(kind));
+    }
     let key = InboundKey { addr, caller_lane, pod_lane: pod.lane, kind };
     if let Some(c) = INBOUND.get_ptr_mut(&key) {
         // SAFETY: per-CPU value of this CPU; programs do not migrate while running.
@@ -201,6 +212,15 @@ fn count_inbound(ctx: &SockOpsContext) {
     } else if INBOUND.insert(&key, &1, 0).is_err() {
         count(Outcome::InboundFull);
     }
+}
+
+/// The debug log's record of an inbound connection's classification (`kind`: an `INBOUND_*`
+/// kind; `None`: no SYN was saved, not classified).
+#[inline(never)]
+fn inbound_record(pod_lane: u32, caller_lane: u32, kind: Option<u32>) {
+    let (pod, caller) = (debug_log::lane_hex(pod_lane), debug_log::lane_hex(caller_lane));
+    let kind = kind.map_or("no saved SYN, not classified", inbound_kind_name);
+    debug!(&NO_CTX, "inbound to pod lane 0x{:x}: caller lane 0x{:x}: {}", &pod[..], &caller[..], kind);
 }
 
 /// A socket is released: forget a tracked connected UDP socket (TCP is forgotten at close).

@@ -11,7 +11,7 @@ use anyhow::{Result, bail};
 use crate::{
     cgroup::{AttachChoice, AttachPoint, choose_attach_point},
     config::labels::{DEFAULT_LANE_LABELS, validate_label_key},
-    datapath::tc::MarkDirection,
+    datapath::{BpfLog, tc::MarkDirection},
 };
 
 /// Where the agent learns about pods, Services and EndpointSlices.
@@ -151,6 +151,17 @@ pub struct Args {
           value_parser = crate::agent::lease::parse_lease)]
     pub datapath_lease: std::time::Duration,
 
+    /// The datapath's debug log: `--bpf-log` (or `=debug`) has the programs write one record
+    /// per decision on a connection to a Service (Service id, caller lane, backend lane,
+    /// outcome) and per inbound connection's classification; `=trace` adds one per packet
+    /// lane marking marks. The agent logs them at info under the target `tagger::datapath`.
+    /// Off (the default) the records cost the hooks nothing: the level is fixed when the
+    /// programs load, so a start with another level (and every start with the log on) loads
+    /// them again, replacing the running ones as an upgrade does.
+    #[arg(long, value_name = "debug|trace", num_args = 0..=1, require_equals = true, default_value = "off",
+          default_missing_value = "debug", value_parser = BpfLog::from_str)]
+    pub bpf_log: BpfLog,
+
     /// Detach the programs and remove every pin under --bpffs, then exit.
     #[arg(long)]
     pub uninstall: bool,
@@ -280,5 +291,21 @@ mod tests {
         let e = attach.validate().unwrap_err().to_string();
         assert!(e.contains("--attach-cgroup /nonexistent-tagger-pods"), "{e}");
         assert!(Args::try_parse_from(["tagger-agent", "--uninstall"]).is_ok());
+    }
+
+    #[test]
+    fn the_datapath_log_is_off_unless_asked() {
+        let parse = |extra: &[&str]| {
+            Args::try_parse_from(["tagger-agent", "--node-name", "n1"].iter().chain(extra)).map(|a| a.bpf_log)
+        };
+        assert_eq!(parse(&[]).unwrap(), BpfLog::Off);
+        assert_eq!(parse(&["--bpf-log"]).unwrap(), BpfLog::Debug);
+        assert_eq!(parse(&["--bpf-log=trace"]).unwrap(), BpfLog::Trace);
+        assert_eq!(
+            parse(&["--bpf-log", "--uninstall"]).unwrap(),
+            BpfLog::Debug,
+            "a bare flag takes no value"
+        );
+        assert!(parse(&["--bpf-log=info"]).unwrap_err().to_string().contains("debug"));
     }
 }

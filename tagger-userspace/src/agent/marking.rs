@@ -16,8 +16,11 @@ use std::{
 use anyhow::{Context as _, Result};
 use tracing::{info, warn};
 
-use super::AgentStatus;
-use crate::datapath::tc::{MarkDirection, Marker};
+use super::{AgentStatus, datapath_log};
+use crate::datapath::{
+    BpfLog, LogRing,
+    tc::{MarkDirection, Marker},
+};
 
 /// How often new interfaces are looked for.
 pub const RESCAN: Duration = Duration::from_secs(2);
@@ -28,21 +31,27 @@ pub const RESCAN: Duration = Duration::from_secs(2);
 pub struct MarkingLoop {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// The program's log ring (`--bpf-log`), until the agent takes it.
+    log_ring: Option<LogRing>,
 }
 
 impl MarkingLoop {
-    /// Loads the program and starts the loop, in the node's network namespace `node_netns`
-    /// (the agent's own when `None`). Fails if the program cannot be loaded or the namespace
-    /// entered; records the feature in `status` either way.
+    /// Loads the program (with the datapath's debug log at `log`, or without it where it does
+    /// not load with it) and starts the loop, in the node's network namespace `node_netns` (the
+    /// agent's own when `None`). Fails if the program cannot be loaded or the namespace entered;
+    /// records the feature in `status` either way.
     pub fn start(
         bpffs: &Path,
         globs: &[String],
         direction: MarkDirection,
         node_netns: Option<&Path>,
+        log: BpfLog,
         status: &AgentStatus,
     ) -> Result<Self> {
-        let mut marker =
-            Marker::load(bpffs, globs.to_vec(), direction, None).context("loading lane marking")?;
+        let mut marker = datapath_log::load_with_fallback(log, "lane marking", status, |log| {
+            Marker::load_with(bpffs, globs.to_vec(), direction, None, log).context("loading lane marking")
+        })?;
+        let log_ring = marker.take_log_ring();
         let netns = node_netns
             .map(|p| File::open(p).with_context(|| format!("--node-netns {}", p.display())))
             .transpose()?;
@@ -87,7 +96,12 @@ impl MarkingLoop {
         let detail = format!("{mode} on {} ({direction:?}) in {place}", globs.join(","));
         info!("lane marking on: {detail}");
         status.set_feature("lane_marking", true, &detail);
-        Ok(Self { stop, thread: Some(thread) })
+        Ok(Self { stop, thread: Some(thread), log_ring })
+    }
+
+    /// The marking program's log ring, when loaded with the debug log on (once).
+    pub fn take_log_ring(&mut self) -> Option<LogRing> {
+        self.log_ring.take()
     }
 
     /// Ends the loop.

@@ -11,6 +11,7 @@
 
 mod addrs;
 mod args;
+mod datapath_log;
 mod lease;
 mod marking;
 mod metrics;
@@ -101,16 +102,7 @@ pub fn run(args: &Args) -> Result<()> {
     let status = Arc::new(AgentStatus::default());
     status.set_stall_after(Duration::from_secs(args.reconciler_stall_after));
     report_attach_point(&config.attach, &status);
-    let mut install = Some({
-        let (bpffs, attach) = (args.bpffs.clone(), config.attach.path.clone());
-        std::thread::Builder::new()
-            .name("install".into())
-            .spawn(move || {
-                Datapath::install(&bpffs, &attach)
-                    .with_context(|| format!("installing the datapath on {}", attach.display()))
-            })
-            .context("spawning the datapath install")?
-    });
+    let mut install = Some(spawn_install(args, &config, &status)?);
 
     let lanes = Arc::new(std::sync::Mutex::new(lanes));
     let (wake_tx, wake_rx) = std::sync::mpsc::channel::<Wake>();
@@ -151,9 +143,12 @@ pub fn run(args: &Args) -> Result<()> {
                 ))
             }
         };
-        let (datapath, installed) = join_install(&mut install)?;
+        let (mut datapath, installed) = join_install(&mut install)?;
         info!(?installed, bpffs = %args.bpffs.display(), cgroup = %config.attach.path.display(), "datapath ready");
         marking = start_marking(args, &config, &status);
+        let log_rings =
+            datapath.take_log_ring().into_iter().chain(marking.as_mut().and_then(marking::MarkingLoop::take_log_ring));
+        datapath_log::start(&mut tasks, args.bpf_log, log_rings.collect(), &status);
         let reconciler = Reconciler::new(datapath, config.clone(), Arc::clone(&status))?;
         reconciler_thread = Some(spawn_reconciler(reconciler, wake_rx, handle, Arc::clone(&lanes), &status)?);
         if let Some(path) = &args.lanes_config {
@@ -186,6 +181,26 @@ pub fn run(args: &Args) -> Result<()> {
     }
     runtime.shutdown_timeout(Duration::from_secs(1));
     result
+}
+
+/// Installs (or adopts) the datapath on a thread of its own, with the `--bpf-log` level (or
+/// without the log where the programs do not load with it: [`datapath_log`]).
+fn spawn_install(
+    args: &Args,
+    config: &args::AgentConfig,
+    status: &Arc<AgentStatus>,
+) -> Result<std::thread::JoinHandle<Result<(Datapath, crate::datapath::Installed)>>> {
+    let (bpffs, attach, log) = (args.bpffs.clone(), config.attach.path.clone(), args.bpf_log);
+    let status = Arc::clone(status);
+    std::thread::Builder::new()
+        .name("install".into())
+        .spawn(move || {
+            datapath_log::load_with_fallback(log, "the steering programs", &status, |log| {
+                Datapath::install_with(&bpffs, &attach, log)
+                    .with_context(|| format!("installing the datapath on {}", attach.display()))
+            })
+        })
+        .context("spawning the datapath install")
 }
 
 /// Logs where the datapath attaches, and records it for the metrics; at the cgroup root, a
@@ -250,6 +265,7 @@ fn start_marking(
         &config.mark_interfaces,
         args.mark_direction,
         args.node_netns.as_deref(),
+        args.bpf_log,
         status,
     ) {
         Ok(m) => Some(m),

@@ -9,7 +9,8 @@
 //! <dir>/links/<program>     one cgroup link per program of PROGRAMS
 //! <dir>/links/moving-<program>  its link at a new attach cgroup, during a move (see below)
 //! <dir>/object-<hash>       which build of the datapath the links run (a second pin of the
-//!                           config map, named after a hash of the embedded object)
+//!                           config map, named after a hash of the embedded object and, with
+//!                           the debug log on, its level: `object-<hash>-log-debug`)
 //! ```
 //!
 //! The kernel creates pins with mode 0600; the directories are created 0700.
@@ -32,6 +33,7 @@
 //! process that installed them exits; a later process opens the same pins ([`Datapath::open`]).
 
 mod ancestors;
+pub mod bpf_log;
 mod compat;
 mod inbound;
 mod tables;
@@ -47,6 +49,7 @@ use aya::{
     EbpfLoader,
     programs::{CgroupAttachMode, Program, ProgramError, links::FdLink},
 };
+pub use bpf_log::{BpfLog, LogRing};
 pub use inbound::{EdgeRow, InboundRow};
 pub use tables::{Access, CounterSnapshot, SLOT_GRACE, ServiceStat, Tables, lane_hex, lane_label};
 use tagger_common::ALL_MAPS;
@@ -216,6 +219,12 @@ pub fn object_version() -> String {
     format!("{h:016x}")
 }
 
+/// What the links run, as recorded with the pins: this build's object loaded with `log`'s
+/// level (a load-time constant, so another level is other programs).
+fn build_id(log: BpfLog) -> String {
+    format!("{}{}", object_version(), log.build_suffix())
+}
+
 /// What [`Datapath::install`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Installed {
@@ -254,6 +263,8 @@ struct PendingUpgrade {
     ebpf: aya::Ebpf,
     programs: Vec<&'static str>,
     cgroup: CgroupRef,
+    /// What to record once they run ([`build_id`]).
+    build: String,
 }
 
 impl std::fmt::Debug for PendingUpgrade {
@@ -268,6 +279,8 @@ pub struct Datapath {
     layout: PinLayout,
     tables: Tables,
     pending: Option<PendingUpgrade>,
+    /// The log ring of the programs this process loaded with the debug log on.
+    log_ring: Option<LogRing>,
 }
 
 impl Datapath {
@@ -278,6 +291,13 @@ impl Datapath {
     /// running another build are left running until [`Datapath::finish_upgrade`] (see the
     /// module documentation).
     pub fn install(bpffs_dir: &Path, cgroup: &Path) -> Result<(Self, Installed)> {
+        Self::install_with(bpffs_dir, cgroup, BpfLog::Off)
+    }
+
+    /// [`Datapath::install`] with the datapath's debug log at `log`. Programs loaded with
+    /// another level are replaced as in an upgrade; with the log on they are always loaded
+    /// afresh (see [`bpf_log`]), and [`Datapath::take_log_ring`] gives their ring.
+    pub fn install_with(bpffs_dir: &Path, cgroup: &Path, log: BpfLog) -> Result<(Self, Installed)> {
         let layout = PinLayout::new(bpffs_dir);
         check_bpffs(bpffs_dir)?;
         let cgroup = CgroupRef::open(cgroup)?;
@@ -286,11 +306,12 @@ impl Datapath {
             enforce_private(&dir)?;
         }
         compat::check_pins(&layout)?;
-        let version = object_version();
+        let build = build_id(log);
         let recorded = layout.recorded_versions();
         // The linked programs use exactly the pinned maps of their build: a map pin missing
         // now gets a new map, which they do not see, so they are replaced as in an upgrade.
-        let current = recorded.contains(&version) && layout.missing_maps().is_empty();
+        // With the log on they are replaced too, for their ring (module docs of `bpf_log`).
+        let current = !log.is_on() && recorded.contains(&build) && layout.missing_maps().is_empty();
         recover_moves(&layout, &cgroup)?;
         let missing_links = layout.missing_links();
         let elsewhere = links_elsewhere(&layout, &cgroup);
@@ -300,7 +321,8 @@ impl Datapath {
         let attaching: Vec<&'static str> =
             missing_links.iter().copied().chain(elsewhere.iter().map(|&(p, _)| p)).collect();
         ancestors::check(&cgroup, &attaching)?;
-        let mut ebpf = load(&layout)?;
+        let mut ebpf = load(&layout, log)?;
+        let log_ring = log.is_on().then(|| LogRing::take(&mut ebpf)).transpose()?;
         attach(&mut ebpf, &layout, &cgroup, &missing_links)?;
         let replacing: Vec<&'static str> = if current {
             // This build's programs, on this build's maps: moving them needs no filled maps first.
@@ -312,8 +334,9 @@ impl Datapath {
             PROGRAMS.into_iter().filter(|p| !missing_links.contains(p)).collect()
         };
         let mut datapath = Self::open(bpffs_dir)?;
+        datapath.log_ring = log_ring;
         if replacing.is_empty() {
-            datapath.record_version()?;
+            datapath.record_version(&build)?;
             if elsewhere.is_empty() {
                 return Ok((datapath, Installed::Attached { programs: missing_links }));
             }
@@ -323,7 +346,7 @@ impl Datapath {
             let moved = elsewhere.into_iter().map(|(name, _)| name).collect();
             return Ok((datapath, Installed::Moved { from, moved, attached: missing_links }));
         }
-        datapath.pending = Some(PendingUpgrade { ebpf, programs: replacing.clone(), cgroup });
+        datapath.pending = Some(PendingUpgrade { ebpf, programs: replacing.clone(), cgroup, build });
         let from = recorded.into_iter().next();
         Ok((datapath, Installed::Upgrading { from, attached: missing_links, replacing }))
     }
@@ -355,8 +378,14 @@ impl Datapath {
             })?;
         }
         self.remove_stale_maps()?;
-        self.record_version()?;
+        self.record_version(&pending.build)?;
         Ok(pending.programs)
+    }
+
+    /// The log ring of the programs [`Datapath::install_with`] loaded with the debug log on
+    /// (once; `None` with the log off), for [`bpf_log::forward`].
+    pub fn take_log_ring(&mut self) -> Option<LogRing> {
+        self.log_ring.take()
     }
 
     /// Whether [`Datapath::finish_upgrade`] has work to do.
@@ -365,15 +394,15 @@ impl Datapath {
         self.pending.is_some()
     }
 
-    /// Pins the `object-<hash>` marker of this build and removes any other build's.
-    fn record_version(&self) -> Result<()> {
-        let version = object_version();
+    /// Pins the `object-<build>` marker of what the links now run ([`build_id`]) and removes
+    /// any other's.
+    fn record_version(&self, build: &str) -> Result<()> {
         for old in self.layout.recorded_versions() {
-            if old != version {
+            if old != build {
                 remove_pin(&self.layout.version_pin(&old))?;
             }
         }
-        let marker = self.layout.version_pin(&version);
+        let marker = self.layout.version_pin(build);
         if !marker.exists() {
             let cfg = self.layout.map(tagger_common::MAP_CONFIG);
             let fd = crate::sys::obj_get(&cfg, 0).map_err(|e| Error::io(&cfg, e))?;
@@ -404,7 +433,7 @@ impl Datapath {
     fn open_with(bpffs_dir: &Path, access: Access) -> Result<Self> {
         let layout = PinLayout::new(bpffs_dir);
         let tables = Tables::open(&layout, access)?;
-        Ok(Self { layout, tables, pending: None })
+        Ok(Self { layout, tables, pending: None, log_ring: None })
     }
 
     /// Removes every link pin (detaching the programs) and every map pin, then the directory.
@@ -452,13 +481,15 @@ impl Datapath {
     }
 }
 
-/// Loads the object (reusing pinned maps, pinning new ones) and every program into the kernel.
-fn load(layout: &PinLayout) -> Result<aya::Ebpf> {
+/// Loads the object (reusing pinned maps, pinning new ones) with the debug log at `log`, and
+/// every program into the kernel.
+fn load(layout: &PinLayout, log: BpfLog) -> Result<aya::Ebpf> {
     let map_paths: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|m| (*m, layout.map(m))).collect();
     let mut loader = EbpfLoader::new();
     for (name, path) in &map_paths {
         loader.map_pin_path(name, path.as_path());
     }
+    log.configure(&mut loader);
     let mut ebpf = loader.load(DATAPATH_OBJECT).map_err(Box::new)?;
     for name in PROGRAMS {
         let program = program_mut(&mut ebpf, name)?;

@@ -26,7 +26,7 @@ use aya::programs::{
 };
 use tagger_common::{MAP_LANE_MARKS, MAP_POD_ADDRS};
 
-use super::{DATAPATH_OBJECT, PinLayout};
+use super::{BpfLog, DATAPATH_OBJECT, LogRing, PinLayout};
 use crate::{Error, Result};
 
 /// The classifier's name in the object (and of its netlink filters).
@@ -143,6 +143,8 @@ fn interfaces() -> Vec<String> {
 /// The loaded marking program and where it is attached.
 pub struct Marker {
     ebpf: aya::Ebpf,
+    /// Its log ring, when loaded with the debug log on.
+    log_ring: Option<LogRing>,
     layout: PinLayout,
     direction: MarkDirection,
     mode: MarkMode,
@@ -169,19 +171,39 @@ impl Marker {
         direction: MarkDirection,
         mode: Option<MarkMode>,
     ) -> Result<Self> {
+        Self::load_with(bpffs_dir, globs, direction, mode, BpfLog::Off)
+    }
+
+    /// [`Marker::load`] with the datapath's debug log at `log` (marks are logged at trace);
+    /// [`Marker::take_log_ring`] gives the program's ring.
+    pub fn load_with(
+        bpffs_dir: &Path,
+        globs: Vec<String>,
+        direction: MarkDirection,
+        mode: Option<MarkMode>,
+        log: BpfLog,
+    ) -> Result<Self> {
         let layout = PinLayout::new(bpffs_dir);
         let (addrs, marks) = (layout.map(MAP_POD_ADDRS), layout.map(MAP_LANE_MARKS));
         let mut loader = aya::EbpfLoader::new();
-        // Only these two maps are shared; the program uses no other map.
+        // Only these two maps are shared; the program uses no other map but its log ring.
         loader.map_pin_path(MAP_POD_ADDRS, addrs.as_path());
         loader.map_pin_path(MAP_LANE_MARKS, marks.as_path());
+        log.configure(&mut loader);
         let mut ebpf = loader.load(DATAPATH_OBJECT).map_err(Box::new)?;
+        let log_ring = log.is_on().then(|| LogRing::take(&mut ebpf)).transpose()?;
         let program = classifier(&mut ebpf)?;
         program
             .load()
             .map_err(|source| Error::Program { program: MARK_PROGRAM, source: Box::new(source) })?;
         let mode = mode.unwrap_or_else(probe);
-        Ok(Self { ebpf, layout, direction, mode, globs, attached: BTreeSet::new() })
+        Ok(Self { ebpf, log_ring, layout, direction, mode, globs, attached: BTreeSet::new() })
+    }
+
+    /// The program's log ring when loaded with the debug log on (once), for
+    /// [`super::bpf_log::forward`].
+    pub fn take_log_ring(&mut self) -> Option<LogRing> {
+        self.log_ring.take()
     }
 
     /// The attach mode in use.

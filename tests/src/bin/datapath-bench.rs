@@ -10,7 +10,9 @@
 //! - established connections (TCP_RR, TCP_STREAM): tagger, direct, haproxy;
 //! - hook cost: ns per run of each program from the kernel's BPF run-time statistics
 //!   (`BPF_ENABLE_STATS` held only for each measurement window) at 10, 10,000 and 65,536
-//!   Services, and (full runs) a `perf record -a -g` profile of what the programs spend it on;
+//!   Services, at 10 again at the end, then at 10 with the datapath's debug log on
+//!   (`tagger-agent --bpf-log`: the programs reloaded with it, their records drained as the
+//!   agent does), and (full runs) a `perf record -a -g` profile of what the programs spend it on;
 //! - fallback: the real agent on the fake API server; time from the EndpointSlice event that
 //!   removes the last gray endpoint to the first gray caller connection landing on base.
 //!
@@ -33,7 +35,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tagger::{
-    datapath::{Datapath, PROGRAMS},
+    datapath::{BpfLog, Datapath, Installed, LogRing, PROGRAMS, bpf_log},
     net::{Proto, backend, frontend_key},
 };
 use tagger_common::{BASE_LANE, MAX_FRONTENDS, Service};
@@ -220,11 +222,16 @@ struct Sample {
     stats: Stats,
 }
 
+/// [`HookSample::pass`] of the control measurement at 10 Services after the largest level.
+const PASS_CONTROL: usize = 1;
+/// [`HookSample::pass`] of the measurement right after it with the debug log on.
+const PASS_BPF_LOG: usize = 2;
+
 /// One program's run-time statistics over one window.
 #[derive(Debug, Serialize)]
 struct HookSample {
     services: u32,
-    /// 0; 1 for the control measurement at 10 Services after the largest level.
+    /// 0; [`PASS_CONTROL`] or [`PASS_BPF_LOG`] for the measurements at 10 Services at the end.
     pass: usize,
     frontends: u32,
     /// `service` (steered connections to the VIP) or `not-a-service` (direct to a pod IP).
@@ -262,6 +269,36 @@ impl Results {
             let _ = std::fs::create_dir_all(dir);
         }
         std::fs::write(path, serde_json::to_string_pretty(self).expect("json")).expect("write results");
+    }
+}
+
+/// Reads a debug log ring on a thread of its own as the agent does: each record decoded and
+/// handed to `tracing` (which has no subscriber here, so nothing is printed). Stops on drop.
+struct LogDrain {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LogDrain {
+    fn start(ring: LogRing) -> Self {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_io().build().expect("runtime");
+            rt.block_on(async {
+                tokio::select! {
+                    read = bpf_log::forward(vec![ring]) => read.expect("reading the debug log"),
+                    _ = stopped => {}
+                }
+            });
+        });
+        Self { stop: Some(stop), thread: Some(thread) }
+    }
+}
+
+impl Drop for LogDrain {
+    fn drop(&mut self) {
+        let _ = self.stop.take().map(|s| s.send(()));
+        let _ = self.thread.take().map(std::thread::JoinHandle::join);
     }
 }
 
@@ -641,6 +678,18 @@ impl Bench {
         }
     }
 
+    /// Reloads the programs with the datapath's debug log at `log`, as an agent started with
+    /// `--bpf-log` does (an upgrade: each link switched to the new program in place), and, with
+    /// the log on, drains their records as the agent does until the returned guard is dropped.
+    fn set_bpf_log(&mut self, log: BpfLog) -> Option<LogDrain> {
+        eprintln!("==> datapath programs reloaded with the debug log {log}");
+        let (mut dp, installed) = Datapath::install_with(self.sb.dp.dir(), self.sb.cgroup.path(), log)
+            .expect("reloading the programs");
+        assert!(matches!(installed, Installed::Upgrading { .. }), "{installed:?}");
+        dp.finish_upgrade().expect("switching the links");
+        dp.take_log_ring().map(LogDrain::start)
+    }
+
     /// Steered connections until the reverse-translation LRU map is full (at most 60 s).
     fn fill_revnat(&mut self) {
         let full = usize::try_from(tagger_common::MAX_REVNAT).expect("capacity") * 99 / 100;
@@ -946,7 +995,12 @@ fn run(o: &Opts) {
             // Control: back to 10 Services at the end. If the cost stays where the largest level
             // put it, the difference came with time (the LRU map's state), not the Services.
             b.set_services(10);
-            b.hooks(10, 1);
+            b.hooks(10, PASS_CONTROL);
+            // The same workload with the debug log on, against the control just before it.
+            let drain = b.set_bpf_log(BpfLog::Debug);
+            b.hooks(10, PASS_BPF_LOG);
+            drop(drain);
+            b.set_bpf_log(BpfLog::Off);
         }
         let c = b.sb.dp.dp.tables().counters().expect("counters");
         b.results.datapath_counters = Some(json!(

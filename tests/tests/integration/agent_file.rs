@@ -340,3 +340,58 @@ fn kubernetes_service_semantics_hold_inside_each_lane() {
     });
     assert_eq!(sb.reached("gw-gray", term, 20), ["t-gray-new"]);
 }
+
+/// `--bpf-log`: the datapath writes a record of each steering decision (caller lane and pod
+/// cgroup, backend lane, outcome) and the agent logs it under `tagger::datapath`, reporting the
+/// feature; an agent restarted with the flag again (its programs loaded afresh, for their ring)
+/// still gets them; one restarted without it replaces the programs and no record is written.
+#[test]
+fn bpf_log_puts_each_steering_decision_in_the_agent_log() {
+    use std::os::unix::fs::MetadataExt as _;
+
+    let mut sb = sandbox(Some("gray"));
+    let gray = format!("{:#010x}", tagger_common::lane_id("gray"));
+    let cgroup_id = std::fs::metadata(sb.pod_cgroup("gw")).unwrap().ino();
+    let steered = format!("caller lane {gray} (pod cgroup {cgroup_id}) -> backend lane {gray}: steered");
+    // The datapath's records in the part of the (appended) log written since `from`.
+    let records = |sb: &AgentSandbox, from: usize| -> Vec<String> {
+        sb.agent_log()[from..].lines().filter(|l| l.contains("tagger::datapath")).map(str::to_owned).collect()
+    };
+    let wait_steered = |sb: &AgentSandbox, from: usize| {
+        let deadline = std::time::Instant::now() + WAIT;
+        while !records(sb, from).iter().any(|l| l.contains(&steered)) {
+            assert!(std::time::Instant::now() < deadline, "no {steered:?} record:\n{}", sb.agent_log());
+            assert_eq!(sb.reached("gw", vip(), 2), ["a-gray"]);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let restart = |sb: &mut AgentSandbox, extra: &[&str]| -> usize {
+        assert_eq!(sb.agent.as_mut().unwrap().terminate(), Some(0), "{}", sb.agent_log());
+        let from = sb.agent_log().len();
+        sb.start_agent_on_file(extra);
+        let deadline = std::time::Instant::now() + WAIT;
+        // Another level, or the log on: the programs are loaded again and swapped in.
+        while !sb.agent_log()[from..].contains("upgrade finished") {
+            assert!(std::time::Instant::now() < deadline, "no upgrade:\n{}", sb.agent_log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        from
+    };
+
+    sb.start_agent_on_file(&["--bpf-log", "--metrics-addr", "127.0.0.1:0"]);
+    wait_ready(&sb, "gray");
+    wait_steered(&sb, 0);
+    let (_, metrics) = fresh_metrics(sb.metrics_port());
+    let features = tagger::cli::status::parse_features(&metrics);
+    assert!(features["bpf_log"].available, "{metrics}");
+    assert!(features["bpf_log"].detail.contains("tagger::datapath"), "{metrics}");
+
+    let from = restart(&mut sb, &["--bpf-log"]);
+    wait_steered(&sb, from);
+
+    let from = restart(&mut sb, &[]);
+    assert_eq!(sb.reached("gw", vip(), 20), ["a-gray"]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(records(&sb, from), Vec::<String>::new(), "the log is off again");
+    assert!(!sb.agent_log()[from..].contains("bpf_log"), "{}", sb.agent_log());
+}

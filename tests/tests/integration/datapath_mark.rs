@@ -237,8 +237,10 @@ fn netlink_filters_stamp_dscp_and_mark_per_lane() {
     marking(MarkMode::Netlink);
 }
 
-#[test]
-fn the_agent_marks_its_pods_with_the_lanes_config_dscp() {
+/// A node with a gray caller `g` (host-side veth p2) and a base backend `dst`, and the agent
+/// marking the node's pod veths under 0x0f00, gray with DSCP 10, started with `extra` flags;
+/// returns once g's address is registered with gray's DSCP.
+fn marking_agent(extra: &[&str]) -> tagger_tests::agent::AgentSandbox {
     let mut sb = tagger_tests::agent::AgentSandbox::new();
     sb.caller("g", Some("gray")); // host-side veth p2
     sb.backend("dst", None);
@@ -247,7 +249,7 @@ fn the_agent_marks_its_pods_with_the_lanes_config_dscp() {
     // The agent stays in the host's namespace (the DaemonSet's is its pod's) and marks in the
     // node's, where the pods' host-side veths are, through --node-netns.
     let node_ns = sb.node_netns().path().to_string_lossy().into_owned();
-    sb.start_agent_on_file(&[
+    let mut args = vec![
         "--lanes-config",
         &lanes,
         "--mark-interfaces",
@@ -256,11 +258,20 @@ fn the_agent_marks_its_pods_with_the_lanes_config_dscp() {
         "0x0f00",
         "--node-netns",
         &node_ns,
-    ]);
+    ];
+    args.extend(extra);
+    sb.start_agent_on_file(&args);
     let g_addr = tagger::net::addr_words(IpAddr::V4(sb.netns["g"].ip4));
     sb.wait_for("g's address registered with gray's DSCP", Duration::from_secs(10), |t| {
         t.pod_addrs().unwrap().get(&g_addr).is_some_and(|e| e.dscp == GRAY_DSCP)
     });
+    sb
+}
+
+#[test]
+fn the_agent_marks_its_pods_with_the_lanes_config_dscp() {
+    let sb = marking_agent(&[]);
+    let node_ns = sb.node_netns().path().to_string_lossy().into_owned();
     let dst = SocketAddr::new(IpAddr::V4(sb.netns["dst"].ip4), tagger_tests::agent::PORT);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -292,6 +303,22 @@ fn the_agent_marks_its_pods_with_the_lanes_config_dscp() {
     let gray = lanes["lanes"].as_array().unwrap().iter().find(|l| l["lane"]["name"] == "gray").unwrap();
     assert_eq!(gray["mark"]["index"], 1, "{lanes}");
     assert_eq!(gray["mark"]["value"], "0x100", "{lanes}");
+}
+
+/// `--bpf-log=trace`: the marking program the agent loads writes a record of each packet it
+/// marks (lane, mark before and after, DSCP), which the agent logs under `tagger::datapath`.
+#[test]
+fn the_agent_logs_each_marked_packet_at_trace() {
+    let sb = marking_agent(&["--bpf-log=trace"]);
+    let record = format!("lane mark: lane {:#010x}: mark 0 -> 100, dscp {GRAY_DSCP}", lane_id("gray"));
+    let dst = SocketAddr::new(IpAddr::V4(sb.netns["dst"].ip4), tagger_tests::agent::PORT);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !sb.agent_log().lines().any(|l| l.contains("tagger::datapath") && l.contains(&record)) {
+        assert!(std::time::Instant::now() < deadline, "no {record:?} record:\n{}", sb.agent_log());
+        let got = attempts(&sb.pod_cgroup("g"), &sb.netns["g"].ns, Mode::Tcp, dst, 1);
+        assert_eq!(replies(&got).into_keys().collect::<Vec<_>>(), ["dst"]);
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// A `--mark-mask` that would write kube-proxy's bits, is empty or not contiguous is refused

@@ -27,6 +27,12 @@ pub struct Sample {
     pub p99_us: f64,
 }
 
+/// [`HookSample::pass`] of the control measurement at the lowest level, at the end of the run.
+const PASS_CONTROL: usize = 1;
+/// [`HookSample::pass`] of the measurement right after the control with the datapath's debug log
+/// on (`--bpf-log`).
+const PASS_BPF_LOG: usize = 2;
+
 #[derive(Clone, Debug, Deserialize)]
 struct HookSample {
     services: u32,
@@ -466,7 +472,7 @@ impl Report {
         self.hook_pass(program, services, destination, 0)
     }
 
-    /// As [`Self::hook`] for a pass (1: the control at the end of the run).
+    /// As [`Self::hook`] for a pass ([`PASS_CONTROL`], [`PASS_BPF_LOG`]).
     fn hook_pass(&self, program: &str, services: u32, destination: &str, pass: usize) -> Option<f64> {
         let v: Vec<f64> = self
             .data
@@ -788,7 +794,10 @@ impl Report {
              `BPF_ENABLE_STATS` held only for each window; the figure includes the statistics' own \
              clock reads). Workload per window, from a gray caller pod: TCP connect + getpeername + \
              request/response to the IPv4 and the IPv6 VIP, and UDP sendto/recvfrom to both; median \
-             over windows.\n"
+             over windows. \"then with `--bpf-log` on\": the same workload right after the column before \
+             it, with the programs reloaded with the datapath's debug log on (`tagger-agent \
+             --bpf-log`) and its records drained as the agent does; every other column has the log \
+             off.\n"
         );
         let mut header = "| program |".to_owned();
         let mut rule = "|---|".to_owned();
@@ -805,9 +814,14 @@ impl Report {
             );
             rule.push_str("---:|");
         }
-        let control = self.data.hooks.iter().any(|h| h.pass == 1);
+        let control = self.data.hooks.iter().any(|h| h.pass == PASS_CONTROL);
         if control {
             let _ = write!(header, " {} Services again, at the end |", thousands(f64::from(levels[0])));
+            rule.push_str("---:|");
+        }
+        let logged = self.data.hooks.iter().any(|h| h.pass == PASS_BPF_LOG);
+        if logged {
+            let _ = write!(header, " then with `--bpf-log` on |");
             rule.push_str("---:|");
         }
         header.push_str(" not a Service (pod IP), 10 Services |");
@@ -831,13 +845,15 @@ impl Report {
                     .map(|(a, b)| a / b);
                 let _ = write!(line, " {} |", x(r));
             }
-            if control {
-                let _ = write!(
-                    line,
-                    " {} |",
-                    self.hook_pass(program, levels[0], "service", 1)
-                        .map_or_else(|| "–".into(), |v| format!("{v:.0} ns"))
-                );
+            for (pass, shown) in [(PASS_CONTROL, control), (PASS_BPF_LOG, logged)] {
+                if shown {
+                    let _ = write!(
+                        line,
+                        " {} |",
+                        self.hook_pass(program, levels[0], "service", pass)
+                            .map_or_else(|| "–".into(), |v| format!("{v:.0} ns"))
+                    );
+                }
             }
             let _ = write!(
                 line,
@@ -1057,5 +1073,36 @@ mod tests {
         );
         assert_eq!(row(Target::AtMost(150.0, Unit::Ns), None), ["g", "≤ 150 ns", "–", "not measured"]);
         assert_eq!(row(Target::AtMost(64.0, Unit::Mib), Some(64.0)), ["g", "≤ 64 MiB", "64 MiB", "**met**"]);
+    }
+
+    /// The hook-cost table shows the control pass at the end and, right after it, the same
+    /// workload with the datapath's debug log on.
+    #[test]
+    fn the_hook_table_shows_the_debug_log_pass_beside_its_control() {
+        let hook = |pass: usize, ns: f64| {
+            serde_json::json!({"services": 10, "pass": pass, "destination": "service",
+                               "program": "connect4", "ns_per_run": ns, "runs": 100})
+        };
+        let data =
+            serde_json::json!({"config": {}, "hooks": [hook(0, 600.0), hook(1, 650.0), hook(2, 2600.0)]});
+        let machine = Machine {
+            nproc: 2,
+            kernel: String::new(),
+            cpu: String::new(),
+            mem_gib: 0.0,
+            load_start: String::new(),
+            load_end: String::new(),
+            date: String::new(),
+            revision: String::new(),
+            haproxy: String::new(),
+            iptables: String::new(),
+            elapsed: Duration::ZERO,
+            quick: true,
+        };
+        let md = Report::new(&data, "", machine).markdown();
+        let header = md.lines().find(|l| l.starts_with("| program |")).expect("hook table");
+        assert!(header.contains("| 10 Services again, at the end | then with `--bpf-log` on |"), "{header}");
+        let row = md.lines().find(|l| l.starts_with("| `connect4` |")).expect("connect4 row");
+        assert!(row.starts_with("| `connect4` | 600 ns | 650 ns | 2600 ns |"), "{row}");
     }
 }
