@@ -25,6 +25,12 @@ pub struct CgroupRef {
 }
 
 impl CgroupRef {
+    /// The datapath's entry for this cgroup as a pod of `lane`.
+    #[must_use]
+    pub fn pod_entry(&self, lane: u32) -> tagger_common::PodEntry {
+        tagger_common::PodEntry { lane, level: self.level }
+    }
+
     /// Resolves a cgroup v2 directory.
     pub fn open(path: &Path) -> Result<Self> {
         let err = |reason: String| Error::Cgroup { path: path.to_owned(), reason };

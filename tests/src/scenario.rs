@@ -116,7 +116,7 @@ impl Sandbox {
         if let Some(lane) = lane {
             let cg = TestCgroup::resolve(&cgroup);
             let tables = self.dp.dp.tables_mut();
-            tables.register_pod(&cg, lane_id(lane)).expect("register pod");
+            tables.register_pod(cg.id, cg.pod_entry(lane_id(lane))).expect("register pod");
             tables.set_lane_name(lane_id(lane), lane).expect("lane name");
         }
         Caller { pod, cgroup }

@@ -19,7 +19,7 @@ use tagger_common::{
 };
 
 use super::PinLayout;
-use crate::{Error, Result, cgroup::CgroupRef};
+use crate::{Error, Result};
 
 /// The datapath's maps, opened from their pins.
 pub struct Tables {
@@ -350,30 +350,30 @@ impl Tables {
 
     // ---- pods -------------------------------------------------------------------------------
 
-    /// Registers a pod cgroup in a lane (or moves it to another lane).
-    pub fn register_pod(&mut self, cgroup: &CgroupRef, lane: u32) -> Result<()> {
-        if cgroup.level == 0 || cgroup.level > MAX_CGROUP_LEVEL {
+    /// Registers a pod cgroup (by id) in a lane at its level (or moves it to another lane):
+    /// exactly the map's key and value, as the reconciler's op carries them.
+    pub fn register_pod(&mut self, cgroup_id: u64, entry: PodEntry) -> Result<()> {
+        if entry.level == 0 || entry.level > MAX_CGROUP_LEVEL {
             return Err(Error::Invalid {
                 what: "pod cgroup",
                 reason: format!(
-                    "{} is at level {}; pod cgroups must be below the root and at most {MAX_CGROUP_LEVEL} deep",
-                    cgroup.path.display(),
-                    cgroup.level
+                    "cgroup {cgroup_id} is at level {}; pod cgroups must be below the root and at most \
+                     {MAX_CGROUP_LEVEL} deep",
+                    entry.level
                 ),
             });
         }
         // Widen the search range first, so the datapath never misses a registered pod.
         let mut cfg = self.config()?;
         if cfg.pod_level_max == 0 {
-            cfg.pod_level_min = cgroup.level;
-            cfg.pod_level_max = cgroup.level;
+            cfg.pod_level_min = entry.level;
+            cfg.pod_level_max = entry.level;
         } else {
-            cfg.pod_level_min = cfg.pod_level_min.min(cgroup.level);
-            cfg.pod_level_max = cfg.pod_level_max.max(cgroup.level);
+            cfg.pod_level_min = cfg.pod_level_min.min(entry.level);
+            cfg.pod_level_max = cfg.pod_level_max.max(entry.level);
         }
         self.set_config(cfg)?;
-        let entry = PodEntry { lane, level: cgroup.level };
-        self.pods.insert(cgroup.id, entry, 0).map_err(|e| {
+        self.pods.insert(cgroup_id, entry, 0).map_err(|e| {
             if is_full(&e) {
                 Error::MapFull {
                     map: MAP_PODS,
@@ -381,7 +381,7 @@ impl Tables {
                     capacity: u64::from(MAX_PODS),
                 }
             } else {
-                map_err(MAP_PODS, "insert", cgroup.id)(e)
+                map_err(MAP_PODS, "insert", cgroup_id)(e)
             }
         })
     }

@@ -24,7 +24,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
-    path::PathBuf,
 };
 
 use tagger_common::{
@@ -35,9 +34,7 @@ use tagger_common::{
 };
 
 pub use crate::model::state::{DatapathState, DesiredRef, Scope};
-use crate::{
-    Error, Result, cgroup::CgroupRef, datapath::Tables, model::state::same_members, net::frontend_addr,
-};
+use crate::{Error, Result, datapath::Tables, model::state::same_members, net::frontend_addr};
 
 /// Reading the maps.
 impl DatapathState {
@@ -531,16 +528,7 @@ impl DatapathWriter for Tables {
             Op::SetLanePolicy { lane, policy } => self.set_lane_policy(*lane, policy),
             Op::ReplaceSet { key, backends } => self.replace_backends(key.svc_id, key.lane, backends),
             Op::UpsertFrontend { key, service, .. } => self.upsert_frontend(key, *service),
-            Op::RegisterPod { cgroup_id, entry } => {
-                // `register_pod` takes the cgroup as discovered; only its id and level reach the
-                // map (the path is for error messages), and both are in the op.
-                let cgroup = CgroupRef {
-                    path: PathBuf::from(format!("<cgroup id {cgroup_id}>")),
-                    id: *cgroup_id,
-                    level: entry.level,
-                };
-                self.register_pod(&cgroup, entry.lane)
-            }
+            Op::RegisterPod { cgroup_id, entry } => self.register_pod(*cgroup_id, *entry),
             Op::UnregisterPod { cgroup_id } => self.unregister_pod(*cgroup_id),
             Op::RemoveFrontend { key, .. } => self.remove_frontend(key),
             Op::RemoveSet { key } => self.remove_backend_set(key.svc_id, key.lane),

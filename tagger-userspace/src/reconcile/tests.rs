@@ -1,4 +1,4 @@
-use std::net::SocketAddr;
+use std::{net::SocketAddr, path::PathBuf};
 
 use k8s_openapi::api::{
     core::v1::{ClientIPConfig, SessionAffinityConfig},
@@ -9,6 +9,7 @@ use tagger_common::{LANE_F_STRICT, lane_id};
 
 use super::*;
 use crate::{
+    cgroup::CgroupRef,
     config::{labels::default_lane_keys, lanes::LanesConfig},
     model::{
         Change, DesiredPod, FrontendIds, FrontendOrigin, Kind, Limits, LocalPod, Object, ObjectRef, QosClass,

@@ -82,7 +82,8 @@ fn pins_outlive_the_installer_and_a_restart_adopts_them_with_no_failed_connectio
     {
         let mut dp = Datapath::open(&pins.0).expect("open pins");
         let t = dp.tables_mut();
-        t.register_pod(&TestCgroup::resolve(pod_cgroup), lane_id("gray")).unwrap();
+        let cg = TestCgroup::resolve(pod_cgroup);
+        t.register_pod(cg.id, cg.pod_entry(lane_id("gray"))).unwrap();
         t.replace_backends(1, lane_id("gray"), &[backend(gray_backend)]).unwrap();
         t.upsert_frontend(&frontend_key(vip, Proto::Tcp), Service { svc_id: 1, flags: 0 }).unwrap();
         tagger_tests::datapath::arm_lease(t);
@@ -156,7 +157,8 @@ fn an_upgrade_to_a_new_map_layout_switches_programs_with_no_failed_connection() 
     let gray_backend = SocketAddr::new(backend_pod.ip4.into(), 8080);
     let fill = |dp: &mut Datapath| {
         let t = dp.tables_mut();
-        t.register_pod(&TestCgroup::resolve(pod_cgroup), lane_id("gray")).unwrap();
+        let cg = TestCgroup::resolve(pod_cgroup);
+        t.register_pod(cg.id, cg.pod_entry(lane_id("gray"))).unwrap();
         t.replace_backends(1, lane_id("gray"), &[backend(gray_backend)]).unwrap();
         t.upsert_frontend(&frontend_key(vip, Proto::Tcp), Service { svc_id: 1, flags: 0 }).unwrap();
         // As the agent's first complete pass does, before the switch.
@@ -285,7 +287,8 @@ fn an_upgrade_that_moves_the_attach_cgroup_waits_for_the_maps_and_fails_no_conne
     let gray_backend = SocketAddr::new(f.backend_pod.ip4.into(), 8080);
     let fill = |dp: &mut Datapath| {
         let t = dp.tables_mut();
-        t.register_pod(&TestCgroup::resolve(pod_cgroup), lane_id("gray")).unwrap();
+        let cg = TestCgroup::resolve(pod_cgroup);
+        t.register_pod(cg.id, cg.pod_entry(lane_id("gray"))).unwrap();
         t.replace_backends(1, lane_id("gray"), &[backend(gray_backend)]).unwrap();
         t.upsert_frontend(&frontend_key(vip, Proto::Tcp), Service { svc_id: 1, flags: 0 }).unwrap();
         // As the agent's first complete pass does, before the switch.

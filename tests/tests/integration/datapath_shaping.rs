@@ -87,7 +87,7 @@ fn sticky_canary_puts_each_pod_wholly_in_or_out() {
     for i in 0..pods {
         let cgroup = sb.cgroup.child(&format!("kubepods.slice/kubepods-besteffort.slice/podsticky{i}"));
         let cg = TestCgroup::resolve(&cgroup);
-        sb.dp.dp.tables_mut().register_pod(&cg, BASE_LANE).unwrap();
+        sb.dp.dp.tables_mut().register_pod(cg.id, cg.pod_entry(BASE_LANE)).unwrap();
         let got = attempts(&cgroup, &net.pod.ns, Mode::Tcp, vip(), per_pod);
         let gray = count_of(&got, "s-gray");
         assert!(gray == 0 || gray == per_pod, "pod {i} split its connections: {:?}", replies(&got));

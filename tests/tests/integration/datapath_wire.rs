@@ -185,7 +185,7 @@ fn unknown_lane_ids_share_one_row_and_a_full_inbound_map_keeps_counting() {
         // Registered with an id whose name nobody published: what a forged option looks like.
         let caller = sb.caller(lane, None);
         let cg = TestCgroup::resolve(&caller.cgroup);
-        sb.dp.dp.tables_mut().register_pod(&cg, lane_id(lane)).unwrap();
+        sb.dp.dp.tables_mut().register_pod(cg.id, cg.pod_entry(lane_id(lane))).unwrap();
         assert_eq!(ok(&sb.call(&caller, Mode::Tcp, vip, 2)), 2, "{lane}");
     }
     assert_eq!(
