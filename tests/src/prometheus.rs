@@ -43,18 +43,29 @@ impl Prometheus {
             list.join(", ")
         );
         std::fs::write(dir.0.join("prometheus.yml"), config).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        // Port 0: Prometheus binds an ephemeral port itself and logs it ("Listening on"), so no
+        // other test can take a port picked here before Prometheus binds it.
         let log = std::fs::File::create(dir.0.join("prometheus.log")).unwrap();
         let child = Command::new("prometheus")
             .arg(format!("--config.file={}", dir.0.join("prometheus.yml").display()))
             .arg(format!("--storage.tsdb.path={}", dir.0.join("data").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--web.listen-address=127.0.0.1:0")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("start prometheus");
-        let p = Self { child, port, dir };
+        let mut p = Self { child, port: 0, dir };
         let deadline = Instant::now() + Duration::from_secs(20);
+        while p.port == 0 {
+            p.port = p
+                .log()
+                .lines()
+                .filter(|l| l.contains("msg=\"Listening on\""))
+                .find_map(|l| l.split("address=127.0.0.1:").nth(1)?.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0);
+            assert!(Instant::now() < deadline, "prometheus never said where it listens:\n{}", p.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
         while p.get("/-/ready").is_none_or(|(code, _)| code != 200) {
             assert!(Instant::now() < deadline, "prometheus never became ready:\n{}", p.log());
             std::thread::sleep(Duration::from_millis(100));
