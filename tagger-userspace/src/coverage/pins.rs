@@ -34,13 +34,12 @@ pub fn observe(t: &Tables) -> Result<Observed> {
             connections: row.count,
         })
         .collect();
-    let pod_addrs = t.pod_addrs()?;
     // Rows of an address that is no longer a local pod's are left out (the agent prunes them).
     let arrivals = t
         .inbound()?
         .into_iter()
         .filter_map(|row| {
-            let pod = pod_addrs.get(&row.key.addr)?;
+            let pod = peers.pod_addrs.get(&row.key.addr)?;
             let no_lane = matches!(row.key.kind, INBOUND_UNTAGGED | INBOUND_UNKNOWN_LANE);
             Some(Arrival {
                 receiver: peers.of(pod.cgroup),
@@ -51,7 +50,8 @@ pub fn observe(t: &Tables) -> Result<Observed> {
             })
         })
         .collect();
-    Ok(Observed { edges, arrivals, lane_backends: peers.lane_backends }.normalized())
+    // Merged and sorted by `coverage::report`; the metrics add rows of equal labels up.
+    Ok(Observed { edges, arrivals, lane_backends: peers.lane_backends })
 }
 
 /// The names the agent published: lanes, and Services by id (namespace, name, port).
@@ -72,6 +72,8 @@ struct Peers {
     by_cgroup: BTreeMap<u64, Peer>,
     /// Service → lane → backends (the largest of its frontends' sets).
     lane_backends: BTreeMap<Peer, BTreeMap<String, u64>>,
+    /// The local pods by address (read once, for the peers and the arrivals).
+    pod_addrs: BTreeMap<[u32; 4], tagger_common::PodAddr>,
 }
 
 impl Peers {
@@ -107,7 +109,7 @@ impl Peers {
             .into_iter()
             .map(|(cgroup, services)| (cgroup, peer(cgroup, &services, meta.get(&cgroup))))
             .collect();
-        Ok(Self { by_cgroup, lane_backends })
+        Ok(Self { by_cgroup, lane_backends, pod_addrs })
     }
 
     /// The peer of a local pod; a pod without an address or names is named by its cgroup id.

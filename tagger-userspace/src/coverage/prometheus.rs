@@ -239,7 +239,8 @@ pub fn observe(endpoint: &Endpoint, window: Option<&str>) -> anyhow::Result<Obse
             .or_default()
             .insert(l.lane, count(v));
     }
-    Ok(Observed { edges, arrivals, lane_backends }.normalized())
+    // Merged and sorted by `coverage::report`.
+    Ok(Observed { edges, arrivals, lane_backends })
 }
 
 #[cfg(test)]
