@@ -1121,9 +1121,8 @@ impl ClusterIndex {
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::api::core::v1::Service as K8sService;
-
     use super::*;
+    use crate::model::api::Service as ApiService;
     use crate::{
         config::labels::default_lane_keys,
         model::{
@@ -1133,7 +1132,7 @@ mod tests {
     };
 
     fn svc(ns: &str, name: &str, ip: &str) -> Object {
-        let (r, s): (ObjectRef, K8sService) = service(ns, name, &[ip], &[("http", 80, "TCP")]);
+        let (r, s): (ObjectRef, ApiService) = service(ns, name, &[ip], &[("http", 80, "TCP")]);
         Object::Service(r.clone(), ServiceInput::new(&r, &s))
     }
 

@@ -5,8 +5,9 @@
 //! - [`services`]: Services and EndpointSlices (plus the lane labels of backend pods) → Service
 //!   frontends and per-lane backend sets.
 //! - [`pods`]: the pods of this node → their lanes, and where kubelet puts their cgroups.
-//! - [`objects`]: the compact form in which the model reads Kubernetes objects, and the
-//!   changes sources report.
+//! - [`api`]: the Kubernetes objects as both sources parse them (only the fields read here).
+//! - [`objects`]: the compact form the model decodes those objects into, and the changes
+//!   sources report.
 //! - [`index`]: the cluster as the agent keeps it, with the desired Services maintained
 //!   incrementally (only the Services a change affects are recomputed).
 //! - [`topology`]: which of a lane's serving endpoints new connections go to
@@ -19,6 +20,7 @@
 //! The I/O around it (watching, reading files, finding which cgroup exists) belongs to the
 //! agent; its outputs are the inputs here.
 
+pub mod api;
 pub mod ids;
 pub mod incremental;
 pub mod index;
@@ -38,7 +40,7 @@ pub mod warnings;
 
 use std::fmt;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use self::api::ObjectMeta;
 
 pub use self::{
     ids::FrontendIds,

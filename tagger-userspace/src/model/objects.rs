@@ -12,13 +12,12 @@
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
-use k8s_openapi::api::{
-    core::v1::{Service as K8sService, ServicePort},
-    discovery::v1::{Endpoint, EndpointSlice},
-};
 use tagger_common::{AFFINITY_DEFAULT_TIMEOUT_S, AFFINITY_MAX_TIMEOUT_S, SVC_F_STRICT};
 
-use super::{LocalPod, ObjectRef, WarningKind, Warnings};
+use super::{
+    LocalPod, ObjectRef, WarningKind, Warnings,
+    api::{Endpoint, EndpointSlice, Service as ApiService, ServicePort},
+};
 use crate::{
     config::values::{Canary, ShapingError, Warmup, parse_canary, parse_warmup},
     net::Proto,
@@ -115,14 +114,14 @@ pub struct PortSpec {
 impl ServiceInput {
     /// Decodes a Service.
     #[must_use]
-    pub fn new(svc_ref: &ObjectRef, svc: &K8sService) -> Self {
+    pub fn new(svc_ref: &ObjectRef, svc: &ApiService) -> Self {
         let mut warnings = Warnings::default();
         let spec = decode_service(svc_ref, svc, &mut warnings);
         Self { spec, warnings }
     }
 }
 
-fn decode_service(svc_ref: &ObjectRef, svc: &K8sService, warnings: &mut Warnings) -> Option<ServiceSpec> {
+fn decode_service(svc_ref: &ObjectRef, svc: &ApiService, warnings: &mut Warnings) -> Option<ServiceSpec> {
     let ips = cluster_ips(svc_ref, svc, warnings)?;
     let ports = service_ports(svc_ref, svc, warnings);
     if ports.is_empty() {
@@ -136,7 +135,7 @@ fn decode_service(svc_ref: &ObjectRef, svc: &K8sService, warnings: &mut Warnings
 
 /// `internalTrafficPolicy` and `trafficDistribution`. Values the API server would not accept
 /// (it validates both) are read as the defaults (`Cluster`, no preference).
-fn service_topology(svc: &K8sService) -> Topology {
+fn service_topology(svc: &ApiService) -> Topology {
     let spec = svc.spec.as_ref();
     let distribution = spec.and_then(|s| s.traffic_distribution.as_deref());
     Topology {
@@ -342,7 +341,7 @@ impl Change {
 }
 
 /// The Service's cluster IPs, or `None` (counted) when the Service has nothing to steer.
-fn cluster_ips(svc_ref: &ObjectRef, svc: &K8sService, warnings: &mut Warnings) -> Option<Vec<IpAddr>> {
+fn cluster_ips(svc_ref: &ObjectRef, svc: &ApiService, warnings: &mut Warnings) -> Option<Vec<IpAddr>> {
     let Some(spec) = &svc.spec else {
         warnings.add(WarningKind::NoClusterIp, format_args!("Service {svc_ref} has no spec"));
         return None;
@@ -378,7 +377,7 @@ fn cluster_ips(svc_ref: &ObjectRef, svc: &K8sService, warnings: &mut Warnings) -
 }
 
 /// The Service's steerable ports.
-fn service_ports(svc_ref: &ObjectRef, svc: &K8sService, warnings: &mut Warnings) -> Vec<PortSpec> {
+fn service_ports(svc_ref: &ObjectRef, svc: &ApiService, warnings: &mut Warnings) -> Vec<PortSpec> {
     let ports: &[ServicePort] = svc.spec.as_ref().and_then(|s| s.ports.as_deref()).unwrap_or_default();
     if ports.is_empty() {
         warnings.add(WarningKind::ServiceWithoutPorts, format_args!("Service {svc_ref} has no ports"));
@@ -416,7 +415,7 @@ fn service_ports(svc_ref: &ObjectRef, svc: &K8sService, warnings: &mut Warnings)
 }
 
 /// The `SVC_F_*` flags from the Service's annotations.
-fn service_flags(svc_ref: &ObjectRef, svc: &K8sService, warnings: &mut Warnings) -> u32 {
+fn service_flags(svc_ref: &ObjectRef, svc: &ApiService, warnings: &mut Warnings) -> u32 {
     match svc.metadata.annotations.as_ref().and_then(|a| a.get(STRICT_ANNOTATION)).map(String::as_str) {
         None | Some("false") => 0,
         Some("true") => SVC_F_STRICT,
@@ -434,7 +433,7 @@ fn service_flags(svc_ref: &ObjectRef, svc: &K8sService, warnings: &mut Warnings)
 
 /// The shaping annotations and labels of a Service; an invalid annotation is counted and the
 /// Service is handled as without it.
-fn service_shaping(svc_ref: &ObjectRef, svc: &K8sService, warnings: &mut Warnings) -> ServiceShaping {
+fn service_shaping(svc_ref: &ObjectRef, svc: &ApiService, warnings: &mut Warnings) -> ServiceShaping {
     let annotations = svc.metadata.annotations.as_ref();
     let get = |key: &str| annotations.and_then(|a| a.get(key)).map(String::as_str);
     let mut invalid = |key: &str, value: &str, e: &ShapingError| {
@@ -458,7 +457,7 @@ fn service_shaping(svc_ref: &ObjectRef, svc: &K8sService, warnings: &mut Warning
 /// affinity for an unknown mode, the default timeout for a timeout out of range.
 fn session_affinity(
     svc_ref: &ObjectRef,
-    svc: &K8sService,
+    svc: &ApiService,
     warnings: &mut Warnings,
 ) -> Option<SessionAffinity> {
     let spec = svc.spec.as_ref()?;
@@ -650,9 +649,8 @@ fn placement(ep: &Endpoint) -> Option<Box<Placement>> {
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::api::core::v1::{ClientIPConfig, SessionAffinityConfig};
-
     use super::*;
+    use crate::model::api::{ClientIPConfig, SessionAffinityConfig};
     use crate::model::testing::{endpoint, service, slice};
 
     /// The decoded affinity and the warnings of a Service with these fields.

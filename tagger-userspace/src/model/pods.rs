@@ -25,10 +25,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use k8s_openapi::api::core::v1::Pod;
 use tagger_common::{BASE_LANE, PodEntry};
 
-use super::{ObjectRef, WarningKind, Warnings};
+use super::{ObjectRef, WarningKind, Warnings, api::Pod};
 use crate::{
     cgroup::CgroupRef,
     model::lane::{LaneOf, lane_of},
@@ -251,10 +250,9 @@ fn is_valid_uid(uid: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::{api::core::v1::PodStatus, apimachinery::pkg::apis::meta::v1::ObjectMeta};
-
     use super::*;
     use crate::config::labels::default_lane_keys;
+    use crate::model::api::{ObjectMeta, PodStatus};
 
     const UID: &str = "0b6c3a0e-1f2d-4c5b-9a8e-7d6f5e4c3b2a";
 
@@ -351,7 +349,7 @@ mod tests {
     }
 
     #[test]
-    fn from_k8s_pod() {
+    fn from_api_pod() {
         let pod = Pod {
             metadata: ObjectMeta {
                 name: Some("web-1".into()),

@@ -1,13 +1,10 @@
 use std::{net::SocketAddr, path::PathBuf};
 
-use k8s_openapi::api::{
-    core::v1::{ClientIPConfig, SessionAffinityConfig},
-    discovery::v1::{Endpoint, EndpointConditions},
-};
 use proptest::prelude::*;
 use tagger_common::{LANE_F_STRICT, lane_id};
 
 use super::*;
+use crate::model::api::{ClientIPConfig, Endpoint, EndpointConditions, SessionAffinityConfig};
 use crate::{
     cgroup::CgroupRef,
     config::{labels::default_lane_keys, lanes::LanesConfig},

@@ -1,7 +1,8 @@
 //! The file source: a YAML file of ordinary Kubernetes objects (Pod, Service, EndpointSlice, and
 //! optionally this node's Node for its zone), as
 //! `kubectl get -o yaml` prints them (a `kind: List` with `items`) or as several `---`
-//! documents, or both. Standalone mode for demos, tests and nodes outside Kubernetes.
+//! documents, or both. Standalone mode for demos, tests and nodes outside Kubernetes. The
+//! objects are parsed into [`crate::model::api`]'s types, as the kube watchers parse theirs.
 //!
 //! A file that does not parse, or holds a Pod/Service/EndpointSlice that does not decode, is
 //! rejected whole with an error naming the document and object: the caller keeps its previous
@@ -22,11 +23,9 @@ use super::{
     poll::{FileWatch, POLL_INTERVAL},
     queue::{Inputs, send},
 };
-use crate::model::{Change, Kind, LocalPod, Object, ObjectRef, ServiceInput, SliceInput};
-
-use k8s_openapi::api::{
-    core::v1::{Node, Pod, Service},
-    discovery::v1::EndpointSlice,
+use crate::model::{
+    Change, Kind, LocalPod, Object, ObjectRef, ServiceInput, SliceInput,
+    api::{EndpointSlice, Node, Pod, Service},
 };
 
 /// The objects of one file.

@@ -1,12 +1,9 @@
-use k8s_openapi::api::{
-    core::v1::Service as K8sService,
-    discovery::v1::{Endpoint, EndpointConditions, EndpointSlice},
-};
 use tagger_common::{SVC_F_STRICT, SetKey, lane_id};
 
 use super::*;
 use crate::model::{
     FrontendIds,
+    api::{Endpoint, EndpointConditions, EndpointHints, EndpointSlice, ForZone, Service as ApiService},
     testing::reference::{
         ClusterState, DesiredServices, desired_services, desired_services_on, desired_services_within,
     },
@@ -34,7 +31,7 @@ fn lane_label(lane: &str) -> BTreeMap<String, String> {
 struct Cluster(ClusterState);
 
 impl Cluster {
-    fn svc(mut self, s: (ObjectRef, K8sService)) -> Self {
+    fn svc(mut self, s: (ObjectRef, ApiService)) -> Self {
         self.0.services.insert(s.0, s.1);
         self
     }
@@ -77,13 +74,8 @@ fn placed(ip: &str, pod: &str, state: &str, node: &str, zone: &str, hints: &[&st
     ep.node_name = Some(node.into());
     ep.zone = Some(zone.into());
     if !hints.is_empty() {
-        ep.hints = Some(k8s_openapi::api::discovery::v1::EndpointHints {
-            for_zones: Some(
-                hints
-                    .iter()
-                    .map(|z| k8s_openapi::api::discovery::v1::ForZone { name: (*z).into() })
-                    .collect(),
-            ),
+        ep.hints = Some(EndpointHints {
+            for_zones: Some(hints.iter().map(|z| ForZone { name: (*z).into() }).collect()),
             for_nodes: None,
         });
     }
@@ -91,10 +83,10 @@ fn placed(ip: &str, pod: &str, state: &str, node: &str, zone: &str, hints: &[&st
 }
 
 fn with_spec(
-    mut s: (ObjectRef, K8sService),
+    mut s: (ObjectRef, ApiService),
     itp: Option<&str>,
     distribution: Option<&str>,
-) -> (ObjectRef, K8sService) {
+) -> (ObjectRef, ApiService) {
     let spec = s.1.spec.as_mut().unwrap();
     spec.internal_traffic_policy = itp.map(Into::into);
     spec.traffic_distribution = distribution.map(Into::into);

@@ -10,7 +10,6 @@
 
 use std::{collections::BTreeMap, path::PathBuf};
 
-use k8s_openapi::api::core::v1::Service;
 use proptest::prelude::*;
 use tagger_common::{MAX_CHAIN, MAX_LANES, SVC_F_STRICT};
 
@@ -20,7 +19,9 @@ use crate::{
     config::lanes::LanesConfig,
     model::incremental::{Incremental, Recheck},
     model::lane::lane_of,
-    model::{FrontendIds, Limits, ObjectRef, ServiceInput, WarningKind, objects::STRICT_ANNOTATION},
+    model::{
+        FrontendIds, Limits, ObjectRef, ServiceInput, WarningKind, api::Service, objects::STRICT_ANNOTATION,
+    },
     source::file,
 };
 

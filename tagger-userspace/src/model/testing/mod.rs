@@ -5,15 +5,12 @@ pub mod reference;
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::{
+use super::{
+    ObjectRef,
     api::{
-        core::v1::{ObjectReference, Service, ServicePort, ServiceSpec},
-        discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+        Endpoint, EndpointPort, EndpointSlice, ObjectMeta, ObjectReference, Service, ServicePort, ServiceSpec,
     },
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-
-use super::ObjectRef;
 
 /// The label linking an EndpointSlice to its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -37,13 +34,11 @@ pub(crate) fn service(
                         name: (!n.is_empty()).then(|| (*n).to_owned()),
                         port: *p,
                         protocol: Some((*proto).to_owned()),
-                        ..ServicePort::default()
                     })
                     .collect(),
             ),
             ..ServiceSpec::default()
         }),
-        ..Service::default()
     };
     (ObjectRef::new(ns, name), svc)
 }
@@ -73,7 +68,6 @@ pub(crate) fn slice(
                     name: (!n.is_empty()).then(|| (*n).to_owned()),
                     port: Some(*p),
                     protocol: Some((*proto).to_owned()),
-                    ..EndpointPort::default()
                 })
                 .collect(),
         ),

@@ -4,11 +4,11 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::{core::v1::Service as K8sService, discovery::v1::EndpointSlice};
 use tagger_common::{Backend, FrontendKey, PodEntry, Service, SetKey};
 
 use crate::model::{
     FrontendIds, FrontendOrigin, Limits, ObjectRef, ServiceInput, SliceInput, Warnings,
+    api::{EndpointSlice, Service as ApiService},
     index::{ServiceIndex, set_range},
     lanes::LaneSettings,
     shaping,
@@ -21,7 +21,7 @@ use crate::model::{
 #[derive(Clone, Debug, Default)]
 pub struct ClusterState {
     /// Every Service.
-    pub services: BTreeMap<ObjectRef, K8sService>,
+    pub services: BTreeMap<ObjectRef, ApiService>,
     /// Every EndpointSlice.
     pub slices: BTreeMap<ObjectRef, EndpointSlice>,
     /// Labels of backend pods cluster-wide (from a metadata-only watch): the lanes of

@@ -27,13 +27,16 @@ use kube::{
 use tracing::{info, warn};
 
 use self::line_limit::LineTooLong;
-use self::objects::{WireNodeMeta, WirePod, WirePodMeta, WireService, WireSlice};
+use self::objects::PodMeta;
 use super::{
     Report, Wake,
     queue::{Inputs, send},
     tasks::Tasks,
 };
-use crate::model::{Change, Kind, Labels, LocalPod, Object, ObjectRef, ServiceInput, SliceInput};
+use crate::model::{
+    Change, Kind, Labels, LocalPod, Object, ObjectRef, ServiceInput, SliceInput,
+    api::{EndpointSlice, Node, Pod, Service},
+};
 
 /// Starts the four watchers; their changes go to the returned queue, and each wakes the
 /// reconciler. `lane_keys` are the lane label keys: pods' other labels are dropped at once.
@@ -55,43 +58,43 @@ pub fn spawn(
     };
     let keys: Arc<[String]> = lane_keys.into();
 
-    // Each watcher lists and watches a lean form of its objects (see `objects`), decoded into the
+    // Each watcher lists and watches a lean form of its objects (`model::api`), decoded into the
     // model's compact form object by object. Lists use resourceVersion=0 ("any"), served by the
     // API server from its watch cache in one response, as kubelet and kube-proxy do: an agent on
     // every node must not send quorum reads to etcd on each (re)list. The watch that follows
     // brings anything newer.
     let cfg = move || watcher::Config::default().any_semantic().timeout(api_timeout);
     let local_cfg = cfg().fields(&format!("spec.nodeName={node}"));
-    let api = Api::<WirePod>::all(client.clone());
+    let api = Api::<Pod>::all(client.clone());
     let pods = move || watcher(api.clone(), local_cfg.clone()).backoff(RelistBackoff::default());
     let local_keys = Arc::clone(&keys);
     tasks.spawn(
         format!("{} watcher", Kind::LocalPod),
-        drive(pods, Kind::LocalPod, ctx.clone(), move |pod: WirePod| {
-            let mut local = LocalPod::from_pod(&pod.into())?;
+        drive(pods, Kind::LocalPod, ctx.clone(), move |pod: Pod| {
+            let mut local = LocalPod::from_pod(&pod)?;
             local.labels.retain(|k, _| local_keys.contains(k));
             Some(Object::LocalPod(local))
         }),
     );
 
-    let api = Api::<WireService>::all(client.clone());
+    let api = Api::<Service>::all(client.clone());
     let services = move || watcher(api.clone(), cfg()).backoff(RelistBackoff::default());
     tasks.spawn(
         format!("{} watcher", Kind::Service),
-        drive(services, Kind::Service, ctx.clone(), |svc: WireService| {
+        drive(services, Kind::Service, ctx.clone(), |svc: Service| {
             let key = ObjectRef::of(&svc.metadata)?;
-            let input = ServiceInput::new(&key, &svc.into());
+            let input = ServiceInput::new(&key, &svc);
             Some(Object::Service(key, input))
         }),
     );
 
-    let api = Api::<WireSlice>::all(client.clone());
+    let api = Api::<EndpointSlice>::all(client.clone());
     let slices = move || watcher(api.clone(), cfg()).backoff(RelistBackoff::default());
     tasks.spawn(
         format!("{} watcher", Kind::Slice),
-        drive(slices, Kind::Slice, ctx.clone(), |slice: WireSlice| {
+        drive(slices, Kind::Slice, ctx.clone(), |slice: EndpointSlice| {
             let key = ObjectRef::of(&slice.metadata)?;
-            let input = SliceInput::new(&key, &slice.into());
+            let input = SliceInput::new(&key, &slice);
             Some(Object::Slice(key, input))
         }),
     );
@@ -99,23 +102,23 @@ pub fn spawn(
     tasks.spawn("API server probe", probe_api(client.clone(), Arc::clone(status)));
 
     // This node's Node object, metadata only, for its zone (Services' topology preferences).
-    let api = Api::<WireNodeMeta>::all(client.clone());
+    let api = Api::<Node>::all(client.clone());
     let node_cfg = cfg().fields(&format!("metadata.name={node}"));
     let nodes = move || watcher(api.clone(), node_cfg.clone()).backoff(RelistBackoff::default());
     tasks.spawn(
         format!("{} watcher", Kind::Node),
-        drive(nodes, Kind::Node, ctx.clone(), |node: WireNodeMeta| {
+        drive(nodes, Kind::Node, ctx.clone(), |node: Node| {
             let zone = node.metadata.labels.and_then(|mut l| l.remove(crate::model::topology::ZONE_LABEL));
             Some(Object::Node(zone))
         }),
     );
 
     // Metadata only (`PartialObjectMetadata`).
-    let api = Api::<WirePodMeta>::all(client);
+    let api = Api::<PodMeta>::all(client);
     let meta = move || watcher(api.clone(), cfg()).backoff(RelistBackoff::default());
     tasks.spawn(
         format!("{} watcher", Kind::Pod),
-        drive(meta, Kind::Pod, ctx, move |meta: WirePodMeta| {
+        drive(meta, Kind::Pod, ctx, move |meta: PodMeta| {
             let key = ObjectRef::of(&meta.metadata)?;
             let labels: Labels = meta
                 .metadata
