@@ -3,11 +3,7 @@
 //! the datapath, read from the pinned maps at scrape time (outcome counters globally and per
 //! Service and lane, map fill ratios).
 
-use std::{
-    path::PathBuf,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{borrow::Cow, path::PathBuf, sync::Arc, time::Duration};
 
 use prometheus_client::{
     collector::Collector,
@@ -18,21 +14,37 @@ use prometheus_client::{
 use tagger_common::{Lease, LeaseState, Outcome, STAT_F_SHADOW};
 
 use super::AgentStatus;
-use crate::datapath::Datapath;
+use crate::{
+    coverage::{Observed, pins::Pins},
+    datapath::Datapath,
+};
 
-/// Renders the whole exposition.
-pub fn render(status: &Arc<AgentStatus>, bpffs: &std::path::Path) -> String {
-    let mut registry = Registry::with_prefix("tagger");
-    registry.register_collector(Box::new(AgentCollector(Arc::clone(status))));
-    registry.register_collector(Box::new(DatapathCollector {
-        bpffs: bpffs.to_owned(),
-        datapath: Mutex::new(None),
-    }));
-    let mut out = String::new();
-    if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
-        out.push_str("# encoding failed\n");
+/// The agent's registry, built once: its collectors read the agent's status and the pinned
+/// maps at each render.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+}
+
+impl Metrics {
+    /// The registry of the agent's own state and of the datapath pinned under `bpffs`.
+    #[must_use]
+    pub fn new(status: Arc<AgentStatus>, bpffs: PathBuf) -> Self {
+        let mut registry = Registry::with_prefix("tagger");
+        registry.register_collector(Box::new(AgentCollector(status)));
+        registry.register_collector(Box::new(DatapathCollector { bpffs }));
+        Self { registry }
     }
-    out
+
+    /// Renders the whole exposition.
+    #[must_use]
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.push_str("# encoding failed\n");
+        }
+        out
+    }
 }
 
 /// Resets, reset failures and `agent_feature_available{feature, detail}`.
@@ -304,12 +316,10 @@ fn encode_connections(
 /// are left out).
 fn encode_inbound(
     encoder: &mut DescriptorEncoder,
-    t: &crate::datapath::Tables,
+    pins: &Pins,
     lane: &impl Fn(u32) -> String,
 ) -> Result<(), std::fmt::Error> {
-    let (Ok(rows), Ok(addrs), Ok(pods)) = (t.inbound(), t.pod_addrs(), t.pod_meta()) else {
-        return Ok(());
-    };
+    let (rows, addrs, pods) = (&pins.inbound, &pins.pod_addrs, &pins.pod_meta);
     let all = Family::<InboundLabels, Counter>::default();
     let leaks = Family::<LeakLabels, Counter>::default();
     let untagged = Family::<PodLabels, Counter>::default();
@@ -405,12 +415,8 @@ fn encode_lane_marks(
 /// The lane coverage rows (see `crate::coverage`): call edges of the local pods, arrivals at
 /// them, and every Service's backends per lane, named as `tagger lanes coverage` names them,
 /// so a Prometheus over every node answers `tagger lanes coverage --prometheus`.
-fn encode_coverage(
-    encoder: &mut DescriptorEncoder,
-    t: &crate::datapath::Tables,
-) -> Result<(), std::fmt::Error> {
+fn encode_coverage(encoder: &mut DescriptorEncoder, observed: &Observed) -> Result<(), std::fmt::Error> {
     use crate::coverage::series::{self, ArrivalLabels, EdgeLabels, LaneBackendLabels};
-    let Ok(observed) = crate::coverage::pins::observe(t) else { return Ok(()) };
     let edges = Family::<EdgeLabels, Counter>::default();
     for e in &observed.edges {
         edges.get_or_create(&EdgeLabels::of(e)).inc_by(e.connections);
@@ -539,20 +545,16 @@ fn clamp(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// The datapath's counters and map fill, read from the pins (read-only) at each scrape.
+/// The datapath's counters and map fill, read from the pins (read-only) at each scrape. The
+/// pins are opened anew each time: an upgrade or reinstall may have replaced them since.
 #[derive(Debug)]
 struct DatapathCollector {
     bpffs: PathBuf,
-    datapath: Mutex<Option<Datapath>>,
 }
 
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let mut guard = self.datapath.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if guard.is_none() {
-            *guard = Datapath::open_read_only(&self.bpffs).ok();
-        }
-        let Some(dp) = guard.as_ref() else {
+        let Ok(dp) = Datapath::open_read_only(&self.bpffs) else {
             return gauge(&mut encoder, "datapath_up", "1 when the pinned maps could be read", 0);
         };
         let t = dp.tables();
@@ -578,8 +580,15 @@ impl Collector for DatapathCollector {
                 family.metric_type(),
             )?)?;
         }
-        let names = t.service_meta().unwrap_or_default();
-        let lanes = t.lane_names().unwrap_or_default();
+        // Names, lanes, local pods and their inbound rows, read once for every family below.
+        let pins = Pins::read(t);
+        let (names, lanes) = match &pins {
+            Ok(p) => (Cow::Borrowed(&p.services), Cow::Borrowed(&p.lanes)),
+            Err(_) => (
+                Cow::Owned(t.service_meta().unwrap_or_default()),
+                Cow::Owned(t.lane_names().unwrap_or_default()),
+            ),
+        };
         let lane = |id: u32| crate::datapath::lane_label(&lanes, id);
         if let Ok(stats) = t.service_stats() {
             let family = Family::<ServiceLabels, Counter>::default();
@@ -615,8 +624,11 @@ impl Collector for DatapathCollector {
         if let Ok(conns) = t.connections() {
             encode_connections(&mut encoder, &conns, &names, &lane)?;
         }
-        encode_inbound(&mut encoder, t, &lane).and_then(|()| encode_lane_marks(&mut encoder, t))?;
-        encode_coverage(&mut encoder, t)?;
+        if let Ok(pins) = &pins {
+            encode_inbound(&mut encoder, pins, &lane)?;
+            encode_coverage(&mut encoder, &pins.observe())?;
+        }
+        encode_lane_marks(&mut encoder, t)?;
         encode_fill(&mut encoder, t)
     }
 }

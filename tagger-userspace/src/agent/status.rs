@@ -424,9 +424,8 @@ pub async fn serve(addr: SocketAddr, status: Arc<AgentStatus>, bpffs: std::path:
     let bound = listener.local_addr().unwrap_or(addr);
     info!(addr = %bound, "serving /metrics, /healthz, /readyz");
     let limits = ServerLimits::default();
-    let render_status = Arc::clone(&status);
-    let metrics =
-        MetricsCache::new(limits.metrics_ttl, move || super::metrics::render(&render_status, &bpffs));
+    let registry = super::metrics::Metrics::new(Arc::clone(&status), bpffs);
+    let metrics = MetricsCache::new(limits.metrics_ttl, move || registry.render());
     serve_on(listener, status, metrics, limits).await;
 }
 
