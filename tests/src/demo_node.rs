@@ -214,3 +214,36 @@ pub fn send_with(
     }
     paths
 }
+
+/// `tagger lanes coverage -o dot` over the node's pins, as written and rendered.
+#[derive(Debug)]
+pub struct CoverageGraph {
+    /// The command succeeded.
+    pub listed: bool,
+    /// Where the graph was written (`lanes.dot`).
+    pub dot_file: PathBuf,
+    /// The picture graphviz rendered (`lanes.svg`), or why it refused the graph; `None` when
+    /// graphviz is not installed.
+    pub svg: Option<Result<PathBuf, String>>,
+}
+
+/// Writes the node's coverage graph to `lanes.dot` in the sandbox's directory and renders it
+/// with graphviz (`dot -Tsvg`) when graphviz is installed.
+#[must_use]
+pub fn coverage_graph(sb: &AgentSandbox) -> CoverageGraph {
+    let dot = std::process::Command::new(crate::agent::workspace_bin("tagger"))
+        .args(["--bpffs", &sb.pins.0.to_string_lossy(), "lanes", "coverage", "-o", "dot"])
+        .output()
+        .expect("run tagger");
+    let dot_file = sb.dir.0.join("lanes.dot");
+    std::fs::write(&dot_file, &dot.stdout).expect("write lanes.dot");
+    let svg_file = dot_file.with_extension("svg");
+    let svg =
+        match std::process::Command::new("dot").arg("-Tsvg").arg(&dot_file).arg("-o").arg(&svg_file).output()
+        {
+            Err(_) => None,
+            Ok(out) if out.status.success() => Some(Ok(svg_file)),
+            Ok(out) => Some(Err(String::from_utf8_lossy(&out.stderr).into_owned())),
+        };
+    CoverageGraph { listed: dot.status.success(), dot_file, svg }
+}

@@ -552,25 +552,22 @@ fn coverage_break(sb: &AgentSandbox) -> Check {
             )
         })
         .collect();
-    let dot = Command::new(workspace_bin("tagger"))
-        .args(["--bpffs", &sb.pins.0.to_string_lossy(), "lanes", "coverage", "-o", "dot"])
-        .output()
-        .expect("run tagger");
-    let dot_file = sb.dir.0.join("lanes.dot");
-    std::fs::write(&dot_file, &dot.stdout).expect("write lanes.dot");
-    let svg = dot_file.with_extension("svg");
-    let rendered = Command::new("dot").arg("-Tsvg").arg(&dot_file).arg("-o").arg(&svg).status();
-    match rendered {
-        Ok(s) if s.success() => {
+    let graph = demo_node::coverage_graph(sb);
+    match &graph.svg {
+        Some(Ok(svg)) => {
             println!("$ tagger lanes coverage -o dot | dot -Tsvg    (the picture: {})", svg.display());
         }
-        _ => println!("(graphviz is not installed: the graph is in {})", dot_file.display()),
+        Some(Err(e)) => println!("(graphviz refused the graph in {}: {e})", graph.dot_file.display()),
+        None => println!("(graphviz is not installed: the graph is in {})", graph.dot_file.display()),
     }
     let observed = if breaks.is_empty() { "no break point".to_owned() } else { breaks.join("; ") };
     Check {
         step: "6. gray's break point (-o json)".into(),
         expected: "demo/b (calls demo/c), and only there".into(),
-        ok: status.success() && dot.status.success() && observed == "demo/b (calls demo/c)",
+        ok: status.success()
+            && graph.listed
+            && !matches!(graph.svg, Some(Err(_)))
+            && observed == "demo/b (calls demo/c)",
         observed,
     }
 }

@@ -411,17 +411,11 @@ fn the_cluster_wide_coverage_report_is_the_nodes_and_names_where_gray_stops() {
     assert!(status.success(), "{windowed}");
     assert!(windowed["source"].as_str().unwrap().ends_with(", last 10m"), "{windowed}");
 
-    if std::process::Command::new("dot").arg("-V").output().is_ok() {
-        let dot = std::process::Command::new(tagger_tests::agent::workspace_bin("tagger"))
-            .args(["--bpffs", &sb.pins.0.to_string_lossy(), "lanes", "coverage", "-o", "dot"])
-            .output()
-            .unwrap();
-        assert!(dot.status.success());
-        let file = sb.dir.0.join("lanes.dot");
-        std::fs::write(&file, &dot.stdout).unwrap();
-        let svg = std::process::Command::new("dot").arg("-Tsvg").arg(&file).output().unwrap();
-        assert!(svg.status.success(), "graphviz refused the graph: {}", String::from_utf8_lossy(&svg.stderr));
-        assert!(String::from_utf8_lossy(&svg.stdout).contains("gray stops here"));
+    let graph = tagger_tests::demo_node::coverage_graph(&sb);
+    assert!(graph.listed);
+    if let Some(svg) = graph.svg {
+        let svg = svg.unwrap_or_else(|e| panic!("graphviz refused the graph: {e}"));
+        assert!(std::fs::read_to_string(svg).unwrap().contains("gray stops here"));
     }
     drop(node);
 }
