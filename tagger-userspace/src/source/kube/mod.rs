@@ -8,7 +8,7 @@
 //! complete relist (after a `410 Gone`) and nothing is computed from a half-listed cluster.
 
 pub mod line_limit;
-mod objects;
+mod resources;
 
 use std::{
     sync::{
@@ -27,7 +27,7 @@ use kube::{
 use tracing::{info, warn};
 
 use self::line_limit::LineTooLong;
-use self::objects::PodMeta;
+use self::resources::PodMeta;
 use super::{
     Report, Wake,
     queue::{Inputs, send},
