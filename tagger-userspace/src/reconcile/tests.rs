@@ -197,6 +197,67 @@ fn changes_are_upserts() {
     );
 }
 
+/// Every op's log line, as operators and tests read it.
+#[test]
+fn log_lines() {
+    let set = SetKey { svc_id: 3, lane: GRAY };
+    let route = RouteKey { svc_id: 3, caller_lane: GRAY };
+    let warm = WarmKey {
+        svc_id: 3,
+        port: 8080u16.to_be(),
+        _pad: 0,
+        addr: [0, 0, 0xffff_u32.to_be(), 0x0a00_0001_u32.to_be()],
+    };
+    let shaping = SvcShaping { flags: 1, canary_lane: GRAY, canary_bp: 250, _pad: 0 };
+    let entry = WarmEntry { warmup_ns: 30_000_000_000, ..WarmEntry::default() };
+    let lines = [
+        (Op::SetConfigFlags { flags: 1 }, "set datapath flags 0x1"),
+        (
+            Op::SetLanePolicy { lane: GRAY, policy: chain(&[0, 7], LANE_F_STRICT) },
+            "set lane 0xba9ab39a policy (flags 0x1, chain [0, 7])",
+        ),
+        (Op::RemoveLanePolicy { lane: GRAY }, "remove lane 0xba9ab39a policy"),
+        (
+            Op::ReplaceSet { key: set, backends: vec![be(1), be(2)] },
+            "replace set svc 3 lane 0xba9ab39a with 2 backends",
+        ),
+        (Op::RemoveSet { key: set }, "remove set svc 3 lane 0xba9ab39a"),
+        (
+            Op::UpsertFrontend { key: fk(1), service: svc(3), previous: None },
+            "upsert frontend 10.96.0.1:80/tcp as svc 3 (flags 0x0)",
+        ),
+        (Op::RemoveFrontend { key: fk(1), previous: svc(3) }, "remove frontend 10.96.0.1:80/tcp (svc 3)"),
+        (
+            Op::RegisterPod { cgroup_id: 100, entry: PodEntry { lane: GRAY, level: 4 } },
+            "register pod cgroup 100 (level 4) in lane 0xba9ab39a",
+        ),
+        (Op::UnregisterPod { cgroup_id: 100 }, "unregister pod cgroup 100"),
+        (
+            Op::SetShaping { svc_id: 3, shaping },
+            "set svc 3 shaping (flags 0x1, canary lane 0xba9ab39a 250 bp)",
+        ),
+        (Op::RemoveShaping { svc_id: 3 }, "remove svc 3 shaping"),
+        (
+            Op::SetRoute { key: route, chain: chain(&[GRAY, 0], 0) },
+            "set route svc 3 from lane 0xba9ab39a (flags 0x0, chain [ba9ab39a, 0])",
+        ),
+        (Op::RemoveRoute { key: route }, "remove route svc 3 from lane 0xba9ab39a"),
+        (
+            Op::SetWarm { key: warm, entry },
+            "set warm-up of svc 3 backend [0, 0, 4294901760, 16777226]:8080 (30000 ms)",
+        ),
+        (Op::RemoveWarm { key: warm }, "remove warm-up of svc 3 backend [0, 0, 4294901760, 16777226]"),
+        (
+            Op::SetAffinity { svc_id: 3, affinity: SvcAffinity { timeout_s: 600, _pad: 0 } },
+            "set svc 3 session affinity (600 s)",
+        ),
+        (Op::RemoveAffinity { svc_id: 3 }, "remove svc 3 session affinity"),
+    ];
+    for (op, line) in &lines {
+        assert_eq!(op.to_string(), *line);
+    }
+}
+
 // ---- apply_plan --------------------------------------------------------------------------------
 
 #[test]
