@@ -35,7 +35,10 @@ use crate::{
         pod_cgroup_candidates,
         state::{DatapathState, Scope},
     },
-    reconcile::{Mirror, Op, apply_plan},
+    reconcile::{
+        Mirror, Op, apply_plan,
+        table::{TableOp, Write},
+    },
     source::{InputsHandle, Wake},
 };
 
@@ -445,7 +448,10 @@ impl crate::lifecycle::stale::View for DesiredView<'_> {
 fn changes_steering(op: &Op) -> bool {
     matches!(
         op,
-        Op::ReplaceSet { .. } | Op::RemoveSet { .. } | Op::SetLanePolicy { .. } | Op::RemoveFrontend { .. }
+        Op::ReplaceSet { .. }
+            | Op::RemoveSet { .. }
+            | Op::Table(TableOp::Lanes(Write::Put(..)))
+            | Op::RemoveFrontend { .. }
     )
 }
 

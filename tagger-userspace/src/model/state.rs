@@ -13,28 +13,104 @@ use tagger_common::{
 
 use super::FrontendIds;
 
-/// The contents of the datapath maps that the reconciler manages: both "what is in the maps"
-/// and "what should be".
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DatapathState {
+/// Declares the maps the reconciler manages, from one list of `field: Key => Value`: the
+/// fields of [`DatapathState`], [`DesiredRef`] and [`Scope`], and what those do with every map
+/// ([`DatapathState::as_desired`], [`DatapathState::equivalent`], [`Scope::all`],
+/// [`Scope::is_empty`], [`Scope::merge`]). A map whose values are equivalent otherwise than by
+/// `==` names its comparison after `as`. The global flags are one value, not a map: they are
+/// declared here by hand.
+macro_rules! datapath_maps {
+    (@same) => { PartialEq::eq };
+    (@same $same:expr) => { $same };
+    ($($(#[doc = $doc:literal])* $field:ident: $key:ty => $value:ty $(as $same:expr)?;)*) => {
+        /// The contents of the datapath maps that the reconciler manages: both "what is in the
+        /// maps" and "what should be".
+        #[derive(Clone, Debug, Default, PartialEq, Eq)]
+        pub struct DatapathState {
+            $($(#[doc = $doc])* pub $field: BTreeMap<$key, $value>,)*
+            /// `DatapathConfig::flags` (shadow mode).
+            pub config_flags: u32,
+        }
+
+        /// The desired contents, borrowed from wherever they are kept (a [`DatapathState`], or
+        /// the incremental model's maps).
+        #[derive(Clone, Copy, Debug)]
+        pub struct DesiredRef<'a> {
+            $($(#[doc = $doc])* pub $field: &'a BTreeMap<$key, $value>,)*
+            /// `DatapathConfig::flags`.
+            pub config_flags: u32,
+        }
+
+        /// The entries a plan looks at: those that may differ between the maps and the desired
+        /// state. [`Scope::all`] is every entry of either; an incremental reconciler passes only
+        /// the keys its inputs' changes touched.
+        #[derive(Clone, Debug, Default, PartialEq, Eq)]
+        pub struct Scope {
+            $(
+                #[doc = concat!("Keys of [`DatapathState::", stringify!($field), "`].")]
+                pub $field: BTreeSet<$key>,
+            )*
+            /// The global flags.
+            pub config: bool,
+        }
+
+        impl DatapathState {
+            /// This state as the desired contents of a plan.
+            #[must_use]
+            pub fn as_desired(&self) -> DesiredRef<'_> {
+                DesiredRef { $($field: &self.$field,)* config_flags: self.config_flags }
+            }
+
+            /// Whether both states hold the same entries, comparing backend sets as sets.
+            #[must_use]
+            pub fn equivalent(&self, other: &Self) -> bool {
+                $(equivalent(&self.$field, &other.$field, datapath_maps!(@same $($same)?)) &&)*
+                    self.config_flags == other.config_flags
+            }
+        }
+
+        impl Scope {
+            /// Every entry of `current` and of `desired`.
+            #[must_use]
+            pub fn all(current: &DatapathState, desired: DesiredRef<'_>) -> Self {
+                Self {
+                    $($field: current.$field.keys().chain(desired.$field.keys()).copied().collect(),)*
+                    config: true,
+                }
+            }
+
+            /// Whether the scope holds no entry.
+            #[must_use]
+            pub fn is_empty(&self) -> bool {
+                $(self.$field.is_empty() &&)* !self.config
+            }
+
+            /// Adds another scope's entries.
+            pub fn merge(&mut self, other: Scope) {
+                $(self.$field.extend(other.$field);)*
+                self.config |= other.config;
+            }
+        }
+    };
+}
+
+datapath_maps! {
     /// Pod cgroup id → lane and cgroup level.
-    pub pods: BTreeMap<u64, PodEntry>,
+    pods: u64 => PodEntry;
     /// Service frontends.
-    pub frontends: BTreeMap<FrontendKey, Service>,
+    frontends: FrontendKey => Service;
     /// (frontend, lane) → backends. Order does not matter to the datapath.
-    pub sets: BTreeMap<SetKey, Vec<Backend>>,
+    sets: SetKey => Vec<Backend> as |a: &Vec<Backend>, b: &Vec<Backend>| same_members(a, b);
     /// Lane id → policy.
-    pub lanes: BTreeMap<u32, LanePolicy>,
+    lanes: u32 => LanePolicy;
     /// svc_id → shaping settings.
-    pub shaping: BTreeMap<u32, SvcShaping>,
+    shaping: u32 => SvcShaping;
     /// (svc_id, caller lane) → routing rule chain.
-    pub routes: BTreeMap<RouteKey, LanePolicy>,
+    routes: RouteKey => LanePolicy;
     /// Warming backends.
-    pub warm: BTreeMap<WarmKey, WarmEntry>,
+    warm: WarmKey => WarmEntry;
     /// svc_id → session affinity timeout.
-    pub affinity: BTreeMap<u32, SvcAffinity>,
-    /// `DatapathConfig::flags` (shadow mode).
-    pub config_flags: u32,
+    affinity: u32 => SvcAffinity;
 }
 
 impl DatapathState {
@@ -47,133 +123,11 @@ impl DatapathState {
         ids.reserve(self.sets.keys().map(|k| k.svc_id));
         ids
     }
-
-    /// Whether both states hold the same entries, comparing backend sets as sets.
-    #[must_use]
-    pub fn equivalent(&self, other: &Self) -> bool {
-        self.pods == other.pods
-            && self.frontends == other.frontends
-            && self.lanes == other.lanes
-            && self.shaping == other.shaping
-            && self.routes == other.routes
-            && self.warm == other.warm
-            && self.affinity == other.affinity
-            && self.config_flags == other.config_flags
-            && self.sets.len() == other.sets.len()
-            && self.sets.iter().all(|(k, v)| other.sets.get(k).is_some_and(|o| same_members(v, o)))
-    }
 }
 
-/// The desired contents, borrowed from wherever they are kept (a [`DatapathState`], or the
-/// incremental model's maps).
-#[derive(Clone, Copy, Debug)]
-pub struct DesiredRef<'a> {
-    /// Pod cgroup id → lane and cgroup level.
-    pub pods: &'a BTreeMap<u64, PodEntry>,
-    /// Service frontends.
-    pub frontends: &'a BTreeMap<FrontendKey, Service>,
-    /// (frontend, lane) → backends.
-    pub sets: &'a BTreeMap<SetKey, Vec<Backend>>,
-    /// Lane id → policy.
-    pub lanes: &'a BTreeMap<u32, LanePolicy>,
-    /// svc_id → shaping settings.
-    pub shaping: &'a BTreeMap<u32, SvcShaping>,
-    /// (svc_id, caller lane) → routing rule chain.
-    pub routes: &'a BTreeMap<RouteKey, LanePolicy>,
-    /// Warming backends.
-    pub warm: &'a BTreeMap<WarmKey, WarmEntry>,
-    /// svc_id → session affinity timeout.
-    pub affinity: &'a BTreeMap<u32, SvcAffinity>,
-    /// `DatapathConfig::flags`.
-    pub config_flags: u32,
-}
-
-impl DatapathState {
-    /// This state as the desired contents of a plan.
-    #[must_use]
-    pub fn as_desired(&self) -> DesiredRef<'_> {
-        DesiredRef {
-            pods: &self.pods,
-            frontends: &self.frontends,
-            sets: &self.sets,
-            lanes: &self.lanes,
-            shaping: &self.shaping,
-            routes: &self.routes,
-            warm: &self.warm,
-            affinity: &self.affinity,
-            config_flags: self.config_flags,
-        }
-    }
-}
-
-/// The entries a plan looks at: those that may differ between the maps and the desired state.
-/// [`Scope::all`] is every entry of either; an incremental reconciler passes only the keys its
-/// inputs' changes touched.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Scope {
-    /// Pod cgroup ids.
-    pub pods: BTreeSet<u64>,
-    /// Frontends.
-    pub frontends: BTreeSet<FrontendKey>,
-    /// Backend sets.
-    pub sets: BTreeSet<SetKey>,
-    /// Lane policies.
-    pub lanes: BTreeSet<u32>,
-    /// Shaping entries, by svc_id.
-    pub shaping: BTreeSet<u32>,
-    /// Routing rule chains.
-    pub routes: BTreeSet<RouteKey>,
-    /// Warming backends.
-    pub warm: BTreeSet<WarmKey>,
-    /// Affinity timeouts, by svc_id.
-    pub affinity: BTreeSet<u32>,
-    /// The global flags.
-    pub config: bool,
-}
-
-impl Scope {
-    /// Every entry of `current` and of `desired`.
-    #[must_use]
-    pub fn all(current: &DatapathState, desired: DesiredRef<'_>) -> Self {
-        Self {
-            pods: current.pods.keys().chain(desired.pods.keys()).copied().collect(),
-            frontends: current.frontends.keys().chain(desired.frontends.keys()).copied().collect(),
-            sets: current.sets.keys().chain(desired.sets.keys()).copied().collect(),
-            lanes: current.lanes.keys().chain(desired.lanes.keys()).copied().collect(),
-            shaping: current.shaping.keys().chain(desired.shaping.keys()).copied().collect(),
-            routes: current.routes.keys().chain(desired.routes.keys()).copied().collect(),
-            warm: current.warm.keys().chain(desired.warm.keys()).copied().collect(),
-            affinity: current.affinity.keys().chain(desired.affinity.keys()).copied().collect(),
-            config: true,
-        }
-    }
-
-    /// Whether the scope holds no entry.
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.pods.is_empty()
-            && self.frontends.is_empty()
-            && self.sets.is_empty()
-            && self.lanes.is_empty()
-            && self.shaping.is_empty()
-            && self.routes.is_empty()
-            && self.warm.is_empty()
-            && self.affinity.is_empty()
-            && !self.config
-    }
-
-    /// Adds another scope's entries.
-    pub fn merge(&mut self, other: Scope) {
-        self.pods.extend(other.pods);
-        self.frontends.extend(other.frontends);
-        self.sets.extend(other.sets);
-        self.lanes.extend(other.lanes);
-        self.shaping.extend(other.shaping);
-        self.routes.extend(other.routes);
-        self.warm.extend(other.warm);
-        self.affinity.extend(other.affinity);
-        self.config |= other.config;
-    }
+/// Whether two maps hold the same keys with values equivalent by `same`.
+fn equivalent<K: Ord, V>(a: &BTreeMap<K, V>, b: &BTreeMap<K, V>, same: impl Fn(&V, &V) -> bool) -> bool {
+    a.len() == b.len() && a.iter().all(|(k, v)| b.get(k).is_some_and(|o| same(v, o)))
 }
 
 /// Whether two backend lists hold the same backends, in any order.

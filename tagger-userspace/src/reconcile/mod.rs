@@ -20,6 +20,11 @@
 //! touched, as [`incremental::Incremental`] reports them) and gives, for those, exactly the ops
 //! of a full [`plan`]; the agent keeps a [`Mirror`] of the maps, indexed for it, and plans every
 //! entry only at start, after a failed write and periodically.
+//!
+//! The ops of the maps written whole, key → value (lane policies, pods, shaping, routes,
+//! warm-up, affinity), are generic: each map is a [`table::Table`], described once, and its
+//! ops are [`Op::Table`]. The backend sets, the frontends and the global flags keep
+//! dedicated ops (see [`table`] for why).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -27,14 +32,15 @@ use std::{
 };
 
 use tagger_common::{
-    BASE_LANE, Backend, FrontendKey, LanePolicy, MAP_AFFINITY_CFG, MAP_BACKEND_SETS, MAP_BACKEND_SLOTS,
-    MAP_FRONTENDS, MAP_LANES, MAP_PODS, MAP_ROUTES, MAP_WARM, MAX_BACKEND_SETS, MAX_BACKENDS,
-    MAX_CGROUP_LEVEL, MAX_CHAIN, MAX_FRONTENDS, MAX_LANES, MAX_PODS, MAX_ROUTES, MAX_WARM, PodEntry,
-    RouteKey, Service, SetKey, SvcAffinity, SvcShaping, WarmEntry, WarmKey,
+    Backend, FrontendKey, MAP_BACKEND_SETS, MAP_BACKEND_SLOTS, MAP_FRONTENDS, MAX_BACKEND_SETS, MAX_BACKENDS,
+    MAX_FRONTENDS, Service, SetKey,
 };
 
+use self::table::{EachTable, Listed, Stage, TableOp, Write};
 pub use crate::model::state::{DatapathState, DesiredRef, Scope};
 use crate::{Error, Result, datapath::Tables, model::state::same_members, net::frontend_addr};
+
+pub mod table;
 
 /// Reading the maps.
 impl DatapathState {
@@ -49,17 +55,30 @@ impl DatapathState {
             });
             sets.insert(key, backends);
         }
-        Ok(Self {
-            pods: tables.pods()?,
-            frontends: tables.frontends()?,
-            sets,
-            lanes: tables.lane_policies()?,
-            shaping: tables.shapings()?,
-            routes: tables.routes()?,
-            warm: tables.warm_entries()?,
-            affinity: tables.affinities()?,
-            config_flags: tables.config()?.flags,
-        })
+        let mut state = Self { frontends: tables.frontends()?, sets, ..Self::default() };
+        let mut read = Read { tables, state: &mut state, result: Ok(()) };
+        table::each_table(&mut read);
+        read.result?;
+        state.config_flags = tables.config()?.flags;
+        Ok(state)
+    }
+}
+
+/// Reads every table's entries into a state (stops at the first error).
+struct Read<'a> {
+    tables: &'a Tables,
+    state: &'a mut DatapathState,
+    result: Result<()>,
+}
+
+impl EachTable for Read<'_> {
+    fn table<T: Listed>(&mut self) {
+        if self.result.is_ok() {
+            match T::read(self.tables) {
+                Ok(entries) => *T::entries_mut(self.state) = entries,
+                Err(e) => self.result = Err(e),
+            }
+        }
     }
 }
 
@@ -142,13 +161,6 @@ impl Mirror {
 /// One write to the datapath.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    /// Sets a lane's policy.
-    SetLanePolicy {
-        /// Lane id.
-        lane: u32,
-        /// The policy.
-        policy: LanePolicy,
-    },
     /// Replaces a (frontend, lane) backend set atomically.
     ReplaceSet {
         /// The set.
@@ -166,18 +178,6 @@ pub enum Op {
         /// are still in use.
         previous: Option<Service>,
     },
-    /// Registers a pod cgroup in a lane (or moves it).
-    RegisterPod {
-        /// Cgroup id.
-        cgroup_id: u64,
-        /// Lane and cgroup level.
-        entry: PodEntry,
-    },
-    /// Forgets a pod cgroup.
-    UnregisterPod {
-        /// Cgroup id.
-        cgroup_id: u64,
-    },
     /// Removes a frontend.
     RemoveFrontend {
         /// The frontend.
@@ -190,82 +190,38 @@ pub enum Op {
         /// The set.
         key: SetKey,
     },
-    /// Removes a lane's policy (the lane falls back to base again).
-    RemoveLanePolicy {
-        /// Lane id.
-        lane: u32,
-    },
     /// Sets the global flags.
     SetConfigFlags {
         /// `CFG_F_*` bits.
         flags: u32,
     },
-    /// Sets a frontend's shaping settings.
-    SetShaping {
-        /// The frontend's id.
-        svc_id: u32,
-        /// The settings.
-        shaping: SvcShaping,
-    },
-    /// Sets a routing rule chain.
-    SetRoute {
-        /// (svc_id, caller lane).
-        key: RouteKey,
-        /// The chain.
-        chain: LanePolicy,
-    },
-    /// Marks a backend as warming.
-    SetWarm {
-        /// The backend of a frontend.
-        key: WarmKey,
-        /// Its ready time and curve.
-        entry: WarmEntry,
-    },
-    /// Removes a frontend's shaping settings.
-    RemoveShaping {
-        /// The frontend's id.
-        svc_id: u32,
-    },
-    /// Removes a routing rule chain.
-    RemoveRoute {
-        /// (svc_id, caller lane).
-        key: RouteKey,
-    },
-    /// Forgets a warming backend.
-    RemoveWarm {
-        /// The backend of a frontend.
-        key: WarmKey,
-    },
-    /// Sets a frontend's session affinity timeout.
-    SetAffinity {
-        /// The frontend's id.
-        svc_id: u32,
-        /// The timeout.
-        affinity: SvcAffinity,
-    },
-    /// Removes a frontend's session affinity timeout.
-    RemoveAffinity {
-        /// The frontend's id.
-        svc_id: u32,
-    },
+    /// Writes or removes an entry of one of the simple tables (lane policies, pods, shaping,
+    /// routes, warm-up, affinity: see [`table`]).
+    Table(TableOp),
 }
 
 impl Op {
+    /// Writes the entry of `key` in the table `T`.
+    #[must_use]
+    pub fn put<T: Listed>(key: T::Key, value: T::Value) -> Self {
+        Op::Table(T::op(Write::Put(key, value)))
+    }
+
+    /// Removes the entry of `key` from the table `T`.
+    #[must_use]
+    pub fn remove<T: Listed>(key: T::Key) -> Self {
+        Op::Table(T::op(Write::Remove(key)))
+    }
+
     /// Whether the op removes something ([`plan`] emits none without `prune`, except the
     /// clearing of sets no frontend points at).
     #[must_use]
     pub fn is_removal(&self) -> bool {
-        matches!(
-            self,
-            Op::UnregisterPod { .. }
-                | Op::RemoveFrontend { .. }
-                | Op::RemoveSet { .. }
-                | Op::RemoveLanePolicy { .. }
-                | Op::RemoveShaping { .. }
-                | Op::RemoveRoute { .. }
-                | Op::RemoveWarm { .. }
-                | Op::RemoveAffinity { .. }
-        )
+        match self {
+            Op::RemoveFrontend { .. } | Op::RemoveSet { .. } => true,
+            Op::ReplaceSet { .. } | Op::UpsertFrontend { .. } | Op::SetConfigFlags { .. } => false,
+            Op::Table(op) => op.any().is_removal(),
+        }
     }
 }
 
@@ -277,12 +233,6 @@ impl fmt::Display for Op {
             proto.map_or_else(|| format!("{addr}/{}", key.proto), |p| format!("{addr}/{p}"))
         };
         match self {
-            Op::SetLanePolicy { lane, policy } => write!(
-                f,
-                "set lane {lane:#010x} policy (flags {:#x}, chain {:x?})",
-                policy.flags,
-                &policy.chain[..(policy.chain_len as usize).min(MAX_CHAIN)]
-            ),
             Op::ReplaceSet { key, backends } => write!(
                 f,
                 "replace set svc {} lane {:#010x} with {} backends",
@@ -297,75 +247,41 @@ impl fmt::Display for Op {
                 service.svc_id,
                 service.flags
             ),
-            Op::RegisterPod { cgroup_id, entry } => {
-                write!(
-                    f,
-                    "register pod cgroup {cgroup_id} (level {}) in lane {:#010x}",
-                    entry.level, entry.lane
-                )
-            }
-            Op::UnregisterPod { cgroup_id } => write!(f, "unregister pod cgroup {cgroup_id}"),
             Op::RemoveFrontend { key, previous } => {
                 write!(f, "remove frontend {} (svc {})", frontend(key), previous.svc_id)
             }
             Op::RemoveSet { key } => write!(f, "remove set svc {} lane {:#010x}", key.svc_id, key.lane),
-            Op::RemoveLanePolicy { lane } => write!(f, "remove lane {lane:#010x} policy"),
             Op::SetConfigFlags { flags } => write!(f, "set datapath flags {flags:#x}"),
-            Op::SetShaping { svc_id, shaping } => write!(
-                f,
-                "set svc {svc_id} shaping (flags {:#x}, canary lane {:#010x} {} bp)",
-                shaping.flags, shaping.canary_lane, shaping.canary_bp
-            ),
-            Op::SetRoute { key, chain } => write!(
-                f,
-                "set route svc {} from lane {:#010x} (flags {:#x}, chain {:x?})",
-                key.svc_id,
-                key.caller_lane,
-                chain.flags,
-                &chain.chain[..(chain.chain_len as usize).min(MAX_CHAIN)]
-            ),
-            Op::SetWarm { key, entry } => write!(
-                f,
-                "set warm-up of svc {} backend {:?}:{} ({} ms)",
-                key.svc_id,
-                key.addr,
-                u16::from_be(key.port),
-                entry.warmup_ns / 1_000_000
-            ),
-            Op::RemoveShaping { svc_id } => write!(f, "remove svc {svc_id} shaping"),
-            Op::RemoveRoute { key } => {
-                write!(f, "remove route svc {} from lane {:#010x}", key.svc_id, key.caller_lane)
-            }
-            Op::RemoveWarm { key } => {
-                write!(f, "remove warm-up of svc {} backend {:?}", key.svc_id, key.addr)
-            }
-            Op::SetAffinity { svc_id, affinity } => {
-                write!(f, "set svc {svc_id} session affinity ({} s)", affinity.timeout_s)
-            }
-            Op::RemoveAffinity { svc_id } => write!(f, "remove svc {svc_id} session affinity"),
+            Op::Table(op) => op.fmt(f),
         }
     }
 }
 
 /// The writes that turn `current` into `desired`, in a safe order:
 ///
-/// 1. lane policies set,
-/// 2. backend sets replaced, and leftover sets cleared for the frontends about to appear,
-/// 3. frontends upserted,
-/// 4. pods registered,
+/// 1. the global flags set,
+/// 2. the tables of [`Stage::First`] written (lane policies),
+/// 3. backend sets replaced,
+/// 4. the tables of [`Stage::BeforeFrontends`] written (shaping, routes, warm-up, affinity),
+/// 5. leftover sets cleared for the frontends about to appear,
+/// 6. frontends upserted,
+/// 7. the tables of [`Stage::Last`] written (pods registered),
 ///
 /// then, only with `prune`:
 ///
-/// 5. pods unregistered,
-/// 6. frontends removed,
-/// 7. sets removed,
-/// 8. lane policies removed.
+/// 8. the tables of [`Stage::Last`] removed (pods unregistered),
+/// 9. frontends removed,
+/// 10. sets removed,
+/// 11. the tables of [`Stage::First`] and [`Stage::BeforeFrontends`] removed (lane policies,
+///     shaping, routes, warm-up, affinity).
+///
+/// Within a step, the tables come in the order of their list in [`table`].
 ///
 /// Leftover sets: a frontend whose `svc_id` no current frontend uses (a new frontend, or one
 /// whose id changed) must appear with exactly its desired sets. A set of that id left in the
 /// maps — written for it by a pass whose frontend upsert then failed — would otherwise make it
 /// serve stale backends in a lane that now has none (e.g. a pod since relabelled). Such a set is
-/// invisible to every connection until the frontend appears, so it is removed in step 2 even
+/// invisible to every connection until the frontend appears, so it is removed in step 5 even
 /// without `prune`.
 #[must_use]
 #[cfg(test)]
@@ -388,16 +304,13 @@ pub fn plan_scoped(
     prune: bool,
 ) -> Vec<Op> {
     let mut ops = Vec::new();
+    let tables = |ops: &mut Vec<Op>, stages: &[Stage], removals: bool| {
+        table::each_table(&mut PlanTables { current, desired, scope, stages, removals, ops });
+    };
     if scope.config && current.config_flags != desired.config_flags {
         ops.push(Op::SetConfigFlags { flags: desired.config_flags });
     }
-    for &lane in &scope.lanes {
-        if let Some(policy) = desired.lanes.get(&lane)
-            && current.lanes.get(&lane) != Some(policy)
-        {
-            ops.push(Op::SetLanePolicy { lane, policy: *policy });
-        }
-    }
+    tables(&mut ops, &[Stage::First], false);
     for key in &scope.sets {
         if let Some(backends) = desired.sets.get(key)
             && !current.sets.get(key).is_some_and(|c| same_members(c, backends))
@@ -405,18 +318,7 @@ pub fn plan_scoped(
             ops.push(Op::ReplaceSet { key: *key, backends: backends.clone() });
         }
     }
-    upserts(&mut ops, &scope.shaping, desired.shaping, &current.shaping, |svc_id, shaping| Op::SetShaping {
-        svc_id,
-        shaping,
-    });
-    upserts(&mut ops, &scope.routes, desired.routes, &current.routes, |key, chain| Op::SetRoute {
-        key,
-        chain,
-    });
-    upserts(&mut ops, &scope.warm, desired.warm, &current.warm, |key, entry| Op::SetWarm { key, entry });
-    upserts(&mut ops, &scope.affinity, desired.affinity, &current.affinity, |svc_id, affinity| {
-        Op::SetAffinity { svc_id, affinity }
-    });
+    tables(&mut ops, &[Stage::BeforeFrontends], false);
     let appearing: BTreeSet<u32> = scope
         .frontends
         .iter()
@@ -440,21 +342,11 @@ pub fn plan_scoped(
             }
         }
     }
-    for &cgroup_id in &scope.pods {
-        if let Some(entry) = desired.pods.get(&cgroup_id)
-            && current.pods.get(&cgroup_id) != Some(entry)
-        {
-            ops.push(Op::RegisterPod { cgroup_id, entry: *entry });
-        }
-    }
+    tables(&mut ops, &[Stage::Last], false);
     if !prune {
         return ops;
     }
-    for &cgroup_id in &scope.pods {
-        if current.pods.contains_key(&cgroup_id) && !desired.pods.contains_key(&cgroup_id) {
-            ops.push(Op::UnregisterPod { cgroup_id });
-        }
-    }
+    tables(&mut ops, &[Stage::Last], true);
     for key in &scope.frontends {
         if let Some(previous) = current.frontends.get(key)
             && !desired.frontends.contains_key(key)
@@ -467,50 +359,37 @@ pub fn plan_scoped(
             ops.push(Op::RemoveSet { key: *key });
         }
     }
-    for &lane in &scope.lanes {
-        if current.lanes.contains_key(&lane) && !desired.lanes.contains_key(&lane) {
-            ops.push(Op::RemoveLanePolicy { lane });
-        }
-    }
-    removals(&mut ops, &scope.shaping, desired.shaping, &current.shaping, |svc_id| Op::RemoveShaping {
-        svc_id,
-    });
-    removals(&mut ops, &scope.routes, desired.routes, &current.routes, |key| Op::RemoveRoute { key });
-    removals(&mut ops, &scope.warm, desired.warm, &current.warm, |key| Op::RemoveWarm { key });
-    removals(&mut ops, &scope.affinity, desired.affinity, &current.affinity, |svc_id| Op::RemoveAffinity {
-        svc_id,
-    });
+    tables(&mut ops, &[Stage::First, Stage::BeforeFrontends], true);
     ops
 }
 
-/// Writes of the entries of `scope` that `desired` has and `current` lacks or holds otherwise.
-fn upserts<K: Ord + Copy, V: PartialEq + Copy>(
-    ops: &mut Vec<Op>,
-    scope: &BTreeSet<K>,
-    desired: &BTreeMap<K, V>,
-    current: &BTreeMap<K, V>,
-    op: impl Fn(K, V) -> Op,
-) {
-    for key in scope {
-        if let Some(v) = desired.get(key)
-            && current.get(key) != Some(v)
-        {
-            ops.push(op(*key, *v));
-        }
-    }
+/// Plans the tables of some stages, among the keys of a scope: their writes, or their
+/// removals.
+struct PlanTables<'p, 'd> {
+    current: &'p DatapathState,
+    desired: DesiredRef<'d>,
+    scope: &'p Scope,
+    stages: &'p [Stage],
+    removals: bool,
+    ops: &'p mut Vec<Op>,
 }
 
-/// Removals of the entries of `scope` that `current` has and `desired` does not.
-fn removals<K: Ord + Copy, V>(
-    ops: &mut Vec<Op>,
-    scope: &BTreeSet<K>,
-    desired: &BTreeMap<K, V>,
-    current: &BTreeMap<K, V>,
-    op: impl Fn(K) -> Op,
-) {
-    for key in scope {
-        if current.contains_key(key) && !desired.contains_key(key) {
-            ops.push(op(*key));
+impl EachTable for PlanTables<'_, '_> {
+    fn table<T: Listed>(&mut self) {
+        if !self.stages.contains(&T::STAGE) {
+            return;
+        }
+        let (current, desired) = (T::entries(self.current), T::desired(self.desired));
+        for &key in T::scope(self.scope) {
+            if self.removals {
+                if current.contains_key(&key) && !desired.contains_key(&key) {
+                    self.ops.push(Op::remove::<T>(key));
+                }
+            } else if let Some(value) = desired.get(&key)
+                && current.get(&key) != Some(value)
+            {
+                self.ops.push(Op::put::<T>(key, *value));
+            }
         }
     }
 }
@@ -525,23 +404,12 @@ pub trait DatapathWriter {
 impl DatapathWriter for Tables {
     fn apply(&mut self, op: &Op) -> Result<(), Error> {
         match op {
-            Op::SetLanePolicy { lane, policy } => self.set_lane_policy(*lane, policy),
             Op::ReplaceSet { key, backends } => self.replace_backends(key.svc_id, key.lane, backends),
             Op::UpsertFrontend { key, service, .. } => self.upsert_frontend(key, *service),
-            Op::RegisterPod { cgroup_id, entry } => self.register_pod(*cgroup_id, *entry),
-            Op::UnregisterPod { cgroup_id } => self.unregister_pod(*cgroup_id),
             Op::RemoveFrontend { key, .. } => self.remove_frontend(key),
             Op::RemoveSet { key } => self.remove_backend_set(key.svc_id, key.lane),
-            Op::RemoveLanePolicy { lane } => self.remove_lane_policy(*lane),
             Op::SetConfigFlags { flags } => self.set_config_flags(*flags),
-            Op::SetShaping { svc_id, shaping } => self.set_shaping(*svc_id, shaping),
-            Op::SetRoute { key, chain } => self.set_route(*key, chain),
-            Op::SetWarm { key, entry } => self.set_warm(*key, entry),
-            Op::RemoveShaping { svc_id } => self.remove_shaping(*svc_id),
-            Op::RemoveRoute { key } => self.remove_route(*key),
-            Op::RemoveWarm { key } => self.remove_warm(*key),
-            Op::SetAffinity { svc_id, affinity } => self.set_affinity(*svc_id, affinity),
-            Op::RemoveAffinity { svc_id } => self.remove_affinity(*svc_id),
+            Op::Table(op) => op.any().write_to(self),
         }
     }
 }
@@ -551,20 +419,11 @@ impl DatapathState {
     pub fn apply_owned(&mut self, op: Op) -> Result<(), Error> {
         self.check(&op)?;
         match op {
-            Op::SetLanePolicy { lane, policy } => {
-                self.lanes.insert(lane, policy);
-            }
             Op::ReplaceSet { key, backends } => {
                 self.sets.insert(key, backends);
             }
             Op::UpsertFrontend { key, service, .. } => {
                 self.frontends.insert(key, service);
-            }
-            Op::RegisterPod { cgroup_id, entry } => {
-                self.pods.insert(cgroup_id, entry);
-            }
-            Op::UnregisterPod { cgroup_id } => {
-                self.pods.remove(&cgroup_id);
             }
             Op::RemoveFrontend { key, .. } => {
                 self.frontends.remove(&key);
@@ -572,61 +431,15 @@ impl DatapathState {
             Op::RemoveSet { key } => {
                 self.sets.remove(&key);
             }
-            Op::RemoveLanePolicy { lane } => {
-                self.lanes.remove(&lane);
-            }
             Op::SetConfigFlags { flags } => self.config_flags = flags,
-            Op::SetShaping { svc_id, shaping } => {
-                self.shaping.insert(svc_id, shaping);
-            }
-            Op::SetRoute { key, chain } => {
-                self.routes.insert(key, chain);
-            }
-            Op::SetWarm { key, entry } => {
-                self.warm.insert(key, entry);
-            }
-            Op::RemoveShaping { svc_id } => {
-                self.shaping.remove(&svc_id);
-            }
-            Op::RemoveRoute { key } => {
-                self.routes.remove(&key);
-            }
-            Op::RemoveWarm { key } => {
-                self.warm.remove(&key);
-            }
-            Op::SetAffinity { svc_id, affinity } => {
-                self.affinity.insert(svc_id, affinity);
-            }
-            Op::RemoveAffinity { svc_id } => {
-                self.affinity.remove(&svc_id);
-            }
+            Op::Table(op) => op.any().apply(self),
         }
         Ok(())
     }
 
     /// The error the maps would give for `op`, if any.
     fn check(&self, op: &Op) -> Result<(), Error> {
-        fn full(map: &'static str, capacity: u32) -> Error {
-            Error::MapFull { map, wanted: u64::from(capacity) + 1, capacity: u64::from(capacity) }
-        }
         match op {
-            Op::SetLanePolicy { lane, policy } => {
-                if *lane == BASE_LANE {
-                    return Err(Error::Invalid {
-                        what: "lane policy",
-                        reason: "the base lane has no fallback policy".into(),
-                    });
-                }
-                if policy.chain_len as usize > MAX_CHAIN {
-                    return Err(Error::Invalid {
-                        what: "lane policy",
-                        reason: format!("chain of {} lanes; at most {MAX_CHAIN}", policy.chain_len),
-                    });
-                }
-                if !self.lanes.contains_key(lane) && self.lanes.len() >= MAX_LANES as usize {
-                    return Err(full(MAP_LANES, MAX_LANES));
-                }
-            }
             Op::ReplaceSet { key, backends } => {
                 if backends.len() > MAX_BACKENDS as usize {
                     return Err(Error::MapFull {
@@ -644,51 +457,16 @@ impl DatapathState {
                     return Err(full(MAP_FRONTENDS, MAX_FRONTENDS));
                 }
             }
-            Op::RegisterPod { cgroup_id, entry } => {
-                if entry.level == 0 || entry.level > MAX_CGROUP_LEVEL {
-                    return Err(Error::Invalid {
-                        what: "pod cgroup",
-                        reason: format!("cgroup {cgroup_id} is at level {}", entry.level),
-                    });
-                }
-                if !self.pods.contains_key(cgroup_id) && self.pods.len() >= MAX_PODS as usize {
-                    return Err(full(MAP_PODS, MAX_PODS));
-                }
-            }
-            Op::SetRoute { key, chain } => {
-                if chain.chain_len as usize > MAX_CHAIN {
-                    return Err(Error::Invalid {
-                        what: "routing rule",
-                        reason: format!("chain of {} lanes; at most {MAX_CHAIN}", chain.chain_len),
-                    });
-                }
-                if !self.routes.contains_key(key) && self.routes.len() >= MAX_ROUTES as usize {
-                    return Err(full(MAP_ROUTES, MAX_ROUTES));
-                }
-            }
-            Op::SetWarm { key, .. } => {
-                if !self.warm.contains_key(key) && self.warm.len() >= MAX_WARM as usize {
-                    return Err(full(MAP_WARM, MAX_WARM));
-                }
-            }
-            Op::UnregisterPod { .. }
-            | Op::RemoveFrontend { .. }
-            | Op::RemoveSet { .. }
-            | Op::RemoveLanePolicy { .. }
-            | Op::SetConfigFlags { .. }
-            | Op::SetShaping { .. }
-            | Op::RemoveShaping { .. }
-            | Op::RemoveRoute { .. }
-            | Op::RemoveWarm { .. }
-            | Op::RemoveAffinity { .. } => {}
-            Op::SetAffinity { svc_id, .. } => {
-                if !self.affinity.contains_key(svc_id) && self.affinity.len() >= MAX_FRONTENDS as usize {
-                    return Err(full(MAP_AFFINITY_CFG, MAX_FRONTENDS));
-                }
-            }
+            Op::Table(op) => op.any().check(self)?,
+            Op::RemoveFrontend { .. } | Op::RemoveSet { .. } | Op::SetConfigFlags { .. } => {}
         }
         Ok(())
     }
+}
+
+/// The error of a map that has no room for one more entry.
+fn full(map: &'static str, capacity: u32) -> Error {
+    Error::MapFull { map, wanted: u64::from(capacity) + 1, capacity: u64::from(capacity) }
 }
 
 /// The in-memory model of the maps, with the same validation and capacities as [`Tables`], so
@@ -722,6 +500,9 @@ impl ApplyReport {
 /// except those that depend on it:
 /// - a frontend whose new entry's backend set failed to be written or cleared is not upserted
 ///   (it would serve without that lane's backends, or with stale ones);
+/// - a frontend whose shaping, routing rule or affinity entry failed to be written is not
+///   upserted (its flags would point at entries that are not there: see
+///   [`Table::needed_by_frontend`](table::Table::needed_by_frontend));
 /// - a pod whose lane policy failed is not registered in that lane (it would fall back where
 ///   its lane should refuse, or the reverse);
 /// - the sets of a frontend whose removal or id change failed are not removed (it still serves
@@ -739,7 +520,7 @@ pub fn apply_plan<W: DatapathWriter + ?Sized>(writer: &mut W, ops: &[Op]) -> App
     for op in ops {
         let blocked = match op {
             Op::UpsertFrontend { service, .. } => unwritten_sets.contains(&service.svc_id),
-            Op::RegisterPod { entry, .. } => unwritten_lanes.contains(&entry.lane),
+            Op::Table(TableOp::Pods(Write::Put(_, entry))) => unwritten_lanes.contains(&entry.lane),
             Op::RemoveSet { key } => still_used.contains(&key.svc_id),
             _ => false,
         };
@@ -767,15 +548,14 @@ pub fn apply_plan<W: DatapathWriter + ?Sized>(writer: &mut W, ops: &[Op]) -> App
             Op::ReplaceSet { key, .. } | Op::RemoveSet { key } => {
                 unwritten_sets.insert(key.svc_id);
             }
-            // A frontend must not appear with its flags pointing at entries that are not there.
-            Op::SetShaping { svc_id, .. } | Op::SetAffinity { svc_id, .. } => {
-                unwritten_sets.insert(*svc_id);
-            }
-            Op::SetRoute { key, .. } => {
-                unwritten_sets.insert(key.svc_id);
-            }
-            Op::SetLanePolicy { lane, .. } => {
+            Op::Table(TableOp::Lanes(Write::Put(lane, _))) => {
                 unwritten_lanes.insert(*lane);
+            }
+            // A frontend must not appear with its flags pointing at entries that are not there.
+            Op::Table(op) => {
+                if let Some(svc_id) = op.any().needed_by_frontend() {
+                    unwritten_sets.insert(svc_id);
+                }
             }
             Op::UpsertFrontend { service, previous: Some(previous), .. }
                 if previous.svc_id != service.svc_id =>

@@ -1,9 +1,15 @@
 use std::{net::SocketAddr, path::PathBuf};
 
 use proptest::prelude::*;
-use tagger_common::{LANE_F_STRICT, lane_id};
+use tagger_common::{
+    LANE_F_STRICT, LanePolicy, MAP_LANES, MAX_LANES, PodEntry, RouteKey, SvcAffinity, SvcShaping, WarmEntry,
+    WarmKey, lane_id,
+};
 
-use super::*;
+use super::{
+    table::{Affinity, Lanes, Pods, Routes, Shaping, Warm},
+    *,
+};
 use crate::model::api::{ClientIPConfig, Endpoint, EndpointConditions, SessionAffinityConfig};
 use crate::{
     cgroup::CgroupRef,
@@ -59,24 +65,22 @@ fn one_service() -> DatapathState {
 
 /// The phase of an op in a plan from `current` (see [`plan`]).
 fn rank(op: &Op, current: &DatapathState, ops: &[Op]) -> u8 {
+    use TableOp as T;
+    use Write::{Put, Remove};
     match op {
-        Op::SetConfigFlags { .. } | Op::SetLanePolicy { .. } => 0,
+        Op::SetConfigFlags { .. } | Op::Table(T::Lanes(Put(..))) => 0,
         Op::ReplaceSet { .. }
-        | Op::SetShaping { .. }
-        | Op::SetRoute { .. }
-        | Op::SetWarm { .. }
-        | Op::SetAffinity { .. } => 1,
+        | Op::Table(T::Shaping(Put(..)) | T::Routes(Put(..)) | T::Warm(Put(..)) | T::Affinity(Put(..))) => 1,
         Op::RemoveSet { key } if is_clearing(*key, current, ops) => 1,
         Op::UpsertFrontend { .. } => 2,
-        Op::RegisterPod { .. } => 3,
-        Op::UnregisterPod { .. } => 4,
+        Op::Table(T::Pods(Put(..))) => 3,
+        Op::Table(T::Pods(Remove(_))) => 4,
         Op::RemoveFrontend { .. } => 5,
         Op::RemoveSet { .. } => 6,
-        Op::RemoveLanePolicy { .. } => 7,
-        Op::RemoveShaping { .. }
-        | Op::RemoveRoute { .. }
-        | Op::RemoveWarm { .. }
-        | Op::RemoveAffinity { .. } => 8,
+        Op::Table(T::Lanes(Remove(_))) => 7,
+        Op::Table(
+            T::Shaping(Remove(_)) | T::Routes(Remove(_)) | T::Warm(Remove(_)) | T::Affinity(Remove(_)),
+        ) => 8,
     }
 }
 
@@ -155,11 +159,11 @@ fn removals_only_with_prune_and_after_writes() {
     assert_eq!(
         ops[2..],
         [
-            Op::UnregisterPod { cgroup_id: 100 },
+            Op::remove::<Pods>(100),
             Op::RemoveFrontend { key: fk(1), previous: svc(1) },
             Op::RemoveSet { key: SetKey { svc_id: 1, lane: 0 } },
             Op::RemoveSet { key: SetKey { svc_id: 1, lane: GRAY } },
-            Op::RemoveLanePolicy { lane: GRAY },
+            Op::remove::<Lanes>(GRAY),
         ]
     );
     assert!(ops.iter().filter(|o| o.is_removal()).count() == 5);
@@ -177,13 +181,13 @@ fn changes_are_upserts() {
     assert_eq!(
         ops,
         vec![
-            Op::SetLanePolicy { lane: GRAY, policy: chain(&[], LANE_F_STRICT) },
+            Op::put::<Lanes>(GRAY, chain(&[], LANE_F_STRICT)),
             Op::UpsertFrontend {
                 key: fk(1),
                 service: Service { svc_id: 1, flags: tagger_common::SVC_F_STRICT },
                 previous: Some(svc(1)),
             },
-            Op::RegisterPod { cgroup_id: 100, entry: PodEntry { lane: 0, level: 4 } },
+            Op::put::<Pods>(100, PodEntry { lane: 0, level: 4 }),
             Op::RemoveSet { key: SetKey { svc_id: 1, lane: GRAY } },
         ]
     );
@@ -213,10 +217,10 @@ fn log_lines() {
     let lines = [
         (Op::SetConfigFlags { flags: 1 }, "set datapath flags 0x1"),
         (
-            Op::SetLanePolicy { lane: GRAY, policy: chain(&[0, 7], LANE_F_STRICT) },
+            Op::put::<Lanes>(GRAY, chain(&[0, 7], LANE_F_STRICT)),
             "set lane 0xba9ab39a policy (flags 0x1, chain [0, 7])",
         ),
-        (Op::RemoveLanePolicy { lane: GRAY }, "remove lane 0xba9ab39a policy"),
+        (Op::remove::<Lanes>(GRAY), "remove lane 0xba9ab39a policy"),
         (
             Op::ReplaceSet { key: set, backends: vec![be(1), be(2)] },
             "replace set svc 3 lane 0xba9ab39a with 2 backends",
@@ -228,30 +232,27 @@ fn log_lines() {
         ),
         (Op::RemoveFrontend { key: fk(1), previous: svc(3) }, "remove frontend 10.96.0.1:80/tcp (svc 3)"),
         (
-            Op::RegisterPod { cgroup_id: 100, entry: PodEntry { lane: GRAY, level: 4 } },
+            Op::put::<Pods>(100, PodEntry { lane: GRAY, level: 4 }),
             "register pod cgroup 100 (level 4) in lane 0xba9ab39a",
         ),
-        (Op::UnregisterPod { cgroup_id: 100 }, "unregister pod cgroup 100"),
+        (Op::remove::<Pods>(100), "unregister pod cgroup 100"),
+        (Op::put::<Shaping>(3, shaping), "set svc 3 shaping (flags 0x1, canary lane 0xba9ab39a 250 bp)"),
+        (Op::remove::<Shaping>(3), "remove svc 3 shaping"),
         (
-            Op::SetShaping { svc_id: 3, shaping },
-            "set svc 3 shaping (flags 0x1, canary lane 0xba9ab39a 250 bp)",
-        ),
-        (Op::RemoveShaping { svc_id: 3 }, "remove svc 3 shaping"),
-        (
-            Op::SetRoute { key: route, chain: chain(&[GRAY, 0], 0) },
+            Op::put::<Routes>(route, chain(&[GRAY, 0], 0)),
             "set route svc 3 from lane 0xba9ab39a (flags 0x0, chain [ba9ab39a, 0])",
         ),
-        (Op::RemoveRoute { key: route }, "remove route svc 3 from lane 0xba9ab39a"),
+        (Op::remove::<Routes>(route), "remove route svc 3 from lane 0xba9ab39a"),
         (
-            Op::SetWarm { key: warm, entry },
+            Op::put::<Warm>(warm, entry),
             "set warm-up of svc 3 backend [0, 0, 4294901760, 16777226]:8080 (30000 ms)",
         ),
-        (Op::RemoveWarm { key: warm }, "remove warm-up of svc 3 backend [0, 0, 4294901760, 16777226]"),
+        (Op::remove::<Warm>(warm), "remove warm-up of svc 3 backend [0, 0, 4294901760, 16777226]"),
         (
-            Op::SetAffinity { svc_id: 3, affinity: SvcAffinity { timeout_s: 600, _pad: 0 } },
+            Op::put::<Affinity>(3, SvcAffinity { timeout_s: 600, _pad: 0 }),
             "set svc 3 session affinity (600 s)",
         ),
-        (Op::RemoveAffinity { svc_id: 3 }, "remove svc 3 session affinity"),
+        (Op::remove::<Affinity>(3), "remove svc 3 session affinity"),
     ];
     for (op, line) in &lines {
         assert_eq!(op.to_string(), *line);
@@ -287,13 +288,37 @@ fn a_failed_lane_policy_keeps_its_pods_out() {
     let desired = one_service();
     let mut model = DatapathState::default();
     let ops = plan(&model, &desired, true);
-    let mut w = Failing { inner: &mut model, fail: |op| matches!(op, Op::SetLanePolicy { .. }) };
+    let mut w =
+        Failing { inner: &mut model, fail: |op| matches!(op, Op::Table(TableOp::Lanes(Write::Put(..)))) };
     let report = apply_plan(&mut w, &ops);
-    assert_eq!(
-        report.skipped,
-        vec![Op::RegisterPod { cgroup_id: 100, entry: PodEntry { lane: GRAY, level: 4 } }]
-    );
+    assert_eq!(report.skipped, vec![Op::put::<Pods>(100, PodEntry { lane: GRAY, level: 4 })]);
     assert_eq!(model.frontends.len(), 1, "Services do not depend on lane policies");
+}
+
+#[test]
+fn a_failed_entry_that_the_flags_point_at_keeps_its_frontend_out() {
+    type Matches = fn(&Op) -> bool;
+    let mut desired = one_service();
+    let warm = WarmKey { svc_id: 1, port: 8080u16.to_be(), _pad: 0, addr: [0, 0, 0, 1] };
+    desired.shaping.insert(1, SvcShaping { flags: 1, canary_lane: GRAY, canary_bp: 250, _pad: 0 });
+    desired.routes.insert(RouteKey { svc_id: 1, caller_lane: GRAY }, chain(&[0], 0));
+    desired.affinity.insert(1, SvcAffinity { timeout_s: 600, _pad: 0 });
+    desired.warm.insert(warm, WarmEntry { warmup_ns: 1_000_000, ..WarmEntry::default() });
+    let ops = plan(&DatapathState::default(), &desired, true);
+    let upsert = Op::UpsertFrontend { key: fk(1), service: svc(1), previous: None };
+    let failing: [(&str, Matches, bool); 4] = [
+        ("shaping", |op| matches!(op, Op::Table(TableOp::Shaping(Write::Put(..)))), true),
+        ("route", |op| matches!(op, Op::Table(TableOp::Routes(Write::Put(..)))), true),
+        ("affinity", |op| matches!(op, Op::Table(TableOp::Affinity(Write::Put(..)))), true),
+        ("warm-up", |op| matches!(op, Op::Table(TableOp::Warm(Write::Put(..)))), false),
+    ];
+    for (what, fail, blocks) in failing {
+        let mut model = DatapathState::default();
+        let report = apply_plan(&mut Failing { inner: &mut model, fail }, &ops);
+        assert_eq!(report.failed.len(), 1, "{what}");
+        assert_eq!(report.skipped.contains(&upsert), blocks, "{what}");
+        assert_eq!(model.frontends.is_empty(), blocks, "{what}");
+    }
 }
 
 #[test]
@@ -367,25 +392,25 @@ fn leftover_sets_are_cleared_before_the_frontend_appears() {
 fn the_model_enforces_the_maps_rules() {
     let mut m = DatapathState::default();
     assert!(matches!(
-        m.apply(&Op::SetLanePolicy { lane: 0, policy: chain(&[], 0) }),
+        m.apply(&Op::put::<Lanes>(0, chain(&[], 0))),
         Err(Error::Invalid { what: "lane policy", .. })
     ));
     let mut too_long = chain(&[], 0);
     too_long.chain_len = 9;
-    assert!(m.apply(&Op::SetLanePolicy { lane: 5, policy: too_long }).is_err());
-    assert!(m.apply(&Op::RegisterPod { cgroup_id: 1, entry: PodEntry { lane: 0, level: 0 } }).is_err());
-    assert!(m.apply(&Op::RegisterPod { cgroup_id: 1, entry: PodEntry { lane: 0, level: 33 } }).is_err());
+    assert!(m.apply(&Op::put::<Lanes>(5, too_long)).is_err());
+    assert!(m.apply(&Op::put::<Pods>(1, PodEntry { lane: 0, level: 0 })).is_err());
+    assert!(m.apply(&Op::put::<Pods>(1, PodEntry { lane: 0, level: 33 })).is_err());
     for lane in 1..=MAX_LANES {
-        m.apply(&Op::SetLanePolicy { lane, policy: chain(&[0], 0) }).unwrap();
+        m.apply(&Op::put::<Lanes>(lane, chain(&[0], 0))).unwrap();
     }
     assert!(matches!(
-        m.apply(&Op::SetLanePolicy { lane: MAX_LANES + 1, policy: chain(&[0], 0) }),
+        m.apply(&Op::put::<Lanes>(MAX_LANES + 1, chain(&[0], 0))),
         Err(Error::MapFull { map: MAP_LANES, .. })
     ));
-    m.apply(&Op::SetLanePolicy { lane: 1, policy: chain(&[], LANE_F_STRICT) }).unwrap();
+    m.apply(&Op::put::<Lanes>(1, chain(&[], LANE_F_STRICT))).unwrap();
     // Removing what is absent is fine, as with the maps.
     m.apply(&Op::RemoveSet { key: SetKey { svc_id: 9, lane: 9 } }).unwrap();
-    m.apply(&Op::UnregisterPod { cgroup_id: 9 }).unwrap();
+    m.apply(&Op::remove::<Pods>(9)).unwrap();
 }
 
 #[test]
@@ -728,21 +753,13 @@ impl DatapathWriter for Checker<'_> {
         let (state, desired) = (&*self.state, self.desired);
         // Each map entry is written at most once per plan.
         let target = match op {
-            Op::SetLanePolicy { lane, .. } | Op::RemoveLanePolicy { lane } => format!("lane {lane}"),
             Op::ReplaceSet { key, .. } | Op::RemoveSet { key } => format!("set {key:?}"),
             Op::UpsertFrontend { key, .. } | Op::RemoveFrontend { key, .. } => format!("frontend {key:?}"),
-            Op::RegisterPod { cgroup_id, .. } | Op::UnregisterPod { cgroup_id } => format!("pod {cgroup_id}"),
             Op::SetConfigFlags { .. } => "config".to_owned(),
-            Op::SetShaping { svc_id, .. } | Op::RemoveShaping { svc_id } => format!("shaping {svc_id}"),
-            Op::SetRoute { key, .. } | Op::RemoveRoute { key } => format!("route {key:?}"),
-            Op::SetWarm { key, .. } | Op::RemoveWarm { key } => format!("warm {key:?}"),
-            Op::SetAffinity { svc_id, .. } | Op::RemoveAffinity { svc_id } => format!("affinity {svc_id}"),
+            Op::Table(op) => op.any().target(),
         };
         assert!(self.seen.insert(target), "{op} written twice");
         match op {
-            Op::SetLanePolicy { lane, policy } => {
-                assert_ne!(state.lanes.get(lane), Some(policy), "no-op {op}");
-            }
             Op::ReplaceSet { key, backends } => {
                 assert!(!state.sets.get(key).is_some_and(|c| same_members(c, backends)), "no-op {op}");
             }
@@ -768,34 +785,22 @@ impl DatapathWriter for Checker<'_> {
                     }
                 }
             }
-            Op::RegisterPod { cgroup_id, entry } => {
-                assert_ne!(state.pods.get(cgroup_id), Some(entry), "no-op {op}");
-                if let Some(policy) = desired.lanes.get(&entry.lane) {
-                    assert_eq!(state.lanes.get(&entry.lane), Some(policy), "{op} before its lane policy");
-                }
-            }
             Op::RemoveSet { key } => {
                 assert!(state.sets.contains_key(key), "no-op {op}");
                 let used = state.frontends.values().any(|s| s.svc_id == key.svc_id);
                 let still_wanted = desired.frontends.values().any(|s| s.svc_id == key.svc_id);
                 assert!(!used || still_wanted, "{op} while its frontend is still there");
             }
-            Op::UnregisterPod { cgroup_id } => assert!(state.pods.contains_key(cgroup_id), "no-op {op}"),
             Op::RemoveFrontend { key, previous } => assert_eq!(state.frontends.get(key), Some(previous)),
-            Op::RemoveLanePolicy { lane } => assert!(state.lanes.contains_key(lane), "no-op {op}"),
             Op::SetConfigFlags { flags } => assert_ne!(state.config_flags, *flags, "no-op {op}"),
-            Op::SetShaping { svc_id, shaping } => {
-                assert_ne!(state.shaping.get(svc_id), Some(shaping), "no-op {op}");
+            Op::Table(table_op) => {
+                assert!(table_op.any().changes(state), "no-op {op}");
+                if let TableOp::Pods(Write::Put(_, entry)) = table_op
+                    && let Some(policy) = desired.lanes.get(&entry.lane)
+                {
+                    assert_eq!(state.lanes.get(&entry.lane), Some(policy), "{op} before its lane policy");
+                }
             }
-            Op::SetRoute { key, chain } => assert_ne!(state.routes.get(key), Some(chain), "no-op {op}"),
-            Op::SetWarm { key, entry } => assert_ne!(state.warm.get(key), Some(entry), "no-op {op}"),
-            Op::RemoveShaping { svc_id } => assert!(state.shaping.contains_key(svc_id), "no-op {op}"),
-            Op::RemoveRoute { key } => assert!(state.routes.contains_key(key), "no-op {op}"),
-            Op::RemoveWarm { key } => assert!(state.warm.contains_key(key), "no-op {op}"),
-            Op::SetAffinity { svc_id, affinity } => {
-                assert_ne!(state.affinity.get(svc_id), Some(affinity), "no-op {op}");
-            }
-            Op::RemoveAffinity { svc_id } => assert!(state.affinity.contains_key(svc_id), "no-op {op}"),
         }
         self.state.apply(op)
     }
