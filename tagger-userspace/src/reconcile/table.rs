@@ -57,8 +57,6 @@ pub trait Table: Sized + 'static {
     const NAME: &'static str;
     /// The map's capacity (`tagger_common::MAX_*`).
     const CAPACITY: u32;
-    /// Whether the in-memory model refuses a new entry past [`Self::CAPACITY`] as the map does.
-    const MODEL_CHECKS_CAPACITY: bool = true;
     /// Where its writes go in a plan.
     const STAGE: Stage;
 
@@ -215,8 +213,7 @@ impl<T: Listed> AnyWrite for Write<T> {
         if let Write::Put(key, value) = self {
             T::validate(*key, value)?;
             let entries = T::entries(state);
-            if T::MODEL_CHECKS_CAPACITY && !entries.contains_key(key) && entries.len() >= T::CAPACITY as usize
-            {
+            if !entries.contains_key(key) && entries.len() >= T::CAPACITY as usize {
                 return Err(super::full(T::NAME, T::CAPACITY));
             }
         }
@@ -355,8 +352,6 @@ impl Table for Shaping {
     type Value = SvcShaping;
     const NAME: &'static str = MAP_SHAPING;
     const CAPACITY: u32 = MAX_FRONTENDS;
-    /// The model has never counted this map's entries (at most one per frontend).
-    const MODEL_CHECKS_CAPACITY: bool = false;
     const STAGE: Stage = Stage::BeforeFrontends;
 
     fn needed_by_frontend(svc_id: u32) -> Option<u32> {
