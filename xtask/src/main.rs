@@ -49,6 +49,10 @@ enum Task {
         /// `agent_cgroup_v1` is named.
         #[arg(long, value_name = "AREA", requires = "kernel", alias = "kernel-binary")]
         kernel_area: Vec<String>,
+        /// Tests of one area run at once in a guest (each guest has 2 vCPUs; one at a time took
+        /// twice as long).
+        #[arg(long, default_value_t = 2, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=8))]
+        kernel_test_threads: u16,
     },
     /// Remove namespaces, cgroups and pins left by an interrupted test run.
     Clean,
@@ -81,15 +85,32 @@ fn main() -> Result<()> {
             cleanup::leftovers();
             Ok(())
         }
-        Task::Test { no_lint, filter, kernel, no_kernel_matrix, kernel_timeout, kernel_area } => {
+        Task::Test {
+            no_lint,
+            filter,
+            kernel,
+            no_kernel_matrix,
+            kernel_timeout,
+            kernel_area,
+            kernel_test_threads,
+        } => {
+            let guests = |series: &[String], areas: &[String]| {
+                let opts = matrix::Options {
+                    filter: filter.as_deref(),
+                    timeout: std::time::Duration::from_secs(kernel_timeout * 60),
+                    areas,
+                    test_threads: usize::from(kernel_test_threads),
+                };
+                kernel_matrix(series, &opts)
+            };
             if kernel.is_empty() {
                 test(no_lint, filter.as_deref())?;
                 if no_kernel_matrix {
                     return Ok(());
                 }
-                kernel_matrix(&["all".to_owned()], filter.as_deref(), kernel_timeout, &[])
+                guests(&["all".to_owned()], &[])
             } else {
-                kernel_matrix(&kernel, filter.as_deref(), kernel_timeout, &kernel_area)
+                guests(&kernel, &kernel_area)
             }
         }
         Task::Demo { keep } => demo(keep),
@@ -144,7 +165,7 @@ fn test(no_lint: bool, filter: Option<&str>) -> Result<()> {
 
 /// The kernel tests in qemu guests. Nothing is created on the host (no namespaces, cgroups or
 /// pins), so this does not clean leftovers either.
-fn kernel_matrix(series: &[String], filter: Option<&str>, timeout_min: u64, areas: &[String]) -> Result<()> {
+fn kernel_matrix(series: &[String], opts: &matrix::Options<'_>) -> Result<()> {
     require_root("test --kernel")?;
     bootstrap::run_all()?;
     let series: Vec<String> = if series.iter().any(|s| s == "all") {
@@ -152,8 +173,7 @@ fn kernel_matrix(series: &[String], filter: Option<&str>, timeout_min: u64, area
     } else {
         series.to_vec()
     };
-    let opts = matrix::Options { filter, timeout: std::time::Duration::from_secs(timeout_min * 60), areas };
-    matrix::run(&series, &opts)
+    matrix::run(&series, opts)
 }
 
 fn demo(keep: bool) -> Result<()> {

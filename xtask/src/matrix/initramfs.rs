@@ -29,7 +29,7 @@ pub const MARK: &str = "TAGGER-MATRIX";
 pub struct Contents<'a> {
     /// The integration test binary.
     pub binary: &'a Path,
-    /// Its areas (run in this order, one test at a time), by the name printed in results.
+    /// Its areas (run in this order), by the name printed in results.
     pub areas: &'a [super::Area],
     /// Binaries the tests run from `target/debug` (`testpod`, `tagger`, `tagger-agent`).
     pub bins: &'a [PathBuf],
@@ -37,6 +37,8 @@ pub struct Contents<'a> {
     pub test_args: &'a [String],
     /// Per-area time limit inside the guest.
     pub test_timeout_s: u64,
+    /// Tests of one area run at once (libtest's `--test-threads`).
+    pub test_threads: usize,
     /// Mount cgroup v1 hierarchies (cpu,cpuacct, memory, pids on a tmpfs at /sys/fs/cgroup)
     /// and no cgroup2: a cgroup v1-only host.
     pub cgroup_v1: bool,
@@ -169,7 +171,7 @@ echo "{MARK} kernel $(uname -r)"
 for t in {names}; do
   echo "{MARK} start $t"
   start=$(date +%s)
-  timeout -s KILL {timeout} /t/integration --test-threads=1 --exact {args} $(cat /t/areas/$t)
+  timeout -s KILL {timeout} /t/integration --test-threads={threads} --exact {args} $(cat /t/areas/$t)
   rc=$?
   echo "{MARK} result $t $rc $(( $(date +%s) - start ))s"
 done
@@ -178,6 +180,7 @@ poweroff -f
 "#,
         names = names.join(" "),
         timeout = contents.test_timeout_s,
+        threads = contents.test_threads,
         args = args.join(" "),
         cgroups = if contents.cgroup_v1 { CGROUP_V1 } else { CGROUP_V2 },
     )

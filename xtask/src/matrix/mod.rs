@@ -54,6 +54,8 @@ pub struct Options<'a> {
     pub timeout: Duration,
     /// Only these areas (empty: all); names as `datapath_mark`.
     pub areas: &'a [String],
+    /// Tests of one area run at once in a guest.
+    pub test_threads: usize,
 }
 
 /// An area the guest runs: its name and the full names of its tests (run with `--exact`).
@@ -103,6 +105,7 @@ pub fn run(series: &[String], opts: &Options<'_>) -> Result<()> {
                 bins: &bins,
                 test_args: args,
                 test_timeout_s: opts.timeout.as_secs(),
+                test_threads: opts.test_threads,
                 cgroup_v1: *cgroup_v1,
             };
             let image = root.join(format!("target/kernel-matrix/initramfs-{label}.cpio"));
