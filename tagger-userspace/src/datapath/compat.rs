@@ -65,8 +65,7 @@ fn object_shapes() -> Result<Vec<(String, MapShape)>> {
 /// a pin (or the pin directory) owned by another user. Nothing is loaded or attached before
 /// this passes.
 pub fn check_pins(layout: &PinLayout) -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
+    let euid = crate::sys::effective_uid();
     let owned = |path: &Path| -> Result<()> {
         match std::fs::symlink_metadata(path) {
             Ok(meta) if meta.uid() != euid => Err(Error::Pin {

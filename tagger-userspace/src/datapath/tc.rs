@@ -118,24 +118,9 @@ pub fn glob_match(glob: &str, name: &str) -> bool {
     go(glob.as_bytes(), name.as_bytes())
 }
 
-/// The interfaces of the calling thread's network namespace (`if_nameindex`, which asks the
-/// kernel over netlink; `/sys/class/net` would show the sysfs mount's namespace instead).
+/// The interfaces of the calling thread's network namespace, sorted.
 fn interfaces() -> Vec<String> {
-    let mut out = Vec::new();
-    // SAFETY: if_nameindex returns an array terminated by a zero entry, or null; it is freed
-    // with if_freenameindex once read.
-    unsafe {
-        let list = libc::if_nameindex();
-        if list.is_null() {
-            return out;
-        }
-        let mut p = list;
-        while (*p).if_index != 0 && !(*p).if_name.is_null() {
-            out.push(std::ffi::CStr::from_ptr((*p).if_name).to_string_lossy().into_owned());
-            p = p.add(1);
-        }
-        libc::if_freenameindex(list);
-    }
+    let mut out = crate::sys::interface_names();
     out.sort();
     out
 }

@@ -126,16 +126,11 @@ impl Finder {
     }
 }
 
-/// Whether an opened file is a network namespace (nsfs): the `NS_GET_NSTYPE` ioctl answers
-/// `CLONE_NEWNET`. Other files in the directory (a stray regular file) are skipped.
+/// Whether an opened file is a network namespace (nsfs). Other files in the directory (a stray
+/// regular file) are skipped.
 fn is_netns(ns: &Ns) -> bool {
-    use std::os::fd::AsRawFd as _;
-    /// `_IO(0xb7, 0x3)` from `linux/nsfs.h`.
-    const NS_GET_NSTYPE: libc::Ioctl = 0xb703;
-    // SAFETY: an ioctl without arguments on an open descriptor; any file answers (ENOTTY for
-    // what is not nsfs).
-    let kind = unsafe { libc::ioctl(ns.file.as_raw_fd(), NS_GET_NSTYPE) };
-    kind == libc::CLONE_NEWNET
+    use std::os::fd::AsFd as _;
+    crate::sys::is_netns(ns.file.as_fd())
 }
 
 fn collect_pids(dir: &Path, depth: u32, out: &mut Vec<u32>) {

@@ -16,7 +16,7 @@ use std::{
     fs::File,
     io,
     mem::size_of,
-    os::fd::{AsFd as _, AsRawFd, OwnedFd},
+    os::fd::{AsFd as _, OwnedFd},
     time::Duration,
 };
 
@@ -183,12 +183,8 @@ impl Diag {
             req,
         };
         let bytes = as_bytes(&msg);
-        // SAFETY: sending an initialised buffer on our socket (to the kernel: no address needed
-        // for a netlink socket's default destination, pid 0).
-        let n = unsafe { libc::send(self.fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        // To the kernel: a netlink socket's default destination (pid 0) needs no address.
+        crate::sys::send(self.fd.as_fd(), bytes)?;
         Ok(self.seq)
     }
 
@@ -316,7 +312,7 @@ fn in_netns<T: Send>(netns: &File, f: impl FnOnce() -> io::Result<T> + Send) -> 
 /// `EOPNOTSUPP`: a kernel without `CONFIG_INET_DIAG_DESTROY`; `EPERM`: no `CAP_NET_ADMIN`.
 fn probe() -> io::Result<()> {
     let sock = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
-    let cookie = socket_cookie(&sock)?;
+    let cookie = sys::socket_cookie(sock.as_fd())?;
     let mut diag = Diag::open()?;
     let mut found = Vec::new();
     diag.dump(AF_INET, tagger_common::IPPROTO_UDP, &mut found)?;
@@ -325,26 +321,6 @@ fn probe() -> io::Result<()> {
         .find(|s| s.id.cookie() == cookie)
         .ok_or_else(|| io::Error::other("the probe's own UDP socket is missing from the socket dump"))?;
     diag.destroy(own)
-}
-
-/// `SO_COOKIE` of a socket.
-fn socket_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
-    let mut cookie = 0u64;
-    let mut len = libc::socklen_t::try_from(std::mem::size_of::<u64>()).unwrap_or(8);
-    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, which is that large.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&raw mut cookie).cast(),
-            &raw mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cookie)
 }
 
 #[cfg(test)]

@@ -409,6 +409,75 @@ pub fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
+/// `send(2)` of one message (a netlink request) on `fd` to its default destination; the bytes
+/// sent.
+pub fn send(fd: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<usize> {
+    // SAFETY: the kernel reads at most `bytes.len()` bytes from `bytes`, initialised and ours
+    // for the call.
+    let n = unsafe { libc::send(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// `SO_COOKIE` of a socket: the kernel's id of it, unique across network namespaces.
+pub fn socket_cookie(sock: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = libc::socklen_t::try_from(size_of::<u64>()).unwrap_or(8);
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, which is that large.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Whether an open file is a network namespace (nsfs): the `NS_GET_NSTYPE` ioctl answers
+/// `CLONE_NEWNET`. Any other file answers otherwise (ENOTTY for what is not nsfs).
+pub fn is_netns(file: BorrowedFd<'_>) -> bool {
+    /// `_IO(0xb7, 0x3)` from `linux/nsfs.h`.
+    const NS_GET_NSTYPE: libc::Ioctl = 0xb703;
+    // SAFETY: an ioctl without arguments on an open descriptor.
+    let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE) };
+    kind == libc::CLONE_NEWNET
+}
+
+/// The calling process's effective user id.
+#[must_use]
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// The names of the interfaces of the calling thread's network namespace (`if_nameindex`,
+/// which asks the kernel over netlink; `/sys/class/net` would show the sysfs mount's namespace
+/// instead). Empty when the list cannot be had.
+#[must_use]
+pub fn interface_names() -> Vec<String> {
+    let mut out = Vec::new();
+    // SAFETY: if_nameindex returns an array terminated by a zero entry, or null; it is freed
+    // with if_freenameindex once read.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return out;
+        }
+        let mut p = list;
+        while (*p).if_index != 0 && !(*p).if_name.is_null() {
+            out.push(std::ffi::CStr::from_ptr((*p).if_name).to_string_lossy().into_owned());
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    out
+}
+
 /// The filesystem magic number (`statfs`'s `f_type`) of the filesystem holding `path`.
 pub fn fs_magic(path: &Path) -> io::Result<u64> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
