@@ -256,7 +256,8 @@ pub struct MapInfo {
     pub map_flags: u32,
 }
 
-/// What the map pinned at `pin` is (opened read-only, so a pin the caller may only read works).
+/// What the map pinned at `pin` is, opened read-only so that a pin the caller may only read works
+/// (aya's `MapInfo::from_pin` opens it read-write, which such a caller is refused).
 pub fn pinned_map_info(pin: &Path) -> io::Result<MapInfo> {
     let fd = obj_get(pin, BPF_F_RDONLY)?;
     let mut info = MapInfo::default();
