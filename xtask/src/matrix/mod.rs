@@ -69,14 +69,19 @@ pub fn run(series: &[String], opts: &Options<'_>) -> Result<()> {
     let (binary, names) = build_tests(&root)?;
     let (mut areas, mut v1_areas) = areas_of(&names, opts.filter);
     if !opts.areas.is_empty() {
-        areas.retain(|(name, _)| opts.areas.contains(name));
-        v1_areas.retain(|(name, _)| opts.areas.contains(name));
-        if areas.is_empty() && v1_areas.is_empty() {
+        let known: Vec<&str> = areas.iter().chain(&v1_areas).map(|(name, _)| name.as_str()).collect();
+        let unknown: Vec<&str> =
+            opts.areas.iter().map(String::as_str).filter(|name| !known.contains(name)).collect();
+        if !unknown.is_empty() {
             bail!(
-                "--kernel-area {}: no such area in the guests (or no test of it matches)",
-                opts.areas.join(", ")
+                "--kernel-area {}: not an area the guests run{} (they run: {})",
+                unknown.join(", "),
+                if opts.filter.is_some() { ", or none of its tests matches the filter" } else { "" },
+                known.join(", ")
             );
         }
+        areas.retain(|(name, _)| opts.areas.contains(name));
+        v1_areas.retain(|(name, _)| opts.areas.contains(name));
     }
     if areas.is_empty() && v1_areas.is_empty() {
         bail!("no guest test matches {:?}", opts.filter.unwrap_or(""));
