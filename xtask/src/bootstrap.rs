@@ -1,6 +1,6 @@
 //! Idempotent installation of what building and testing need, one printed step per item.
 
-use std::process::Command;
+use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -110,10 +110,58 @@ fn apt_packages() -> Result<()> {
     }
     status("apt-get", &format!("installing {}", missing.join(" ")));
     run(Command::new("apt-get").arg("update").arg("-qq"))?;
+    let _held = ServicesHeld::at(Path::new(POLICY_RC_D));
     run(Command::new("apt-get")
         .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// Debian's `policy-rc.d` hook, written for the time of an install so that the packages' own
+/// services (nginx, haproxy, prometheus) are not started: the tests and the demo run their own
+/// instances, on their own ports, and a developer's machine should not be left serving port 80.
+/// An existing hook is left as it is; ours is removed when this is dropped.
+struct ServicesHeld(Option<std::path::PathBuf>);
+
+/// The hook's path, and what ours says.
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+const POLICY_RC_D_TEXT: &str =
+    "#!/bin/sh\n# written by tagger's `cargo xtask` bootstrap for one apt-get install\nexit 101\n";
+
+impl ServicesHeld {
+    fn at(path: &Path) -> Self {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o755)
+            .open(path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, POLICY_RC_D_TEXT.as_bytes()));
+        match written {
+            Ok(()) => {
+                status("package services", "not started during the install (policy-rc.d)");
+                Self(Some(path.to_owned()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                status("package services", "as this machine's own policy-rc.d says");
+                Self(None)
+            }
+            Err(e) => {
+                status("package services", &format!("may start (cannot write {}: {e})", path.display()));
+                Self(None)
+            }
+        }
+    }
+}
+
+impl Drop for ServicesHeld {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0
+            && std::fs::read_to_string(path).is_ok_and(|t| t == POLICY_RC_D_TEXT)
+        {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 /// Compares the installed nightly (`rustc +nightly -V`, and `-vV` for its LLVM) with
@@ -222,6 +270,28 @@ fn parse_release(r: &str) -> Option<(u32, u32)> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_service_hook_is_ours_only_while_installing() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("xtask-policy-rc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let hook = dir.join("policy-rc.d");
+        {
+            let _held = super::ServicesHeld::at(&hook);
+            assert_eq!(std::fs::read_to_string(&hook).unwrap(), super::POLICY_RC_D_TEXT);
+            assert_eq!(std::fs::metadata(&hook).unwrap().permissions().mode() & 0o777, 0o755);
+        }
+        assert!(!hook.exists(), "ours is removed after the install");
+        std::fs::write(&hook, "#!/bin/sh\nexit 0\n").unwrap();
+        drop(super::ServicesHeld::at(&hook));
+        assert_eq!(
+            std::fs::read_to_string(&hook).unwrap(),
+            "#!/bin/sh\nexit 0\n",
+            "the machine's own is kept"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn parses_kernel_releases() {
         assert_eq!(super::parse_release("6.18.44-fc-v657"), Some((6, 18)));
