@@ -555,7 +555,15 @@ fn coverage_break(sb: &AgentSandbox) -> Check {
     let graph = demo_node::coverage_graph(sb);
     match &graph.svg {
         Some(Ok(svg)) => {
-            println!("$ tagger lanes coverage -o dot | dot -Tsvg    (the picture: {})", svg.display());
+            // The sandbox's directory goes with it: the picture is kept in target/demo/.
+            let kept = std::env::current_exe()
+                .ok()
+                .and_then(|exe| Some(exe.parent()?.parent()?.join("demo")))
+                .filter(|dir| std::fs::create_dir_all(dir).is_ok())
+                .map(|dir| dir.join("lanes.svg"))
+                .filter(|kept| std::fs::copy(svg, kept).is_ok());
+            let shown = kept.as_deref().unwrap_or(svg);
+            println!("$ tagger lanes coverage -o dot | dot -Tsvg    (the picture: {})", shown.display());
         }
         Some(Err(e)) => println!("(graphviz refused the graph in {}: {e})", graph.dot_file.display()),
         None => println!("(graphviz is not installed: the graph is in {})", graph.dot_file.display()),
