@@ -480,11 +480,10 @@ fn encode_steering(
     encoder: &mut DescriptorEncoder,
     t: &crate::datapath::Tables,
     names: &std::collections::BTreeMap<u32, (String, String, String)>,
+    sets: &std::collections::BTreeMap<tagger_common::SetKey, tagger_common::BackendSet>,
 ) -> Result<(), std::fmt::Error> {
     use crate::model::steering::{self, Reasons};
-    let (Ok(frontends), Ok(sets), Ok(policies), Ok(pods)) =
-        (t.frontends(), t.backend_sets(), t.lane_policies(), t.pods())
-    else {
+    let (Ok(frontends), Ok(policies), Ok(pods)) = (t.frontends(), t.lane_policies(), t.pods()) else {
         return Ok(());
     };
     let strict_caller = steering::strict_caller(pods.values(), &policies);
@@ -620,7 +619,14 @@ impl Collector for DatapathCollector {
                 family.metric_type(),
             )?)?;
         }
-        encode_steering(&mut encoder, t, &names)?;
+        // The sets' headers come with the pins' read; without it, they are read for this alone.
+        let sets = match &pins {
+            Ok(p) => Some(Cow::Borrowed(&p.sets)),
+            Err(_) => t.backend_sets().ok().map(Cow::Owned),
+        };
+        if let Some(sets) = &sets {
+            encode_steering(&mut encoder, t, &names, sets)?;
+        }
         if let Ok(conns) = t.connections() {
             encode_connections(&mut encoder, &conns, &names, &lane)?;
         }

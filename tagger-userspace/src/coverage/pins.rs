@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use tagger_common::{INBOUND_UNKNOWN_LANE, INBOUND_UNTAGGED, Outcome, inbound_kind_name};
+use tagger_common::{BackendSet, INBOUND_UNKNOWN_LANE, INBOUND_UNTAGGED, Outcome, SetKey, inbound_kind_name};
 
 use super::{Arrival, Edge, Observed, Peer, workload_of};
 use crate::{
@@ -28,6 +28,8 @@ pub struct Pins {
     pub inbound: Vec<InboundRow>,
     /// Call edges of local pods.
     edges: Vec<EdgeRow>,
+    /// Every backend set's header, by (svc_id, lane).
+    pub sets: BTreeMap<SetKey, BackendSet>,
     /// Service → lane → backends (the largest of its frontends' sets).
     lane_backends: BTreeMap<Peer, BTreeMap<String, u64>>,
     /// Which Services each local pod address backs.
@@ -47,11 +49,12 @@ impl Pins {
             pod_meta: t.pod_meta()?,
             inbound: t.inbound()?,
             edges: t.edges()?,
+            sets: t.backend_sets()?,
             ..Self::default()
         };
         // Which Services each local pod address backs, from every live set (walking the slots
         // only while this node has pods with addresses).
-        for (key, set) in t.backend_sets()? {
+        for (key, set) in &pins.sets {
             let Some((namespace, name, _)) = pins.services.get(&key.svc_id) else { continue };
             if set.count > 0 {
                 let n = pins
