@@ -298,6 +298,28 @@ pub enum Object {
 }
 
 impl Object {
+    /// A Service, decoded; `None` without a name.
+    #[must_use]
+    pub fn service(svc: &ApiService) -> Option<Self> {
+        let key = ObjectRef::of(&svc.metadata)?;
+        let input = ServiceInput::new(&key, svc);
+        Some(Object::Service(key, input))
+    }
+
+    /// An EndpointSlice, decoded; `None` without a name.
+    #[must_use]
+    pub fn slice(slice: &EndpointSlice) -> Option<Self> {
+        let key = ObjectRef::of(&slice.metadata)?;
+        let input = SliceInput::new(&key, slice);
+        Some(Object::Slice(key, input))
+    }
+
+    /// This node's Node: its zone label.
+    #[must_use]
+    pub fn node(node: &super::api::Node) -> Self {
+        Object::Node(node.metadata.labels.as_ref().and_then(|l| l.get(super::topology::ZONE_LABEL)).cloned())
+    }
+
     /// Its kind.
     #[must_use]
     pub fn kind(&self) -> Kind {

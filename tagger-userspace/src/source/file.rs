@@ -24,7 +24,7 @@ use super::{
     queue::{Inputs, send},
 };
 use crate::model::{
-    Change, Kind, LocalPod, Object, ObjectRef, ServiceInput, SliceInput,
+    Change, Kind, LocalPod, Object, ObjectRef,
     api::{EndpointSlice, Node, Pod, Service},
 };
 
@@ -251,21 +251,9 @@ pub fn file_changes(snapshot: &Snapshot, node: &str) -> Vec<Change> {
         }
         labels.push(Object::Pod(key, pod.metadata.labels.clone().unwrap_or_default()));
     }
-    let services = snapshot.services.iter().filter_map(|svc| {
-        let key = ObjectRef::of(&svc.metadata)?;
-        let input = ServiceInput::new(&key, svc);
-        Some(Object::Service(key, input))
-    });
-    let slices = snapshot.slices.iter().filter_map(|slice| {
-        let key = ObjectRef::of(&slice.metadata)?;
-        let input = SliceInput::new(&key, slice);
-        Some(Object::Slice(key, input))
-    });
-    let nodes = snapshot.nodes.iter().filter(|n| n.metadata.name.as_deref() == Some(node)).map(|n| {
-        Object::Node(
-            n.metadata.labels.as_ref().and_then(|l| l.get(crate::model::topology::ZONE_LABEL)).cloned(),
-        )
-    });
+    let services = snapshot.services.iter().filter_map(Object::service);
+    let slices = snapshot.slices.iter().filter_map(Object::slice);
+    let nodes = snapshot.nodes.iter().filter(|n| n.metadata.name.as_deref() == Some(node)).map(Object::node);
     Change::list(Kind::LocalPod, local)
         .chain(Change::list(Kind::Pod, labels))
         .chain(Change::list(Kind::Service, services))

@@ -34,7 +34,7 @@ use super::{
     tasks::Tasks,
 };
 use crate::model::{
-    Change, Kind, Labels, LocalPod, Object, ObjectRef, ServiceInput, SliceInput,
+    Change, Kind, Labels, LocalPod, Object, ObjectRef,
     api::{EndpointSlice, Node, Pod, Service},
 };
 
@@ -81,22 +81,14 @@ pub fn spawn(
     let services = move || watcher(api.clone(), cfg()).backoff(RelistBackoff::default());
     tasks.spawn(
         format!("{} watcher", Kind::Service),
-        drive(services, Kind::Service, ctx.clone(), |svc: Service| {
-            let key = ObjectRef::of(&svc.metadata)?;
-            let input = ServiceInput::new(&key, &svc);
-            Some(Object::Service(key, input))
-        }),
+        drive(services, Kind::Service, ctx.clone(), |svc: Service| Object::service(&svc)),
     );
 
     let api = Api::<EndpointSlice>::all(client.clone());
     let slices = move || watcher(api.clone(), cfg()).backoff(RelistBackoff::default());
     tasks.spawn(
         format!("{} watcher", Kind::Slice),
-        drive(slices, Kind::Slice, ctx.clone(), |slice: EndpointSlice| {
-            let key = ObjectRef::of(&slice.metadata)?;
-            let input = SliceInput::new(&key, &slice);
-            Some(Object::Slice(key, input))
-        }),
+        drive(slices, Kind::Slice, ctx.clone(), |slice: EndpointSlice| Object::slice(&slice)),
     );
 
     tasks.spawn("API server probe", probe_api(client.clone(), Arc::clone(status)));
@@ -107,10 +99,7 @@ pub fn spawn(
     let nodes = move || watcher(api.clone(), node_cfg.clone()).backoff(RelistBackoff::default());
     tasks.spawn(
         format!("{} watcher", Kind::Node),
-        drive(nodes, Kind::Node, ctx.clone(), |node: Node| {
-            let zone = node.metadata.labels.and_then(|mut l| l.remove(crate::model::topology::ZONE_LABEL));
-            Some(Object::Node(zone))
-        }),
+        drive(nodes, Kind::Node, ctx.clone(), |node: Node| Some(Object::node(&node))),
     );
 
     // Metadata only (`PartialObjectMetadata`).
