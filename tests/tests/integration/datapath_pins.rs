@@ -57,6 +57,18 @@ impl Fixture {
         let pins = PinDir(Path::new(BPFFS).join(unique_name("pins")));
         Self { pins, pod_cgroup, root, caller_pod, _server: server, backend_pod, _node: node }
     }
+
+    /// Writes what the agent's first complete pass would: the caller's pod in lane gray, and
+    /// `vip` (Service 1) steering gray callers to the gray backend pod; then arms the lease.
+    fn steer_to_gray(&self, dp: &mut Datapath, vip: SocketAddr) {
+        let t = dp.tables_mut();
+        let cg = TestCgroup::resolve(&self.pod_cgroup);
+        t.register_pod(cg.id, cg.pod_entry(lane_id("gray"))).unwrap();
+        let gray_backend = SocketAddr::new(self.backend_pod.ip4.into(), 8080);
+        t.replace_backends(1, lane_id("gray"), &[backend(gray_backend)]).unwrap();
+        t.upsert_frontend(&frontend_key(vip, Proto::Tcp), Service { svc_id: 1, flags: 0 }).unwrap();
+        tagger_tests::datapath::arm_lease(t);
+    }
 }
 
 /// Installs (or adopts) from a separate process that exits at once; returns what it printed.
@@ -70,7 +82,6 @@ fn install_in_other_process(pins: &Path, cgroup: &Path) -> String {
 fn pins_outlive_the_installer_and_a_restart_adopts_them_with_no_failed_connection() {
     let f = Fixture::new();
     let (caller_pod, root, pod_cgroup, pins) = (&f.caller_pod, &f.root, &f.pod_cgroup, &f.pins);
-    let backend_pod = &f.backend_pod;
 
     // 1. Another process installs and exits: nothing of ours holds a link or map fd.
     let first = install_in_other_process(&pins.0, root.path());
@@ -78,16 +89,7 @@ fn pins_outlive_the_installer_and_a_restart_adopts_them_with_no_failed_connectio
 
     // 2. Fill the maps through their pins only.
     let vip: SocketAddr = "10.96.3.1:80".parse().unwrap();
-    let gray_backend = SocketAddr::new(backend_pod.ip4.into(), 8080);
-    {
-        let mut dp = Datapath::open(&pins.0).expect("open pins");
-        let t = dp.tables_mut();
-        let cg = TestCgroup::resolve(pod_cgroup);
-        t.register_pod(cg.id, cg.pod_entry(lane_id("gray"))).unwrap();
-        t.replace_backends(1, lane_id("gray"), &[backend(gray_backend)]).unwrap();
-        t.upsert_frontend(&frontend_key(vip, Proto::Tcp), Service { svc_id: 1, flags: 0 }).unwrap();
-        tagger_tests::datapath::arm_lease(t);
-    }
+    f.steer_to_gray(&mut Datapath::open(&pins.0).expect("open pins"), vip);
     for a in attempts(pod_cgroup, &caller_pod.ns, Mode::Tcp, vip, 10) {
         assert_eq!(a.reply(), "gray-backend");
     }
@@ -152,18 +154,9 @@ fn linked_programs(pins: &Path) -> Vec<(u32, u32)> {
 fn an_upgrade_to_a_new_map_layout_switches_programs_with_no_failed_connection() {
     let f = Fixture::new();
     let (caller_pod, root, pod_cgroup, pins) = (&f.caller_pod, &f.root, &f.pod_cgroup, &f.pins);
-    let backend_pod = &f.backend_pod;
     let vip: SocketAddr = "10.96.3.2:80".parse().unwrap();
-    let gray_backend = SocketAddr::new(backend_pod.ip4.into(), 8080);
-    let fill = |dp: &mut Datapath| {
-        let t = dp.tables_mut();
-        let cg = TestCgroup::resolve(pod_cgroup);
-        t.register_pod(cg.id, cg.pod_entry(lane_id("gray"))).unwrap();
-        t.replace_backends(1, lane_id("gray"), &[backend(gray_backend)]).unwrap();
-        t.upsert_frontend(&frontend_key(vip, Proto::Tcp), Service { svc_id: 1, flags: 0 }).unwrap();
-        // As the agent's first complete pass does, before the switch.
-        tagger_tests::datapath::arm_lease(t);
-    };
+    // As the agent's first complete pass does, before the switch.
+    let fill = |dp: &mut Datapath| f.steer_to_gray(dp, vip);
 
     let first = install_in_other_process(&pins.0, root.path());
     assert!(first.starts_with("Attached"), "{first}");
@@ -284,16 +277,8 @@ fn an_upgrade_that_moves_the_attach_cgroup_waits_for_the_maps_and_fails_no_conne
     let f = Fixture::new();
     let (caller_pod, root, pod_cgroup, pins) = (&f.caller_pod, &f.root, &f.pod_cgroup, &f.pins);
     let vip: SocketAddr = "10.96.3.3:80".parse().unwrap();
-    let gray_backend = SocketAddr::new(f.backend_pod.ip4.into(), 8080);
-    let fill = |dp: &mut Datapath| {
-        let t = dp.tables_mut();
-        let cg = TestCgroup::resolve(pod_cgroup);
-        t.register_pod(cg.id, cg.pod_entry(lane_id("gray"))).unwrap();
-        t.replace_backends(1, lane_id("gray"), &[backend(gray_backend)]).unwrap();
-        t.upsert_frontend(&frontend_key(vip, Proto::Tcp), Service { svc_id: 1, flags: 0 }).unwrap();
-        // As the agent's first complete pass does, before the switch.
-        tagger_tests::datapath::arm_lease(t);
-    };
+    // As the agent's first complete pass does, before the switch.
+    let fill = |dp: &mut Datapath| f.steer_to_gray(dp, vip);
     let kubepods = root.path().join("kubepods");
     let (root_id, kubepods_id) = (TestCgroup::resolve(root.path()).id, TestCgroup::resolve(&kubepods).id);
 
